@@ -1,0 +1,232 @@
+"""LoRA: low-rank adaptation of a frozen ``nn.Dense`` (Hu et al., 2021).
+
+    h = W0 x + b + (lora_alpha / lora_rank) * B A dropout(x)
+
+``A`` (``mindpet_delta_lora_a``, shape ``[lora_rank, in_channels]``) starts Kaiming-uniform and ``B``
+(``mindpet_delta_lora_b``, ``[out_channels, lora_rank]``) starts at zero, so the layer equals its base Dense at
+initialisation. :meth:`LoRADense.merge` folds the increment into ``weight`` for zero-overhead inference and
+:meth:`LoRADense.unmerge` takes it out again; both act on Parameter data, so they also take effect in a graph that
+has already been compiled.
+"""
+import math
+
+import numpy as np
+from mindspore import nn, ops, Parameter, Tensor
+from mindspore import dtype as mstype
+from mindspore.common.initializer import initializer, HeUniform
+from mindspore.ops.primitive import Primitive
+
+from mindpet.utils.validation import (check_int, check_real, check_rate, check_dtype, check_strategy)
+
+_DENSE_KWARGS = ('weight_init', 'bias_init', 'has_bias', 'activation', 'dtype')
+
+
+def check_dense_kwargs(owner, kwargs):
+    """Reject keyword arguments ``nn.Dense`` does not take, naming them (instead of a bare TypeError later)."""
+    unknown = sorted(set(kwargs) - set(_DENSE_KWARGS))
+    if unknown:
+        raise TypeError(f"For '{owner}', got unexpected keyword argument(s) {unknown}; the nn.Dense keywords "
+                        f"accepted are {list(_DENSE_KWARGS)}.")
+
+
+def shard_activation(owner, activation, strategy):
+    """Apply a one-input shard strategy to every primitive inside an activation Cell (or to the primitive)."""
+    if activation is None or strategy is None:
+        return
+    check_strategy('strategy_activation', strategy, owner, (2,))
+    if isinstance(activation, Primitive):
+        activation.shard(strategy)
+        return
+    primitives = [p for p in getattr(activation, '_primitives', {}).values() if isinstance(p, Primitive)]
+    if not primitives:
+        raise ValueError(f"For '{owner}', the activation {type(activation).__name__} has no operator that can be "
+                         f"sharded; pass 'strategy_activation=None'.")
+    for prim in primitives:
+        try:
+            prim.shard(strategy)
+        except (TypeError, ValueError, RuntimeError) as ex:
+            raise ValueError(f"For '{owner}', 'strategy_activation' {strategy} does not fit the activation "
+                             f"{type(activation).__name__}: {ex}") from ex
+
+
+class LoRADense(nn.Dense):
+    """A ``nn.Dense`` with a trainable low-rank increment (LoRA).
+
+    Args:
+        in_channels (int): input features.
+        out_channels (int): output features.
+        lora_rank (int): rank ``r`` of the increment, > 0.
+        lora_alpha (int | float): non-zero; the increment is scaled by ``lora_alpha / lora_rank``.
+        lora_dropout (float): dropout rate in [0, 1) applied to the LoRA branch's input only. Default 0.
+        lora_a_init: initializer (name, Initializer or Tensor ``[r, in]``) for A. Default Kaiming-uniform(a=sqrt 5).
+        lora_b_init: initializer for B (Tensor ``[out, r]`` allowed). Default 'zeros'.
+        param_init_type (mindspore.dtype): dtype of A and B: float32, float16 or bfloat16. Default float32.
+        compute_dtype (mindspore.dtype): dtype the matmuls run in. Default float16 (as MindPet).
+        **kwargs: ``nn.Dense`` keywords: ``weight_init``, ``bias_init``, ``has_bias``, ``activation``, ``dtype``
+            (dtype of the base weight and bias, default float32 so existing base checkpoints load unchanged).
+
+    Inputs:
+        x (Tensor): shape ``(*, in_channels)`` with at least 2 dimensions.
+
+    Outputs:
+        Tensor of shape ``(*, out_channels)`` and the dtype of ``x``.
+
+    Example:
+        >>> import numpy as np, mindspore as ms
+        >>> from mindpet.delta import LoRADense
+        >>> layer = LoRADense(16, 8, lora_rank=4, lora_alpha=8, compute_dtype=ms.float32)
+        >>> layer(ms.Tensor(np.ones((2, 5, 16), np.float32))).shape
+        (2, 5, 8)
+    """
+
+    def __init__(self, in_channels, out_channels, lora_rank, lora_alpha, lora_dropout=0.,
+                 lora_a_init=HeUniform(negative_slope=math.sqrt(5)), lora_b_init='zeros',
+                 param_init_type=mstype.float32, compute_dtype=mstype.float16, **kwargs):
+        owner = type(self).__name__
+        check_int('in_channels', in_channels, owner)
+        check_int('out_channels', out_channels, owner)
+        self.lora_rank = check_int('lora_rank', lora_rank, owner)
+        self.lora_alpha = check_real('lora_alpha', lora_alpha, owner, nonzero=True)
+        check_rate('lora_dropout', lora_dropout, owner)
+        check_dtype('param_init_type', param_init_type, owner)
+        check_dtype('compute_dtype', compute_dtype, owner)
+        check_dense_kwargs(owner, kwargs)
+        _check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, in_channels))
+        _check_init_shape(owner, 'lora_b_init', lora_b_init, (out_channels, lora_rank))
+        super().__init__(in_channels, out_channels, **kwargs)
+
+        self.lora_dropout_rate = lora_dropout
+        self.lora_dropout = nn.Dropout(p=lora_dropout)
+        self.use_lora_dropout = lora_dropout > 0
+        self.mindpet_delta_lora_a = Parameter(
+            initializer(lora_a_init, [lora_rank, in_channels], param_init_type), name='mindpet_delta_lora_a')
+        self.mindpet_delta_lora_b = Parameter(
+            initializer(lora_b_init, [out_channels, lora_rank], param_init_type), name='mindpet_delta_lora_b')
+        self.scaling = self.lora_alpha / self.lora_rank
+        # The scaling is Parameter data, not a Python float, so merge()/unmerge() and adapter switching can change
+        # it after the graph is compiled (a compiled graph ignores Python attribute changes).
+        self.mindpet_state_lora_scaling = Parameter(Tensor(self.scaling, mstype.float32),
+                                                    name='mindpet_state_lora_scaling', requires_grad=False)
+        self.merged = False
+        self.param_init_type = param_init_type
+        self.compute_dtype = compute_dtype
+        # Kept under MindPet's attribute name too: downstream code reads layer.dtype.
+        self.dtype = compute_dtype
+
+        self.cast = ops.Cast()
+        self.lora_a_matmul = ops.MatMul(transpose_b=True)
+        self.lora_b_matmul = ops.MatMul(transpose_b=True)
+        self.mul = ops.Mul()
+        self.add = ops.Add()
+
+    def construct(self, x):
+        ori_dtype = x.dtype
+        x_shape = x.shape
+        if len(x_shape) < 2:
+            raise ValueError(f"For 'LoRADense', the input must have at least 2 dimensions, but got {len(x_shape)}.")
+        if len(x_shape) != 2:
+            x = self.reshape(x, (-1, x_shape[-1]))
+        x = self.cast(x, self.compute_dtype)
+        out = self.matmul(x, self.cast(self.weight, self.compute_dtype))
+        if self.has_bias:
+            out = self.bias_add(out, self.cast(self.bias, self.compute_dtype))
+
+        lora_x = x
+        if self.use_lora_dropout:
+            lora_x = self.lora_dropout(lora_x)
+        lora_x = self.lora_a_matmul(lora_x, self.cast(self.mindpet_delta_lora_a, self.compute_dtype))
+        # Scaling the (N, r) intermediate costs r/out of scaling the (N, out) result.
+        lora_x = self.mul(lora_x, self.cast(self.mindpet_state_lora_scaling, self.compute_dtype))
+        lora_x = self.lora_b_matmul(lora_x, self.cast(self.mindpet_delta_lora_b, self.compute_dtype))
+        out = self.add(out, lora_x)
+
+        if self.activation_flag:
+            out = self.activation(out)
+        if len(x_shape) != 2:
+            out = self.reshape(out, x_shape[:-1] + (self.out_channels,))
+        return self.cast(out, ori_dtype)
+
+    # ----- merge / export ------------------------------------------------------------------------------------
+    def delta_weight(self):
+        """The increment ``(lora_alpha / lora_rank) * B @ A`` as a float32 numpy array of shape (out, in)."""
+        a = self.mindpet_delta_lora_a.asnumpy().astype(np.float32)
+        b = self.mindpet_delta_lora_b.asnumpy().astype(np.float32)
+        return np.float32(self.scaling) * (b @ a)
+
+    def merge(self):
+        """Fold the increment into ``weight`` and switch the LoRA branch off (scaling parameter set to 0).
+
+        Takes effect in already-compiled graphs. Merging twice is refused with ``RuntimeError``.
+        """
+        if self.merged:
+            raise RuntimeError("For 'LoRADense', the LoRA increment is already merged into the weight; "
+                               "call unmerge() first.")
+        weight = self.weight.asnumpy()
+        self.weight.set_data(Tensor((weight.astype(np.float32) + self.delta_weight()).astype(weight.dtype)))
+        self.mindpet_state_lora_scaling.set_data(Tensor(0.0, mstype.float32))
+        self.merged = True
+
+    def unmerge(self):
+        """Take the increment back out of ``weight`` and switch the LoRA branch on again."""
+        if not self.merged:
+            raise RuntimeError("For 'LoRADense', there is no merged LoRA increment to unmerge.")
+        weight = self.weight.asnumpy()
+        self.weight.set_data(Tensor((weight.astype(np.float32) - self.delta_weight()).astype(weight.dtype)))
+        self.mindpet_state_lora_scaling.set_data(Tensor(self.scaling, mstype.float32))
+        self.merged = False
+
+    def to_dense(self):
+        """A plain ``nn.Dense`` holding the merged weight (the LoRA increment folded in) and the same bias.
+
+        The returned Cell owns new Parameters named ``weight``/``bias``; the increment is included whether or not
+        :meth:`merge` was called.
+        """
+        weight = self.weight.asnumpy()
+        merged = weight if self.merged else (weight.astype(np.float32) + self.delta_weight()).astype(weight.dtype)
+        dense = nn.Dense(self.in_channels, self.out_channels, weight_init=Tensor(merged),
+                         bias_init=Tensor(self.bias.asnumpy()) if self.has_bias else None,
+                         has_bias=self.has_bias, activation=self.activation, dtype=self.weight.dtype)
+        return dense
+
+    def shard(self, strategy_org_dense_matmul=None, strategy_org_bias_add=None, strategy_lora_dropout=None,
+              strategy_lora_a_matmul=None, strategy_lora_b_matmul=None, strategy_lora_mul=None,
+              strategy_lora_add=None, strategy_activation=None):
+        """Set semi-auto-parallel strategies per operator (MindPet's keywords). Each is None (unsharded) or a
+        tuple with one tuple per operator input, e.g. ``strategy_org_dense_matmul=((dp, 1), (mp, 1))``.
+
+        ``strategy_lora_mul`` takes ``((dp, 1), ())``: the second input is the scalar scaling.
+        """
+        owner = type(self).__name__
+        checked = [
+            (self.matmul, 'strategy_org_dense_matmul', strategy_org_dense_matmul, (2, 2)),
+            (self.lora_dropout.dropout, 'strategy_lora_dropout', strategy_lora_dropout, (2,)),
+            (self.lora_a_matmul, 'strategy_lora_a_matmul', strategy_lora_a_matmul, (2, 2)),
+            (self.lora_b_matmul, 'strategy_lora_b_matmul', strategy_lora_b_matmul, (2, 2)),
+            (self.mul, 'strategy_lora_mul', strategy_lora_mul, (2, 0)),
+            (self.add, 'strategy_lora_add', strategy_lora_add, (2, 2)),
+        ]
+        if self.has_bias:
+            checked.append((self.bias_add, 'strategy_org_bias_add', strategy_org_bias_add, (2, 1)))
+        elif strategy_org_bias_add is not None:
+            raise ValueError(f"For '{owner}', 'strategy_org_bias_add' was given but the layer has no bias "
+                             f"(has_bias=False).")
+        for _, name, strategy, ndims in checked:
+            check_strategy(name, strategy, owner, ndims)
+        for prim, _, strategy, _ in checked:
+            if strategy is not None:
+                prim.shard(strategy)
+        if strategy_activation is not None:
+            if not self.activation_flag:
+                raise ValueError(f"For '{owner}', 'strategy_activation' was given but the layer has no activation.")
+            shard_activation(owner, self.activation, strategy_activation)
+        return self
+
+    def extend_repr(self):
+        return (super().extend_repr() + f', lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, '
+                f'lora_dropout={self.lora_dropout_rate}, merged={self.merged}')
+
+
+def _check_init_shape(owner, name, init, shape):
+    if isinstance(init, (Tensor, np.ndarray)) and tuple(init.shape) != tuple(shape):
+        raise ValueError(f"For '{owner}', the '{name}' must have shape {tuple(shape)}, "
+                         f"but got a tensor of shape {tuple(init.shape)}.")

@@ -1,0 +1,1 @@
+"""Shared helpers: exceptions, constants, argument validation and checkpoint I/O."""

@@ -1,0 +1,195 @@
+"""File I/O in one place: atomic checkpoint writes, checked checkpoint reads, and safe YAML reads.
+
+Every writer here goes to a temporary file in the destination directory, is flushed to disk, then renamed over the
+destination, so a crash (or SIGKILL) mid-write leaves either the previous file or the new one, never a torn file.
+"""
+import os
+import tempfile
+
+import yaml
+
+from mindpet.utils.constants import MAX_YAML_MB_SIZE, MB_SIZE, STATE_PREFIX, DEFAULT_MODES
+from mindpet.utils.exceptions import (CheckpointError, LinkPathError, ReadYamlFileError, FileOversizeError,
+                                      MakeDirError)
+
+CKPT_FORMATS = ('ckpt', 'safetensors')
+
+
+def _fsync_dir(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def ensure_dir(directory, what='directory'):
+    """Create ``directory`` (and parents) if needed; raise :class:`MakeDirError` naming it on failure."""
+    if os.path.islink(directory):
+        raise LinkPathError(f"The {what} '{directory}' is a symbolic link; give the real path.")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as ex:
+        raise MakeDirError(f"Could not create the {what} '{directory}': {ex.strerror or ex}.") from ex
+    if not os.path.isdir(directory):
+        raise MakeDirError(f"The {what} '{directory}' exists but is not a directory.")
+    return directory
+
+
+def atomic_write(path, write_fn, suffix=''):
+    """Write ``path`` atomically: ``write_fn(tmp_path)`` writes a temporary file beside it, which is fsynced and
+    renamed onto ``path``. ``suffix`` is kept on the temporary name for writers that insist on an extension."""
+    directory = os.path.dirname(os.path.abspath(path))
+    ensure_dir(directory)
+    fd, tmp_path = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp' + suffix,
+                                    dir=directory)
+    os.close(fd)
+    try:
+        write_fn(tmp_path)
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp_path, DEFAULT_MODES)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    _fsync_dir(directory)
+    return path
+
+
+def atomic_save_checkpoint(save_obj, path, ckpt_format='ckpt', append_dict=None, integrated_save=True,
+                           **kwargs):
+    """Save ``save_obj`` (list of Parameters, dict name->Parameter/Tensor, or Cell) with
+    :func:`mindspore.save_checkpoint`, atomically. Returns ``path``.
+
+    Example:
+        >>> atomic_save_checkpoint(net.trainable_params(), "out/adapter.ckpt")  # doctest: +SKIP
+    """
+    import mindspore as ms
+    if ckpt_format not in CKPT_FORMATS:
+        raise ValueError(f"For 'atomic_save_checkpoint', the 'ckpt_format' must be one of {list(CKPT_FORMATS)}, "
+                         f"but got {ckpt_format!r}.")
+    ext = '.' + ckpt_format
+
+    def _write(tmp_path):
+        ms.save_checkpoint(save_obj, tmp_path, integrated_save=integrated_save, append_dict=append_dict,
+                           format=ckpt_format, **kwargs)
+        # save_checkpoint appends the extension when it is missing; keep whatever name it actually wrote.
+        if not os.path.exists(tmp_path) and os.path.exists(tmp_path + ext):
+            os.replace(tmp_path + ext, tmp_path)
+
+    return atomic_write(path, _write, suffix=ext)
+
+
+def checkpoint_format(path):
+    """'safetensors' for ``*.safetensors`` files, otherwise 'ckpt'."""
+    return 'safetensors' if str(path).endswith('.safetensors') else 'ckpt'
+
+
+def load_checkpoint_file(path, what='checkpoint'):
+    """Read a checkpoint (``.ckpt`` or ``.safetensors``) into a dict name -> Parameter.
+
+    Raises :class:`CheckpointError` naming the file when it is missing, a link, empty, truncated or corrupt.
+    """
+    import mindspore as ms
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"The {what} path must be a str or os.PathLike, but got {path!r} ({type(path).__name__}).")
+    path = os.fspath(path)
+    if os.path.islink(path):
+        raise LinkPathError(f"The {what} file '{path}' is a symbolic link; give the real path.")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"The {what} file '{path}' does not exist.")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"The {what} file '{path}' is empty.")
+    try:
+        params = ms.load_checkpoint(path, format=checkpoint_format(path))
+    except Exception as ex:  # MindSpore raises ValueError/RuntimeError/OSError for torn or foreign files
+        raise CheckpointError(f"The {what} file '{path}' could not be read (truncated or corrupt?): "
+                              f"{str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__}") \
+            from ex
+    if not params:
+        raise CheckpointError(f"The {what} file '{path}' holds no parameters.")
+    return params
+
+
+def check_params_fit(net, param_dict, source, require=None, allow_unexpected=False):
+    """Check that ``param_dict`` fits ``net`` before loading anything.
+
+    Args:
+        net (Cell): the network.
+        param_dict (dict): name -> Parameter/Tensor, as read from ``source``.
+        source (str): what to call the dict in messages (usually the file path).
+        require (Iterable[str] | None): names that must be present in ``param_dict``.
+        allow_unexpected (bool): accept names the network does not have.
+
+    Raises:
+        CheckpointError: a required name is missing, a name is unknown to the network, or a shape differs.
+    """
+    net_params = {p.name: p for p in net.get_parameters()}
+    unexpected = [name for name in param_dict if name not in net_params]
+    if unexpected and not allow_unexpected:
+        raise CheckpointError(f"'{source}' holds {len(unexpected)} parameter(s) the network does not have, "
+                              f"first: {sorted(unexpected)[:5]}.")
+    for name, value in param_dict.items():
+        if name in net_params and tuple(value.shape) != tuple(net_params[name].shape):
+            raise CheckpointError(f"Parameter '{name}' in '{source}' has shape {tuple(value.shape)}, "
+                                  f"but the network's has shape {tuple(net_params[name].shape)}.")
+    if require is not None:
+        missing = [name for name in require if name not in param_dict]
+        if missing:
+            raise CheckpointError(f"'{source}' lacks {len(missing)} parameter(s) the network needs, "
+                                  f"first: {sorted(missing)[:5]}.")
+
+
+def load_params_checked(net, param_dict, source, require=None, allow_unexpected=False):
+    """:func:`check_params_fit`, then ``load_param_into_net``; returns the list of names loaded."""
+    import mindspore as ms
+    check_params_fit(net, param_dict, source, require=require, allow_unexpected=allow_unexpected)
+    net_names = {p.name for p in net.get_parameters()}
+    to_load = {k: v for k, v in param_dict.items() if k in net_names}
+    not_loaded, _ = ms.load_param_into_net(net, to_load, strict_load=True)
+    failed = [n for n in not_loaded if n in to_load]
+    if failed:
+        raise CheckpointError(f"Parameters from '{source}' could not be loaded: {failed[:5]}.")
+    return sorted(to_load)
+
+
+def is_state_param(name):
+    """True for non-trainable run-time state of delta Cells (never required from a checkpoint)."""
+    return STATE_PREFIX in name.rsplit('.', 1)[-1]
+
+
+def read_yaml_file(path, what='config'):
+    """Read a YAML file with ``yaml.safe_load``.
+
+    Raises :class:`ReadYamlFileError` (or :class:`LinkPathError` / :class:`FileOversizeError`) naming the file when
+    it is missing, a link, too large, or not valid YAML.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"The {what} path must be a str or os.PathLike, but got {path!r} ({type(path).__name__}).")
+    path = os.fspath(path)
+    if not path:
+        raise ValueError(f"The {what} path must be a non-empty str, but got ''.")
+    if os.path.islink(path):
+        raise LinkPathError(f"The {what} file '{path}' is a symbolic link; give the real path.")
+    if not os.path.isfile(path):
+        raise ReadYamlFileError(f"The {what} file '{path}' does not exist.")
+    if os.path.getsize(path) > MAX_YAML_MB_SIZE * MB_SIZE:
+        raise FileOversizeError(f"The {what} file '{path}' is larger than {MAX_YAML_MB_SIZE} MB.")
+    try:
+        with open(path, 'r', encoding='utf-8') as handle:
+            return yaml.safe_load(handle)
+    except (OSError, UnicodeDecodeError) as ex:
+        raise ReadYamlFileError(f"The {what} file '{path}' could not be read: {ex}.") from ex
+    except yaml.YAMLError as ex:
+        raise ReadYamlFileError(f"The {what} file '{path}' is not valid YAML: "
+                                f"{str(ex).splitlines()[0]}.") from ex

@@ -1,0 +1,147 @@
+"""Argument checks shared by every public Cell and function.
+
+Each check raises ``TypeError`` for a value of the wrong type and ``ValueError`` for a value out of range, with a
+message naming the owner (Cell or function), the argument, what was expected and what was received::
+
+    For 'LoRADense', the 'lora_rank' must be a positive int, but got 0 (int).
+"""
+import numbers
+
+from mindspore import dtype as mstype
+
+FLOAT_DTYPES = (mstype.float16, mstype.float32, mstype.bfloat16)
+
+
+def _got(value):
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + '...'
+    return f"{text} ({type(value).__name__})"
+
+
+def _fail(exc_type, owner, name, expected, value):
+    raise exc_type(f"For '{owner}', the '{name}' must be {expected}, but got {_got(value)}.")
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_int(name, value, owner, min_value=1, max_value=None):
+    """Check ``value`` is an int (not bool) within ``[min_value, max_value]`` and return it as ``int``."""
+    if min_value == 1 and max_value is None:
+        expected = "a positive int"
+    elif min_value == 0 and max_value is None:
+        expected = "a non-negative int"
+    elif max_value is None:
+        expected = f"an int >= {min_value}"
+    else:
+        expected = f"an int in [{min_value}, {max_value}]"
+    if not _is_int(value):
+        _fail(TypeError, owner, name, expected, value)
+    if (min_value is not None and value < min_value) or (max_value is not None and value > max_value):
+        _fail(ValueError, owner, name, expected, value)
+    return int(value)
+
+
+def check_real(name, value, owner, nonzero=False, min_value=None, min_inclusive=True):
+    """Check ``value`` is an int or float (not bool); optionally non-zero or bounded below. Returns it."""
+    expected = "an int or float"
+    if nonzero:
+        expected = "a non-zero int or float"
+    if min_value is not None:
+        expected += f" {'>=' if min_inclusive else '>'} {min_value}"
+    if not _is_real(value):
+        _fail(TypeError, owner, name, expected, value)
+    if value != value:  # NaN
+        _fail(ValueError, owner, name, expected, value)
+    if nonzero and value == 0:
+        _fail(ValueError, owner, name, expected, value)
+    if min_value is not None and (value < min_value or (not min_inclusive and value == min_value)):
+        _fail(ValueError, owner, name, expected, value)
+    return value
+
+
+def check_rate(name, value, owner):
+    """Check a dropout-like probability: a float in [0, 1). Returns it."""
+    expected = "a float in [0.0, 1.0)"
+    if not isinstance(value, float):
+        _fail(TypeError, owner, name, expected, value)
+    if not 0.0 <= value < 1.0:
+        _fail(ValueError, owner, name, expected, value)
+    return value
+
+
+def check_bool(name, value, owner):
+    """Check ``value`` is a bool. Returns it."""
+    if not isinstance(value, bool):
+        _fail(TypeError, owner, name, "a bool", value)
+    return value
+
+
+def check_dtype(name, value, owner, allowed=FLOAT_DTYPES):
+    """Check ``value`` is one of the MindSpore dtypes in ``allowed``. Returns it."""
+    names = ", ".join(f"mindspore.{d}" for d in allowed)
+    if not isinstance(value, mstype.Type):
+        _fail(TypeError, owner, name, f"one of {names}", value)
+    if value not in allowed:
+        _fail(TypeError, owner, name, f"one of {names}", value)
+    return value
+
+
+def check_choice(name, value, owner, choices, case_insensitive=False):
+    """Check ``value`` is a str in ``choices``; returns it (lower-cased when ``case_insensitive``)."""
+    expected = f"one of {list(choices)}"
+    if not isinstance(value, str):
+        _fail(TypeError, owner, name, f"a str, {expected}", value)
+    key = value.lower() if case_insensitive else value
+    if key not in choices:
+        _fail(ValueError, owner, name, expected, value)
+    return key
+
+
+def check_str_list(name, value, owner, allow_none=True, allow_empty=False):
+    """Check ``value`` is a list/tuple of str (or None when allowed). Returns a list (or None)."""
+    if value is None:
+        if allow_none:
+            return None
+        _fail(TypeError, owner, name, "a list of str", value)
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        _fail(TypeError, owner, name, "a list of str", value)
+    for item in value:
+        if not isinstance(item, str):
+            raise TypeError(f"For '{owner}', every item of '{name}' must be a str, but got {_got(item)}.")
+    if not value and not allow_empty:
+        _fail(ValueError, owner, name, "a non-empty list of str", value)
+    return list(value)
+
+
+def check_strategy(name, value, owner, ndims):
+    """Check a semi-auto-parallel shard strategy for an operator with inputs of ranks ``ndims``.
+
+    ``value`` may be None (leave the operator unsharded) or a tuple with one tuple of positive ints per input,
+    each as long as that input's rank. Returns it.
+    """
+    if value is None:
+        return None
+    expected = f"None or a tuple of {len(ndims)} tuple(s) of positive ints with lengths {tuple(ndims)}"
+    if not isinstance(value, tuple) or len(value) != len(ndims):
+        _fail(ValueError if isinstance(value, tuple) else TypeError, owner, name, expected, value)
+    for sub, ndim in zip(value, ndims):
+        if not isinstance(sub, tuple) or not all(_is_int(v) and v > 0 for v in sub):
+            _fail(TypeError, owner, name, expected, value)
+        if len(sub) != ndim:
+            _fail(ValueError, owner, name, expected, value)
+    return value
+
+
+def check_cell(name, value, owner):
+    """Check ``value`` is a ``mindspore.nn.Cell``. Returns it."""
+    from mindspore import nn  # local: keeps this module importable without building Cells
+    if not isinstance(value, nn.Cell):
+        _fail(TypeError, owner, name, "a mindspore.nn.Cell", value)
+    return value

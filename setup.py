@@ -1,0 +1,19 @@
+"""Install mindpet (and its alias package tk)."""
+from setuptools import setup, find_packages
+
+setup(
+    name='mindpet',
+    version='1.1.0',
+    description='Parameter-efficient fine-tuning (LoRA, adapters, prefix tuning, ...) for MindSpore',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['mindpet', 'mindpet.*', 'tk', 'tk.*']),
+    python_requires='>=3.9',
+    install_requires=['mindspore==2.10.0', 'numpy<2', 'pyyaml>=5.4'],
+    extras_require={
+        'test': ['pytest>=7', 'hypothesis>=6', 'safetensors>=0.4'],
+        'plot': ['matplotlib>=3.5'],
+    },
+    entry_points={'console_scripts': ['mindpet=mindpet.cli:main']},
+    license='Apache-2.0',
+)
