@@ -100,6 +100,10 @@ def freeze_delta(model, mode, include=None, exclude=None):
         what = "'*bias'" if mode == 'bitfit' else f"'*{DELTA_PREFIX}{mode}_*'"
         raise ValueError(f"For '{owner}', mode {mode!r} found no parameter named {what} in the model; "
                          f"was the delta Cell added to it?")
+    # A mistyped pattern must be refused before anything is frozen, not after the mode's freeze was applied.
+    names = [name for name, _ in model.parameters_and_names()]
+    _check_patterns_match(owner, 'include', include, names)
+    _check_patterns_match(owner, 'exclude', exclude, names)
     for name, param in model.parameters_and_names():
         _set_requires_grad(param, name in trained)
     if include or exclude:
