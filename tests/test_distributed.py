@@ -53,8 +53,8 @@ def _start_msrun(script, out_dir, *args):
     env = dict(os.environ, GLOG_v='3', MS_COMPILER_CACHE_ENABLE='0', PYTHONPATH=ROOT,
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', ''))
     cmd = [MSRUN, '--worker_num=2', '--local_worker_num=2', f'--master_port={_free_port()}',
-           f'--log_dir={out_dir}/logs', '--join=True', os.path.join(EXAMPLES, script), '--output', str(out_dir),
-           *args]
+           f'--log_dir={out_dir}/logs', '--join=True', '--cluster_time_out=40', os.path.join(EXAMPLES, script),
+           '--output', str(out_dir), *args]
     log = open(os.path.join(str(out_dir) + '.msrun.log'), 'w', encoding='utf-8')
     return subprocess.Popen(cmd, cwd=str(out_dir), env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True), log

@@ -113,7 +113,7 @@ report['logging_handlers_added'] = len(logging.root.handlers) - handlers
 ms.set_context(mode=ms.GRAPH_MODE, device_target='CPU')
 user_context = context()
 
-from mindspore import nn, Tensor  # noqa: E402
+from mindspore import nn  # noqa: E402
 from mindspore.train.callback import CheckpointConfig  # noqa: E402
 import mindspore.dataset as ds  # noqa: E402
 from mindpet.delta import LoRADense  # noqa: E402
