@@ -1,7 +1,8 @@
 """SIGKILL a training run at random moments while it checkpoints after every step, again and again.
 
-Every other kill is aimed into a write: the test waits until a checkpoint's temporary file appears. After every
-kill: every complete checkpoint left in the directory loads (CRC verified), the newest one is at least
+A quarter of the kills come at any moment after the fork (start-up and resume included); the others once the run
+has saved, half of those aimed into a write (the test waits until a checkpoint's temporary file appears). After
+every kill: every complete checkpoint left in the directory loads (CRC verified), the newest one is at least
 as new as before the kill, and the newest ``keep_checkpoint_max`` steps are all there (pruning happens only after
 the new file is durable). Each next run resumes from the newest checkpoint (adapter, Adam state, step); at the end
 the adapter equals that of one uninterrupted run of the same number of steps.
@@ -47,6 +48,14 @@ class _Zygote:
     def read(self, timeout):
         return self.lines.get(timeout=timeout)
 
+    def expect(self, keyword, timeout):
+        """The value after ``keyword`` on the next line starting with it (other output of a child is skipped)."""
+        deadline = time.time() + timeout
+        while True:
+            line = self.read(max(deadline - time.time(), 0.01))
+            if line.startswith(keyword + ' ') or line == keyword:
+                return line[len(keyword):].strip()
+
     def send(self, text):
         self.proc.stdin.write(text + '\n')
         self.proc.stdin.flush()
@@ -78,6 +87,15 @@ def _wait_for_write_in_progress(directory, old, deadline):
         time.sleep(0.0005)
 
 
+def _wait_for_progress(directory, newest, deadline):
+    """Poll until a checkpoint newer than step ``newest`` exists."""
+    while time.time() < deadline:
+        steps = _steps(list_checkpoints(directory, 'crash'))
+        if steps and steps[-1] > newest:
+            return
+        time.sleep(0.002)
+
+
 def _steps(paths):
     return [int(re.search(r'-(\d+)_1\.ckpt$', p).group(1)) for p in paths]
 
@@ -90,16 +108,20 @@ def test_sigkill_during_checkpointing_never_loses_the_newest_complete_checkpoint
     zygote = _Zygote(str(tmp_path / 'zygote.log'))
     kills, torn_writes, newest, seen_temp = 0, 0, 0, set()
     try:
-        assert zygote.read(30) == 'READY'
+        zygote.expect('READY', 30)
         while kills < KILLS:
             assert time.time() - start < BUDGET_S, f"only {kills} kills in {BUDGET_S} s"
             zygote.send(f'run {ckpt_dir} 100000')
-            pid = int(zygote.read(10).split()[1])
-            time.sleep(rng.uniform(0.25, 0.9))  # a run needs ~0.45 s to its first save
-            if kills % 2:
-                _wait_for_write_in_progress(ckpt_dir, seen_temp, deadline=time.time() + 1.0)
+            pid = int(zygote.expect('PID', 10))
+            if kills % 4 == 0:  # any moment, start-up and resume included
+                time.sleep(rng.uniform(0.05, 0.8))
+            else:  # once this run has saved (start-up takes ~0.5 s, longer on a busy machine), at a random moment
+                _wait_for_progress(ckpt_dir, newest, deadline=time.time() + 5.0)
+                time.sleep(rng.uniform(0.0, 0.3))
+                if kills % 2:  # aimed into a write
+                    _wait_for_write_in_progress(ckpt_dir, seen_temp, deadline=time.time() + 1.0)
             os.kill(pid, signal.SIGKILL)
-            status = int(zygote.read(10).split()[1])
+            status = int(zygote.expect('EXIT', 10))
             assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, \
                 f"the run ended by itself (status {status}); see {tmp_path / 'zygote.log'}"
             kills += 1
@@ -123,11 +145,9 @@ def test_sigkill_during_checkpointing_never_loses_the_newest_complete_checkpoint
         # Finish the interrupted run, and run the same number of steps in one go: same adapter.
         total = newest + 3
         zygote.send(f'run {ckpt_dir} {total} {tmp_path / "resumed.npz"}')
-        zygote.read(10)
-        assert zygote.read(40) == 'EXIT 0'
+        assert zygote.expect('EXIT', 40) == '0'
         zygote.send(f'run {tmp_path / "straight"} {total} {tmp_path / "straight.npz"}')
-        zygote.read(10)
-        assert zygote.read(40) == 'EXIT 0'
+        assert zygote.expect('EXIT', 40) == '0'
     finally:
         zygote.close()
     resumed, straight = np.load(tmp_path / 'resumed.npz'), np.load(tmp_path / 'straight.npz')
