@@ -23,3 +23,7 @@ DELTA_LIST = ['lora', 'prefixtuning', 'adapter', 'low_rank_adapter', 'bitfit', '
 MB_SIZE = 1024 * 1024
 # Configuration files are small; anything larger is almost certainly the wrong file.
 MAX_YAML_MB_SIZE = 10
+
+# Training metadata that TrainableParamsCheckPoint stores beside the adapter (epoch, step, ...). Loaders skip these
+# names; resume_from_checkpoint reads them.
+META_PREFIX = 'mindpet_meta_'
