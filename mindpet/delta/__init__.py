@@ -2,3 +2,5 @@
 from mindpet.delta.lora import LoRADense
 
 __all__ = ['LoRADense']
+from mindpet.delta.dora import DoRADense  # noqa: E402
+__all__ += ['DoRADense']
