@@ -4,3 +4,5 @@ from mindpet.delta.lora import LoRADense
 __all__ = ['LoRADense']
 from mindpet.delta.dora import DoRADense  # noqa: E402
 __all__ += ['DoRADense']
+from mindpet.delta.ia3 import IA3Dense  # noqa: E402
+__all__ += ['IA3Dense']
