@@ -6,3 +6,5 @@ from mindpet.delta.dora import DoRADense  # noqa: E402
 __all__ += ['DoRADense']
 from mindpet.delta.ia3 import IA3Dense  # noqa: E402
 __all__ += ['IA3Dense']
+from mindpet.delta.prompt_tuning import PromptTuningEmbedding  # noqa: E402
+__all__ += ['PromptTuningEmbedding']
