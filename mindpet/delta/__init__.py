@@ -8,3 +8,5 @@ from mindpet.delta.ia3 import IA3Dense  # noqa: E402
 __all__ += ['IA3Dense']
 from mindpet.delta.prompt_tuning import PromptTuningEmbedding  # noqa: E402
 __all__ += ['PromptTuningEmbedding']
+from mindpet.delta.pst import PSTDense, PSTSparsityScheduler  # noqa: E402
+__all__ += ['PSTDense', 'PSTSparsityScheduler']
