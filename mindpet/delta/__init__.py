@@ -10,3 +10,5 @@ from mindpet.delta.prompt_tuning import PromptTuningEmbedding  # noqa: E402
 __all__ += ['PromptTuningEmbedding']
 from mindpet.delta.pst import PSTDense, PSTSparsityScheduler  # noqa: E402
 __all__ += ['PSTDense', 'PSTSparsityScheduler']
+from mindpet.delta.adalora import AdaLoRADense, AdaLoRAAllocator  # noqa: E402
+__all__ += ['AdaLoRADense', 'AdaLoRAAllocator']
