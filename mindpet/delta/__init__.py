@@ -12,3 +12,5 @@ from mindpet.delta.pst import PSTDense, PSTSparsityScheduler  # noqa: E402
 __all__ += ['PSTDense', 'PSTSparsityScheduler']
 from mindpet.delta.adalora import AdaLoRADense, AdaLoRAAllocator  # noqa: E402
 __all__ += ['AdaLoRADense', 'AdaLoRAAllocator']
+from mindpet.delta.tsvd import TSVDGroup, TSVDDense, TSVDAllocator  # noqa: E402
+__all__ += ['TSVDGroup', 'TSVDDense', 'TSVDAllocator']
