@@ -66,7 +66,7 @@ def test_mask_keeps_exact_top_share_and_export_has_that_sparsity(sparsity):
     scores = layer.importance_scores()
     mask = layer.current_mask()
     n_keep = kept_count(sparsity, 200)
-    assert n_keep == 200 - round(sparsity * 200)
+    assert n_keep == 200 - int(np.floor(sparsity * 200 + 0.5))
     assert set(np.unique(mask)) <= {0.0, 1.0}
     assert int(mask.sum()) == n_keep
     if 0 < n_keep < 200:

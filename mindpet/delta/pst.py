@@ -39,9 +39,10 @@ def _check_sparsity(name, value, owner, upper_inclusive=False):
 
 
 def kept_count(sparsity, numel):
-    """How many of ``numel`` entries a mask at ``sparsity`` keeps: ``numel - round(sparsity * numel)`` (float32
-    arithmetic, the same as the compiled graph)."""
-    return int(numel - np.round(np.float32(sparsity) * np.float32(numel)))
+    """How many of ``numel`` entries a mask at ``sparsity`` keeps: ``numel - floor(sparsity * numel + 0.5)``, the
+    product rounded in float32 exactly as the compiled graph does it."""
+    pruned = np.floor(np.float32(sparsity) * np.float32(numel) + np.float32(0.5))
+    return int(numel - int(pruned))
 
 
 class PSTDense(DeltaDense):
@@ -100,8 +101,6 @@ class PSTDense(DeltaDense):
         self.mindpet_state_pst_gate = Parameter(Tensor(1.0, mstype.float32), name='mindpet_state_pst_gate',
                                                 requires_grad=False)
         self.numel = in_channels * out_channels
-        # Sorted positions 0..n-1: compared with the kept count to mark the first k of the sorted scores.
-        self._positions = Tensor(np.arange(self.numel, dtype=np.float32))
         self._unmerged_weight = None
         self.update_matmul = ops.MatMul()
         self.importance_matmul = ops.MatMul()
@@ -121,11 +120,13 @@ class PSTDense(DeltaDense):
         return ops.abs(updated) + low_rank + rows + cols
 
     def _topk_mask(self, scores):
-        """1 for the ``n - round(s n)`` highest scores (ties broken by the sort), 0 elsewhere; no gradient."""
+        """1 for the ``kept_count(s, n)`` highest scores (ties broken by the sort), 0 elsewhere; no gradient.
+        The count is integer arithmetic, so it is exact for any layer size."""
         flat = ops.reshape(ops.stop_gradient(scores), (self.numel,))
         _, order = ops.sort(flat, descending=True)
-        kept = self.numel - ops.round(self.mindpet_state_pst_sparsity * self.numel)
-        keep_sorted = self.cast(self._positions < kept, mstype.float32)
+        pruned = ops.floor(self.mindpet_state_pst_sparsity * float(self.numel) + 0.5)
+        kept = self.numel - self.cast(pruned, mstype.int32)
+        keep_sorted = self.cast(ops.arange(0, self.numel, 1, dtype=mstype.int32) < kept, mstype.float32)
         mask = ops.scatter_nd(ops.reshape(order, (self.numel, 1)), keep_sorted, (self.numel,))
         return ops.reshape(mask, (self.out_channels, self.in_channels))
 
