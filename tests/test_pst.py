@@ -3,7 +3,7 @@ sparsity schedule driving a compiled graph, the sparse export, and GRAPH_MODE tr
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import nn, ops, Tensor
+from mindspore import nn, Tensor
 from mindspore.train import Model
 
 from mindpet.delta.pst import PSTDense, PSTSparsityScheduler, cubic_sparsity, kept_count

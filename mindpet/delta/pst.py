@@ -25,7 +25,7 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import HeUniform, Normal
 from mindspore.train import Callback
 
-from mindpet.delta.base import DeltaDense, apply_strategies, host_f32
+from mindpet.delta.base import DeltaDense, apply_strategies
 from mindpet.delta.lora import init_param, _check_init_shape
 from mindpet.utils.validation import check_int, check_real, check_cell
 
