@@ -19,6 +19,7 @@ STATE_PREFIX = 'mindpet_state_'
 # The delta methods freeze_delta knows. Each mode's parameters carry ``mindpet_delta_<mode>_`` in their names,
 # except bitfit, which trains the existing bias terms.
 DELTA_LIST = ['lora', 'prefixtuning', 'adapter', 'low_rank_adapter', 'bitfit', 'ptuning2']
+DELTA_LIST += ['dora', 'ia3', 'prompt_tuning', 'pst', 'adalora', 'tsvd']
 
 MB_SIZE = 1024 * 1024
 # Configuration files are small; anything larger is almost certainly the wrong file.
