@@ -189,7 +189,11 @@ def test_training_with_allocation_graph_mode(graph_mode):
     assert {k: v.rank for k, v in (('fc1', net.fc1), ('fc2', net.fc2))} == pattern
     after = snapshot(net)
     for name, value in before.items():
-        if 'mindpet_delta_adalora' in name:
+        if name.endswith('mindpet_delta_adalora_lambda') and pattern[name.split('.')[0]] == 0:
+            # The allocator may give a layer no rank at all (it depends on the random init): then every one of
+            # its singular values is pruned to exactly zero.
+            np.testing.assert_array_equal(after[name], 0, err_msg=name)
+        elif 'mindpet_delta_adalora' in name:
             assert np.abs(after[name] - value).max() > 1e-4, name
         else:
             np.testing.assert_array_equal(after[name], value, err_msg=name)
