@@ -156,6 +156,8 @@ class DenseWithAdapter(nn.Dense):
         check_int('in_channels', in_channels, owner)
         check_int('out_channels', out_channels, owner)
         check_bool('has_bias', has_bias, owner)
+        if isinstance(activation, str):
+            make_activation(owner, activation, arg='activation')
         check_dtype('compute_dtype', compute_dtype, owner)
         super().__init__(in_channels, out_channels, weight_init=weight_init, bias_init=bias_init,
                          has_bias=has_bias, activation=activation)
