@@ -7,7 +7,8 @@ While training, the prefix is produced by a small MLP from a prefix embedding (t
 ``P_k`` and ``P_v`` are different columns of the MLP output, so keys and values are distinct tensors, and they are
 computed in ``construct`` on every call, so gradients reach ``E`` and the MLP (MindPet 1.0.4 computed a constant
 prefix once in ``__init__``, with keys equal to values, and never trained). After training,
-:meth:`PrefixLayer.to_static` drops the MLP and keeps only the resulting ``P_k``/``P_v`` (a :class:`StaticPrefix`).
+:meth:`PrefixLayer.to_static` drops the MLP and keeps only the resulting ``P_k``/``P_v`` (a :class:`StaticPrefix`);
+:func:`export_prefixes` does that for every PrefixLayer of a network.
 
 Wiring into an attention block (keys/values ``(batch, heads, seq, head_dim)``)::
 
@@ -28,7 +29,7 @@ from mindspore.common.initializer import HeUniform, Normal
 
 from mindpet.delta.lora import init_param
 from mindpet.delta.sharding import apply_strategies
-from mindpet.utils.validation import check_dtype, check_int, check_rate
+from mindpet.utils.validation import check_cell, check_dtype, check_int, check_rate
 
 _MASK_ADDER = -10000.0  # Pangu's additive mask value for disallowed positions
 
@@ -148,7 +149,7 @@ class PrefixLayer(_PrefixBase):
         """Export: a :class:`StaticPrefix` holding the final prefix (the MLP and embedding are dropped).
 
         It has the same call signature and outputs (in eval mode), so it replaces this layer in the attention
-        block; build a new top-level Cell afterwards (a compiled graph keeps its old sub-Cells).
+        block. To swap every PrefixLayer of a network with correct parameter names use :func:`export_prefixes`.
         """
         key, value = self.prefix_numpy()
         return StaticPrefix(key, value, self.batch_size if batch_size is None else batch_size)
@@ -228,6 +229,44 @@ class StaticPrefix(_PrefixBase):
         """Nothing to shard (no computation besides a broadcast); accepted for a uniform API."""
         check_int('model_parallel', model_parallel, type(self).__name__)
         return self
+
+
+def export_prefixes(net):
+    """Export every :class:`PrefixLayer` inside ``net``: replace it, in place, by its :class:`StaticPrefix`.
+
+    The new parameters get their full names (``<path to the layer>.mindpet_delta_prefixtuning_key`` / ``_value``);
+    a sub-Cell swapped in by plain ``setattr`` would only be named relative to its parent, so every block's prefix
+    would share one name and a checkpoint would keep only one of them. Call the network through a NEW top-level
+    Cell afterwards: a graph compiled before the swap keeps running the old prefix MLP.
+
+    Args:
+        net (nn.Cell): a network holding PrefixLayer Cells.
+
+    Returns:
+        list of str: the paths of the replaced layers.
+
+    Raises:
+        ValueError: ``net`` holds no PrefixLayer.
+
+    Example:
+        >>> replaced = export_prefixes(model)   # doctest: +SKIP
+        >>> save_trainable_params(model, 'prefix.ckpt')   # only the final keys/values  # doctest: +SKIP
+    """
+    check_cell('net', net, 'export_prefixes')
+    replaced = []
+    for path, cell in list(net.cells_and_names()):
+        for attr, child in list(cell.name_cells().items()):
+            if not isinstance(child, PrefixLayer):
+                continue
+            static = child.to_static()
+            setattr(cell, attr, static)
+            full = f'{path}.{attr}' if path else attr
+            static.mindpet_delta_prefixtuning_key.name = f'{full}.mindpet_delta_prefixtuning_key'
+            static.mindpet_delta_prefixtuning_value.name = f'{full}.mindpet_delta_prefixtuning_value'
+            replaced.append(full)
+    if not replaced:
+        raise ValueError("For 'export_prefixes', the 'net' holds no PrefixLayer to export.")
+    return replaced
 
 
 def _numpy(arr):
