@@ -218,7 +218,8 @@ class GradStep(nn.Cell):
 def train_checked(net, loss_net, mode, inputs, steps=20, lr=0.02, exclude=None, expect_trainable=None):
     """Freeze ``net`` by ``freeze_delta(mode)``, run ``steps`` GRAPH_MODE steps and check the contract:
 
-    loss falls; every trainable parameter got a non-zero gradient in the first step and changed; every frozen
+    loss falls; every trainable parameter got a non-zero gradient (in some step: a zero-initialised factor such as
+    LoRA's B blocks its partner's first gradient) and changed; every frozen
     parameter is bit-identical. Returns (losses, before, after) where before/after map name -> numpy.
     """
     freeze_delta(net, mode, exclude=exclude)
@@ -230,17 +231,17 @@ def train_checked(net, loss_net, mode, inputs, steps=20, lr=0.02, exclude=None, 
     opt = nn.Adam(net.trainable_params(), learning_rate=lr)
     step = GradStep(loss_net, opt)
     step.set_train()
-    losses, first_grads = [], None
+    losses, max_grad = [], dict.fromkeys(trainable, 0.0)
     for _ in range(steps):
         loss, grads = step(*inputs)
         losses.append(float(loss.asnumpy()))
-        if first_grads is None:
-            first_grads = {p.name: g.asnumpy() for p, g in zip(opt.parameters, grads)}
+        for param, grad in zip(opt.parameters, grads):
+            max_grad[param.name] = max(max_grad[param.name], float(np.abs(grad.asnumpy()).max()))
     net.set_train(False)
     after = snapshot(net)
     assert losses[-1] < 0.9 * losses[0], losses
     for name in trainable:
-        assert np.abs(first_grads[name]).max() > 0, f'{name} got a zero gradient'
+        assert max_grad[name] > 0, f'{name} never got a non-zero gradient'
         assert not np.array_equal(before[name], after[name]), f'{name} did not change'
     for name in set(before) - set(trainable):
         np.testing.assert_array_equal(before[name], after[name], err_msg=f'frozen {name} changed')

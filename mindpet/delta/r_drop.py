@@ -118,16 +118,13 @@ def rdrop_repeat(*tensors):
         raise ValueError("For 'rdrop_repeat', at least one tensor must be given.")
     out = ()
     for index, item in enumerate(tensors):
-        if isinstance(item, np.ndarray):
-            if item.ndim < 1:
-                raise ValueError(f"For 'rdrop_repeat', the 'tensors[{index}]' must have a batch axis, but got a "
-                                 f"0-d array.")
-            out += (np.repeat(item, 2, axis=0),)
-        elif isinstance(item, Tensor):
-            out += (_repeat_rows(item),)
-        else:
+        if not isinstance(item, (np.ndarray, Tensor)):
             raise TypeError(f"For 'rdrop_repeat', the 'tensors[{index}]' must be a mindspore Tensor or a numpy "
                             f"array, but got {type(item).__name__}.")
+        if not item.shape:
+            raise ValueError(f"For 'rdrop_repeat', the 'tensors[{index}]' must have a batch axis, but got a "
+                             f"0-d {type(item).__name__}.")
+        out += (np.repeat(item, 2, axis=0) if isinstance(item, np.ndarray) else _repeat_rows(item),)
     return out
 
 
