@@ -64,6 +64,17 @@ def randomise(params, seed=0, scale=0.5):
         param.set_data(Tensor(data, param.dtype))
 
 
+def assert_formula_after_graph_ran(cell, inputs, reference, params, tol, seed=1, scale=0.5):
+    """``cell(*inputs)`` equals ``reference()`` (float64 NumPy) at init and again after every Parameter in
+    ``params`` got new data: the second call reuses the compiled graph, which must see the new data."""
+    for call in range(2):
+        if call:
+            randomise(params, seed=seed, scale=scale)
+        out = cell(*(Tensor(a) for a in inputs))
+        np.testing.assert_allclose(out.asnumpy().astype(np.float64), reference(), atol=tol, rtol=tol)
+    return out
+
+
 def causal_mask(batch, seq):
     return Tensor(np.tile(np.tril(np.ones((seq, seq), np.float32)), (batch, 1, 1)))
 
