@@ -194,3 +194,47 @@ def read_adapter(directory):
                                 meta['base_model']['params'], directory)
     check_tensors(tensors, expected, path)
     return AdapterFiles(config, meta, tensors)
+
+
+MergeReport = namedtuple('MergeReport', ['out_path', 'layers', 'module_params', 'copied', 'total_params'])
+MergeReport.__doc__ = """What merge_into_checkpoint did: output path, layers merged, modules_to_save parameters
+replaced, entries copied unchanged, entries written."""
+
+
+def merge_into_checkpoint(base_path, adapter_dir, out_path):
+    """Write ``out_path``: the base checkpoint with the adapter merged into its weights (the ``mindpet merge``
+    command). No network code is needed: the adapter's YAML names the layers and the method.
+
+    The base checkpoint must hold every parameter of the adapter's base-model fingerprint with the same shape;
+    other entries (e.g. optimizer state) are copied unchanged. The format follows ``out_path``'s extension
+    (``.safetensors`` or ``.ckpt``); the file is written atomically.
+
+    Raises:
+        AdapterConfigError: the adapter does not fit the base checkpoint (first differing parameter named).
+        CheckpointError: a file is missing or corrupt.
+
+    Example:
+        >>> merge_into_checkpoint('base.ckpt', 'out/adapter', 'merged.ckpt')  # doctest: +SKIP
+    """
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.config import get_method  # pylint: disable=import-outside-toplevel
+    from mindpet.utils.io_utils import checkpoint_format  # pylint: disable=import-outside-toplevel
+    files = read_adapter(adapter_dir)
+    base = load_checkpoint_file(base_path, what='base checkpoint')
+    check_fingerprint(files.meta['base_model']['params'], {n: list(p.shape) for n, p in base.items()},
+                      adapter_dir, what=f"the base checkpoint '{base_path}'", allow_extra=True)
+    arrays = OrderedDict((name, value.asnumpy()) for name, value in base.items())
+    tuner = get_method(files.config.method)[1]()
+    updates = {}
+    for key in files.meta['target_layers']:
+        prefix = key + '.'
+        tensors = {name[len(prefix):]: value for name, value in files.tensors.items()
+                   if name.startswith(prefix) and is_delta_or_state(name[len(prefix):])}
+        updates.update(tuner.merge_weights(arrays, key, tensors, files.config))
+    modules = files.meta['modules_to_save_params']
+    for name in modules:
+        updates[name] = files.tensors[name].astype(arrays[name].dtype)
+    items = [{'name': name, 'data': ms.Tensor(updates.get(name, value))} for name, value in arrays.items()]
+    atomic_save_checkpoint(items, out_path, ckpt_format=checkpoint_format(out_path))
+    copied = sum(1 for name in arrays if name not in files.meta['base_model']['params'])
+    return MergeReport(os.fspath(out_path), len(files.meta['target_layers']), len(modules), copied, len(items))

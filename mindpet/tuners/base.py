@@ -41,8 +41,10 @@ def walk(model):
     cells = list(model.cells_and_names())
     holders = {}
     for _, parent in cells:
-        for key, child in parent.name_cells().items():
-            holders.setdefault(id(child), []).append((parent, key))
+        # _cells, not name_cells(): the latter lists a Cell held under two names only once.
+        for key, child in parent._cells.items():  # pylint: disable=protected-access
+            if child is not None:
+                holders.setdefault(id(child), []).append((parent, key))
     return cells, holders
 
 
@@ -64,7 +66,7 @@ def replace_cell(holders, old, new, prefix):
     for parent, key in holders.get(id(old), ()):
         parent.insert_child_to_cell(key, new)
         if isinstance(parent, nn.SequentialCell):
-            parent.cell_list = list(parent.name_cells().values())
+            parent.cell_list = list(parent._cells.values())  # pylint: disable=protected-access
     new.update_parameters_name(prefix)
     return new
 
@@ -150,11 +152,13 @@ class BaseTuner:
                 matched_other.append(f"{name} ({type(cell).__name__})")
         if not targets:
             candidates = self.candidates(cells)
+            # Distinct last name components say more than a long list of full names in a deep model.
+            endings = list(dict.fromkeys(name.rsplit('.', 1)[-1] for name in candidates))
             other = f" It matched only cells it cannot adapt: {matched_other[:5]}." if matched_other else ""
             raise ValueError(f"For 'get_pet_model', the '{self.method}' config's target_modules "
                              f"{config.target_modules} (exclude_modules {config.exclude_modules}) match no "
-                             f"adaptable cell of the model.{other} Candidates ({len(candidates)}): "
-                             f"{candidates[:12]}{' ...' if len(candidates) > 12 else ''}.")
+                             f"adaptable cell of the model.{other} The {len(candidates)} candidate layers end in "
+                             f"{endings[:20]}, e.g. {candidates[:4]}.")
         return targets, changed
 
     # ----- per-layer adapter state (NumPy, the adapter's own shapes) -------------------------------------------
