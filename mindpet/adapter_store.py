@@ -184,12 +184,12 @@ def read_adapter(directory):
         >>> files = read_adapter('out/adapter')  # doctest: +SKIP
         >>> files.config.lora_rank, sorted(files.tensors)[:1]  # doctest: +SKIP
     """
-    from mindpet.tuners.config import get_method  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.config import make_tuner  # pylint: disable=import-outside-toplevel
     config, meta = read_adapter_meta(directory)
     path = os.path.join(os.fspath(directory), ADAPTER_WEIGHTS_NAME)
     params = load_checkpoint_file(path, what='adapter weights')
     tensors = OrderedDict((name, value.asnumpy()) for name, value in params.items())
-    tuner = get_method(config.method)[1]()
+    tuner = make_tuner(config.method)
     expected = expected_tensors(tuner, config, meta['target_layers'], meta['modules_to_save_params'],
                                 meta['base_model']['params'], directory)
     check_tensors(tensors, expected, path)
@@ -217,14 +217,14 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path):
         >>> merge_into_checkpoint('base.ckpt', 'out/adapter', 'merged.ckpt')  # doctest: +SKIP
     """
     import mindspore as ms  # pylint: disable=import-outside-toplevel
-    from mindpet.tuners.config import get_method  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.config import make_tuner  # pylint: disable=import-outside-toplevel
     from mindpet.utils.io_utils import checkpoint_format  # pylint: disable=import-outside-toplevel
     files = read_adapter(adapter_dir)
     base = load_checkpoint_file(base_path, what='base checkpoint')
     check_fingerprint(files.meta['base_model']['params'], {n: list(p.shape) for n, p in base.items()},
                       adapter_dir, what=f"the base checkpoint '{base_path}'", allow_extra=True)
     arrays = OrderedDict((name, value.asnumpy()) for name, value in base.items())
-    tuner = get_method(files.config.method)[1]()
+    tuner = make_tuner(files.config.method)
     updates = {}
     for key in files.meta['target_layers']:
         prefix = key + '.'

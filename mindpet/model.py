@@ -22,7 +22,7 @@ from mindpet import __version__
 from mindpet.adapter_store import (FORMAT, is_delta_or_state, model_fingerprint, check_fingerprint, read_adapter,
                                    save_adapter)
 from mindpet.tuners.base import walk, matches_any, replace_cell, invalidate_compiled_graph
-from mindpet.tuners.config import PetConfig, get_method
+from mindpet.tuners.config import PetConfig, make_tuner
 from mindpet.utils.exceptions import AdapterConfigError
 from mindpet.utils.io_utils import is_state_param
 from mindpet.utils.validation import check_cell, check_bool, check_int, check_real
@@ -98,7 +98,7 @@ class PetModel(nn.Cell):
             raise ValueError(f"For '{owner}', the 'model' already has PET parameters (e.g. '{added[0]}'); inject "
                              f"into the unmodified network, or use the PetModel that adapted it.")
         self.base_model = model
-        self._state = _State(get_method(config.method)[1]())
+        self._state = _State(make_tuner(config.method))
         for param in model.get_parameters():
             self._state.requires_grad[param.name] = param.requires_grad
             param.requires_grad = False

@@ -64,8 +64,15 @@ def register_method(name, config_class, tuner_class):
         raise ValueError(f"For '{owner}', the method {name!r} is already registered with "
                          f"{known[0].__name__}/{known[1].__name__}.")
     config_class.method = name
-    tuner_class.method = name
     _METHODS[name] = (config_class, tuner_class)
+
+
+def make_tuner(name):
+    """A tuner instance for method ``name`` (its ``method`` attribute set: one tuner class may serve several
+    registered methods)."""
+    tuner = get_method(name)[1]()
+    tuner.method = name
+    return tuner
 
 
 def _import_all_methods():
