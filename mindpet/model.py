@@ -197,6 +197,7 @@ class PetModel(nn.Cell):
         config, meta = files.config, files.meta
         targets, changed = state.tuner.inject(self.base_model, config, state.layers)
         if sorted(targets) != sorted(meta['target_layers']):
+            self._after_structure_change(changed)   # layers injected on the way stay switched off and frozen
             missing = sorted(set(meta['target_layers']) - set(targets))
             extra = sorted(set(targets) - set(meta['target_layers']))
             raise AdapterConfigError(f"The adapter in '{source}' adapts {meta['target_layers'][:4]}..., but its "

@@ -319,3 +319,23 @@ def test_adapter_management_errors(trained):
     pet.load_adapter(trained.dir_b, 'double')
     pet.delete_adapter('double')
     assert pet.adapters == ['shift'] and pet.active_adapter == 'shift'
+
+
+def test_an_adapter_of_another_method_is_refused(tmp_path):
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners import register_method  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.lora import LoraTuner  # pylint: disable=import-outside-toplevel
+
+    @dataclasses.dataclass
+    class OtherLoraConfig(LoraConfig):
+        pass
+
+    register_method('lora_other_test', OtherLoraConfig, LoraTuner)
+    other = get_pet_model(GPTLike(), OtherLoraConfig(target_modules=['q_proj'], lora_rank=2))
+    other.save_pretrained(str(tmp_path))
+    pet = get_pet_model(GPTLike(), LoraConfig(target_modules=['q_proj'], lora_rank=2))
+    with pytest.raises(AdapterConfigError, match="is a 'lora_other_test' adapter; this PetModel holds 'lora'"):
+        pet.load_adapter(str(tmp_path), 'other')
+    # The adapter loads into a fresh model as its own method.
+    loaded = PetModel.from_pretrained(GPTLike(), str(tmp_path))
+    assert loaded.get_adapter_config().method == 'lora_other_test'

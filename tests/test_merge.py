@@ -1,6 +1,7 @@
 """merge / unmerge / merge_and_unload / unload in GRAPH_MODE, after the graph has already run."""
 import numpy as np
 import pytest
+import mindspore as ms
 from mindspore import nn, Tensor
 
 from mindpet import LoraConfig, get_pet_model
@@ -141,3 +142,22 @@ def test_merge_needs_an_active_adapter():
     assert pet.active_adapter is None
     with pytest.raises(ValueError, match='no active adapter'):
         pet.merge()
+
+
+def test_float16_base_weights_merge_in_a_compiled_graph(graph_mode):
+    rng = np.random.RandomState(5)
+    net = nn.SequentialCell([nn.Dense(16, 16, dtype=ms.float16), nn.ReLU(), nn.Dense(16, 8, dtype=ms.float16)])
+    base = _snapshot(net)
+    x = Tensor(rng.randn(4, 16).astype(np.float16))
+    base_out = net(x).asnumpy()
+    pet = get_pet_model(net, LoraConfig(target_modules=[r'\d'], lora_rank=2, lora_alpha=4))
+    assert all(layer.compute_dtype == ms.float16 for layer in pet.pet_layers.values())
+    np.testing.assert_array_equal(pet(x).asnumpy(), base_out)
+    _randomise(pet, seed=6)
+    unmerged = pet(x).asnumpy()
+    pet.merge()
+    assert all(layer.weight.dtype == ms.float16 for layer in pet.pet_layers.values())
+    np.testing.assert_allclose(pet(x).asnumpy(), unmerged, atol=1e-2, rtol=1e-2)
+    pet.unmerge()
+    for name, value in base.items():   # fp16 rounding of W + delta - delta: within one fp16 step of |W + delta|
+        np.testing.assert_allclose(_snapshot(net)[name], value, atol=2e-3)
