@@ -260,7 +260,7 @@ def _weight_increment(pet, adapter, key):
     return delta
 
 
-def test_weighted_combinations_match_numpy():
+def test_weighted_combinations_match_numpy(tmp_path):
     pet = get_pet_model(GPTLike(), LoraConfig(target_modules=['q_proj', 'v_proj'], lora_rank=4, lora_alpha=8),
                         adapter_name='a')
     pet.add_adapter('b', LoraConfig(target_modules=['q_proj', 'k_proj'], lora_rank=6, lora_alpha=3))
@@ -292,6 +292,13 @@ def test_weighted_combinations_match_numpy():
         approx = _weight_increment(pet, 'svd', key)
         tail = np.linalg.svd(exact, compute_uv=False)[6:]
         assert np.linalg.norm(approx - exact) == pytest.approx(np.sqrt((tail ** 2).sum()), rel=1e-3, abs=1e-4)
+    # A combined adapter saves and loads like any other (its targets are the exact layer names).
+    pet.save_pretrained(str(tmp_path), adapter_name='cat')
+    reloaded = PetModel.from_pretrained(GPTLike(), str(tmp_path), adapter_name='cat')
+    assert sorted(reloaded.pet_layers) == sorted(pet.pet_layers)     # q, k and v of both blocks
+    for key in keys:
+        np.testing.assert_allclose(_weight_increment(reloaded, 'cat', key), _weight_increment(pet, 'cat', key),
+                                   atol=1e-6)
 
 
 def test_adapter_management_errors(trained):

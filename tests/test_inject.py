@@ -249,6 +249,9 @@ def test_config_errors_name_the_key_and_suggest():
         config_from_dict({'type': 'lora', 'target_modules': ['q'], 'lora_rank': 4.0})
     with pytest.raises(ValueError, match=r"'lora_dropout' must be a float in \[0.0, 1.0\), but got 1.5"):
         LoraConfig(target_modules=['q'], lora_dropout=1.5)
+    assert LoraConfig(target_modules=['q'], lora_dropout=0).lora_dropout == 0.0   # YAML's 'lora_dropout: 0'
+    with pytest.raises(TypeError, match="'lora_dropout' must be a float"):
+        LoraConfig(target_modules=['q'], lora_dropout=True)
     with pytest.raises(ValueError, match="'lora_alpha' must be a non-zero"):
         LoraConfig(target_modules=['q'], lora_alpha=0)
     with pytest.raises(ValueError, match="'target_modules' must be a non-empty list"):

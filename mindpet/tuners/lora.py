@@ -63,6 +63,8 @@ class LoraConfig(PetConfig):
                              f"patterns), but got None.")
         check_int('lora_rank', self.lora_rank, owner)
         check_real('lora_alpha', self.lora_alpha, owner, nonzero=True)
+        if self.lora_dropout == 0 and type(self.lora_dropout) is int:  # pylint: disable=unidiomatic-typecheck
+            self.lora_dropout = 0.0    # YAML writes 'lora_dropout: 0'
         check_rate('lora_dropout', self.lora_dropout, owner)
         if self.compute_dtype is not None:
             check_choice('compute_dtype', self.compute_dtype, owner, tuple(DTYPES))
