@@ -95,15 +95,15 @@ def freeze_delta(model, mode, include=None, exclude=None):
     mode = check_choice('mode', mode, owner, DELTA_LIST, case_insensitive=True)
     include = check_str_list('include', include, owner)
     exclude = check_str_list('exclude', exclude, owner)
-    names = [name for name, _ in model.parameters_and_names()]
-    # Check the extra patterns before touching anything, so a bad call leaves the model as it was.
-    _check_patterns_match(owner, 'include', include, names)
-    _check_patterns_match(owner, 'exclude', exclude, names)
     trained = set(delta_param_names(model, mode))
     if not trained:
         what = "'*bias'" if mode == 'bitfit' else f"'*{DELTA_PREFIX}{mode}_*'"
         raise ValueError(f"For '{owner}', mode {mode!r} found no parameter named {what} in the model; "
                          f"was the delta Cell added to it?")
+    # Check the extra patterns before touching anything, so a bad call leaves the model as it was.
+    names = [name for name, _ in model.parameters_and_names()]
+    _check_patterns_match(owner, 'include', include, names)
+    _check_patterns_match(owner, 'exclude', exclude, names)
     for name, param in model.parameters_and_names():
         _set_requires_grad(param, name in trained)
     if include or exclude:

@@ -19,7 +19,12 @@ STATE_PREFIX = 'mindpet_state_'
 # The delta methods freeze_delta knows. Each mode's parameters carry ``mindpet_delta_<mode>_`` in their names,
 # except bitfit, which trains the existing bias terms.
 DELTA_LIST = ['lora', 'prefixtuning', 'adapter', 'low_rank_adapter', 'bitfit', 'ptuning2']
+DELTA_LIST += ['dora', 'ia3', 'prompt_tuning', 'pst', 'adalora', 'tsvd']
 
 MB_SIZE = 1024 * 1024
 # Configuration files are small; anything larger is almost certainly the wrong file.
 MAX_YAML_MB_SIZE = 10
+
+# Training metadata that TrainableParamsCheckPoint stores beside the adapter (epoch, step, ...). Loaders skip these
+# names; resume_from_checkpoint reads them.
+META_PREFIX = 'mindpet_meta_'

@@ -4,6 +4,7 @@ Every writer here goes to a temporary file in the destination directory, is flus
 destination, so a crash (or SIGKILL) mid-write leaves either the previous file or the new one, never a torn file.
 """
 import os
+import re
 import tempfile
 
 import yaml
@@ -46,7 +47,9 @@ def atomic_write(path, write_fn, suffix=''):
     renamed onto ``path``. ``suffix`` is kept on the temporary name for writers that insist on an extension."""
     directory = os.path.dirname(os.path.abspath(path))
     ensure_dir(directory)
-    fd, tmp_path = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp' + suffix,
+    # The writer's pid is part of the temporary name so that remove_stale_temp_files() can tell a file left by a
+    # killed writer from one that a live process is still writing.
+    fd, tmp_path = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.{os.getpid()}.', suffix='.tmp' + suffix,
                                     dir=directory)
     os.close(fd)
     try:
@@ -66,10 +69,47 @@ def atomic_write(path, write_fn, suffix=''):
     return path
 
 
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory, name_prefix=''):
+    """Remove temporary files that :func:`atomic_write` left in ``directory`` when its writer was killed.
+
+    Only files for destinations starting with ``name_prefix`` whose writing process no longer exists (on this host)
+    are removed; a file still being written by a live process is kept. Returns the removed paths.
+    """
+    pattern = re.compile(r'^\.' + re.escape(name_prefix) + r'.*\.(\d+)\.[^.]+\.tmp(\.[A-Za-z0-9]+)?$')
+    removed = []
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry)
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            path = os.path.join(directory, entry)
+            try:
+                os.remove(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
 def atomic_save_checkpoint(save_obj, path, ckpt_format='ckpt', append_dict=None, integrated_save=True,
                            **kwargs):
     """Save ``save_obj`` (list of Parameters, dict name->Parameter/Tensor, or Cell) with
     :func:`mindspore.save_checkpoint`, atomically. Returns ``path``.
+
+    ``.ckpt`` files carry MindSpore's CRC (``crc_check=True`` unless given), which :func:`load_checkpoint_file`
+    verifies, so a file damaged after it was written is refused instead of loading wrong numbers.
 
     Example:
         >>> atomic_save_checkpoint(net.trainable_params(), "out/adapter.ckpt")  # doctest: +SKIP
@@ -79,6 +119,8 @@ def atomic_save_checkpoint(save_obj, path, ckpt_format='ckpt', append_dict=None,
         raise ValueError(f"For 'atomic_save_checkpoint', the 'ckpt_format' must be one of {list(CKPT_FORMATS)}, "
                          f"but got {ckpt_format!r}.")
     ext = '.' + ckpt_format
+    if ckpt_format == 'ckpt':
+        kwargs.setdefault('crc_check', True)
 
     def _write(tmp_path):
         ms.save_checkpoint(save_obj, tmp_path, integrated_save=integrated_save, append_dict=append_dict,
@@ -98,7 +140,8 @@ def checkpoint_format(path):
 def load_checkpoint_file(path, what='checkpoint'):
     """Read a checkpoint (``.ckpt`` or ``.safetensors``) into a dict name -> Parameter.
 
-    Raises :class:`CheckpointError` naming the file when it is missing, a link, empty, truncated or corrupt.
+    Raises :class:`CheckpointError` naming the file when it is missing, a link, empty, truncated or corrupt (for
+    ``.ckpt`` files written with a CRC, any changed byte is detected).
     """
     import mindspore as ms
     if not isinstance(path, (str, os.PathLike)):
@@ -111,7 +154,10 @@ def load_checkpoint_file(path, what='checkpoint'):
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"The {what} file '{path}' is empty.")
     try:
-        params = ms.load_checkpoint(path, format=checkpoint_format(path))
+        ckpt_format = checkpoint_format(path)
+        # crc_check=True verifies files that carry a CRC and is a no-op for files written without one.
+        extra = {'crc_check': True} if ckpt_format == 'ckpt' else {}
+        params = ms.load_checkpoint(path, format=ckpt_format, **extra)
     except Exception as ex:  # MindSpore raises ValueError/RuntimeError/OSError for torn or foreign files
         raise CheckpointError(f"The {what} file '{path}' could not be read (truncated or corrupt?): "
                               f"{str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__}") \

@@ -1,0 +1,152 @@
+"""What every delta ``nn.Dense`` subclass shares: argument checks, the ``(*, in) -> (*, out)`` plumbing, and the
+merge bookkeeping (merge refused twice, unmerge refused when nothing is merged, ``to_dense`` from the merged
+weight). Each method module only writes its maths: the forward pass and how its merged weight is formed.
+"""
+import numpy as np
+from mindspore import nn, ops, Tensor
+from mindspore import dtype as mstype
+
+from mindpet.delta.lora import check_dense_kwargs, shard_activation
+from mindpet.utils.validation import check_int, check_dtype, check_strategy
+
+
+class DeltaDense(nn.Dense):
+    """Base of the delta Dense layers (DoRA, IA3, PST, AdaLoRA, t-SVD).
+
+    ``weight``/``bias`` keep ``nn.Dense``'s names, so a base checkpoint loads unchanged. Subclasses implement
+    ``construct`` with :meth:`_to_2d`, :meth:`_base` and :meth:`_finish`, and the merge maths in
+    :meth:`_merge_weights` / :meth:`_unmerge_weights`; :meth:`merged_weight` gives the equivalent plain weight.
+    """
+
+    def __init__(self, in_channels, out_channels, param_init_type=mstype.float32, compute_dtype=mstype.float16,
+                 **kwargs):
+        owner = type(self).__name__
+        check_int('in_channels', in_channels, owner)
+        check_int('out_channels', out_channels, owner)
+        check_dtype('param_init_type', param_init_type, owner)
+        check_dtype('compute_dtype', compute_dtype, owner)
+        check_dense_kwargs(owner, kwargs)
+        super().__init__(in_channels, out_channels, **kwargs)
+        self.param_init_type = param_init_type
+        self.compute_dtype = compute_dtype
+        # MindPet's attribute name for the compute dtype; downstream code reads layer.dtype.
+        self.dtype = compute_dtype
+        self.merged = False
+        self.cast = ops.Cast()
+
+    # ----- forward plumbing (called from construct; compiled into the graph) -----------------------------------
+    def _to_2d(self, x):
+        """``(*, in)`` -> ``(N, in)`` in the compute dtype."""
+        x_shape = x.shape
+        if len(x_shape) < 2:
+            raise ValueError(f"For '{type(self).__name__}', the input must have at least 2 dimensions, "
+                             f"but got {len(x_shape)}.")
+        if len(x_shape) != 2:
+            x = self.reshape(x, (-1, x_shape[-1]))
+        return self.cast(x, self.compute_dtype)
+
+    def _base(self, x, weight):
+        """``x @ weight^T`` in the compute dtype (no bias)."""
+        return self.matmul(x, self.cast(weight, self.compute_dtype))
+
+    def _add_bias(self, out):
+        if self.has_bias:
+            out = self.bias_add(out, self.cast(self.bias, self.compute_dtype))
+        return out
+
+    def _finish(self, out, x_shape, ori_dtype):
+        """Activation, ``(N, out)`` -> ``(*, out)`` and the caller's dtype."""
+        if self.activation_flag:
+            out = self.activation(out)
+        if len(x_shape) != 2:
+            out = self.reshape(out, x_shape[:-1] + (self.out_channels,))
+        return self.cast(out, ori_dtype)
+
+    # ----- merge / export (host side, on Parameter data, so compiled graphs see it) -----------------------------
+    def merged_weight(self):
+        """The plain ``(out, in)`` weight equivalent to this layer now, as a numpy array of the weight's dtype."""
+        if self.merged:
+            return self.weight.asnumpy()
+        return self._merged_weight_f32().astype(_np_dtype(self.weight))
+
+    def merged_bias(self):
+        """The plain bias equivalent to this layer now (numpy), or None without bias."""
+        if not self.has_bias:
+            return None
+        if self.merged:
+            return self.bias.asnumpy()
+        return self._merged_bias_f32().astype(_np_dtype(self.bias))
+
+    def _merged_weight_f32(self):
+        raise NotImplementedError
+
+    def _merged_bias_f32(self):
+        return self.bias.asnumpy().astype(np.float32)
+
+    def merge(self):
+        """Fold the delta into ``weight`` (and ``bias`` where the method scales it) and switch the delta branch off.
+
+        Takes effect in already-compiled graphs (only Parameter data changes). Merging twice raises RuntimeError.
+        """
+        owner = type(self).__name__
+        if self.merged:
+            raise RuntimeError(f"For '{owner}', the delta is already merged into the weight; call unmerge() first.")
+        self._merge_weights()
+        self.merged = True
+
+    def unmerge(self):
+        """Undo :meth:`merge`: restore the base weight (and bias) and switch the delta branch on again."""
+        owner = type(self).__name__
+        if not self.merged:
+            raise RuntimeError(f"For '{owner}', there is no merged delta to unmerge.")
+        self._unmerge_weights()
+        self.merged = False
+
+    def _merge_weights(self):
+        raise NotImplementedError
+
+    def _unmerge_weights(self):
+        raise NotImplementedError
+
+    def _set_weight(self, value_f32):
+        self.weight.set_data(Tensor(np.asarray(value_f32, np.float32).astype(_np_dtype(self.weight))))
+
+    def _set_bias(self, value_f32):
+        self.bias.set_data(Tensor(np.asarray(value_f32, np.float32).astype(_np_dtype(self.bias))))
+
+    def to_dense(self):
+        """A plain ``nn.Dense`` (new Parameters ``weight``/``bias``) equal to this layer: zero inference overhead."""
+        bias = self.merged_bias()
+        return nn.Dense(self.in_channels, self.out_channels, weight_init=Tensor(self.merged_weight()),
+                        bias_init=Tensor(bias) if bias is not None else None, has_bias=self.has_bias,
+                        activation=self.activation, dtype=self.weight.dtype)
+
+
+def _np_dtype(param):
+    return param.asnumpy().dtype
+
+
+def host_f32(param):
+    """A Parameter's data as a float32 numpy array."""
+    return param.asnumpy().astype(np.float32)
+
+
+def apply_strategies(owner, layer, checked, strategy_org_bias_add=None, strategy_activation=None):
+    """Check every ``(primitive, argument name, strategy, input ranks)`` first, then shard; also the Dense's own
+    bias add and activation. Nothing is changed when any strategy is malformed."""
+    checked = list(checked)
+    if layer.has_bias:
+        checked.append((layer.bias_add, 'strategy_org_bias_add', strategy_org_bias_add, (2, 1)))
+    elif strategy_org_bias_add is not None:
+        raise ValueError(f"For '{owner}', 'strategy_org_bias_add' was given but the layer has no bias "
+                         f"(has_bias=False).")
+    if strategy_activation is not None and not layer.activation_flag:
+        raise ValueError(f"For '{owner}', 'strategy_activation' was given but the layer has no activation.")
+    for _, name, strategy, ndims in checked:
+        check_strategy(name, strategy, owner, ndims)
+    for prim, _, strategy, _ in checked:
+        if strategy is not None:
+            prim.shard(strategy)
+    if strategy_activation is not None:
+        shard_activation(owner, layer.activation, strategy_activation)
+    return layer

@@ -1,0 +1,188 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al., 2024).
+
+The adapted weight is split into a trainable magnitude ``m`` (one value per output row) and a direction that LoRA
+updates::
+
+    W' = W0 + s * B A,        s = lora_alpha / lora_rank
+    W  = m * W' / ||W'||_row  (||.||_row: the L2 norm of each of the ``out`` rows of the (out, in) weight)
+    h  = W x + b
+
+``m`` (``mindpet_delta_dora_magnitude``, shape ``[out]``) starts at the row norms of ``W0`` and ``B`` at zero, so the
+layer equals its base Dense at initialisation. ``A`` is ``mindpet_delta_dora_a`` ``[r, in]``, ``B`` is
+``mindpet_delta_dora_b`` ``[out, r]``. Dropout (LoRA branch input only) gives
+``h = m / ||W'||_row * (W0 x + s B A dropout(x)) + b``, which is the formula above when the rate is 0.
+The norm is differentiated through (the paper's exact gradient; PEFT detaches it to save memory).
+"""
+import math
+
+import numpy as np
+from mindspore import nn, ops, Parameter, Tensor
+from mindspore import dtype as mstype
+from mindspore.common.initializer import HeUniform
+
+from mindpet.delta.base import DeltaDense, apply_strategies, host_f32
+from mindpet.delta.lora import init_param, _check_init_shape
+from mindpet.utils.validation import check_int, check_real, check_rate
+
+
+class DoRADense(DeltaDense):
+    """A ``nn.Dense`` whose weight is re-parametrised as magnitude times (LoRA-updated) direction.
+
+    Args:
+        in_channels (int): input features.
+        out_channels (int): output features.
+        lora_rank (int): rank ``r`` of the direction update, > 0.
+        lora_alpha (int | float): non-zero; the update is scaled by ``lora_alpha / lora_rank``.
+        lora_dropout (float): dropout rate in [0, 1) on the LoRA branch input. Default 0.
+        lora_a_init: initializer (or Tensor ``[r, in]``) for A. Default Kaiming-uniform(a=sqrt 5).
+        lora_b_init: initializer (or Tensor ``[out, r]``) for B. Default 'zeros'.
+        param_init_type (mindspore.dtype): dtype of A, B and m. Default float32.
+        compute_dtype (mindspore.dtype): dtype of the input-side matmuls. Default float16. The row norms are
+            always computed in float32.
+        **kwargs: ``nn.Dense`` keywords (``weight_init``, ``bias_init``, ``has_bias``, ``activation``, ``dtype``).
+
+    Inputs:
+        x (Tensor): shape ``(*, in_channels)``, at least 2 dimensions.
+
+    Outputs:
+        Tensor ``(*, out_channels)`` of the dtype of ``x``.
+
+    Example:
+        >>> import numpy as np, mindspore as ms
+        >>> from mindpet.delta.dora import DoRADense
+        >>> layer = DoRADense(16, 8, lora_rank=4, lora_alpha=8, compute_dtype=ms.float32)
+        >>> layer(ms.Tensor(np.ones((2, 5, 16), np.float32))).shape
+        (2, 5, 8)
+    """
+
+    def __init__(self, in_channels, out_channels, lora_rank, lora_alpha, lora_dropout=0.,
+                 lora_a_init=HeUniform(negative_slope=math.sqrt(5)), lora_b_init='zeros',
+                 param_init_type=mstype.float32, compute_dtype=mstype.float16, **kwargs):
+        owner = type(self).__name__
+        self.lora_rank = check_int('lora_rank', lora_rank, owner)
+        self.lora_alpha = check_real('lora_alpha', lora_alpha, owner, nonzero=True)
+        self.lora_dropout_rate = check_rate('lora_dropout', lora_dropout, owner)
+        check_int('in_channels', in_channels, owner)
+        check_int('out_channels', out_channels, owner)
+        _check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, in_channels))
+        _check_init_shape(owner, 'lora_b_init', lora_b_init, (out_channels, lora_rank))
+        super().__init__(in_channels, out_channels, param_init_type, compute_dtype, **kwargs)
+        self.lora_dropout = nn.Dropout(p=lora_dropout)
+        self.use_lora_dropout = lora_dropout > 0
+        self.mindpet_delta_dora_a = init_param(lora_a_init, (lora_rank, in_channels), param_init_type,
+                                               'mindpet_delta_dora_a')
+        self.mindpet_delta_dora_b = init_param(lora_b_init, (out_channels, lora_rank), param_init_type,
+                                               'mindpet_delta_dora_b')
+        self.mindpet_delta_dora_magnitude = Parameter(
+            Tensor(np.zeros(out_channels, np.float32)).astype(param_init_type), name='mindpet_delta_dora_magnitude')
+        self.scaling = self.lora_alpha / self.lora_rank
+        # Run-time state as Parameter data so merge()/unmerge() reach an already-compiled graph: the LoRA scaling
+        # (0 once merged) and a gate choosing between "m / ||W'|| scaling" (1) and "plain merged weight" (0).
+        self.mindpet_state_dora_scaling = Parameter(Tensor(self.scaling, mstype.float32),
+                                                    name='mindpet_state_dora_scaling', requires_grad=False)
+        self.mindpet_state_dora_gate = Parameter(Tensor(1.0, mstype.float32), name='mindpet_state_dora_gate',
+                                                 requires_grad=False)
+        self._merge_norm = None
+        self.init_magnitude()
+
+        self.lora_a_matmul = ops.MatMul(transpose_b=True)
+        self.lora_b_matmul = ops.MatMul(transpose_b=True)
+        self.delta_matmul = ops.MatMul()
+        self.mul = ops.Mul()
+        self.add = ops.Add()
+        self.scale_mul = ops.Mul()
+
+    def init_magnitude(self):
+        """Set ``m`` to the row norms of the current direction ``W0 + s B A`` (the layer then equals that weight).
+
+        Called by the constructor; call it again after replacing ``weight`` (e.g. with a pretrained Parameter).
+        """
+        norm = np.linalg.norm(self._direction_f32(), axis=1).astype(np.float32)
+        self.mindpet_delta_dora_magnitude.set_data(Tensor(norm).astype(self.mindpet_delta_dora_magnitude.dtype))
+
+    def construct(self, x):
+        ori_dtype = x.dtype
+        x_shape = x.shape
+        x = self._to_2d(x)
+        scaling = self.mindpet_state_dora_scaling
+        gate = self.mindpet_state_dora_gate
+        lora_a = self.cast(self.mindpet_delta_dora_a, mstype.float32)
+        lora_b = self.cast(self.mindpet_delta_dora_b, mstype.float32)
+        direction = self.cast(self.weight, mstype.float32) + scaling * self.delta_matmul(lora_b, lora_a)
+        norm = ops.sqrt(ops.reduce_sum(ops.square(direction), 1))
+        magnitude = self.cast(self.mindpet_delta_dora_magnitude, mstype.float32)
+        factor = gate * magnitude / norm + (1.0 - gate)
+
+        out = self._base(x, self.weight)
+        lora_x = x
+        if self.use_lora_dropout:
+            lora_x = self.lora_dropout(lora_x)
+        lora_x = self.lora_a_matmul(lora_x, self.cast(self.mindpet_delta_dora_a, self.compute_dtype))
+        lora_x = self.mul(lora_x, self.cast(scaling, self.compute_dtype))
+        lora_x = self.lora_b_matmul(lora_x, self.cast(self.mindpet_delta_dora_b, self.compute_dtype))
+        out = self.add(out, lora_x)
+        out = self.scale_mul(out, self.cast(factor, self.compute_dtype))
+        out = self._add_bias(out)
+        return self._finish(out, x_shape, ori_dtype)
+
+    # ----- merge / export --------------------------------------------------------------------------------------
+    def _direction_f32(self):
+        """``W0 + s B A`` (float32 numpy), with the scaling in effect (0 once merged)."""
+        scaling = float(self.mindpet_state_dora_scaling.asnumpy())
+        lora_b, lora_a = host_f32(self.mindpet_delta_dora_b), host_f32(self.mindpet_delta_dora_a)
+        return host_f32(self.weight) + np.float32(scaling) * (lora_b @ lora_a)
+
+    def delta_weight(self):
+        """``W - W0`` as float32 numpy ``(out, in)``: the change the adapter makes to the base weight."""
+        if self.merged:
+            raise RuntimeError("For 'DoRADense', delta_weight() needs the unmerged base weight; call unmerge() "
+                               "first.")
+        return self._merged_weight_f32() - host_f32(self.weight)
+
+    def _merged_weight_f32(self):
+        direction = host_f32(self.weight) + np.float32(self.scaling) * (
+            host_f32(self.mindpet_delta_dora_b) @ host_f32(self.mindpet_delta_dora_a))
+        norm = np.linalg.norm(direction, axis=1)
+        return host_f32(self.mindpet_delta_dora_magnitude)[:, None] / norm[:, None] * direction
+
+    def _merge_weights(self):
+        magnitude = host_f32(self.mindpet_delta_dora_magnitude)
+        if np.any(magnitude == 0):
+            raise RuntimeError("For 'DoRADense', a magnitude entry is exactly 0, so the merge could not be undone; "
+                               "use to_dense() for a merged copy instead.")
+        direction = self._direction_f32()
+        norm = np.linalg.norm(direction, axis=1).astype(np.float32)
+        # The norm is all unmerge() needs besides m, B and A to rebuild W0 (the merged rows have norm |m|).
+        self._merge_norm = norm
+        self._set_weight(magnitude[:, None] / norm[:, None] * direction)
+        self.mindpet_state_dora_scaling.set_data(Tensor(0.0, mstype.float32))
+        self.mindpet_state_dora_gate.set_data(Tensor(0.0, mstype.float32))
+
+    def _unmerge_weights(self):
+        magnitude = host_f32(self.mindpet_delta_dora_magnitude)
+        direction = host_f32(self.weight) * (self._merge_norm / magnitude)[:, None]
+        lora_b, lora_a = host_f32(self.mindpet_delta_dora_b), host_f32(self.mindpet_delta_dora_a)
+        self._set_weight(direction - np.float32(self.scaling) * (lora_b @ lora_a))
+        self._merge_norm = None
+        self.mindpet_state_dora_scaling.set_data(Tensor(self.scaling, mstype.float32))
+        self.mindpet_state_dora_gate.set_data(Tensor(1.0, mstype.float32))
+
+    def shard(self, strategy_org_dense_matmul=None, strategy_org_bias_add=None, strategy_lora_dropout=None,
+              strategy_lora_a_matmul=None, strategy_lora_b_matmul=None, strategy_lora_mul=None,
+              strategy_lora_add=None, strategy_dora_scale_mul=None, strategy_activation=None):
+        """Semi-auto-parallel strategies for the input-side operators (LoRA's keywords plus
+        ``strategy_dora_scale_mul=((dp, mp), (mp,))`` for the per-row ``m / ||W'||`` scaling). Weight-side
+        operators (the norm) are left to the auto-parallel planner."""
+        return apply_strategies(type(self).__name__, self, [
+            (self.matmul, 'strategy_org_dense_matmul', strategy_org_dense_matmul, (2, 2)),
+            (self.lora_dropout.dropout, 'strategy_lora_dropout', strategy_lora_dropout, (2,)),
+            (self.lora_a_matmul, 'strategy_lora_a_matmul', strategy_lora_a_matmul, (2, 2)),
+            (self.lora_b_matmul, 'strategy_lora_b_matmul', strategy_lora_b_matmul, (2, 2)),
+            (self.mul, 'strategy_lora_mul', strategy_lora_mul, (2, 0)),
+            (self.add, 'strategy_lora_add', strategy_lora_add, (2, 2)),
+            (self.scale_mul, 'strategy_dora_scale_mul', strategy_dora_scale_mul, (2, 1)),
+        ], strategy_org_bias_add, strategy_activation)
+
+    def extend_repr(self):
+        return (super().extend_repr() + f', lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, '
+                f'lora_dropout={self.lora_dropout_rate}, merged={self.merged}')

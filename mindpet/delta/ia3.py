@@ -1,0 +1,114 @@
+"""IA3: infused adapter by inhibiting and amplifying inner activations (Liu et al., 2022).
+
+A learned vector ``l`` (``mindpet_delta_ia3_vector``, init 1) rescales a frozen Dense layer:
+
+- keys / values (``ia3_feedforward=False``): the output is scaled, ``h = l * (W0 x + b)``, ``l`` of shape ``[out]``;
+- feed-forward (``ia3_feedforward=True``, put it on the feed-forward block's second, output projection): the input
+  is scaled, ``h = W0 (l * x) + b``, ``l`` of shape ``[in]`` (the paper's ``l_ff * gamma(W1 x)``).
+
+At initialisation the layer is its base Dense. Merging folds ``l`` into the weight (``diag(l) W0`` and ``l * b``, or
+``W0 diag(l)``), so inference costs exactly the base layer.
+"""
+import numpy as np
+from mindspore import ops, Parameter, Tensor
+from mindspore import dtype as mstype
+
+from mindpet.delta.base import DeltaDense, apply_strategies, host_f32
+from mindpet.delta.lora import init_param, _check_init_shape
+from mindpet.utils.validation import check_bool
+
+
+class IA3Dense(DeltaDense):
+    """A ``nn.Dense`` whose output (keys/values) or input (feed-forward) is scaled by a learned vector.
+
+    Args:
+        in_channels (int): input features.
+        out_channels (int): output features.
+        ia3_feedforward (bool): False scales the output (``l`` has ``out_channels`` entries; keys and values),
+            True scales the input (``in_channels`` entries; the feed-forward output projection). Default False.
+        ia3_init: initializer name/object or Tensor for ``l``. Default 'ones' (the layer starts as its base).
+        param_init_type (mindspore.dtype): dtype of ``l``. Default float32.
+        compute_dtype (mindspore.dtype): dtype of the matmul and scaling. Default float16.
+        **kwargs: ``nn.Dense`` keywords (``weight_init``, ``bias_init``, ``has_bias``, ``activation``, ``dtype``).
+
+    Inputs:
+        x (Tensor): shape ``(*, in_channels)``, at least 2 dimensions.
+
+    Outputs:
+        Tensor ``(*, out_channels)`` of the dtype of ``x``.
+
+    Example:
+        >>> import numpy as np, mindspore as ms
+        >>> from mindpet.delta.ia3 import IA3Dense
+        >>> value_proj = IA3Dense(16, 16, compute_dtype=ms.float32)
+        >>> ffn_out = IA3Dense(64, 16, ia3_feedforward=True, compute_dtype=ms.float32)
+        >>> ffn_out.mindpet_delta_ia3_vector.shape
+        (64,)
+    """
+
+    def __init__(self, in_channels, out_channels, ia3_feedforward=False, ia3_init='ones',
+                 param_init_type=mstype.float32, compute_dtype=mstype.float16, **kwargs):
+        owner = type(self).__name__
+        self.ia3_feedforward = check_bool('ia3_feedforward', ia3_feedforward, owner)
+        super().__init__(in_channels, out_channels, param_init_type, compute_dtype, **kwargs)
+        size = in_channels if ia3_feedforward else out_channels
+        _check_init_shape(owner, 'ia3_init', ia3_init, (size,))
+        self.mindpet_delta_ia3_vector = init_param(ia3_init, (size,), param_init_type, 'mindpet_delta_ia3_vector')
+        # 1 while the vector acts in the forward pass, 0 once merged into the weight (Parameter data, so a
+        # compiled graph sees merge()/unmerge()).
+        self.mindpet_state_ia3_gate = Parameter(Tensor(1.0, mstype.float32), name='mindpet_state_ia3_gate',
+                                                requires_grad=False)
+        self.ia3_mul = ops.Mul()
+
+    def construct(self, x):
+        ori_dtype = x.dtype
+        x_shape = x.shape
+        x = self._to_2d(x)
+        gate = self.mindpet_state_ia3_gate
+        vector = gate * self.cast(self.mindpet_delta_ia3_vector, mstype.float32) + (1.0 - gate)
+        vector = self.cast(vector, self.compute_dtype)
+        if self.ia3_feedforward:
+            out = self._add_bias(self._base(self.ia3_mul(x, vector), self.weight))
+        else:
+            out = self.ia3_mul(self._add_bias(self._base(x, self.weight)), vector)
+        return self._finish(out, x_shape, ori_dtype)
+
+    # ----- merge / export --------------------------------------------------------------------------------------
+    def _merged_weight_f32(self):
+        vector = host_f32(self.mindpet_delta_ia3_vector)
+        weight = host_f32(self.weight)
+        return weight * vector[None, :] if self.ia3_feedforward else vector[:, None] * weight
+
+    def _merged_bias_f32(self):
+        bias = host_f32(self.bias)
+        return bias if self.ia3_feedforward else host_f32(self.mindpet_delta_ia3_vector) * bias
+
+    def _merge_weights(self):
+        if np.any(host_f32(self.mindpet_delta_ia3_vector) == 0):
+            raise RuntimeError("For 'IA3Dense', an entry of the IA3 vector is exactly 0, so the merge could not be "
+                               "undone; use to_dense() for a merged copy instead.")
+        weight, bias = self._merged_weight_f32(), self._merged_bias_f32() if self.has_bias else None
+        self._set_weight(weight)
+        if bias is not None:
+            self._set_bias(bias)
+        self.mindpet_state_ia3_gate.set_data(Tensor(0.0, mstype.float32))
+
+    def _unmerge_weights(self):
+        vector = host_f32(self.mindpet_delta_ia3_vector)
+        weight = host_f32(self.weight)
+        self._set_weight(weight / vector[None, :] if self.ia3_feedforward else weight / vector[:, None])
+        if self.has_bias and not self.ia3_feedforward:
+            self._set_bias(host_f32(self.bias) / vector)
+        self.mindpet_state_ia3_gate.set_data(Tensor(1.0, mstype.float32))
+
+    def shard(self, strategy_org_dense_matmul=None, strategy_org_bias_add=None, strategy_ia3_mul=None,
+              strategy_activation=None):
+        """Semi-auto-parallel strategies: ``strategy_ia3_mul`` is ``((dp, k), (k,))`` with ``k`` the split of the
+        scaled axis (``in`` for feed-forward, ``out`` otherwise)."""
+        return apply_strategies(type(self).__name__, self, [
+            (self.matmul, 'strategy_org_dense_matmul', strategy_org_dense_matmul, (2, 2)),
+            (self.ia3_mul, 'strategy_ia3_mul', strategy_ia3_mul, (2, 1)),
+        ], strategy_org_bias_add, strategy_activation)
+
+    def extend_repr(self):
+        return super().extend_repr() + f', ia3_feedforward={self.ia3_feedforward}, merged={self.merged}'
