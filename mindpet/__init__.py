@@ -7,3 +7,11 @@ __version__ = '1.1.0'
 from mindpet import delta, graph  # noqa: E402  (public sub-packages)
 
 __all__ = ['delta', 'graph', '__version__']
+
+# The adapter lifecycle (inject by name, merge, save/load/switch adapters).
+from mindpet.tuners import (PetConfig, LoraConfig, register_method, config_from_dict,  # noqa: E402
+                            config_from_yaml)
+from mindpet.model import PetModel, get_pet_model  # noqa: E402
+
+__all__ += ['PetConfig', 'LoraConfig', 'register_method', 'config_from_dict', 'config_from_yaml', 'PetModel',
+            'get_pet_model']

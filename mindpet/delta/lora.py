@@ -149,9 +149,8 @@ class LoRADense(nn.Dense):
     # ----- merge / export ------------------------------------------------------------------------------------
     def delta_weight(self):
         """The increment ``(lora_alpha / lora_rank) * B @ A`` as a float32 numpy array of shape (out, in)."""
-        a = self.mindpet_delta_lora_a.asnumpy().astype(np.float32)
-        b = self.mindpet_delta_lora_b.asnumpy().astype(np.float32)
-        return np.float32(self.scaling) * (b @ a)
+        return lora_increment(self.mindpet_delta_lora_a.asnumpy(), self.mindpet_delta_lora_b.asnumpy(),
+                              self.scaling)
 
     def merge(self):
         """Fold the increment into ``weight`` and switch the LoRA branch off (scaling parameter set to 0).
@@ -224,6 +223,12 @@ class LoRADense(nn.Dense):
     def extend_repr(self):
         return (super().extend_repr() + f', lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, '
                 f'lora_dropout={self.lora_dropout_rate}, merged={self.merged}')
+
+
+def lora_increment(lora_a, lora_b, scaling):
+    """The weight increment ``scaling * B @ A`` (float32 numpy, shape ``(out, in)``) from numpy ``A`` ``(r, in)``
+    and ``B`` ``(out, r)``. The one formula used by merging, unloading and ``mindpet merge``."""
+    return np.float32(scaling) * (np.asarray(lora_b, np.float32) @ np.asarray(lora_a, np.float32))
 
 
 def init_param(init, shape, dtype, name):

@@ -1,0 +1,634 @@
+"""The adapter lifecycle: inject by name, train, merge, save, load, switch and combine adapters.
+
+:func:`get_pet_model` adapts an unmodified network in place and wraps it in a :class:`PetModel`. Everything that
+must take effect in an already-compiled GRAPH_MODE network is done through Parameter data:
+
+* switching adapters copies the adapter's tensors from an in-memory store into the live delta Parameters and sets
+  the scaling Parameter (``set_adapter``, ``disable_adapter``);
+* merging adds the increment to the base weight's data and sets the scaling to 0 (``merge``/``unmerge``).
+
+Operations that change the network's structure (adapting more layers, a larger LoRA rank than any loaded before,
+``merge_and_unload``) make the :class:`PetModel`'s next call compile a new graph; other Cells built around it
+before (``TrainOneStepCell``, optimizers) must then be built again.
+"""
+import contextlib
+import os
+import re
+
+import numpy as np
+from mindspore import nn, Tensor
+
+from mindpet import __version__
+from mindpet.adapter_store import (FORMAT, is_delta_or_state, model_fingerprint, check_fingerprint, read_adapter,
+                                   save_adapter)
+from mindpet.tuners.base import walk, matches_any, replace_cell, invalidate_compiled_graph
+from mindpet.tuners.config import PetConfig, make_tuner
+from mindpet.utils.exceptions import AdapterConfigError
+from mindpet.utils.io_utils import is_state_param
+from mindpet.utils.validation import check_cell, check_bool, check_int, check_real
+
+_NAME_RE = re.compile(r'^[A-Za-z0-9_.\-]+$')
+
+
+class _Adapter:
+    """One adapter in the store: config, adapted layer keys, per-layer tensors, modules_to_save values."""
+
+    def __init__(self, config, targets, tensors, modules, trainable):
+        self.config = config
+        self.targets = list(targets)
+        self.tensors = tensors        # layer key -> {suffix: numpy array}
+        self.modules = modules        # parameter name -> numpy array (modules_to_save)
+        self.trainable = trainable
+
+
+class _State:
+    """Everything PetModel knows besides the network (kept off the Cell so graph compilation never sees it)."""
+
+    def __init__(self, tuner):
+        self.tuner = tuner
+        self.layers = {}              # layer key -> delta Cell in the network
+        self.adapters = {}            # name -> _Adapter
+        self.active = None
+        self.merged = False
+        self.disabled = False
+        self.unloaded = False
+        self.module_params = {}       # name -> Parameter of a modules_to_save cell
+        self.module_base = {}         # name -> numpy copy of its base value
+        self.requires_grad = {}       # name -> requires_grad before injection (restored by unload)
+
+
+def _check_name(owner, arg, name):
+    if not isinstance(name, str):
+        raise TypeError(f"For '{owner}', the '{arg}' must be a str, but got {name!r} ({type(name).__name__}).")
+    if not _NAME_RE.match(name):
+        raise ValueError(f"For '{owner}', the '{arg}' must be a non-empty name of letters, digits, '_', '-' or "
+                         f"'.', but got {name!r}.")
+    return name
+
+
+class PetModel(nn.Cell):
+    """A network with parameter-efficient adapters injected by name. Built by :func:`get_pet_model`.
+
+    Calling it calls the adapted network with the same inputs. Parameter names are the network's own, so the
+    base checkpoint loads into it (or into ``pet.base_model``) unchanged.
+
+    Args:
+        model (nn.Cell): the network, adapted in place (``pet.base_model`` is ``model``).
+        config (PetConfig): the method's config, e.g. :class:`mindpet.LoraConfig`.
+        adapter_name (str): name of the first adapter. Default 'default'.
+
+    Example:
+        >>> pet = get_pet_model(net, LoraConfig(target_modules=['q_proj', 'v_proj'], lora_rank=8))  # doctest: +SKIP
+        >>> logits = pet(input_ids)  # doctest: +SKIP
+    """
+
+    def __init__(self, model, config, adapter_name='default'):
+        super().__init__(auto_prefix=False)
+        owner = 'PetModel'
+        check_cell('model', model, owner)
+        if isinstance(model, PetModel):
+            raise TypeError(f"For '{owner}', the 'model' is already a PetModel; add adapters with add_adapter() "
+                            f"or load_adapter().")
+        if not isinstance(config, PetConfig):
+            raise TypeError(f"For '{owner}', the 'config' must be a PetConfig (e.g. LoraConfig), but got "
+                            f"{config!r} ({type(config).__name__}).")
+        _check_name(owner, 'adapter_name', adapter_name)
+        added = [p.name for p in model.get_parameters() if is_delta_or_state(p.name)]
+        if added:
+            raise ValueError(f"For '{owner}', the 'model' already has PET parameters (e.g. '{added[0]}'); inject "
+                             f"into the unmodified network, or use the PetModel that adapted it.")
+        self.base_model = model
+        self._state = _State(make_tuner(config.method))
+        for param in model.get_parameters():
+            self._state.requires_grad[param.name] = param.requires_grad
+            param.requires_grad = False
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def construct(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    # ----- properties ----------------------------------------------------------------------------------------
+    @property
+    def active_adapter(self):
+        """Name of the adapter in effect (None after deleting it)."""
+        return self._state.active
+
+    @property
+    def adapters(self):
+        """Names of the adapters held, in the order they were added."""
+        return list(self._state.adapters)
+
+    @property
+    def merged(self):
+        """Whether the active adapter is merged into the base weights."""
+        return self._state.merged
+
+    @property
+    def pet_layers(self):
+        """Layer key -> delta Cell in the network (a copy of the mapping)."""
+        return dict(self._state.layers)
+
+    def get_adapter_config(self, adapter_name=None):
+        """The config of ``adapter_name`` (default: the active adapter)."""
+        return self._record(adapter_name, 'get_adapter_config').config
+
+    # ----- adding adapters -----------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name, config, trainable=True):
+        """Add a new, untrained adapter (the base function until trained); it does not become active.
+
+        Layers the config targets that no adapter covered yet are adapted now (the next call recompiles).
+
+        Raises:
+            ValueError: the name exists, or the config matches nothing.
+            AdapterConfigError: the config is of another method than this model's adapters.
+        """
+        owner = 'add_adapter'
+        self._check_usable(owner)
+        self._check_new_name(owner, adapter_name)
+        check_bool('trainable', trainable, owner)
+        self._check_method(config, owner)
+        state = self._state
+        self._sync()
+        before = dict(state.layers)
+        targets, changed = state.tuner.inject(self.base_model, config, state.layers)
+        tensors = {}
+        for key in targets:
+            layer = state.layers[key]
+            fresh = key not in before
+            tensors[key] = (state.tuner.read_adapter(layer, config) if fresh
+                            else state.tuner.init_adapter(layer, config))
+        module_names = self._resolve_modules(config)
+        modules = {name: state.module_params[name].asnumpy().copy() for name in module_names}
+        state.adapters[adapter_name] = _Adapter(config, targets, tensors, modules, trainable)
+        self._after_structure_change(changed)
+        return self
+
+    def load_adapter(self, directory, adapter_name, is_trainable=False):
+        """Load an adapter saved by :meth:`save_pretrained` under ``adapter_name`` (it does not become active).
+
+        The adapter's base-model fingerprint must equal this model's, and its tensors must have the shapes its
+        config implies. An adapter of a larger rank than any loaded before on a layer grows that layer's live
+        Parameters when it is first activated (the next call recompiles).
+
+        Args:
+            directory (str): the adapter directory.
+            adapter_name (str): a new name.
+            is_trainable (bool): whether its tensors train when it is active. Default False.
+
+        Raises:
+            AdapterConfigError: missing/malformed YAML, another method, or another base model (the message names
+                the first differing parameter).
+            CheckpointError: missing/corrupt tensor file, or a tensor missing, extra or of the wrong shape.
+        """
+        owner = 'load_adapter'
+        self._check_usable(owner)
+        self._check_new_name(owner, adapter_name)
+        check_bool('is_trainable', is_trainable, owner)
+        files = read_adapter(directory)
+        self._check_method(files.config, owner, source=directory)
+        check_fingerprint(files.meta['base_model']['params'], model_fingerprint(self.base_model), directory)
+        self._sync()
+        self._add_loaded(adapter_name, files, is_trainable, directory)
+        return self
+
+    def _add_loaded(self, adapter_name, files, trainable, source):
+        state = self._state
+        config, meta = files.config, files.meta
+        targets, changed = state.tuner.inject(self.base_model, config, state.layers)
+        if sorted(targets) != sorted(meta['target_layers']):
+            self._after_structure_change(changed)   # layers injected on the way stay switched off and frozen
+            missing = sorted(set(meta['target_layers']) - set(targets))
+            extra = sorted(set(targets) - set(meta['target_layers']))
+            raise AdapterConfigError(f"The adapter in '{source}' adapts {meta['target_layers'][:4]}..., but its "
+                                     f"target_modules select other layers in this model (first difference: "
+                                     f"{(missing or extra)[0]!r}).")
+        tensors = {}
+        for key in targets:
+            prefix = key + '.'
+            tensors[key] = {name[len(prefix):]: value for name, value in files.tensors.items()
+                            if name.startswith(prefix) and is_delta_or_state(name[len(prefix):])}
+        for name in meta['modules_to_save_params']:
+            self._register_module_param(name, source)
+        modules = {name: files.tensors[name] for name in meta['modules_to_save_params']}
+        state.adapters[adapter_name] = _Adapter(config, targets, tensors, modules, trainable)
+        self._after_structure_change(changed)
+
+    @classmethod
+    def from_pretrained(cls, model, directory, adapter_name='default', is_trainable=False):
+        """Adapt ``model`` with the adapter saved in ``directory`` and make it active.
+
+        Example:
+            >>> pet = PetModel.from_pretrained(build_base_net(), 'out/adapter')  # doctest: +SKIP
+
+        Raises:
+            AdapterConfigError, CheckpointError: as :meth:`load_adapter`.
+        """
+        owner = 'PetModel.from_pretrained'
+        check_cell('model', model, owner)
+        _check_name(owner, 'adapter_name', adapter_name)
+        check_bool('is_trainable', is_trainable, owner)
+        files = read_adapter(directory)
+        check_fingerprint(files.meta['base_model']['params'], model_fingerprint(model), directory)
+        pet = cls(model, files.config, adapter_name)
+        del pet._state.adapters[adapter_name]  # pylint: disable=protected-access
+        pet._add_loaded(adapter_name, files, is_trainable, directory)  # pylint: disable=protected-access
+        pet._state.active = None  # pylint: disable=protected-access
+        pet.set_adapter(adapter_name)
+        return pet
+
+    # ----- switching -----------------------------------------------------------------------------------------
+    def set_adapter(self, adapter_name):
+        """Make ``adapter_name`` the active adapter; takes effect in an already-compiled graph.
+
+        Only Parameter data changes (the adapter's tensors and scaling), unless the adapter needs a larger live
+        rank than allocated (then the next call recompiles). If the model is merged, the old adapter is unmerged
+        and the new one merged.
+
+        Raises:
+            ValueError: no such adapter.
+            RuntimeError: inside :meth:`disable_adapter`.
+        """
+        owner = 'set_adapter'
+        self._check_usable(owner)
+        record = self._record(adapter_name, owner)
+        state = self._state
+        if state.disabled:
+            raise RuntimeError(f"For '{owner}', adapters cannot be switched inside 'with disable_adapter()'.")
+        if state.active == adapter_name:
+            return self
+        was_merged = state.merged
+        if was_merged:
+            self.unmerge()
+        self._sync()
+        grew = self._apply(record)
+        state.active = adapter_name
+        if grew:
+            self._after_structure_change(True)
+        if was_merged:
+            self.merge()
+        return self
+
+    def delete_adapter(self, adapter_name):
+        """Forget ``adapter_name``. Deleting the active adapter leaves none active (base outputs)."""
+        owner = 'delete_adapter'
+        self._check_usable(owner)
+        self._record(adapter_name, owner)
+        state = self._state
+        if state.disabled:
+            raise RuntimeError(f"For '{owner}', adapters cannot be deleted inside 'with disable_adapter()'.")
+        if state.active == adapter_name:
+            if state.merged:
+                self.unmerge()
+            state.active = None
+            self._apply(None)
+        del state.adapters[adapter_name]
+        return self
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Context in which the model computes the base model's outputs (modules_to_save at their base values).
+
+        Takes effect in an already-compiled graph. A merged adapter is unmerged for the duration.
+
+        Example:
+            >>> with pet.disable_adapter():  # doctest: +SKIP
+            ...     base_logits = pet(input_ids)
+        """
+        owner = 'disable_adapter'
+        self._check_usable(owner)
+        state = self._state
+        if state.disabled:
+            raise RuntimeError(f"For '{owner}', the adapters are already disabled (nested 'with').")
+        was_merged = state.merged
+        if was_merged:
+            self.unmerge()
+        self._sync()
+        self._apply(None)
+        state.disabled = True
+        try:
+            yield self
+        finally:
+            state.disabled = False
+            self._apply(state.adapters.get(state.active))
+            if was_merged:
+                self.merge()
+
+    def _record(self, adapter_name, owner):
+        state = self._state
+        if adapter_name is None:
+            adapter_name = state.active
+            if adapter_name is None:
+                raise ValueError(f"For '{owner}', there is no active adapter; name one of {self.adapters}.")
+        if not isinstance(adapter_name, str) or adapter_name not in state.adapters:
+            raise ValueError(f"For '{owner}', the adapter {adapter_name!r} does not exist; adapters: "
+                             f"{self.adapters}.")
+        return state.adapters[adapter_name]
+
+    def _sync(self):
+        """Copy the active adapter's live tensors (possibly trained since) back into the store."""
+        state = self._state
+        if state.active is None or state.disabled:
+            return
+        record = state.adapters[state.active]
+        if not record.trainable:
+            return
+        for key in record.targets:
+            record.tensors[key] = state.tuner.read_adapter(state.layers[key], record.config)
+        for name in record.modules:
+            record.modules[name] = state.module_params[name].asnumpy().copy()
+
+    def _apply(self, record):
+        """Put ``record``'s tensors (None: no adapter) into the live Parameters; set trainability. Returns True
+        when a Parameter's shape grew."""
+        state = self._state
+        grew = False
+        for key, layer in state.layers.items():
+            covered = record is not None and key in record.tensors
+            if covered:
+                grew = state.tuner.write_adapter(layer, record.config, record.tensors[key]) or grew
+                state.tuner.activate(layer, record.config)
+            else:
+                state.tuner.deactivate(layer)
+            for param in state.tuner.delta_params(layer):
+                param.requires_grad = covered and record.trainable
+        for name, param in state.module_params.items():
+            stored = record is not None and name in record.modules
+            value = record.modules[name] if stored else state.module_base[name]
+            param.set_data(Tensor(value, param.dtype))
+            param.requires_grad = stored and record.trainable
+        return grew
+
+    # ----- merging -------------------------------------------------------------------------------------------
+    def merge(self):
+        """Fold the active adapter into the base weights (the delta branch is switched off). Takes effect in an
+        already-compiled graph. Merging twice is refused.
+
+        Raises:
+            RuntimeError: already merged, no active adapter, or inside :meth:`disable_adapter`.
+        """
+        owner = 'merge'
+        self._check_usable(owner)
+        state = self._state
+        if state.merged:
+            raise RuntimeError(f"For '{owner}', the adapter {state.active!r} is already merged; call unmerge() "
+                               f"first.")
+        if state.disabled:
+            raise RuntimeError(f"For '{owner}', cannot merge inside 'with disable_adapter()'.")
+        record = self._record(None, owner)
+        self._sync()
+        for key in record.targets:
+            state.tuner.merge_layer(state.layers[key], record.config)
+        state.merged = True
+        return self
+
+    def unmerge(self):
+        """Take the merged adapter back out of the base weights.
+
+        Raises:
+            RuntimeError: nothing is merged.
+        """
+        owner = 'unmerge'
+        self._check_usable(owner)
+        state = self._state
+        if not state.merged:
+            raise RuntimeError(f"For '{owner}', no adapter is merged.")
+        record = state.adapters[state.active]
+        for key in record.targets:
+            state.tuner.unmerge_layer(state.layers[key], record.config)
+        state.merged = False
+        return self
+
+    def merge_and_unload(self):
+        """Merge the active adapter and return the network with plain layers (``nn.Dense`` for LoRA) holding the
+        merged weights: inference costs exactly the base model's. The Parameters keep their names, so the result
+        saves as a base-model checkpoint. This PetModel cannot be used afterwards.
+
+        Example:
+            >>> plain_net = pet.merge_and_unload()  # doctest: +SKIP
+            >>> ms.save_checkpoint(plain_net, 'merged.ckpt')  # doctest: +SKIP
+        """
+        owner = 'merge_and_unload'
+        self._check_usable(owner)
+        if self._state.disabled:
+            raise RuntimeError(f"For '{owner}', cannot unload inside 'with disable_adapter()'.")
+        if self._state.active is not None and not self._state.merged:
+            self.merge()
+        return self._unload()
+
+    def unload(self):
+        """Return the network with its original plain layers and base weights (adapters discarded)."""
+        owner = 'unload'
+        self._check_usable(owner)
+        if self._state.disabled:
+            raise RuntimeError(f"For '{owner}', cannot unload inside 'with disable_adapter()'.")
+        if self._state.merged:
+            self.unmerge()
+        self._apply(None)
+        return self._unload()
+
+    def _unload(self):
+        state = self._state
+        _, holders = walk(self.base_model)
+        for key, layer in state.layers.items():
+            replace_cell(holders, layer, state.tuner.unload_layer(layer), key + '.')
+        for param in self.base_model.get_parameters():
+            param.requires_grad = state.requires_grad.get(param.name, param.requires_grad)
+        state.unloaded = True
+        state.layers = {}
+        invalidate_compiled_graph(self.base_model)
+        invalidate_compiled_graph(self)
+        return self.base_model
+
+    # ----- saving --------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, adapter_name=None):
+        """Write ``adapter_name`` (default: the active adapter) to ``save_directory``: ``adapter_config.yaml`` and
+        ``adapter_model.safetensors`` (adapter tensors only, no optimizer state), atomically.
+
+        Returns:
+            str: ``save_directory``.
+
+        Example:
+            >>> pet.save_pretrained('out/task_a')  # doctest: +SKIP
+        """
+        owner = 'save_pretrained'
+        self._check_usable(owner)
+        if not isinstance(save_directory, (str, os.PathLike)) or not os.fspath(save_directory):
+            raise TypeError(f"For '{owner}', the 'save_directory' must be a non-empty str path, but got "
+                            f"{save_directory!r} ({type(save_directory).__name__}).")
+        record = self._record(adapter_name, owner)
+        name = adapter_name or self._state.active
+        self._sync()
+        tensors = {}
+        for key in record.targets:
+            for suffix, value in record.tensors[key].items():
+                tensors[f'{key}.{suffix}'] = value
+        tensors.update(record.modules)
+        fingerprint = model_fingerprint(self.base_model)
+        meta = {
+            'format': FORMAT,
+            'mindpet_version': __version__,
+            'adapter_name': name,
+            'pet': record.config.to_dict(),
+            'target_layers': list(record.targets),
+            'modules_to_save_params': list(record.modules),
+            'base_model': {'num_parameters': int(sum(int(np.prod(s)) for s in fingerprint.values())),
+                           'params': fingerprint},
+        }
+        save_adapter(os.fspath(save_directory), meta, tensors)
+        return os.fspath(save_directory)
+
+    # ----- combining -----------------------------------------------------------------------------------------
+    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type='svd', rank=None):
+        """Add ``adapter_name`` whose increment is ``sum_i weights[i] * increment(adapters[i])``.
+
+        Args:
+            adapters (list[str]): names of existing adapters.
+            weights (list[float]): one weight per adapter.
+            adapter_name (str): the new adapter's name (it does not become active).
+            combination_type (str): 'svd' (default): the sum re-factorised by a truncated SVD to ``rank``
+                (default: the largest input rank) -- exact when the sum's rank is at most ``rank`` (e.g. weights
+                (1, 0)), else its best rank-``rank`` approximation; 'cat': exact, rank = sum of the ranks.
+            rank (int | None): the new adapter's rank for 'svd'.
+
+        Raises:
+            ValueError: unknown names, mismatched lengths, an existing ``adapter_name``, adapters that store
+                modules_to_save (their values cannot be combined).
+
+        Example:
+            >>> pet.add_weighted_adapter(['a', 'b'], [0.5, 0.5], 'mix')  # doctest: +SKIP
+            >>> pet.set_adapter('mix')  # doctest: +SKIP
+        """
+        owner = 'add_weighted_adapter'
+        self._check_usable(owner)
+        if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
+            raise TypeError(f"For '{owner}', the 'adapters' must be a non-empty list of adapter names, but got "
+                            f"{adapters!r}.")
+        if isinstance(weights, str) or not isinstance(weights, (list, tuple)) or len(weights) != len(adapters):
+            raise ValueError(f"For '{owner}', the 'weights' must be a list of {len(adapters)} numbers (one per "
+                             f"adapter), but got {weights!r}.")
+        weights = [float(check_real('weights', w, owner)) for w in weights]
+        records = [self._record(name, owner) for name in adapters]
+        self._check_new_name(owner, adapter_name)
+        if rank is not None:
+            check_int('rank', rank, owner)
+        for name, record in zip(adapters, records):
+            if record.modules:
+                raise ValueError(f"For '{owner}', the adapter {name!r} stores modules_to_save parameters, which "
+                                 f"cannot be combined.")
+        self._sync()
+        config, tensors = self._state.tuner.combine([(r.config, r.tensors) for r in records], weights,
+                                                    combination_type, rank)
+        self._state.adapters[adapter_name] = _Adapter(config, list(tensors), tensors, {}, False)
+        return self
+
+    # ----- reporting -----------------------------------------------------------------------------------------
+    def print_trainable_parameters(self):
+        """Print and return ``(trainable, total, percent)`` parameter counts (run-time state excluded; delta
+        Parameters counted at their live size).
+
+        Example:
+            >>> pet.print_trainable_parameters()  # doctest: +SKIP
+            trainable params: 1,536 || all params: 45,120 || trainable%: 3.4043
+        """
+        trainable = total = 0
+        for param in self.base_model.get_parameters():
+            if is_state_param(param.name):
+                continue
+            size = int(np.prod(param.shape))
+            total += size
+            trainable += size if param.requires_grad else 0
+        percent = 100.0 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}")
+        return trainable, total, percent
+
+    # ----- helpers -------------------------------------------------------------------------------------------
+    def _check_usable(self, owner):
+        if self._state.unloaded:
+            raise RuntimeError(f"For '{owner}', this PetModel was unloaded (merge_and_unload/unload); use the "
+                               f"network it returned.")
+
+    def _check_new_name(self, owner, adapter_name):
+        _check_name(owner, 'adapter_name', adapter_name)
+        if adapter_name in self._state.adapters:
+            raise ValueError(f"For '{owner}', an adapter named {adapter_name!r} already exists; adapters: "
+                             f"{self.adapters}.")
+
+    def _check_method(self, config, owner, source=None):
+        if not isinstance(config, PetConfig):
+            raise TypeError(f"For '{owner}', the 'config' must be a PetConfig (e.g. LoraConfig), but got "
+                            f"{config!r} ({type(config).__name__}).")
+        if config.method != self._state.tuner.method:
+            where = f"The adapter in '{source}'" if source else f"For '{owner}', the config"
+            raise AdapterConfigError(f"{where} is a '{config.method}' adapter; this PetModel holds "
+                                     f"'{self._state.tuner.method}' adapters.")
+
+    def _resolve_modules(self, config):
+        """Parameter names of the cells ``config.modules_to_save`` selects (registered for switching)."""
+        if not config.modules_to_save:
+            return []
+        names, matched = [], False
+        for cell_name, cell in self.base_model.cells_and_names():
+            if cell_name and matches_any(cell_name, config.modules_to_save):
+                matched = True
+                for param in cell.get_parameters():
+                    if not is_delta_or_state(param.name) and param.name not in names:
+                        names.append(param.name)
+        if not matched:
+            raise ValueError(f"For 'get_pet_model', the modules_to_save {config.modules_to_save} match no cell "
+                             f"of the model.")
+        for name in names:
+            self._register_module_param(name, 'modules_to_save')
+        return names
+
+    def _register_module_param(self, name, source):
+        state = self._state
+        if name in state.module_params:
+            return
+        params = {p.name: p for p in self.base_model.get_parameters()}
+        if name not in params:
+            raise AdapterConfigError(f"'{source}' stores module parameter '{name}', which the model does not have.")
+        state.module_params[name] = params[name]
+        state.module_base[name] = params[name].asnumpy().copy()
+
+    def _after_structure_change(self, changed):
+        """New layers (deactivated unless the active adapter covers them) and recompilation."""
+        if not changed:
+            return
+        state = self._state
+        active = state.adapters.get(state.active)
+        for key, layer in state.layers.items():
+            if active is None or key not in active.tensors:
+                state.tuner.deactivate(layer)
+                for param in state.tuner.delta_params(layer):
+                    param.requires_grad = False
+        invalidate_compiled_graph(self)
+        invalidate_compiled_graph(self.base_model)
+
+
+def get_pet_model(model, config, adapter_name='default'):
+    """Inject the adapter described by ``config`` into ``model`` (in place) and wrap it in a :class:`PetModel`.
+
+    Matching ``nn.Dense`` layers are replaced by the method's delta Cell holding the original weight and bias
+    Parameter objects (same names, no re-initialisation); every other parameter is frozen except those of
+    ``modules_to_save``. At init the outputs equal the base model's.
+
+    Args:
+        model (nn.Cell): an unmodified network.
+        config (PetConfig): e.g. ``LoraConfig(target_modules=['q_proj', 'v_proj'], lora_rank=8)``.
+        adapter_name (str): the adapter's name. Default 'default'.
+
+    Returns:
+        PetModel: call it like ``model``; ``pet.base_model`` is ``model``.
+
+    Raises:
+        TypeError: ``model`` is not a Cell or ``config`` not a PetConfig.
+        ValueError: the config matches nothing (the message lists the patterns and candidate layer names), or the
+            model already holds PET parameters.
+
+    Example:
+        >>> from mindpet import LoraConfig, get_pet_model
+        >>> pet = get_pet_model(net, LoraConfig(target_modules=['q_proj', 'v_proj'], lora_rank=8))  # doctest: +SKIP
+        >>> pet.print_trainable_parameters()  # doctest: +SKIP
+    """
+    return PetModel(model, config, adapter_name)

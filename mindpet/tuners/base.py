@@ -1,0 +1,217 @@
+"""What every method's tuner provides, and the one injection walk they share.
+
+A tuner is stateless: :class:`mindpet.PetModel` owns the network, the adapters and the state, and calls the
+tuner's hooks for everything method-specific. The hooks work on one adapted layer (the method's delta Cell) and
+on NumPy arrays in the adapter's own shapes, so the adapter store, switching and the ``mindpet merge`` command
+need no method-specific code.
+
+A method whose delta Cell replaces an ``nn.Dense`` implements :meth:`BaseTuner.create_layer` and the per-layer
+hooks; a method that adds Cells elsewhere (prefix tuning, prompt tuning, cross-layer tensors) overrides
+:meth:`BaseTuner.inject` as well.
+"""
+import re
+import time
+
+from mindspore import nn
+
+from mindpet.utils.constants import DELTA_PREFIX
+
+
+def name_matches(name, pattern):
+    """True when ``pattern`` is ``name``, a dot-separated suffix of it, or a regular expression matching all of it.
+
+    Example:
+        >>> name_matches('blocks.0.attn.q_proj', 'q_proj'), name_matches('blocks.0.attn.q_proj', r'.*\\.[qv]_proj')
+        (True, True)
+    """
+    if name == pattern or name.endswith('.' + pattern):
+        return True
+    return re.fullmatch(pattern, name) is not None
+
+
+def matches_any(name, patterns):
+    """True when any of ``patterns`` (or None) matches ``name`` (see :func:`name_matches`)."""
+    return bool(patterns) and any(name_matches(name, p) for p in patterns)
+
+
+def walk(model):
+    """One walk of ``model``: ``(cells, holders)`` where ``cells`` is the ordered list of ``(name, cell)`` from
+    ``cells_and_names()`` and ``holders`` maps ``id(cell)`` to every ``(parent, key)`` holding it (a Cell shared
+    by two parents must be replaced in both)."""
+    cells = list(model.cells_and_names())
+    holders = {}
+    for _, parent in cells:
+        # _cells, not name_cells(): the latter lists a Cell held under two names only once.
+        for key, child in parent._cells.items():  # pylint: disable=protected-access
+            if child is not None:
+                holders.setdefault(id(child), []).append((parent, key))
+    return cells, holders
+
+
+def layer_key(cell, cell_name, attr='weight'):
+    """The name prefix of ``cell``'s parameters as checkpoints see them (``'a.b'`` for ``a.b.weight``); the cell
+    name when the parameter carries no prefix. Usually both are the same string."""
+    name = getattr(getattr(cell, attr, None), 'name', '') or ''
+    if name.endswith('.' + attr):
+        return name[:-len(attr) - 1]
+    return cell_name
+
+
+def replace_cell(holders, old, new, prefix):
+    """Put ``new`` wherever ``old`` is held and give ``new``'s parameters the names ``prefix + attr``.
+
+    MindSpore's own ``setattr`` only prefixes the attribute name (``q.weight`` instead of ``blocks.0.q.weight``),
+    so names are set explicitly from ``prefix``; ``SequentialCell`` also keeps its own list of children.
+    """
+    for parent, key in holders.get(id(old), ()):
+        parent.insert_child_to_cell(key, new)
+        if isinstance(parent, nn.SequentialCell):
+            parent.cell_list = list(parent._cells.values())  # pylint: disable=protected-access
+    new.update_parameters_name(prefix)
+    return new
+
+
+def invalidate_compiled_graph(cell):
+    """Make ``cell``'s next call compile a new graph (after its sub-Cells or a Parameter's shape changed).
+
+    A compiled top-level Cell keeps running its old graph after its sub-Cells are swapped. MindSpore keys the
+    compiled graphs of a Cell by its creation time, so a new creation time forces a recompilation; the old graphs
+    are released.
+    """
+    from mindspore.graph.api import _cell_graph_executor  # pylint: disable=import-outside-toplevel
+    cache = getattr(cell, '_compile_cache', None)
+    if cache:
+        _cell_graph_executor.del_net_res(cell, set(cache))
+        cache.clear()
+    object.__setattr__(cell, '_create_time', time.time_ns())
+
+
+class BaseTuner:
+    """The hooks :class:`mindpet.PetModel` calls for one method. Subclass it and register the pair with
+    :func:`mindpet.tuners.register_method`.
+
+    Conventions:
+        * A *layer key* is the name prefix of the adapted layer's parameters (``'blocks.0.attn.q_proj'``): the
+          same string in the model, in the base checkpoint and in the adapter file.
+        * An adapter's tensors for one layer are a dict ``suffix -> numpy array`` in the adapter's own shapes;
+          in the file they are named ``<layer key>.<suffix>``. Suffixes are delta parameter names
+          (``mindpet_delta_<mode>_...``).
+        * State that must change after compilation (scalings, gates) lives in Parameters.
+    """
+    method = ''
+    #: the delta Cell class this tuner creates; layers of this class are reused when another adapter targets them
+    layer_class = None
+
+    # ----- injection -----------------------------------------------------------------------------------------
+    def is_target(self, cell):
+        """Whether a matched cell can be adapted. Default: exactly ``nn.Dense`` (not subclasses, whose
+        ``construct`` may do something else)."""
+        return type(cell) is nn.Dense  # pylint: disable=unidiomatic-typecheck
+
+    def create_layer(self, cell, config):
+        """A new delta Cell replacing ``cell``, holding ``cell``'s own weight/bias Parameter objects."""
+        raise NotImplementedError(f"The '{self.method}' tuner does not replace layers.")
+
+    def candidates(self, cells):
+        """Names of cells a config could target (for error messages)."""
+        return [name for name, cell in cells if name and (self.is_target(cell) or self.is_layer(cell))]
+
+    def is_layer(self, cell):
+        """Whether ``cell`` is one of this method's delta Cells."""
+        return self.layer_class is not None and isinstance(cell, self.layer_class)
+
+    def inject(self, model, config, layers):
+        """Adapt the cells of ``model`` that ``config`` targets.
+
+        Args:
+            model (nn.Cell): the network, modified in place.
+            config (PetConfig): the adapter's config.
+            layers (dict): layer key -> delta Cell already in the model (from earlier adapters); updated in place.
+
+        Returns:
+            tuple: (list of the layer keys this adapter covers, whether the model's structure changed).
+
+        Raises:
+            ValueError: the config matches nothing (the message lists the patterns and candidate names).
+        """
+        cells, holders = walk(model)
+        known = {id(layer) for layer in layers.values()}
+        targets, changed, matched_other = [], False, []
+        for name, cell in cells:
+            if not name or not matches_any(name, config.target_modules) or matches_any(name, config.exclude_modules):
+                continue
+            if id(cell) in known:
+                targets.append(next(key for key, layer in layers.items() if layer is cell))
+            elif self.is_target(cell):
+                key = layer_key(cell, name)
+                layers[key] = replace_cell(holders, cell, self.create_layer(cell, config), key + '.')
+                known.add(id(layers[key]))
+                targets.append(key)
+                changed = True
+            else:
+                matched_other.append(f"{name} ({type(cell).__name__})")
+        if not targets:
+            candidates = self.candidates(cells)
+            # Distinct last name components say more than a long list of full names in a deep model.
+            endings = list(dict.fromkeys(name.rsplit('.', 1)[-1] for name in candidates))
+            other = f" It matched only cells it cannot adapt: {matched_other[:5]}." if matched_other else ""
+            raise ValueError(f"For 'get_pet_model', the '{self.method}' config's target_modules "
+                             f"{config.target_modules} (exclude_modules {config.exclude_modules}) match no "
+                             f"adaptable cell of the model.{other} The {len(candidates)} candidate layers end in "
+                             f"{endings[:20]}, e.g. {candidates[:4]}.")
+        return targets, changed
+
+    # ----- per-layer adapter state (NumPy, the adapter's own shapes) -------------------------------------------
+    def adapter_shapes(self, weight_shape, config):
+        """``suffix -> shape`` of one layer's adapter tensors for a base weight of ``weight_shape``."""
+        raise NotImplementedError
+
+    def read_adapter(self, layer, config):
+        """The live adapter tensors of ``layer`` (copies), in the adapter's own shapes."""
+        raise NotImplementedError
+
+    def write_adapter(self, layer, config, tensors):
+        """Put an adapter's tensors into ``layer``'s live Parameters. Returns True when a Parameter's shape had to
+        change (the caller then recompiles)."""
+        raise NotImplementedError
+
+    def activate(self, layer, config):
+        """Switch ``layer``'s delta branch on with ``config``'s hyper-parameters (Parameter data only)."""
+        raise NotImplementedError
+
+    def deactivate(self, layer):
+        """Switch ``layer``'s delta branch off: the layer computes its base function (Parameter data only)."""
+        raise NotImplementedError
+
+    def delta_params(self, layer):
+        """The trainable delta Parameters of ``layer``."""
+        return [p for name, p in layer.parameters_and_names() if name.rsplit('.', 1)[-1].startswith(DELTA_PREFIX)]
+
+    def init_adapter(self, layer, config):
+        """Fresh tensors for a new, untrained adapter on ``layer`` (the base function at init)."""
+        raise NotImplementedError
+
+    # ----- merging -------------------------------------------------------------------------------------------
+    def merge_layer(self, layer, config):
+        """Fold the active increment into the base weight (Parameter data), switching the branch off."""
+        raise NotImplementedError(f"The '{self.method}' method cannot be merged into the base weights.")
+
+    def unmerge_layer(self, layer, config):
+        """Undo :meth:`merge_layer`."""
+        raise NotImplementedError(f"The '{self.method}' method cannot be merged into the base weights.")
+
+    def unload_layer(self, layer):
+        """A plain Cell computing what ``layer`` computes now (call after merging), holding its base
+        Parameter objects."""
+        raise NotImplementedError(f"The '{self.method}' method cannot be unloaded into plain layers.")
+
+    def merge_weights(self, params, key, tensors, config):
+        """Merge one layer's adapter into checkpoint arrays: ``params`` maps parameter name -> numpy array (the
+        base checkpoint); returns ``name -> new array`` for the entries that change. Used by ``mindpet merge``."""
+        raise NotImplementedError(f"The '{self.method}' method cannot be merged into the base weights.")
+
+    # ----- combining -----------------------------------------------------------------------------------------
+    def combine(self, adapters, weights, combination_type, rank):
+        """Combine adapters: ``adapters`` is a list of ``(config, {key: tensors})``. Returns
+        ``(config, {key: tensors})`` of the new adapter."""
+        raise NotImplementedError(f"The '{self.method}' method does not support add_weighted_adapter.")

@@ -1,0 +1,223 @@
+"""LoRA for :func:`mindpet.get_pet_model`: the config, and the tuner that injects :class:`LoRADense`, switches,
+merges, stores and combines LoRA adapters.
+
+Adapters of different ranks on one layer: the layer's live ``A``/``B`` Parameters are allocated at the largest
+rank any loaded adapter needs there, and an adapter of rank ``r`` occupies the first ``r`` rows of ``A`` and
+columns of ``B``, the rest being zero. The output is exactly the adapter's own (the zero rows/columns add exact
+zeros), and training keeps them zero (their gradients are exactly zero while both padded blocks are zero), so an
+adapter trained in a wider allocation keeps its rank. The scaling ``alpha / r`` of the active adapter is Parameter
+data. Switching therefore copies only the adapter's tensors; loading an adapter of a larger rank than any before
+grows the allocation, which makes the next call recompile (see :meth:`mindpet.PetModel.load_adapter`).
+"""
+import dataclasses
+import math
+import re
+from typing import Optional, Union
+
+import numpy as np
+from mindspore import nn, Tensor
+from mindspore import dtype as mstype
+from mindspore.common.initializer import initializer, HeUniform
+
+from mindpet.delta.lora import LoRADense, lora_increment
+from mindpet.tuners.base import BaseTuner
+from mindpet.tuners.config import PetConfig, register_method
+from mindpet.utils.validation import check_int, check_real, check_rate, check_choice
+
+A_NAME = 'mindpet_delta_lora_a'
+B_NAME = 'mindpet_delta_lora_b'
+SCALING_NAME = 'mindpet_state_lora_scaling'
+DTYPES = {'float32': mstype.float32, 'float16': mstype.float16, 'bfloat16': mstype.bfloat16}
+COMBINATION_TYPES = ('svd', 'cat')
+
+
+@dataclasses.dataclass
+class LoraConfig(PetConfig):
+    """LoRA hyper-parameters for :func:`mindpet.get_pet_model`.
+
+    Args:
+        target_modules (list[str] | str): cells to adapt (plain ``nn.Dense``), by regex full-match or name suffix.
+        lora_rank (int): rank ``r`` > 0. Default 8.
+        lora_alpha (int | float): non-zero; the increment is scaled by ``lora_alpha / lora_rank``. Default 16.
+        lora_dropout (float): dropout on the LoRA branch input, in [0, 1). Default 0.0. Fixed per layer when the
+            layer is first adapted (it only acts in training).
+        compute_dtype (str | None): 'float32', 'float16' or 'bfloat16' for the layer's matmuls; None (default)
+            computes in the base weight's dtype, so the adapted model equals the base model exactly at init.
+        exclude_modules, modules_to_save: see :class:`PetConfig`.
+
+    Example:
+        >>> cfg = LoraConfig(target_modules=['q_proj', 'v_proj'], lora_rank=8, lora_alpha=16)
+        >>> cfg.to_dict()['type']
+        'lora'
+    """
+    lora_rank: int = 8
+    lora_alpha: Union[int, float] = 16
+    lora_dropout: float = 0.0
+    compute_dtype: Optional[str] = None
+
+    def validate(self):
+        super().validate()
+        owner = type(self).__name__
+        if self.target_modules is None:
+            raise ValueError(f"For '{owner}', the 'target_modules' must be a non-empty list of str (cell name "
+                             f"patterns), but got None.")
+        check_int('lora_rank', self.lora_rank, owner)
+        check_real('lora_alpha', self.lora_alpha, owner, nonzero=True)
+        if self.lora_dropout == 0 and type(self.lora_dropout) is int:  # pylint: disable=unidiomatic-typecheck
+            self.lora_dropout = 0.0    # YAML writes 'lora_dropout: 0'
+        check_rate('lora_dropout', self.lora_dropout, owner)
+        if self.compute_dtype is not None:
+            check_choice('compute_dtype', self.compute_dtype, owner, tuple(DTYPES))
+
+    @property
+    def scaling(self):
+        """``lora_alpha / lora_rank``."""
+        return self.lora_alpha / self.lora_rank
+
+
+class LoraTuner(BaseTuner):
+    """Injects :class:`mindpet.delta.LoRADense` in place of ``nn.Dense`` layers (keeping their weight and bias
+    Parameter objects) and implements switching, merging, storing and combining for it."""
+    layer_class = LoRADense
+
+    def create_layer(self, cell, config):
+        dtype = cell.weight.dtype
+        compute = DTYPES[config.compute_dtype] if config.compute_dtype else dtype
+        # 'zeros' avoids drawing a random weight that is replaced at once by the base layer's own Parameter.
+        layer = LoRADense(cell.in_channels, cell.out_channels, lora_rank=config.lora_rank,
+                          lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, compute_dtype=compute,
+                          weight_init='zeros', bias_init='zeros', has_bias=cell.has_bias,
+                          activation=cell.activation, dtype=dtype)
+        layer.weight = cell.weight
+        if cell.has_bias:
+            layer.bias = cell.bias
+        return layer
+
+    def adapter_shapes(self, weight_shape, config):
+        out_channels, in_channels = weight_shape
+        return {A_NAME: (config.lora_rank, in_channels), B_NAME: (out_channels, config.lora_rank)}
+
+    def read_adapter(self, layer, config):
+        rank = config.lora_rank
+        return {A_NAME: layer.mindpet_delta_lora_a.asnumpy()[:rank].copy(),
+                B_NAME: layer.mindpet_delta_lora_b.asnumpy()[:, :rank].copy()}
+
+    def write_adapter(self, layer, config, tensors):
+        lora_a, lora_b = tensors[A_NAME], tensors[B_NAME]
+        rank, live = lora_a.shape[0], layer.mindpet_delta_lora_a.shape[0]
+        width = max(rank, live)
+        dtype = layer.mindpet_delta_lora_a.dtype
+        padded_a = np.zeros((width, lora_a.shape[1]), lora_a.dtype)
+        padded_a[:rank] = lora_a
+        padded_b = np.zeros((lora_b.shape[0], width), lora_b.dtype)
+        padded_b[:, :rank] = lora_b
+        layer.mindpet_delta_lora_a.set_data(Tensor(padded_a, dtype))
+        layer.mindpet_delta_lora_b.set_data(Tensor(padded_b, dtype))
+        if rank > live:
+            layer.lora_rank = width
+            return True
+        return False
+
+    def init_adapter(self, layer, config):
+        rank = config.lora_rank
+        lora_a = initializer(HeUniform(negative_slope=math.sqrt(5)), [rank, layer.in_channels], mstype.float32)
+        return {A_NAME: lora_a.init_data().asnumpy(),
+                B_NAME: np.zeros((layer.out_channels, rank), np.float32)}
+
+    def activate(self, layer, config):
+        layer.scaling = config.scaling
+        layer.lora_alpha = config.lora_alpha
+        if not layer.merged:
+            layer.mindpet_state_lora_scaling.set_data(Tensor(config.scaling, mstype.float32))
+
+    def deactivate(self, layer):
+        layer.mindpet_state_lora_scaling.set_data(Tensor(0.0, mstype.float32))
+
+    def merge_layer(self, layer, config):
+        layer.scaling = config.scaling
+        layer.merge()
+
+    def unmerge_layer(self, layer, config):
+        layer.scaling = config.scaling
+        layer.unmerge()
+
+    def unload_layer(self, layer):
+        # The branch is off (merged, or another adapter's layer): the plain Dense computes the same thing.
+        dense = nn.Dense(layer.in_channels, layer.out_channels, weight_init='zeros', bias_init='zeros',
+                         has_bias=layer.has_bias, activation=layer.activation, dtype=layer.weight.dtype)
+        dense.weight = layer.weight
+        if layer.has_bias:
+            dense.bias = layer.bias
+        return dense
+
+    def merge_weights(self, params, key, tensors, config):
+        name = f'{key}.weight'
+        weight = params[name]
+        merged = weight.astype(np.float32) + lora_increment(tensors[A_NAME], tensors[B_NAME], config.scaling)
+        return {name: merged.astype(weight.dtype)}
+
+    def combine(self, adapters, weights, combination_type, rank):
+        """``svd``: the weighted sum of the increments, re-factorised to ``rank`` (default: the largest input
+        rank) by a truncated SVD -- exact when the sum has at most that rank (e.g. weights (1, 0)), otherwise
+        its best rank-``rank`` approximation. ``cat``: exact, the factors stacked (rank = sum of the ranks).
+        Both give ``lora_alpha = rank`` (scaling 1)."""
+        check_choice('combination_type', combination_type, 'add_weighted_adapter', COMBINATION_TYPES)
+        keys = []
+        for _, tensors in adapters:
+            keys += [key for key in tensors if key not in keys]
+        if combination_type == 'cat':
+            new_rank = sum(config.lora_rank for config, _ in adapters)
+            if rank is not None and rank != new_rank:
+                raise ValueError(f"For 'add_weighted_adapter', combination_type 'cat' gives rank {new_rank} (the "
+                                 f"sum of the ranks), but 'rank' is {rank}.")
+        else:
+            new_rank = rank if rank is not None else max(config.lora_rank for config, _ in adapters)
+        combined = {}
+        for key in keys:
+            stacked_a, stacked_b = self._stack(adapters, weights, key)
+            if combination_type == 'cat':
+                lora_a, lora_b = stacked_a, stacked_b
+            else:
+                lora_a, lora_b = _low_rank_factors(stacked_a, stacked_b, new_rank)
+            combined[key] = {A_NAME: lora_a.astype(np.float32), B_NAME: lora_b.astype(np.float32)}
+        first = adapters[0][0]
+        config = first.replace(lora_rank=new_rank, lora_alpha=new_rank, target_modules=[re.escape(k) for k in keys],
+                               exclude_modules=None, modules_to_save=None)
+        return config, combined
+
+    @staticmethod
+    def _stack(adapters, weights, key):
+        """A (sum r, in) and B (out, sum r) with ``B @ A = sum_i w_i s_i B_i A_i`` (zero blocks where an adapter
+        does not cover ``key``)."""
+        shape_a = shape_b = None
+        for _, tensors in adapters:
+            if key in tensors:
+                shape_a, shape_b = tensors[key][A_NAME].shape, tensors[key][B_NAME].shape
+                break
+        blocks_a, blocks_b = [], []
+        for (config, tensors), weight in zip(adapters, weights):
+            if key in tensors:
+                blocks_a.append(tensors[key][A_NAME].astype(np.float64))
+                blocks_b.append(tensors[key][B_NAME].astype(np.float64) * (weight * config.scaling))
+            else:
+                blocks_a.append(np.zeros((config.lora_rank, shape_a[1])))
+                blocks_b.append(np.zeros((shape_b[0], config.lora_rank)))
+        return np.concatenate(blocks_a, axis=0), np.concatenate(blocks_b, axis=1)
+
+
+def _low_rank_factors(stacked_a, stacked_b, rank):
+    """Balanced rank-``rank`` factors ``A (rank, in)``, ``B (out, rank)`` of ``stacked_b @ stacked_a`` by a
+    truncated SVD, computed through QR of the thin factors (never forming the full ``out x in`` matrix)."""
+    q_b, r_b = np.linalg.qr(stacked_b)
+    q_a, r_a = np.linalg.qr(stacked_a.T)
+    u, s, vt = np.linalg.svd(r_b @ r_a.T)
+    keep = min(rank, s.shape[0])
+    root = np.sqrt(s[:keep])
+    lora_b = np.zeros((stacked_b.shape[0], rank))
+    lora_a = np.zeros((rank, stacked_a.shape[1]))
+    lora_b[:, :keep] = (q_b @ u[:, :keep]) * root
+    lora_a[:keep] = root[:, None] * (vt[:keep] @ q_a.T)
+    return lora_a, lora_b
+
+
+register_method('lora', LoraConfig, LoraTuner)
