@@ -15,3 +15,8 @@ from mindpet.model import PetModel, get_pet_model  # noqa: E402
 
 __all__ += ['PetConfig', 'LoraConfig', 'register_method', 'config_from_dict', 'config_from_yaml', 'PetModel',
             'get_pet_model']
+
+# More methods for get_pet_model (each registers itself under its YAML 'type').
+from mindpet.tuners.ia3 import IA3Config  # noqa: E402
+
+__all__ += ['IA3Config']
