@@ -20,3 +20,7 @@ __all__ += ['PetConfig', 'LoraConfig', 'register_method', 'config_from_dict', 'c
 from mindpet.tuners.ia3 import IA3Config  # noqa: E402
 
 __all__ += ['IA3Config']
+from mindpet.tuners.adapter import AdapterConfig  # noqa: E402
+from mindpet.tuners.low_rank_adapter import LowRankAdapterConfig  # noqa: E402
+
+__all__ += ['AdapterConfig', 'LowRankAdapterConfig']
