@@ -24,3 +24,6 @@ from mindpet.tuners.adapter import AdapterConfig  # noqa: E402
 from mindpet.tuners.low_rank_adapter import LowRankAdapterConfig  # noqa: E402
 
 __all__ += ['AdapterConfig', 'LowRankAdapterConfig']
+from mindpet.tuners.bitfit import BitFitConfig  # noqa: E402
+
+__all__ += ['BitFitConfig']
