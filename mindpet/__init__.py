@@ -27,3 +27,6 @@ __all__ += ['AdapterConfig', 'LowRankAdapterConfig']
 from mindpet.tuners.bitfit import BitFitConfig  # noqa: E402
 
 __all__ += ['BitFitConfig']
+from mindpet.tuners.prompt_tuning import PromptTuningConfig  # noqa: E402
+
+__all__ += ['PromptTuningConfig']

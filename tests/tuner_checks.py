@@ -149,7 +149,8 @@ def check_training(case, pair):
             assert not np.array_equal(before, pair.after_a[name]), name
         else:
             np.testing.assert_array_equal(before, pair.after_a[name], err_msg=name)
-    assert np.abs(pair.out_a - pair.base_out).max() > 1e-3
+    if pair.out_a.shape == pair.base_out.shape:      # (prompt tuning lengthens the output)
+        assert np.abs(pair.out_a - pair.base_out).max() > 1e-3
     assert np.abs(pair.out_a - pair.out_b).max() > 1e-3
 
 
