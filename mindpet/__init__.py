@@ -30,3 +30,6 @@ __all__ += ['BitFitConfig']
 from mindpet.tuners.prompt_tuning import PromptTuningConfig  # noqa: E402
 
 __all__ += ['PromptTuningConfig']
+from mindpet.tuners.prefix_tuning import PrefixTuningConfig  # noqa: E402
+
+__all__ += ['PrefixTuningConfig']
