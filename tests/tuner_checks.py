@@ -19,6 +19,7 @@ from safetensors.numpy import load_file
 
 from mindpet import PetModel, get_pet_model, config_from_dict
 from mindpet.adapter_store import ADAPTER_WEIGHTS_NAME, is_delta_or_state, merge_into_checkpoint
+from mindpet.cli import main as mindpet_command
 from mindpet.utils.exceptions import ModelConfigKeysInfoError
 
 from tests.gpt_like import GPTLike, LMLoss, token_batch
@@ -255,6 +256,9 @@ def check_merge(case, pair, tmp_path):
         ms.save_checkpoint(case.make_net(), base_path)
         with pytest.raises(NotImplementedError, match='cannot be merged'):
             merge_into_checkpoint(base_path, pair.dir_a, str(tmp_path / 'out.ckpt'))
+        # The command line reports it in one line (status 1), writing nothing.
+        assert mindpet_command(['merge', '--base', base_path, '--adapter', pair.dir_a, '--out',
+                                str(tmp_path / 'out.ckpt')]) == 1
         assert not os.path.exists(tmp_path / 'out.ckpt')
         net = pet.unload()
         assert not any(is_delta_or_state(p.name) for p in net.get_parameters())
