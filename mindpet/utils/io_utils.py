@@ -3,7 +3,9 @@
 Every writer here goes to a temporary file in the destination directory, is flushed to disk, then renamed over the
 destination, so a crash (or SIGKILL) mid-write leaves either the previous file or the new one, never a torn file.
 """
+import contextlib
 import errno
+import logging
 import os
 import re
 import tempfile
@@ -159,6 +161,29 @@ def _check_readable_file(path, what, error):
         raise error(f"The {what} file '{path}' cannot be read: {ex.strerror or ex}.") from ex
 
 
+class _DropErrors(logging.Filter):
+    def filter(self, record):
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def _mindspore_errors_muted():
+    """MindSpore logs an ERROR line to stderr before raising on a corrupt checkpoint; the raised error is reported
+    (as CheckpointError, with its text) instead, so a failed load prints one message, not two."""
+    try:
+        from mindspore import log as ms_log  # pylint: disable=import-outside-toplevel
+        logger = ms_log._get_logger()  # pylint: disable=protected-access
+    except (ImportError, AttributeError):
+        yield
+        return
+    muted = _DropErrors()
+    logger.addFilter(muted)
+    try:
+        yield
+    finally:
+        logger.removeFilter(muted)
+
+
 def load_checkpoint_file(path, what='checkpoint'):
     """Read a checkpoint (``.ckpt`` or ``.safetensors``) into a dict name -> Parameter.
 
@@ -178,7 +203,8 @@ def load_checkpoint_file(path, what='checkpoint'):
         ckpt_format = checkpoint_format(path)
         # crc_check=True verifies files that carry a CRC and is a no-op for files written without one.
         extra = {'crc_check': True} if ckpt_format == 'ckpt' else {}
-        params = ms.load_checkpoint(path, format=ckpt_format, **extra)
+        with _mindspore_errors_muted():
+            params = ms.load_checkpoint(path, format=ckpt_format, **extra)
     except Exception as ex:  # MindSpore raises ValueError/RuntimeError/OSError for torn or foreign files
         raise CheckpointError(f"The {what} file '{path}' could not be read (truncated or corrupt?): "
                               f"{str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__}") \

@@ -49,15 +49,15 @@ def check_int(name, value, owner, min_value=1, max_value=None):
 
 
 def check_real(name, value, owner, nonzero=False, min_value=None, min_inclusive=True):
-    """Check ``value`` is an int or float (not bool); optionally non-zero or bounded below. Returns it."""
-    expected = "an int or float"
+    """Check ``value`` is a finite int or float (not bool); optionally non-zero or bounded below. Returns it."""
+    expected = "a finite int or float"
     if nonzero:
-        expected = "a non-zero int or float"
+        expected = "a finite, non-zero int or float"
     if min_value is not None:
         expected += f" {'>=' if min_inclusive else '>'} {min_value}"
     if not _is_real(value):
         _fail(TypeError, owner, name, expected, value)
-    if value != value:  # NaN
+    if value != value or value in (float('inf'), float('-inf')):  # NaN or infinite: scales become NaN/inf
         _fail(ValueError, owner, name, expected, value)
     if nonzero and value == 0:
         _fail(ValueError, owner, name, expected, value)
