@@ -569,3 +569,371 @@ def test_bad_call(row, files):
     message = str(info.value)
     missing = [fragment for fragment in row.fragments if fragment not in message]
     assert not missing, f"{row.id}: {missing} not in {message!r}"
+
+
+# ----- a failed call changes nothing ---------------------------------------------------------------------------------
+def _state(net):
+    return {p.name: (p.asnumpy().copy(), p.requires_grad) for p in net.get_parameters()}
+
+
+def _assert_same_state(before, after):
+    assert list(before) == list(after)
+    for name, (value, grad) in before.items():
+        np.testing.assert_array_equal(after[name][0], value, err_msg=name)
+        assert after[name][1] == grad, name
+
+
+def _listing(directory):
+    """name -> bytes of every file under ``directory`` (temporary files included)."""
+    out = {}
+    for folder, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, 'rb') as handle:
+                out[os.path.relpath(path, directory)] = handle.read()
+    return out
+
+
+def test_failed_base_and_delta_load_leaves_the_net_unchanged(files):
+    net = LoRAMLP(seed=5)
+    freeze_delta(net, 'lora')
+    rng = np.random.RandomState(1)
+    for param in net.get_parameters():
+        param.set_data(Tensor(np.asarray(rng.randn(*param.shape), np.float32)))
+    before = _state(net)
+    bad = [(files.base, files.delta_trunc), (files.base, files.delta_flip), (files.base, files.delta_other),
+           (files.base_other, files.delta), (files.delta, files.base), (files.base, files.empty),
+           (files.missing, files.delta), (files.a_dir, files.delta)]
+    for base, delta in bad:
+        with pytest.raises(CheckpointError):
+            load_base_and_delta(net, base, delta)
+        _assert_same_state(before, _state(net))
+    with pytest.raises(CheckpointError):
+        resume_from_checkpoint(files.resume_dir, net)
+    _assert_same_state(before, _state(net))
+    report = load_base_and_delta(net, files.base, files.delta)             # the good pair still loads
+    assert sorted(report.delta_loaded) == sorted(p.name for p in net.trainable_params())
+    assert not np.array_equal(net.fc1.mindpet_delta_lora_a.asnumpy(), before['fc1.mindpet_delta_lora_a'][0])
+
+
+def test_failed_adapter_load_leaves_the_pet_model_unchanged(files):
+    model = get_pet_model(PlainMLP(), LoraConfig(target_modules=['fc1', 'fc2'], lora_rank=2, lora_alpha=4))
+    rng = np.random.RandomState(2)
+    for param in model.trainable_params():
+        param.set_data(Tensor(rng.randn(*param.shape).astype(np.float32)))
+    x = Tensor(rng.randn(3, 8).astype(np.float32))
+    out = model(x).asnumpy()
+    before, layers = _state(model), sorted(model.pet_layers)
+    broken = {files.adapter_flip: CheckpointError, files.adapter_trunc: CheckpointError,
+              files.adapter_noweights: CheckpointError, files.adapter_typo: ModelConfigKeysInfoError,
+              files.adapter_wrongtype: AdapterConfigError, files.adapter_badyaml: ReadYamlFileError,
+              files.adapter_other: AdapterConfigError, files.missing: AdapterConfigError,
+              files.base: AdapterConfigError}
+    for directory, error in broken.items():
+        with pytest.raises(error):
+            model.load_adapter(directory, 'new')
+        assert model.adapters == ['default'] and model.active_adapter == 'default'
+        assert sorted(model.pet_layers) == layers
+        _assert_same_state(before, _state(model))
+    np.testing.assert_array_equal(model(x).asnumpy(), out)
+    model.load_adapter(files.adapter, 'new')                                # the intact copy loads
+    assert model.adapters == ['default', 'new']
+
+
+def test_failed_from_pretrained_leaves_the_model_unadapted(files):
+    model = PlainMLP()
+    before = _state(model)
+    for directory in (files.adapter_flip, files.adapter_other, files.adapter_typo, files.adapter_trunc):
+        with pytest.raises((CheckpointError, AdapterConfigError, ModelConfigKeysInfoError)):
+            PetModel.from_pretrained(model, directory)
+        assert type(model.fc1) is nn.Dense and type(model.fc2) is nn.Dense  # pylint: disable=unidiomatic-typecheck
+        _assert_same_state(before, _state(model))
+
+
+def test_failed_freeze_leaves_requires_grad_unchanged(files):
+    net = LoRAMLP()
+    freeze_delta(net, 'lora', exclude=['head.*'])
+    before = _state(net)
+    calls = [lambda: freeze_delta(net, 'lora', exclude=['*nohead*']),
+             lambda: freeze_delta(net, 'adapter'),
+             lambda: freeze_modules(net, include=['*'], exclude=['*nohead*']),
+             lambda: freeze_modules(net, include=['*', 3]),
+             lambda: freeze_from_config(net, files.freeze_nomatch),
+             lambda: freeze_from_config(net, files.freeze_typo),
+             lambda: freeze_from_config(net, files.pet_bad)]
+    for call in calls:
+        with pytest.raises((TypeError, ValueError, ModelConfigFreezeInfoError, ReadYamlFileError)):
+            call()
+        _assert_same_state(before, _state(net))
+
+
+def test_failed_save_keeps_the_previous_adapter_whole(files, tmp_path, monkeypatch):
+    """A save that fails while writing the tensor file leaves the previous adapter byte-identical and no
+    temporary file; one that fails between the two files leaves a pair that load refuses (the recorded SHA-256
+    no longer matches) instead of mixing two saves."""
+    model = get_pet_model(PlainMLP(), LoraConfig(target_modules=['fc1'], lora_rank=2))
+    target = str(tmp_path / 'adapter')
+    model.save_pretrained(target)
+    saved = _listing(target)
+    model.base_model.fc1.mindpet_delta_lora_b.set_data(Tensor(np.ones((16, 2), np.float32)))
+
+    real_save = ms.save_checkpoint
+
+    def disk_full(save_obj, ckpt_file_name, *args, **kwargs):
+        real_save(save_obj, ckpt_file_name, *args, **kwargs)
+        with open(ckpt_file_name, 'r+b') as handle:          # half a file on disk, then the device is full
+            handle.truncate(os.path.getsize(ckpt_file_name) // 2)
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(ms, 'save_checkpoint', disk_full)
+    with pytest.raises(OSError, match='No space left'):
+        model.save_pretrained(target)
+    monkeypatch.undo()
+    assert _listing(target) == saved
+    loaded = PetModel.from_pretrained(PlainMLP(), target)
+    np.testing.assert_array_equal(loaded.base_model.fc1.mindpet_delta_lora_b.asnumpy(), np.zeros((16, 2)))
+
+    import mindpet.adapter_store as store  # pylint: disable=import-outside-toplevel
+
+    def config_write_fails(path, write_fn, suffix=''):
+        raise OSError(28, f"No space left on device: '{path}'")
+
+    monkeypatch.setattr(store, 'atomic_write', config_write_fails)
+    with pytest.raises(OSError, match='No space left'):
+        model.save_pretrained(target)
+    monkeypatch.undo()
+    assert sorted(_listing(target)) == sorted(saved)                  # no temporary file left
+    assert _listing(target)[ADAPTER_CONFIG_NAME] == saved[ADAPTER_CONFIG_NAME]
+    with pytest.raises(CheckpointError, match='SHA-256'):
+        PetModel.from_pretrained(PlainMLP(), target)
+    with pytest.raises(CliError, match='SHA-256'):
+        run_cli('inspect', target)
+
+
+def test_failed_merge_writes_nothing(files, tmp_path):
+    out = str(tmp_path / 'merged.ckpt')
+    with pytest.raises(CliError):
+        run_cli('merge', '--base', files.base_other, '--adapter', files.adapter, '--out', out)
+    assert os.listdir(str(tmp_path)) == []
+    assert cli.main(['merge', '--base', files.base, '--adapter', files.adapter, '--out', out]) == 0
+    good = _listing(str(tmp_path))
+    for base, adapter in ((files.delta_trunc, files.adapter), (files.base, files.adapter_flip),
+                          (files.base_other, files.adapter)):
+        with pytest.raises(CliError):
+            run_cli('merge', '--base', base, '--adapter', adapter, '--out', out)
+        assert _listing(str(tmp_path)) == good                             # the earlier output is untouched
+
+
+# ----- unreadable and unwritable paths -------------------------------------------------------------------------------
+_CHILD = r'''
+import contextlib, io, json, os, sys
+import mindspore as ms
+ms.set_context(device_target='CPU')
+from mindpet import LoraConfig, PetModel, cli, config_from_yaml, get_pet_model
+from mindpet.graph import freeze_from_config
+from mindpet.graph.ckpt_util import load_base_and_delta
+from tests.nets import LoRAMLP, PlainMLP
+paths = json.loads(sys.argv[1])
+calls = {
+    'ckpt': lambda: load_base_and_delta(LoRAMLP(), paths['base'], paths['delta']),
+    'yaml': lambda: config_from_yaml(paths['yaml']),
+    'freeze': lambda: freeze_from_config(LoRAMLP(), paths['yaml']),
+    'adapter_dir': lambda: PetModel.from_pretrained(PlainMLP(), paths['adapter_dir']),
+    'adapter_weights': lambda: PetModel.from_pretrained(PlainMLP(), paths['adapter_weights']),
+    'save_into': lambda: get_pet_model(PlainMLP(), LoraConfig(target_modules=['fc1'])).save_pretrained(
+        paths['readonly']),
+    'save_below': lambda: get_pet_model(PlainMLP(), LoraConfig(target_modules=['fc1'])).save_pretrained(
+        os.path.join(paths['readonly'], 'sub')),
+}
+report = {}
+for name, call in calls.items():
+    try:
+        call()
+        report[name] = ['no error', '']
+    except Exception as ex:  # pylint: disable=broad-except
+        report[name] = [type(ex).__name__, str(ex)]
+err = io.StringIO()
+with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    code = cli.main(['inspect', paths['base']])
+report['cli'] = [code, err.getvalue()]
+print(json.dumps(report))
+'''
+
+
+def test_unreadable_and_unwritable_paths_give_one_clear_error(files, tmp_path):
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which('setpriv'):
+            pytest.skip('running as root without setpriv: permission bits cannot be enforced')
+        prefix = SETPRIV
+    root = str(tmp_path)
+    paths = {'base': os.path.join(root, 'base.ckpt'), 'delta': files.delta,
+             'yaml': os.path.join(root, 'pet.yaml'), 'adapter_dir': os.path.join(root, 'adapter_dir'),
+             'adapter_weights': os.path.join(root, 'adapter_weights'), 'readonly': os.path.join(root, 'readonly')}
+    shutil.copy(files.base, paths['base'])
+    shutil.copy(files.pet_typo, paths['yaml'])
+    shutil.copytree(files.adapter, paths['adapter_dir'])
+    shutil.copytree(files.adapter, paths['adapter_weights'])
+    os.makedirs(paths['readonly'])
+    for path in (paths['base'], paths['yaml'], os.path.join(paths['adapter_weights'], ADAPTER_WEIGHTS_NAME)):
+        os.chmod(path, 0)
+    os.chmod(paths['adapter_dir'], 0)
+    os.chmod(paths['readonly'], stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP)
+    env = {k: v for k, v in os.environ.items() if not k.startswith('MS_COMPILER_CACHE')}
+    env.update(PYTHONPATH=ROOT, GLOG_v='3')
+    try:
+        proc = subprocess.run(prefix + [sys.executable, '-B', '-c', _CHILD, json.dumps(paths)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        for path in (paths['base'], paths['yaml'], os.path.join(paths['adapter_weights'], ADAPTER_WEIGHTS_NAME),
+                     paths['adapter_dir'], paths['readonly']):
+            os.chmod(path, stat.S_IRWXU)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    denied = 'Permission denied'
+    expected = {'ckpt': ('CheckpointError', ['base.ckpt', 'cannot be read', denied]),
+                'yaml': ('ReadYamlFileError', ['pet.yaml', 'cannot be read', denied]),
+                'freeze': ('ReadYamlFileError', ['pet.yaml', 'cannot be read', denied]),
+                'adapter_dir': ('AdapterConfigError', ['adapter_dir', 'cannot be read', denied]),
+                'adapter_weights': ('CheckpointError', ['adapter_weights', ADAPTER_WEIGHTS_NAME, denied]),
+                'save_into': ('PermissionError', [os.path.join('readonly', ADAPTER_WEIGHTS_NAME), denied]),
+                'save_below': ('MakeDirError', [os.path.join('readonly', 'sub'), denied])}
+    for name, (error, fragments) in expected.items():
+        kind, message = report[name]
+        assert kind == error, (name, report[name])
+        assert all(fragment in message for fragment in fragments), (name, message)
+        assert '.tmp' not in message, (name, message)                    # the destination, not a temporary name
+    code, err = report['cli']
+    assert code == 1 and err.count('\n') == 1 and err.startswith('mindpet inspect: error: '), err
+    assert 'base.ckpt' in err and denied in err
+    assert os.listdir(paths['readonly']) == []                          # nothing written, not even a temp file
+
+
+# ----- property-based tests of the config parser ---------------------------------------------------------------------
+PROPERTIES = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+LORA_KEYS = ['type'] + LoraConfig.field_names()
+PATTERN = st.from_regex(r'[a-z_][a-z0-9_]{0,8}(\.[a-z0-9_]{1,5}){0,2}', fullmatch=True)
+PATTERNS = st.lists(PATTERN, min_size=1, max_size=4)
+FINITE = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def lora_configs(draw):
+    """Keyword arguments of a valid LoraConfig, in the forms users write (a str for one pattern, 0 for dropout)."""
+    kwargs = {'target_modules': draw(st.one_of(PATTERNS, PATTERN))}
+    if draw(st.booleans()):
+        kwargs['exclude_modules'] = draw(st.one_of(st.none(), PATTERNS))
+    if draw(st.booleans()):
+        kwargs['modules_to_save'] = draw(st.one_of(st.none(), PATTERNS))
+    if draw(st.booleans()):
+        kwargs['lora_rank'] = draw(st.integers(1, 4096))
+    if draw(st.booleans()):
+        kwargs['lora_alpha'] = draw(st.one_of(st.integers(-10 ** 6, 10 ** 6), FINITE).filter(lambda v: v != 0))
+    if draw(st.booleans()):
+        kwargs['lora_dropout'] = draw(st.one_of(st.just(0), st.floats(0.0, 1.0, exclude_max=True)))
+    if draw(st.booleans()):
+        kwargs['compute_dtype'] = draw(st.sampled_from([None, 'float32', 'float16', 'bfloat16']))
+    return kwargs
+
+
+@PROPERTIES
+@given(kwargs=lora_configs())
+def test_property_valid_configs_round_trip(kwargs, tmp_path_factory):
+    config = LoraConfig(**kwargs)
+    data = config.to_dict()
+    assert list(data) == LORA_KEYS
+    assert config_from_dict(data) == config
+    assert config_from_dict(data).to_dict() == data                     # to_dict is a fixed point
+    text = yaml.safe_dump({'pet': data})                                # what save_pretrained / users write
+    assert config_from_dict(yaml.safe_load(text)['pet']) == config
+    path = os.path.join(str(tmp_path_factory.getbasetemp()), 'property_round_trip.yaml')
+    with open(path, 'w', encoding='utf-8') as handle:
+        handle.write(text)
+    assert config_from_yaml(path) == config
+    # the normal forms: one pattern becomes a list, an int 0 dropout a float
+    target = kwargs['target_modules']
+    assert data['target_modules'] == ([target] if isinstance(target, str) else target)
+    assert isinstance(data['lora_dropout'], float)
+
+
+UNKNOWN_KEYS = st.one_of(st.text(min_size=1, max_size=20), st.integers(), st.booleans(), st.none(),
+                         st.floats(allow_nan=False)).filter(lambda k: k not in LORA_KEYS)
+ANY_VALUE = st.one_of(st.none(), st.booleans(), st.integers(), FINITE, st.text(max_size=5),
+                      st.lists(st.integers(), max_size=2))
+
+
+@PROPERTIES
+@given(kwargs=lora_configs(), key=UNKNOWN_KEYS, value=ANY_VALUE)
+def test_property_unknown_keys_are_named(kwargs, key, value):
+    data = LoraConfig(**kwargs).to_dict()
+    data[key] = value
+    with pytest.raises(ModelConfigKeysInfoError) as info:
+        config_from_dict(data)
+    assert f'Unknown key {key!r}' in str(info.value)
+
+
+@st.composite
+def typos(draw):
+    """A valid key with one character deleted, doubled or replaced -- the usual YAML typo."""
+    key = draw(st.sampled_from(LoraConfig.field_names()))
+    index = draw(st.integers(0, len(key) - 1))
+    kind = draw(st.sampled_from(['delete', 'double', 'replace']))
+    if kind == 'delete':
+        typo = key[:index] + key[index + 1:]
+    elif kind == 'double':
+        typo = key[:index] + key[index] + key[index:]
+    else:
+        typo = key[:index] + draw(st.sampled_from('abcdefghijklmnopqrstuvwxyz_')) + key[index + 1:]
+    return key, typo
+
+
+@PROPERTIES
+@given(kwargs=lora_configs(), pair=typos())
+def test_property_typos_suggest_the_key(kwargs, pair):
+    key, typo = pair
+    data = LoraConfig(**kwargs).to_dict()
+    if typo in data:
+        return                                                          # the "typo" is the key itself
+    data[typo] = data.pop(key)
+    with pytest.raises(ModelConfigKeysInfoError) as info:
+        config_from_dict(data)
+    assert f'Unknown key {typo!r}' in str(info.value) and f"did you mean {key!r}" in str(info.value)
+
+
+NOT_A_LIST = st.one_of(st.integers(), FINITE, st.booleans(), st.dictionaries(st.text(max_size=3), st.integers(),
+                                                                            max_size=2))
+BAD_PATTERNS = st.one_of(NOT_A_LIST, st.just([]), st.lists(st.one_of(st.integers(), st.none(), FINITE), min_size=1,
+                                                          max_size=3),
+                         st.sampled_from(['(', 'fc[', '*q_proj', ['ok', '+x']]))
+WRONG = {
+    'lora_rank': st.one_of(FINITE, st.text(max_size=5), st.booleans(), st.none(), st.integers(max_value=0),
+                           st.lists(st.integers(1, 8), min_size=1, max_size=2)),
+    'lora_alpha': st.one_of(st.text(max_size=5), st.booleans(), st.none(), st.sampled_from([0, 0.0, -0.0]),
+                            st.sampled_from([math.nan, math.inf, -math.inf]), st.lists(st.integers(), max_size=2)),
+    'lora_dropout': st.one_of(st.text(max_size=5), st.booleans(), st.none(), st.integers().filter(lambda v: v != 0),
+                              st.floats().filter(lambda v: not 0.0 <= v < 1.0)),
+    'compute_dtype': st.one_of(st.text(max_size=8).filter(lambda v: v not in ('float32', 'float16', 'bfloat16')),
+                               st.integers(), st.booleans(), st.lists(st.text(max_size=3), max_size=2)),
+    'target_modules': st.one_of(BAD_PATTERNS, st.none()),
+    'exclude_modules': BAD_PATTERNS,
+    'modules_to_save': BAD_PATTERNS,
+}
+
+
+@PROPERTIES
+@given(kwargs=lora_configs(), field=st.sampled_from(sorted(WRONG)), data=st.data())
+def test_property_wrong_values_name_the_field(kwargs, field, data):
+    value = data.draw(WRONG[field], label=field)
+    config = LoraConfig(**kwargs).to_dict()
+    config[field] = value
+    with pytest.raises((TypeError, ValueError)) as info:
+        config_from_dict(config)
+    assert f"'{field}'" in str(info.value), str(info.value)
+
+
+@PROPERTIES
+@given(data=st.one_of(st.none(), st.integers(), st.text(max_size=10), st.lists(st.text(max_size=3), max_size=3)))
+def test_property_non_mappings_are_refused(data):
+    with pytest.raises(ModelConfigParamsInfoError) as info:
+        config_from_dict(data)
+    assert repr(data)[:20] in str(info.value)
