@@ -252,10 +252,12 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path):
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     from mindpet.tuners.config import make_tuner  # pylint: disable=import-outside-toplevel
     from mindpet.utils.io_utils import checkpoint_format  # pylint: disable=import-outside-toplevel
-    if not isinstance(out_path, (str, os.PathLike)) or \
-            os.path.splitext(os.fspath(out_path))[1] not in ('.ckpt', '.safetensors'):
-        raise ValueError(f"For 'merge_into_checkpoint', the 'out_path' must be a path ending in .ckpt or "
-                         f".safetensors (the format follows the extension), but got {out_path!r}.")
+    expected = "a path ending in .ckpt or .safetensors (the format follows the extension)"
+    if not isinstance(out_path, (str, os.PathLike)):
+        raise TypeError(f"For 'merge_into_checkpoint', the 'out_path' must be {expected}, but got {out_path!r} "
+                        f"({type(out_path).__name__}).")
+    if os.path.splitext(os.fspath(out_path))[1] not in ('.ckpt', '.safetensors'):
+        raise ValueError(f"For 'merge_into_checkpoint', the 'out_path' must be {expected}, but got {out_path!r}.")
     files = read_adapter(adapter_dir)
     base = load_checkpoint_file(base_path, what='base checkpoint')
     check_fingerprint(files.meta['base_model']['params'], {n: list(p.shape) for n, p in base.items()},

@@ -5,7 +5,7 @@ Every row of ``ROWS`` is a call, the exception type it must raise and message fr
 message: the argument's name and, where there is one, the value received (for files: the file and what is wrong
 with it). The rows cover every delta Cell constructor and ``shard()``, the freeze functions, the checkpoint
 callback, base+delta loading and resuming, the configs, injection, adapter save/load and the ``mindpet`` CLI (exit
-code 1 and a one-line message). ``test_table_size`` asserts the row count (206 rows).
+code 1 and a one-line message). ``test_table_size`` asserts the row count (207 rows).
 
 Separate tests check that a failed load, save, freeze or merge leaves the network and the target directory exactly
 as they were, and that unreadable paths (chmod 000; as root the check runs in a child without the capabilities that
@@ -37,7 +37,7 @@ from mindpet.delta import (LoRADense, AdapterLayer, AdapterDense, LowRankAdapter
                            TSVDGroup, TSVDDense, TSVDAllocator)
 from mindpet.graph import freeze_modules, freeze_delta, freeze_from_config, TrainableParamsCheckPoint
 from mindpet.graph.ckpt_util import load_base_and_delta, resume_from_checkpoint, save_trainable_params
-from mindpet.adapter_store import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from mindpet.adapter_store import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, merge_into_checkpoint
 from mindpet.utils.exceptions import (AdapterConfigError, CheckpointError, MakeDirError, ModelConfigFreezeInfoError,
                                       ModelConfigKeysInfoError, ModelConfigParamsInfoError, ReadYamlFileError)
 
@@ -528,6 +528,8 @@ ROWS = [
         ["'weights'", '[1.0, 2.0]']),
     Row('adapter-weighted-type', lambda f: pet().add_weighted_adapter(['default'], [1.0], 'm', combination_type='avg'),
         ValueError, ["'combination_type'", "'avg'"]),
+    Row('merge-out-path-int', lambda f: merge_into_checkpoint(f.base, f.adapter, 3), TypeError,
+        ["'out_path'", '3 (int)']),
     # ----- the mindpet command ---------------------------------------------------------------------------------------
     Row('cli-inspect-missing', lambda f: run_cli('inspect', f.missing), CliError, ['missing.ckpt', 'does not exist']),
     Row('cli-inspect-truncated', lambda f: run_cli('inspect', f.delta_trunc), CliError,
@@ -554,7 +556,7 @@ ROWS = [
         ['out_is_dir.ckpt', 'is a directory']),
 ]
 
-EXPECTED_ROWS = 206
+EXPECTED_ROWS = 207
 
 
 def test_table_size():

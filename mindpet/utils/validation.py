@@ -52,7 +52,7 @@ def check_real(name, value, owner, nonzero=False, min_value=None, min_inclusive=
     """Check ``value`` is a finite int or float (not bool); optionally non-zero or bounded below. Returns it."""
     expected = "a finite int or float"
     if nonzero:
-        expected = "a finite, non-zero int or float"
+        expected = "a non-zero, finite int or float"
     if min_value is not None:
         expected += f" {'>=' if min_inclusive else '>'} {min_value}"
     if not _is_real(value):
