@@ -2,8 +2,10 @@
 
 ``adapter_config.yaml`` records the method and its hyper-parameters (the ``pet:`` section, readable by
 :func:`mindpet.config_from_dict`), the adapted layers, the parameters of ``modules_to_save`` stored with the
-adapter, and a fingerprint of the base model (every base parameter's name and shape) so that an adapter is never
-loaded into a model it was not trained on. ``adapter_model.safetensors`` holds the adapter tensors only, in the
+adapter, a fingerprint of the base model (every base parameter's name and shape) so that an adapter is never
+loaded into a model it was not trained on, and the SHA-256 of the tensor file (``weights_sha256``: safetensors has
+no checksum of its own, so a damaged byte would otherwise load as a wrong number; adapters saved without it load
+unchecked). ``adapter_model.safetensors`` holds the adapter tensors only, in the
 adapter's own shapes, named ``<layer>.<delta parameter>`` (e.g. ``blocks.0.attn.q_proj.mindpet_delta_lora_a``) and
 by their own names for ``modules_to_save`` parameters. No optimizer state is ever written.
 """
@@ -14,8 +16,9 @@ import numpy as np
 import yaml
 
 from mindpet.utils.constants import DELTA_PREFIX, STATE_PREFIX
-from mindpet.utils.exceptions import AdapterConfigError, CheckpointError
-from mindpet.utils.io_utils import atomic_write, atomic_save_checkpoint, load_checkpoint_file, read_yaml_file
+from mindpet.utils.exceptions import AdapterConfigError, CheckpointError, MindPetError
+from mindpet.utils.io_utils import (atomic_write, atomic_save_checkpoint, load_checkpoint_file, read_yaml_file,
+                                    file_sha256)
 
 ADAPTER_CONFIG_NAME = 'adapter_config.yaml'
 ADAPTER_WEIGHTS_NAME = 'adapter_model.safetensors'
@@ -100,13 +103,16 @@ def check_tensors(tensors, expected, path):
 
 
 def save_adapter(directory, meta, tensors):
-    """Write ``meta`` as ``adapter_config.yaml`` and ``tensors`` (name -> numpy array) as safetensors, both
-    atomically. Returns the two paths."""
+    """Write ``meta`` (plus the tensor file's ``weights_sha256``) as ``adapter_config.yaml`` and ``tensors``
+    (name -> numpy array) as safetensors, both atomically. Returns the two paths."""
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     config_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
     items = [{'name': name, 'data': ms.Tensor(np.ascontiguousarray(value))} for name, value in tensors.items()]
     atomic_save_checkpoint(items, weights_path, ckpt_format='safetensors')
+    # Also ties the two files together: a crash between the two renames leaves a config whose checksum does not
+    # match the new tensor file, which load refuses instead of mixing two saves.
+    meta = dict(meta, weights_sha256=file_sha256(weights_path))
     text = yaml.safe_dump(_plain(meta), sort_keys=False, default_flow_style=None, width=120)
 
     def _write(tmp_path):
@@ -143,8 +149,15 @@ def read_adapter_meta(directory):
                         f"({type(directory).__name__}).")
     directory = os.fspath(directory)
     path = os.path.join(directory, ADAPTER_CONFIG_NAME)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise AdapterConfigError(f"The adapter directory '{directory}' is a file, not a directory (give the "
+                                 f"directory written by save_pretrained).")
     if not os.path.isdir(directory):
         raise AdapterConfigError(f"The adapter directory '{directory}' does not exist.")
+    try:
+        os.listdir(directory)
+    except OSError as ex:
+        raise AdapterConfigError(f"The adapter directory '{directory}' cannot be read: {ex.strerror or ex}.") from ex
     if not os.path.isfile(path):
         raise AdapterConfigError(f"The adapter directory '{directory}' has no {ADAPTER_CONFIG_NAME}.")
     meta = read_yaml_file(path, what='adapter config')
@@ -165,7 +178,25 @@ def read_adapter_meta(directory):
         config = config_from_dict(meta['pet'])
     except (TypeError, ValueError) as ex:
         raise AdapterConfigError(f"'{path}': the 'pet' section is invalid: {ex}") from ex
+    except MindPetError as ex:  # e.g. an unknown key: keep the type callers catch, name the file
+        raise type(ex)(f"'{path}': the 'pet' section is invalid: {ex}") from ex
+    if not isinstance(meta.get('weights_sha256', ''), str):
+        raise AdapterConfigError(f"'{path}': 'weights_sha256' must be a str, but got {meta['weights_sha256']!r}.")
     return config, meta
+
+
+def verify_adapter_weights(directory, meta):
+    """Check ``adapter_model.safetensors`` of ``directory`` against the ``weights_sha256`` recorded in ``meta``
+    (adapters saved without one pass unchecked).
+
+    Raises:
+        CheckpointError: the file's bytes differ from the recorded checksum.
+    """
+    path = os.path.join(os.fspath(directory), ADAPTER_WEIGHTS_NAME)
+    expected = meta.get('weights_sha256')
+    if expected and file_sha256(path) != expected:
+        raise CheckpointError(f"The adapter weights file '{path}' does not match the SHA-256 recorded in "
+                              f"{ADAPTER_CONFIG_NAME}: it was damaged or replaced after saving.")
 
 
 def read_adapter(directory):
@@ -189,6 +220,8 @@ def read_adapter(directory):
     expected = expected_tensors(tuner, config, meta['target_layers'], meta['modules_to_save_params'],
                                 meta['base_model']['params'], directory)
     check_tensors(tensors, expected, path)
+    # After the name/shape checks, whose messages say more; this one catches changed values.
+    verify_adapter_weights(directory, meta)
     return AdapterFiles(config, meta, tensors)
 
 
@@ -215,6 +248,12 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path):
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     from mindpet.tuners.config import make_tuner  # pylint: disable=import-outside-toplevel
     from mindpet.utils.io_utils import checkpoint_format  # pylint: disable=import-outside-toplevel
+    expected = "a path ending in .ckpt or .safetensors (the format follows the extension)"
+    if not isinstance(out_path, (str, os.PathLike)):
+        raise TypeError(f"For 'merge_into_checkpoint', the 'out_path' must be {expected}, but got {out_path!r} "
+                        f"({type(out_path).__name__}).")
+    if os.path.splitext(os.fspath(out_path))[1] not in ('.ckpt', '.safetensors'):
+        raise ValueError(f"For 'merge_into_checkpoint', the 'out_path' must be {expected}, but got {out_path!r}.")
     files = read_adapter(adapter_dir)
     base = load_checkpoint_file(base_path, what='base checkpoint')
     check_fingerprint(files.meta['base_model']['params'], {n: list(p.shape) for n, p in base.items()},

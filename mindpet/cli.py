@@ -91,7 +91,8 @@ def describe(path):
     Raises:
         CheckpointError, AdapterConfigError: missing or corrupt files.
     """
-    from mindpet.adapter_store import ADAPTER_WEIGHTS_NAME, read_adapter_meta  # pylint: disable=C0415
+    from mindpet.adapter_store import (ADAPTER_WEIGHTS_NAME, read_adapter_meta,  # pylint: disable=C0415
+                                       verify_adapter_weights)
     from mindpet.utils.io_utils import load_checkpoint_file  # pylint: disable=import-outside-toplevel
     header = {}
     if os.path.isdir(path):
@@ -99,8 +100,10 @@ def describe(path):
         header = {'adapter': meta.get('adapter_name'), 'pet': config.to_dict(),
                   'layers': len(meta['target_layers']), 'modules_to_save_params': len(meta['modules_to_save_params']),
                   'base_parameters': meta['base_model'].get('num_parameters')}
-        path = os.path.join(path, ADAPTER_WEIGHTS_NAME)
-    params = load_checkpoint_file(path, what='checkpoint')
+        params = load_checkpoint_file(os.path.join(path, ADAPTER_WEIGHTS_NAME), what='adapter weights')
+        verify_adapter_weights(path, meta)
+    else:
+        params = load_checkpoint_file(path, what='checkpoint')
     rows = [{'name': name, 'shape': list(value.shape), 'dtype': str(value.dtype).lower(),
              'bytes': int(value.nbytes)} for name, value in params.items()]
     return header, rows

@@ -19,7 +19,7 @@ from mindspore.common.initializer import Normal
 
 from mindpet.delta.lora import init_param
 from mindpet.delta.sharding import apply_strategies, make_activation
-from mindpet.utils.validation import check_bool, check_dtype, check_int
+from mindpet.utils.validation import check_bool, check_dtype, check_int, check_initializer
 
 ADAPTER_INIT_SIGMA = 0.01
 
@@ -156,6 +156,9 @@ class DenseWithAdapter(nn.Dense):
         check_int('in_channels', in_channels, owner)
         check_int('out_channels', out_channels, owner)
         check_bool('has_bias', has_bias, owner)
+        check_initializer('weight_init', weight_init, owner)
+        if bias_init is not None:
+            check_initializer('bias_init', bias_init, owner)
         if isinstance(activation, str):
             make_activation(owner, activation, arg='activation')
         check_dtype('compute_dtype', compute_dtype, owner)

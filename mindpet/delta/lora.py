@@ -16,7 +16,9 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, HeUniform
 from mindspore.ops.primitive import Primitive
 
-from mindpet.utils.validation import (check_int, check_real, check_rate, check_dtype, check_strategy)
+from mindpet.delta.sharding import ACTIVATION_NAMES
+from mindpet.utils.validation import (check_int, check_real, check_rate, check_dtype, check_strategy, check_bool,
+                                      check_choice, check_initializer)
 
 _DENSE_KWARGS = ('weight_init', 'bias_init', 'has_bias', 'activation', 'dtype')
 
@@ -27,6 +29,14 @@ def check_dense_kwargs(owner, kwargs):
     if unknown:
         raise TypeError(f"For '{owner}', got unexpected keyword argument(s) {unknown}; the nn.Dense keywords "
                         f"accepted are {list(_DENSE_KWARGS)}.")
+    # nn.Dense reports these without the Cell's name or the value (an unknown activation is even a KeyError).
+    if 'has_bias' in kwargs:
+        check_bool('has_bias', kwargs['has_bias'], owner)
+    if isinstance(kwargs.get('activation'), str):
+        check_choice('activation', kwargs['activation'], owner, ACTIVATION_NAMES)
+    for name in ('weight_init', 'bias_init'):
+        if kwargs.get(name) is not None:
+            check_initializer(name, kwargs[name], owner)
 
 
 def shard_activation(owner, activation, strategy):
@@ -242,6 +252,4 @@ def init_param(init, shape, dtype, name):
 
 
 def _check_init_shape(owner, name, init, shape):
-    if isinstance(init, (Tensor, np.ndarray)) and tuple(init.shape) != tuple(shape):
-        raise ValueError(f"For '{owner}', the '{name}' must have shape {tuple(shape)}, "
-                         f"but got a tensor of shape {tuple(init.shape)}.")
+    check_initializer(name, init, owner, shape)

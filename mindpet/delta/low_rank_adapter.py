@@ -12,22 +12,17 @@ weight (``merge()`` raises ``NotImplementedError``).
 """
 from mindspore import ops
 from mindspore import dtype as mstype
-from mindspore.common.initializer import Initializer, initializer
 
 from mindpet.delta.adapter import BottleneckAdapter, DenseWithAdapter
 from mindpet.delta.lora import init_param
 from mindpet.delta.sharding import apply_strategies, make_activation
-from mindpet.utils.validation import check_dtype, check_int
+from mindpet.utils.validation import check_dtype, check_int, check_initializer
 
 
 def _check_factor_init(owner, value):
-    if not isinstance(value, (str, Initializer)):
-        raise TypeError(f"For '{owner}', the 'low_rank_w_init' must be an initializer name (str) or a "
-                        f"mindspore.common.initializer.Initializer, but got {value!r} ({type(value).__name__}).")
-    try:
-        initializer(value, [1, 1], mstype.float32)
-    except (ValueError, KeyError, TypeError) as ex:
-        raise ValueError(f"For '{owner}', the 'low_rank_w_init' {value!r} is not a known initializer: {ex}") from ex
+    # One initializer serves four factors of different shapes (no Tensor fits all), and equal constants would make
+    # the factors start symmetric.
+    check_initializer('low_rank_w_init', value, owner, named_only=True)
 
 
 def _check_reduction(owner, hidden_size, reduction_factor):

@@ -450,6 +450,9 @@ def save_trainable_params(net, path, ckpt_format=None):
         >>> save_trainable_params(net, 'out/adapter.ckpt')  # doctest: +SKIP
     """
     check_cell('net', net, 'save_trainable_params')
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise TypeError(f"For 'save_trainable_params', the 'path' must be a non-empty str path, but got {path!r} "
+                        f"({type(path).__name__}).")
     params = net.trainable_params()
     if not params:
         raise ValueError("For 'save_trainable_params', the network has no trainable parameter to save.")

@@ -3,6 +3,9 @@
 Every writer here goes to a temporary file in the destination directory, is flushed to disk, then renamed over the
 destination, so a crash (or SIGKILL) mid-write leaves either the previous file or the new one, never a torn file.
 """
+import contextlib
+import errno
+import logging
 import os
 import re
 import tempfile
@@ -33,6 +36,8 @@ def ensure_dir(directory, what='directory'):
     """Create ``directory`` (and parents) if needed; raise :class:`MakeDirError` naming it on failure."""
     if os.path.islink(directory):
         raise LinkPathError(f"The {what} '{directory}' is a symbolic link; give the real path.")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise MakeDirError(f"The {what} '{directory}' exists but is not a directory.")
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as ex:
@@ -45,12 +50,17 @@ def ensure_dir(directory, what='directory'):
 def atomic_write(path, write_fn, suffix=''):
     """Write ``path`` atomically: ``write_fn(tmp_path)`` writes a temporary file beside it, which is fsynced and
     renamed onto ``path``. ``suffix`` is kept on the temporary name for writers that insist on an extension."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"Cannot write '{path}': it is a directory; give a file path")
     directory = os.path.dirname(os.path.abspath(path))
     ensure_dir(directory)
     # The writer's pid is part of the temporary name so that remove_stale_temp_files() can tell a file left by a
     # killed writer from one that a live process is still writing.
-    fd, tmp_path = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.{os.getpid()}.', suffix='.tmp' + suffix,
-                                    dir=directory)
+    try:
+        fd, tmp_path = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.{os.getpid()}.', suffix='.tmp' + suffix,
+                                        dir=directory)
+    except OSError as ex:  # name the destination, not the temporary file
+        raise type(ex)(ex.errno, f"Cannot write '{path}': {ex.strerror} (directory '{directory}')") from ex
     os.close(fd)
     try:
         write_fn(tmp_path)
@@ -137,6 +147,43 @@ def checkpoint_format(path):
     return 'safetensors' if str(path).endswith('.safetensors') else 'ckpt'
 
 
+def _check_readable_file(path, what, error):
+    """Raise ``error`` naming ``path`` when it is missing, a directory, or cannot be opened for reading (MindSpore's
+    own message for an unreadable checkpoint suggests corruption)."""
+    if os.path.isdir(path):
+        raise error(f"The {what} file '{path}' is a directory, not a file.")
+    if not os.path.isfile(path):
+        raise error(f"The {what} file '{path}' does not exist.")
+    try:
+        with open(path, 'rb'):
+            pass
+    except OSError as ex:
+        raise error(f"The {what} file '{path}' cannot be read: {ex.strerror or ex}.") from ex
+
+
+class _DropErrors(logging.Filter):
+    def filter(self, record):
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def _mindspore_errors_muted():
+    """MindSpore logs an ERROR line to stderr before raising on a corrupt checkpoint; the raised error is reported
+    (as CheckpointError, with its text) instead, so a failed load prints one message, not two."""
+    try:
+        from mindspore import log as ms_log  # pylint: disable=import-outside-toplevel
+        logger = ms_log._get_logger()  # pylint: disable=protected-access
+    except (ImportError, AttributeError):
+        yield
+        return
+    muted = _DropErrors()
+    logger.addFilter(muted)
+    try:
+        yield
+    finally:
+        logger.removeFilter(muted)
+
+
 def load_checkpoint_file(path, what='checkpoint'):
     """Read a checkpoint (``.ckpt`` or ``.safetensors``) into a dict name -> Parameter.
 
@@ -149,15 +196,15 @@ def load_checkpoint_file(path, what='checkpoint'):
     path = os.fspath(path)
     if os.path.islink(path):
         raise LinkPathError(f"The {what} file '{path}' is a symbolic link; give the real path.")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"The {what} file '{path}' does not exist.")
+    _check_readable_file(path, what, CheckpointError)
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"The {what} file '{path}' is empty.")
     try:
         ckpt_format = checkpoint_format(path)
         # crc_check=True verifies files that carry a CRC and is a no-op for files written without one.
         extra = {'crc_check': True} if ckpt_format == 'ckpt' else {}
-        params = ms.load_checkpoint(path, format=ckpt_format, **extra)
+        with _mindspore_errors_muted():
+            params = ms.load_checkpoint(path, format=ckpt_format, **extra)
     except Exception as ex:  # MindSpore raises ValueError/RuntimeError/OSError for torn or foreign files
         raise CheckpointError(f"The {what} file '{path}' could not be read (truncated or corrupt?): "
                               f"{str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__}") \
@@ -209,6 +256,16 @@ def load_params_checked(net, param_dict, source, require=None, allow_unexpected=
     return sorted(to_load)
 
 
+def file_sha256(path, chunk_size=1 << 20):
+    """Hex SHA-256 of a file's bytes (for formats without a checksum of their own, e.g. safetensors)."""
+    import hashlib  # pylint: disable=import-outside-toplevel
+    digest = hashlib.sha256()
+    with open(path, 'rb') as handle:
+        for block in iter(lambda: handle.read(chunk_size), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def is_state_param(name):
     """True for non-trainable run-time state of delta Cells (never required from a checkpoint)."""
     return STATE_PREFIX in name.rsplit('.', 1)[-1]
@@ -227,8 +284,7 @@ def read_yaml_file(path, what='config'):
         raise ValueError(f"The {what} path must be a non-empty str, but got ''.")
     if os.path.islink(path):
         raise LinkPathError(f"The {what} file '{path}' is a symbolic link; give the real path.")
-    if not os.path.isfile(path):
-        raise ReadYamlFileError(f"The {what} file '{path}' does not exist.")
+    _check_readable_file(path, what, ReadYamlFileError)
     if os.path.getsize(path) > MAX_YAML_MB_SIZE * MB_SIZE:
         raise FileOversizeError(f"The {what} file '{path}' is larger than {MAX_YAML_MB_SIZE} MB.")
     try:

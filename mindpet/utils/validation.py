@@ -49,15 +49,15 @@ def check_int(name, value, owner, min_value=1, max_value=None):
 
 
 def check_real(name, value, owner, nonzero=False, min_value=None, min_inclusive=True):
-    """Check ``value`` is an int or float (not bool); optionally non-zero or bounded below. Returns it."""
-    expected = "an int or float"
+    """Check ``value`` is a finite int or float (not bool); optionally non-zero or bounded below. Returns it."""
+    expected = "a finite int or float"
     if nonzero:
-        expected = "a non-zero int or float"
+        expected = "a non-zero, finite int or float"
     if min_value is not None:
         expected += f" {'>=' if min_inclusive else '>'} {min_value}"
     if not _is_real(value):
         _fail(TypeError, owner, name, expected, value)
-    if value != value:  # NaN
+    if value != value or value in (float('inf'), float('-inf')):  # NaN or infinite: scales become NaN/inf
         _fail(ValueError, owner, name, expected, value)
     if nonzero and value == 0:
         _fail(ValueError, owner, name, expected, value)
@@ -136,6 +136,33 @@ def check_strategy(name, value, owner, ndims):
             _fail(TypeError, owner, name, expected, value)
         if len(sub) != ndim:
             _fail(ValueError, owner, name, expected, value)
+    return value
+
+
+def check_initializer(name, value, owner, shape=None, named_only=False):
+    """Check a parameter initializer: a MindSpore initializer name (e.g. 'normal', 'zeros') or an ``Initializer``,
+    and unless ``named_only`` also a number or a Tensor/numpy array of ``shape``. Returns it.
+
+    A name is looked up now, so a typo fails at construction naming the argument, not deep inside MindSpore.
+    """
+    import numpy as np  # local: keeps this module light to import
+    from mindspore import Tensor
+    from mindspore.common.initializer import Initializer, initializer
+    if isinstance(value, (Tensor, np.ndarray)) and not named_only:
+        if shape is not None and tuple(value.shape) != tuple(shape):
+            raise ValueError(f"For '{owner}', the '{name}' must have shape {tuple(shape)}, "
+                             f"but got a tensor of shape {tuple(value.shape)}.")
+        return value
+    kinds = ("an initializer name (str) or an Initializer" if named_only
+             else "an initializer name (str), an Initializer, a number or a Tensor")
+    if not isinstance(value, (str, Initializer)) and (named_only or not _is_real(value)):
+        _fail(TypeError, owner, name, kinds, value)
+    if isinstance(value, str):
+        try:
+            initializer(value, [1, 1], mstype.float32)   # lazy: looks the name up, computes nothing
+        except (ValueError, KeyError, TypeError) as ex:
+            raise ValueError(f"For '{owner}', the '{name}' must be a MindSpore initializer name such as 'normal', "
+                             f"'zeros' or 'xavier_uniform', but got {_got(value)}.") from ex
     return value
 
 
