@@ -12,12 +12,11 @@ from typing import Optional
 from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer
 
-from mindpet.delta.low_rank_adapter import (LowRankAdapterDense,
-                                            _check_factor_init as check_factor_init)  # pylint: disable=protected-access
+from mindpet.delta.low_rank_adapter import LowRankAdapterDense
 from mindpet.tuners.adapter import AdapterTuner, check_adapter_fields
 from mindpet.tuners.base import adopt_dense_params, live_params
 from mindpet.tuners.config import PetConfig, register_method
-from mindpet.utils.validation import check_int
+from mindpet.utils.validation import check_int, check_initializer
 
 _PREFIX = 'adapter.mindpet_delta_low_rank_adapter_'
 
@@ -53,10 +52,10 @@ class LowRankAdapterConfig(PetConfig):
         owner = type(self).__name__
         check_int('reduction_factor', self.reduction_factor, owner)
         check_int('low_rank_size', self.low_rank_size, owner)
-        if not isinstance(self.low_rank_w_init, str):
+        if not isinstance(self.low_rank_w_init, str):     # (a config holds YAML-safe values only)
             raise TypeError(f"For '{owner}', the 'low_rank_w_init' must be an initializer name (str), but got "
                             f"{self.low_rank_w_init!r} ({type(self.low_rank_w_init).__name__}).")
-        check_factor_init(owner, self.low_rank_w_init)
+        check_initializer('low_rank_w_init', self.low_rank_w_init, owner, named_only=True)
         check_adapter_fields(self, owner)
 
 
