@@ -4,7 +4,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_venv.sh"
 cd "$ROOT"
-export MS_COMPILER_CACHE_ENABLE=1
-export MS_COMPILER_CACHE_PATH="${MS_COMPILER_CACHE_PATH:-$ROOT/.ms_cache}"
+# The compile cache stays off: it reused wrong graphs across runs here (see tests/conftest.py).
+export MS_COMPILER_CACHE_ENABLE=0
 export GLOG_v="${GLOG_v:-3}"
 exec "$PY" -m pytest "$@"

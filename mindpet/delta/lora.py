@@ -98,10 +98,10 @@ class LoRADense(nn.Dense):
         self.lora_dropout_rate = lora_dropout
         self.lora_dropout = nn.Dropout(p=lora_dropout)
         self.use_lora_dropout = lora_dropout > 0
-        self.mindpet_delta_lora_a = Parameter(
-            initializer(lora_a_init, [lora_rank, in_channels], param_init_type), name='mindpet_delta_lora_a')
-        self.mindpet_delta_lora_b = Parameter(
-            initializer(lora_b_init, [out_channels, lora_rank], param_init_type), name='mindpet_delta_lora_b')
+        self.mindpet_delta_lora_a = init_param(lora_a_init, (lora_rank, in_channels), param_init_type,
+                                               'mindpet_delta_lora_a')
+        self.mindpet_delta_lora_b = init_param(lora_b_init, (out_channels, lora_rank), param_init_type,
+                                               'mindpet_delta_lora_b')
         self.scaling = self.lora_alpha / self.lora_rank
         # The scaling is Parameter data, not a Python float, so merge()/unmerge() and adapter switching can change
         # it after the graph is compiled (a compiled graph ignores Python attribute changes).
@@ -234,6 +234,16 @@ class LoRADense(nn.Dense):
     def extend_repr(self):
         return (super().extend_repr() + f', lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, '
                 f'lora_dropout={self.lora_dropout_rate}, merged={self.merged}')
+
+
+def init_param(init, shape, dtype, name):
+    """A Parameter of ``shape`` and ``dtype`` from an initializer name/object, a Tensor or a numpy array
+    (tensors are cast to ``dtype``: ``initializer`` would keep the tensor's own dtype)."""
+    if isinstance(init, np.ndarray):
+        init = Tensor(init)
+    if isinstance(init, Tensor):
+        init = init.astype(dtype)
+    return Parameter(initializer(init, list(shape), dtype), name=name)
 
 
 def _check_init_shape(owner, name, init, shape):

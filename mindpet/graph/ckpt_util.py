@@ -6,6 +6,7 @@ import re
 import time
 from collections import namedtuple
 
+from mindspore import nn
 from mindspore.train.callback import Callback, CheckpointConfig
 
 from mindpet.utils.constants import DELTA_PREFIX
@@ -92,10 +93,15 @@ class TrainableParamsCheckPoint(Callback):
     def params_to_save(self, cb_params):
         """The list of Parameters a checkpoint holds for this training state."""
         network = self.config.saved_network or cb_params.network
-        params = list(network.trainable_params())
+        # Model(TrainOneStepCell(net, opt)) hands the callback the whole train cell, whose trainable_params()
+        # also list the optimizer's moments, step and learning rate: those are optimizer state, not the adapter.
+        optimizer_state = _optimizer_state_names(network)
+        params = [p for p in network.trainable_params() if p.name not in optimizer_state]
         if self.save_optimizer_state:
-            seen = {p.name for p in network.get_parameters()}
-            params += [p for p in cb_params.train_network.get_parameters() if p.name not in seen]
+            seen = {p.name for p in params}
+            train_network = cb_params.train_network or network
+            params += [p for p in train_network.get_parameters()
+                       if p.name not in seen and p.name in _optimizer_state_names(train_network)]
         return params
 
     def _save(self, cb_params):
@@ -147,6 +153,16 @@ class TrainableParamsCheckPoint(Callback):
             os.remove(path)
             if path in self.saved_files:
                 self.saved_files.remove(path)
+
+
+def _optimizer_state_names(network):
+    """Names of the optimizer-owned state (moments, step, learning rate) inside ``network``."""
+    names = set()
+    for _, cell in network.cells_and_names():
+        if isinstance(cell, nn.Optimizer):
+            trained = {p.name for p in cell.parameters}
+            names.update(p.name for p in cell.get_parameters() if p.name not in trained)
+    return names
 
 
 LoadReport = namedtuple('LoadReport', ['base_loaded', 'delta_loaded', 'base_ignored'])

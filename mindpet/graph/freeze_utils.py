@@ -95,6 +95,10 @@ def freeze_delta(model, mode, include=None, exclude=None):
     mode = check_choice('mode', mode, owner, DELTA_LIST, case_insensitive=True)
     include = check_str_list('include', include, owner)
     exclude = check_str_list('exclude', exclude, owner)
+    names = [name for name, _ in model.parameters_and_names()]
+    # Check the extra patterns before touching anything, so a bad call leaves the model as it was.
+    _check_patterns_match(owner, 'include', include, names)
+    _check_patterns_match(owner, 'exclude', exclude, names)
     trained = set(delta_param_names(model, mode))
     if not trained:
         what = "'*bias'" if mode == 'bitfit' else f"'*{DELTA_PREFIX}{mode}_*'"

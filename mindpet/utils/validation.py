@@ -85,7 +85,7 @@ def check_bool(name, value, owner):
 
 def check_dtype(name, value, owner, allowed=FLOAT_DTYPES):
     """Check ``value`` is one of the MindSpore dtypes in ``allowed``. Returns it."""
-    names = ", ".join(f"mindspore.{d}" for d in allowed)
+    names = ", ".join(repr(d) for d in allowed)
     if not isinstance(value, mstype.Type):
         _fail(TypeError, owner, name, f"one of {names}", value)
     if value not in allowed:
