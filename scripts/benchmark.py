@@ -90,25 +90,29 @@ def _peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _vmhwm_mb():
+def _status_mb(field):
+    """A memory field of /proc/self/status (VmHWM, RssAnon, RssFile, ...) in MB, or None."""
     try:
         with open('/proc/self/status', encoding='utf-8') as fh:
             for line in fh:
-                if line.startswith('VmHWM:'):
+                if line.startswith(field + ':'):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
     return None
 
 
-def _reset_vmhwm():
-    """Reset VmHWM (Linux >= 4.0) so the peak of a steady phase can be read apart from start-up and compile."""
-    try:
-        with open('/proc/self/clear_refs', 'w', encoding='utf-8') as fh:
-            fh.write('5')
-        return True
-    except OSError:
-        return False
+def _memory_figures():
+    """Peak RSS, and the peak without file-backed pages (shared libraries): VmHWM - RssFile - RssShmem.
+
+    The file-backed part depends on how much of MindSpore's libraries other processes keep in the page cache
+    (fault-around maps cached neighbours), which differs by ~100 MB between two virtualenvs of the same wheel;
+    the anonymous part is what the framework allocated: weights, gradients, optimizer state, activations, graphs.
+    """
+    peak = _peak_rss_mb()
+    hwm, rss_file, rss_shmem = _status_mb('VmHWM'), _status_mb('RssFile'), _status_mb('RssShmem')
+    anon = hwm - rss_file - (rss_shmem or 0.0) if hwm is not None and rss_file is not None else None
+    return dict(peak_mb=peak, peak_anon_mb=anon, rss_file_mb=rss_file)
 
 
 def _interleaved(funcs, iterations, warmup=1):
@@ -340,8 +344,10 @@ def worker_train(cfg):
     """One training process: build the variant, run steps of AdamWeightDecay in GRAPH_MODE, time and measure."""
     ms = _ms_setup(cfg)
     from mindspore import nn
+    phases = dict(imported=_peak_rss_mb())
     start = time.perf_counter()
     net = _ms_variant(cfg['variant'], cfg)
+    phases['built'] = _peak_rss_mb()
     params = net.trainable_params()
     total = sum(p.size for p in net.get_parameters())
     trainable = sum(p.size for p in params)
@@ -351,12 +357,14 @@ def worker_train(cfg):
     ids, labels = _ms_batch(cfg['model'])
     build_s = time.perf_counter() - start
     start = time.perf_counter()
+    train.compile(ids, labels)
+    phases['compiled'] = _peak_rss_mb()
     loss_first = float(train(ids, labels).asnumpy())
     compile_s = time.perf_counter() - start
+    phases['first_step'] = _peak_rss_mb()
     for _ in range(cfg['warmup']):
         train(ids, labels)
     _ms_sync(ms, cfg)
-    reset = _reset_vmhwm()
     times, cpu = [], []
     for _ in range(cfg['steps']):
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -365,8 +373,7 @@ def worker_train(cfg):
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     result = dict(step_s=_median(times), step_cpu_s=_median(cpu), step_times=times, step_cpu_times=cpu,
-                  build_s=build_s, compile_s=compile_s,
-                  peak_mb=_peak_rss_mb(), steady_peak_mb=_vmhwm_mb() if reset else None,
+                  build_s=build_s, compile_s=compile_s, rss_phases=phases, **_memory_figures(),
                   trainable=trainable, total=total, loss_first=loss_first, loss_last=float(loss.asnumpy()))
     if cfg.get('device', 'CPU') != 'CPU':
         result['device_peak_mb'] = ms.runtime.max_memory_allocated() / 2 ** 20
@@ -621,7 +628,6 @@ def worker_torch_train(cfg):
     compile_s = time.perf_counter() - start
     for _ in range(cfg['warmup']):
         step()
-    reset = _reset_vmhwm()
     times, cpu = [], []
     for _ in range(cfg['steps']):
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -629,8 +635,7 @@ def worker_torch_train(cfg):
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     return dict(step_s=_median(times), step_cpu_s=_median(cpu), step_times=times, step_cpu_times=cpu,
-                build_s=build_s, compile_s=compile_s,
-                peak_mb=_peak_rss_mb(), steady_peak_mb=_vmhwm_mb() if reset else None,
+                build_s=build_s, compile_s=compile_s, **_memory_figures(),
                 trainable=sum(p.numel() for p in params), total=sum(p.numel() for p in model.parameters()),
                 loss_first=loss_first, loss_last=loss, torch_threads=torch.get_num_threads())
 
@@ -732,7 +737,8 @@ def run_benchmarks(args):
     parts = set(args.parts)
     groups = {'train'} | ({'reference'} if 'reference' in parts else set()) | ({'peers'} if args.peers else set())
     common = dict(warmup=args.warmup, steps=args.steps)
-    out = dict(parts=sorted(parts), peers=args.peers, repeats=args.repeats, sizes=sizes, lora=dict(LORA),
+    out = dict(parts=sorted(parts), peers=args.peers, repeats=args.repeats, layer_repeats=args.layer_repeats,
+               sizes=sizes, lora=dict(LORA),
                device=args.device)
 
     if 'train' in parts:
@@ -751,10 +757,11 @@ def run_benchmarks(args):
                                  compile_s=_median([r['compile_s'] for r in runs]),
                                  trainable=runs[0]['trainable'], total=runs[0]['total'],
                                  loss_first=runs[0]['loss_first'], loss_last=runs[0]['loss_last'])
-            for key in ('step_s', 'step_cpu_s', 'peak_mb', 'steady_peak_mb'):
+            for key in ('step_s', 'step_cpu_s', 'peak_mb', 'peak_anon_mb'):
                 summary[name][key] = _median([r[key] for r in runs if r.get(key)])
                 summary[name][key.replace('_s', '').replace('_mb', '') + '_ratio'] = \
                     _paired_ratio(train, name, base, key)
+            summary[name]['rss_phases'] = runs[0].get('rss_phases')
         out['train'] = dict(summary=summary, runs=train)
 
     if 'forward' in parts:
@@ -780,7 +787,7 @@ def run_benchmarks(args):
 
     if 'layer' in parts:
         runs = [runner.run('main', 'layer', dict(layer=sizes['layer'], iterations=args.iterations * 2))
-                for _ in range(args.repeats)]
+                for _ in range(args.layer_repeats)]
         out['layer'] = _ratio_table(runs, {
             'fwd_unmerged': ('fwd:lora', 'fwd:dense'),
             'fwd_merged_in_place': ('fwd:lora_merged_in_place', 'fwd:dense'),
@@ -796,7 +803,7 @@ def run_benchmarks(args):
         dtypes = ['float32', 'float16']
         runs = [runner.run('mindpet104', 'reference', dict(layer=sizes['layer'], iterations=args.iterations * 2,
                                                              dtypes=dtypes))
-                for _ in range(args.repeats)]
+                for _ in range(args.layer_repeats)]
         pairs = {}
         for d in dtypes:
             for kind in ('fwd', 'fwdbwd'):
@@ -867,6 +874,8 @@ TARGETS = [
      ('forward', 'train', 'lora', 'ratio'), 1.03),
     ('LoRA peak memory (ru_maxrss) / full fine-tuning', ('train', 'summary', 'lora', 'peak_ratio', 'median'),
      None, 0.60),
+    ('LoRA peak anonymous memory (VmHWM - RssFile) / full fine-tuning',
+     ('train', 'summary', 'lora', 'peak_anon_ratio', 'median'), None, 0.60),
     ('LoRADense forward (unmerged) / nn.Dense', ('layer', 'fwd_unmerged', 'cpu_ratio'),
      ('layer', 'fwd_unmerged', 'ratio'), 1.05),
     ('merged LoRADense (merge() then to_dense()) forward / nn.Dense', ('layer', 'fwd_to_dense', 'cpu_ratio'),
@@ -885,7 +894,9 @@ RELATIVE_TARGETS = [
     ('LoRA/full step ratio: ours vs MindPet 1.0.4', 'lora_mindpet104', 'step_cpu_ratio', 'step_ratio'),
     ('LoRA/full step ratio: ours vs PyTorch+PEFT', 'peft_lora', 'step_cpu_ratio', 'step_ratio'),
     ('LoRA/full peak memory ratio: ours vs MindPet 1.0.4', 'lora_mindpet104', 'peak_ratio', None),
+    ('LoRA/full peak anonymous memory ratio: ours vs MindPet 1.0.4', 'lora_mindpet104', 'peak_anon_ratio', None),
     ('LoRA/full peak memory ratio: ours vs PyTorch+PEFT', 'peft_lora', 'peak_ratio', None),
+    ('LoRA/full peak anonymous memory ratio: ours vs PyTorch+PEFT', 'peft_lora', 'peak_anon_ratio', None),
 ]
 
 
@@ -938,7 +949,7 @@ def render_markdown(results, command):
         + f'; device {results.get("device", "CPU")}.')
     add(f'Load average (1 min) when the worker processes started: median {_fmt(load.get("median"))}, range '
         f'{_fmt(load.get("min"))}-{_fmt(load.get("max"))} on {m.get("cores", "?")} cores (other jobs shared '
-        f'them). {results.get("repeats")} rounds; figures are medians; ratios are paired per round (same round, '
+        f'them). {results.get("repeats")} rounds ({results.get("layer_repeats")} for parts 2 and 5); figures are medians; ratios are paired per round (same round, '
         f'back-to-back processes, or the same process for the layer and forward figures) with the range over rounds '
         f'in brackets. "CPU" is the process\'s CPU time (all threads, `time.process_time`), "wall" the elapsed time; '
         f'targets are judged on CPU time because the wall clock also counts the time other jobs held the cores.')
@@ -951,19 +962,32 @@ def render_markdown(results, command):
             f'AdamWeightDecay; one process per variant)')
         add('')
         add('| variant | trainable params | step CPU (s) | CPU / full | step wall (s) | wall / full | '
-            'peak RSS (MB) | peak / full | compile (s) | loss first -> last |')
-        add('|---|---|---|---|---|---|---|---|---|---|')
+            'peak RSS (MB) | peak / full | peak anon (MB) | anon / full | loss first -> last |')
+        add('|---|---|---|---|---|---|---|---|---|---|---|')
         for s in train.values():
             pct = 100.0 * s['trainable'] / s['total']
             add(f'| {s["label"]} | {s["trainable"]:,} ({pct:.2f}%) | {_fmt(s["step_cpu_s"], 3)} | '
                 f'{_rng(s["step_cpu_ratio"])} | {_fmt(s["step_s"], 3)} | {_rng(s["step_ratio"])} | '
-                f'{_fmt(s["peak_mb"], 0)} | {_rng(s["peak_ratio"])} | {_fmt(s["compile_s"], 1)} | '
-                f'{s["loss_first"]:.3f} -> {s["loss_last"]:.3f} |')
+                f'{_fmt(s["peak_mb"], 0)} | {_rng(s["peak_ratio"])} | {_fmt(s["peak_anon_mb"], 0)} | '
+                f'{_rng(s["peak_anon_ratio"])} | {s["loss_first"]:.3f} -> {s["loss_last"]:.3f} |')
         add('')
         add('Ratios are to the full fine-tuning run in the same virtualenv (PyTorch rows: to PyTorch full '
-            'fine-tuning). Peak RSS is the whole process (`ru_maxrss`: runtime, graph compilation, weights, '
-            'gradients, optimizer state, activations).')
+            'fine-tuning). Peak RSS is the whole process (`ru_maxrss`). Peak anon is `VmHWM - RssFile - RssShmem` at '
+            'the end: the same peak without the pages of shared libraries, whose count depends on what other '
+            'processes keep in the page cache (the same MindSpore wheel shows ~100 MB more of them in one '
+            'virtualenv than in another).')
         add('')
+        phased = {n: s for n, s in train.items() if s.get('rss_phases')}
+        if phased:
+            add('Where a MindSpore process\'s memory goes (peak RSS in MB after each phase, first round):')
+            add('')
+            add('| variant | import | model built | graph compiled | first step | end (peak) | compile (s) |')
+            add('|---|---|---|---|---|---|---|')
+            for s in phased.values():
+                ph = s['rss_phases']
+                add(f'| {s["label"]} | {ph["imported"]:.0f} | {ph["built"]:.0f} | {ph["compiled"]:.0f} | '
+                    f'{ph["first_step"]:.0f} | {s["peak_mb"]:.0f} | {_fmt(s["compile_s"], 1)} |')
+            add('')
     forward = results.get('forward')
     if forward:
         add('### Forward pass of each variant (inference; the variants of a group built in one process, timed '
@@ -1083,6 +1107,8 @@ def parse_args(argv):
                         help=f'comma-separated subset of {",".join(PARTS)} (default: all).')
     parser.add_argument('--peers', action='store_true', help='also run Hugging Face PEFT on PyTorch (own venv).')
     parser.add_argument('--repeats', type=int, default=3, help='rounds of every measurement (default 3).')
+    parser.add_argument('--layer-repeats', type=int, default=5,
+                        help='processes for the layer and reference parts (cheap, so more of them; default 5).')
     parser.add_argument('--steps', type=int, default=8, help='timed training steps per process (default 8).')
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps after the compiling one (default 2).')
     parser.add_argument('--iterations', type=int, default=10,
