@@ -77,7 +77,14 @@ FORWARD_GROUPS = {
     'reference': dict(env='mindpet104', variants=['full', 'lora', 'lora_mindpet104']),
     'peers': dict(env='peft', variants=['peft_full', 'peft_lora']),
 }
-PARTS = ('train', 'forward', 'layer', 'ckpt', 'reference')
+# Training steps of several variants built in one process and stepped in turn: each round's ratio compares steps
+# taken seconds apart under the same load, which per-process runs cannot (their memory figures need them, though).
+TRAIN_AB_GROUPS = {
+    'train': dict(env='main', variants=['full', 'lora', 'bitfit', 'floor']),
+    'reference': dict(env='mindpet104', variants=['lora_mindpet104', 'lora', 'floor']),
+    'peers': dict(env='peft', variants=['peft_full', 'peft_lora']),
+}
+PARTS = ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'reference')
 
 
 # ===================================================================================================== helpers
@@ -380,6 +387,28 @@ def worker_train(cfg):
     return result
 
 
+def worker_train_ab(cfg):
+    """Training steps of several variants in one process, interleaved (see TRAIN_AB_GROUPS)."""
+    ms = _ms_setup(cfg)
+    from mindspore import nn
+    ids, labels = _ms_batch(cfg['model'])
+    funcs = {}
+    for name in cfg['variants']:
+        net = _ms_variant(name, cfg)
+        opt = nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.01)
+        train = nn.TrainOneStepCell(_ms_loss_cell(net), opt)
+        train.set_train(True)
+        train(ids, labels)
+
+        def run(train=train):
+            train(ids, labels)
+            _ms_sync(ms, cfg)
+        funcs[name] = run
+    wall, cpu = _interleaved(funcs, cfg['steps'], warmup=cfg['warmup'])
+    return dict(time_s={n: _median(t) for n, t in wall.items()}, cpu_s={n: _median(t) for n, t in cpu.items()},
+                paired_cpu={n: _median([a / b for a, b in zip(cpu[n], cpu[cfg['variants'][0]])]) for n in cpu})
+
+
 def worker_forward(cfg):
     """Forward (inference) time of several variants built in one process, timed interleaved."""
     ms = _ms_setup(cfg)
@@ -640,6 +669,25 @@ def worker_torch_train(cfg):
                 loss_first=loss_first, loss_last=loss, torch_threads=torch.get_num_threads())
 
 
+def worker_torch_train_ab(cfg):
+    import torch
+    ids, labels = _torch_batch(cfg['model'])
+    funcs = {}
+    for name in cfg['variants']:
+        model = _torch_variant(name, cfg)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
+
+        def run(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(ids), labels).backward()
+            opt.step()
+        funcs[name] = run
+    wall, cpu = _interleaved(funcs, cfg['steps'], warmup=cfg['warmup'] + 1)
+    return dict(time_s={n: _median(t) for n, t in wall.items()}, cpu_s={n: _median(t) for n, t in cpu.items()},
+                paired_cpu={n: _median([a / b for a, b in zip(cpu[n], cpu[cfg['variants'][0]])]) for n in cpu})
+
+
 def worker_torch_forward(cfg):
     import torch
     ids, _ = _torch_batch(cfg['model'])
@@ -655,7 +703,8 @@ def worker_torch_forward(cfg):
     return dict(forward_s=timed['time_s'], forward_cpu_s=timed['cpu_s'])
 
 
-WORKERS = {'train': worker_train, 'forward': worker_forward, 'layer': worker_layer, 'ckpt': worker_ckpt,
+WORKERS = {'train': worker_train, 'train_ab': worker_train_ab, 'torch_train_ab': worker_torch_train_ab,
+           'forward': worker_forward, 'layer': worker_layer, 'ckpt': worker_ckpt,
            'reference': worker_reference, 'torch_train': worker_torch_train, 'torch_forward': worker_torch_forward}
 
 
@@ -764,6 +813,26 @@ def run_benchmarks(args):
             summary[name]['rss_phases'] = runs[0].get('rss_phases')
         out['train'] = dict(summary=summary, runs=train)
 
+    if 'train_ab' in parts:
+        ab_runs = {}
+        for _ in range(args.repeats):
+            for group in sorted(groups):
+                spec = TRAIN_AB_GROUPS[group]
+                kind = 'torch_train_ab' if spec['env'] == 'peft' else 'train_ab'
+                ab_runs.setdefault(group, []).append(runner.run(spec['env'], kind, dict(
+                    common, variants=spec['variants'], model=sizes['gpt'])))
+        out['train_ab'] = {}
+        for group, runs in ab_runs.items():
+            base = TRAIN_AB_GROUPS[group]['variants'][0]
+            out['train_ab'][group] = {}
+            for name in TRAIN_AB_GROUPS[group]['variants']:
+                row = dict(base=base)
+                for key, tag in (('time_s', ''), ('cpu_s', 'cpu_')):
+                    ratios = [r[key][name] / r[key][base] for r in runs]
+                    row.update({key: _median([r[key][name] for r in runs]), f'{tag}ratio': _median(ratios),
+                                f'{tag}min': min(ratios), f'{tag}max': max(ratios)})
+                out['train_ab'][group][name] = row
+
     if 'forward' in parts:
         forward = {}
         for _ in range(args.repeats):
@@ -868,8 +937,13 @@ def _get(data, *path):
 # on CPU time (this process's CPU seconds over all threads), which other jobs on a shared machine barely move;
 # the wall-clock figure of the same run is shown beside it.
 TARGETS = [
-    ('LoRA step time / full fine-tuning', ('train', 'summary', 'lora', 'step_cpu_ratio', 'median'),
+    ('LoRA step time / full fine-tuning (one process each)',
+     ('train', 'summary', 'lora', 'step_cpu_ratio', 'median'),
      ('train', 'summary', 'lora', 'step_ratio', 'median'), 0.57),
+    ('LoRA step time / full fine-tuning (same process, interleaved)', ('train_ab', 'train', 'lora', 'cpu_ratio'),
+     ('train_ab', 'train', 'lora', 'ratio'), 0.57),
+    ('ours / MindPet 1.0.4 LoRA training step (same process, interleaved)',
+     ('train_ab', 'reference', 'lora', 'cpu_ratio'), ('train_ab', 'reference', 'lora', 'ratio'), 1.0),
     ('LoRA model forward / base model forward', ('forward', 'train', 'lora', 'cpu_ratio'),
      ('forward', 'train', 'lora', 'ratio'), 1.03),
     ('LoRA peak memory (ru_maxrss) / full fine-tuning', ('train', 'summary', 'lora', 'peak_ratio', 'median'),
@@ -907,6 +981,11 @@ def evaluate_targets(results):
         if value is not None:
             rows.append(dict(what=what, value=value, wall=_get(results, *wall_path) if wall_path else None,
                              target=f'<= {limit}', met=value <= limit))
+    ours, theirs = _get(results, 'train_ab', 'train', 'lora'), _get(results, 'train_ab', 'peers', 'peft_lora')
+    if ours and theirs:
+        rows.append(dict(what='LoRA/full step ratio (same process): ours vs PyTorch+PEFT', value=ours['cpu_ratio'],
+                         wall=ours['ratio'], wall_target=theirs['ratio'], target=f'<= {theirs["cpu_ratio"]:.3f}',
+                         met=ours['cpu_ratio'] <= theirs['cpu_ratio']))
     summary = _get(results, 'train', 'summary') or {}
     for what, other, key, wall_key in RELATIVE_TARGETS:
         ours, theirs = _get(summary, 'lora', key, 'median'), _get(summary, other, key, 'median')
@@ -953,6 +1032,12 @@ def render_markdown(results, command):
         f'back-to-back processes, or the same process for the layer and forward figures) with the range over rounds '
         f'in brackets. "CPU" is the process\'s CPU time (all threads, `time.process_time`), "wall" the elapsed time; '
         f'targets are judged on CPU time because the wall clock also counts the time other jobs held the cores.')
+    reused = results.get('reused')
+    if reused:
+        add(f'Parts {", ".join(reused["parts"])} come from the earlier run of {reused.get("date")} '
+            f'(`{reused.get("command")}`; load median {_fmt((reused.get("load") or {}).get("median"))}, range '
+            f'{_fmt((reused.get("load") or {}).get("min"))}-{_fmt((reused.get("load") or {}).get("max"))}); '
+            f'the load figures above are this run\'s.')
     add('')
     train = _get(results, 'train', 'summary')
     if train:
@@ -988,6 +1073,21 @@ def render_markdown(results, command):
                 add(f'| {s["label"]} | {ph["imported"]:.0f} | {ph["built"]:.0f} | {ph["compiled"]:.0f} | '
                     f'{ph["first_step"]:.0f} | {s["peak_mb"]:.0f} | {_fmt(s["compile_s"], 1)} |')
             add('')
+    train_ab = results.get('train_ab')
+    if train_ab:
+        add('### 1b. Training steps of several variants in one process, stepped in turn')
+        add('')
+        add('Same model, data and optimiser as above; each round is one process holding the group\'s variants and '
+            'stepping them in turn, so a ratio compares steps taken seconds apart under the same load. Ratios are '
+            'to the first variant of the group.')
+        add('')
+        add('| group | variant | step CPU (s) | CPU / first | step wall (s) | wall / first |')
+        add('|---|---|---|---|---|---|')
+        for group, rows in train_ab.items():
+            for name, r in rows.items():
+                add(f'| {group} | {TRAIN_VARIANTS[name]["label"]} | {_fmt(r["cpu_s"], 3)} | {_pair(r, "cpu_")} | '
+                    f'{_fmt(r["time_s"], 3)} | {_pair(r)} |')
+        add('')
     forward = results.get('forward')
     if forward:
         add('### Forward pass of each variant (inference; the variants of a group built in one process, timed '
@@ -1119,6 +1219,8 @@ def parse_args(argv):
     parser.add_argument('--doc', default=None, help='markdown page to update (default doc/benchmarks.md; '
                                                     'none with --quick).')
     parser.add_argument('--no-doc', action='store_true', help='do not update the markdown page.')
+    parser.add_argument('--reuse', default=None,
+                        help='JSON of an earlier run: keep its parts that this run does not measure.')
     parser.add_argument('--timeout', type=int, default=3600, help='seconds allowed per worker process.')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
     parser.add_argument('--args', default=None, help=argparse.SUPPRESS)
@@ -1141,6 +1243,17 @@ def main(argv=None):
     command = 'PYTHONPATH=. python scripts/benchmark.py' + (' ' + ' '.join(argv) if argv else '')
     started = time.time()
     results = run_benchmarks(args)
+    if args.reuse:
+        with open(args.reuse, encoding='utf-8') as fh:
+            earlier = json.load(fh)
+        for key in ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'reference'):
+            if key not in results and key in earlier:
+                results[key] = earlier[key]
+        results['reused'] = dict(path=args.reuse, date=earlier.get('date'), command=earlier.get('command'),
+                                 load=earlier.get('load'),
+                                 parts=sorted(k for k in earlier if k in PARTS and k not in args.parts))
+        if 'train' in earlier and 'train' not in args.parts:
+            results['sizes'] = earlier.get('sizes', results['sizes'])
     results['date'] = datetime.datetime.now().strftime('%Y-%m-%d %H:%M')
     results['command'] = command
     results['duration_s'] = time.time() - started
