@@ -831,6 +831,8 @@ def run_benchmarks(args):
                     ratios = [r[key][name] / r[key][base] for r in runs]
                     row.update({key: _median([r[key][name] for r in runs]), f'{tag}ratio': _median(ratios),
                                 f'{tag}min': min(ratios), f'{tag}max': max(ratios)})
+                paired = [r['paired_cpu'][name] for r in runs]
+                row.update(paired_ratio=_median(paired), paired_min=min(paired), paired_max=max(paired))
                 out['train_ab'][group][name] = row
 
     if 'forward' in parts:
@@ -1079,14 +1081,18 @@ def render_markdown(results, command):
         add('')
         add('Same model, data and optimiser as above; each round is one process holding the group\'s variants and '
             'stepping them in turn, so a ratio compares steps taken seconds apart under the same load. Ratios are '
-            'to the first variant of the group.')
+            'to the first variant of the group: "CPU / first" divides the round\'s median step times (the figure '
+            'the targets use), "paired" is the median over steps of each step divided by the first variant\'s '
+            'step just before it.')
         add('')
-        add('| group | variant | step CPU (s) | CPU / first | step wall (s) | wall / first |')
-        add('|---|---|---|---|---|---|')
+        add('| group | variant | step CPU (s) | CPU / first | paired CPU / first | step wall (s) | wall / first |')
+        add('|---|---|---|---|---|---|---|')
         for group, rows in train_ab.items():
             for name, r in rows.items():
+                paired = (f'{r["paired_ratio"]:.3f}x ({r["paired_min"]:.2f}-{r["paired_max"]:.2f})'
+                          if 'paired_ratio' in r else 'n/a')
                 add(f'| {group} | {TRAIN_VARIANTS[name]["label"]} | {_fmt(r["cpu_s"], 3)} | {_pair(r, "cpu_")} | '
-                    f'{_fmt(r["time_s"], 3)} | {_pair(r)} |')
+                    f'{paired} | {_fmt(r["time_s"], 3)} | {_pair(r)} |')
         add('')
     forward = results.get('forward')
     if forward:
