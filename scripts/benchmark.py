@@ -534,8 +534,7 @@ def worker_ckpt(cfg):
     from mindpet.graph.ckpt_util import save_trainable_params
     from mindpet.utils.io_utils import atomic_save_checkpoint
     net = apply_lora(build_gpt(cfg['model']), cfg)
-    all_params = net.get_parameters()
-    all_params = list(all_params)
+    all_params = list(net.get_parameters())
     trainable = net.trainable_params()
     raw_full = sum(p.size * p.itemsize for p in all_params)
     raw_adapter = sum(p.size * p.itemsize for p in trainable)
