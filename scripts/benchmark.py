@@ -987,6 +987,11 @@ def evaluate_targets(results):
         rows.append(dict(what='LoRA/full step ratio (same process): ours vs PyTorch+PEFT', value=ours['cpu_ratio'],
                          wall=ours['ratio'], wall_target=theirs['ratio'], target=f'<= {theirs["cpu_ratio"]:.3f}',
                          met=ours['cpu_ratio'] <= theirs['cpu_ratio']))
+    ckpt = results.get('ckpt')
+    for fmt, files in (ckpt or {}).get('files', {}).items():
+        excess = files['adapter_bytes'] / ckpt['raw_adapter_bytes'] - 1.0
+        rows.append(dict(what=f'adapter file ({fmt}) bytes over raw adapter tensor bytes', value=excess, wall=None,
+                         target='<= 0.01', met=excess <= 0.01))
     summary = _get(results, 'train', 'summary') or {}
     for what, other, key, wall_key in RELATIVE_TARGETS:
         ours, theirs = _get(summary, 'lora', key, 'median'), _get(summary, other, key, 'median')
