@@ -136,25 +136,35 @@ class LoRADense(nn.Dense):
             raise ValueError(f"For 'LoRADense', the input must have at least 2 dimensions, but got {len(x_shape)}.")
         if len(x_shape) != 2:
             x = self.reshape(x, (-1, x_shape[-1]))
-        x = self.cast(x, self.compute_dtype)
-        out = self.matmul(x, self.cast(self.weight, self.compute_dtype))
-        if self.has_bias:
-            out = self.bias_add(out, self.cast(self.bias, self.compute_dtype))
+        x = self._to_compute(x)
 
         lora_x = x
         if self.use_lora_dropout:
             lora_x = self.lora_dropout(lora_x)
-        lora_x = self.lora_a_matmul(lora_x, self.cast(self.mindpet_delta_lora_a, self.compute_dtype))
+        lora_x = self.lora_a_matmul(lora_x, self._to_compute(self.mindpet_delta_lora_a))
         # Scaling the (N, r) intermediate costs r/out of scaling the (N, out) result.
-        lora_x = self.mul(lora_x, self.cast(self.mindpet_state_lora_scaling, self.compute_dtype))
-        lora_x = self.lora_b_matmul(lora_x, self.cast(self.mindpet_delta_lora_b, self.compute_dtype))
-        out = self.add(out, lora_x)
+        lora_x = self.mul(lora_x, self._to_compute(self.mindpet_state_lora_scaling))
+        lora_x = self.lora_b_matmul(lora_x, self._to_compute(self.mindpet_delta_lora_b))
+        if self.has_bias:
+            # The bias goes onto the branch, so the frozen product meets branch and bias in one Add straight
+            # after its MatMul: one pass over the (N, out) result fewer than bias_add(matmul) + add.
+            lora_x = self.bias_add(lora_x, self._to_compute(self.bias))
+        out = self.add(self.matmul(x, self._to_compute(self.weight)), lora_x)
 
         if self.activation_flag:
             out = self.activation(out)
         if len(x_shape) != 2:
             out = self.reshape(out, x_shape[:-1] + (self.out_channels,))
-        return self.cast(out, ori_dtype)
+        if out.dtype != ori_dtype:
+            out = self.cast(out, ori_dtype)
+        return out
+
+    def _to_compute(self, tensor):
+        # No Cast when the dtype already matches (frozen fp32 weights with fp32 compute): the graph then holds
+        # no per-step copy of the weight, and PyNative runs no cast kernel.
+        if tensor.dtype == self.compute_dtype:
+            return tensor
+        return self.cast(tensor, self.compute_dtype)
 
     # ----- merge / export ------------------------------------------------------------------------------------
     def delta_weight(self):
