@@ -145,11 +145,16 @@ class LoRADense(nn.Dense):
         # Scaling the (N, r) intermediate costs r/out of scaling the (N, out) result.
         lora_x = self.mul(lora_x, self._to_compute(self.mindpet_state_lora_scaling))
         lora_x = self.lora_b_matmul(lora_x, self._to_compute(self.mindpet_delta_lora_b))
-        if self.has_bias:
+        out = self.matmul(x, self._to_compute(self.weight))
+        if self.has_bias and self.compute_dtype == mstype.float32:
             # The bias goes onto the branch, so the frozen product meets branch and bias in one Add straight
-            # after its MatMul: one pass over the (N, out) result fewer than bias_add(matmul) + add.
+            # after its MatMul: one pass over the (N, out) result fewer than bias_add(matmul) + add. Exact in
+            # float32 only: in float16 the base Dense's MatMul+BiasAdd rounds once, so there the bias stays on the
+            # main product and the layer equals its base Dense bit for bit at init.
             lora_x = self.bias_add(lora_x, self._to_compute(self.bias))
-        out = self.add(self.matmul(x, self._to_compute(self.weight)), lora_x)
+        elif self.has_bias:
+            out = self.bias_add(out, self._to_compute(self.bias))
+        out = self.add(out, lora_x)
 
         if self.activation_flag:
             out = self.activation(out)
