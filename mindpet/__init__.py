@@ -15,3 +15,10 @@ from mindpet.model import PetModel, get_pet_model  # noqa: E402
 
 __all__ += ['PetConfig', 'LoraConfig', 'register_method', 'config_from_dict', 'config_from_yaml', 'PetModel',
             'get_pet_model']
+
+# Sparse training and adaptive-rank methods (PST, AdaLoRA, the tensorised t-SVD adapter).
+from mindpet.tuners.pst import PstConfig  # noqa: E402
+from mindpet.tuners.adalora import AdaLoraConfig  # noqa: E402
+from mindpet.tuners.tsvd import TensorSVDConfig  # noqa: E402
+
+__all__ += ['PstConfig', 'AdaLoraConfig', 'TensorSVDConfig']

@@ -13,7 +13,10 @@ import re
 import time
 
 from mindspore import nn
+from mindspore import dtype as mstype
+from mindspore.train import Callback
 
+from mindpet.delta.rank_allocation import TrainStepWithGrads, WithOrthRegularizer
 from mindpet.utils.constants import DELTA_PREFIX
 
 
@@ -134,23 +137,40 @@ class BaseTuner:
         Raises:
             ValueError: the config matches nothing (the message lists the patterns and candidate names).
         """
+        holders, matches = self.match(model, config, layers)
+        targets, changed = [], False
+        for key, cell, is_new in matches:
+            if is_new:
+                layers[key] = replace_cell(holders, cell, self.create_layer(cell, config), key + '.')
+                changed = True
+            targets.append(key)
+        return targets, changed
+
+    def match(self, model, config, layers):
+        """One walk of ``model``: the cells ``config`` targets, before anything is replaced.
+
+        Returns:
+            tuple: ``(holders, matches)``; ``holders`` as from :func:`walk`, ``matches`` a list of
+            ``(layer key, cell, is_new)`` in model order: ``is_new`` is False for a delta Cell already in
+            ``layers`` (checked with :meth:`check_reuse`), True for a cell to adapt.
+
+        Raises:
+            ValueError: the config matches nothing, or :meth:`check_reuse` refuses an adapted layer.
+        """
         cells, holders = walk(model)
-        known = {id(layer) for layer in layers.values()}
-        targets, changed, matched_other = [], False, []
+        known = {id(layer): key for key, layer in layers.items()}
+        matches, matched_other = [], []
         for name, cell in cells:
             if not name or not matches_any(name, config.target_modules) or matches_any(name, config.exclude_modules):
                 continue
             if id(cell) in known:
-                targets.append(next(key for key, layer in layers.items() if layer is cell))
+                self.check_reuse(known[id(cell)], cell, config)
+                matches.append((known[id(cell)], cell, False))
             elif self.is_target(cell):
-                key = layer_key(cell, name)
-                layers[key] = replace_cell(holders, cell, self.create_layer(cell, config), key + '.')
-                known.add(id(layers[key]))
-                targets.append(key)
-                changed = True
+                matches.append((layer_key(cell, name), cell, True))
             else:
                 matched_other.append(f"{name} ({type(cell).__name__})")
-        if not targets:
+        if not matches:
             candidates = self.candidates(cells)
             # Distinct last name components say more than a long list of full names in a deep model.
             endings = list(dict.fromkeys(name.rsplit('.', 1)[-1] for name in candidates))
@@ -159,12 +179,22 @@ class BaseTuner:
                              f"{config.target_modules} (exclude_modules {config.exclude_modules}) match no "
                              f"adaptable cell of the model.{other} The {len(candidates)} candidate layers end in "
                              f"{endings[:20]}, e.g. {candidates[:4]}.")
-        return targets, changed
+        return holders, matches
+
+    def check_reuse(self, key, layer, config):
+        """Refuse (ValueError) to put an adapter of ``config`` on ``layer`` (key ``key``), a delta Cell an earlier
+        adapter created, when its Parameters cannot hold it. Default: accept."""
 
     # ----- per-layer adapter state (NumPy, the adapter's own shapes) -------------------------------------------
     def adapter_shapes(self, weight_shape, config):
         """``suffix -> shape`` of one layer's adapter tensors for a base weight of ``weight_shape``."""
         raise NotImplementedError
+
+    def adapter_tensor_shapes(self, targets, weight_shapes, config):
+        """``key -> {suffix: shape}`` of the tensors an adapter covering ``targets`` (layer keys, model order)
+        holds; ``weight_shapes`` maps each key to its base weight's shape. Default: :meth:`adapter_shapes` per
+        layer. A method whose tensors are shared by several layers (t-SVD) overrides it."""
+        return {key: self.adapter_shapes(weight_shapes[key], config) for key in targets}
 
     def read_adapter(self, layer, config):
         """The live adapter tensors of ``layer`` (copies), in the adapter's own shapes."""
@@ -210,8 +240,169 @@ class BaseTuner:
         base checkpoint); returns ``name -> new array`` for the entries that change. Used by ``mindpet merge``."""
         raise NotImplementedError(f"The '{self.method}' method cannot be merged into the base weights.")
 
+    def merge_adapter_weights(self, params, targets, tensors, config):
+        """Merge a whole adapter into checkpoint arrays (``mindpet merge``): ``tensors`` maps each layer key of
+        ``targets`` to its tensors. Returns ``name -> new array``. Default: :meth:`merge_weights` per layer."""
+        updates = {}
+        for key in targets:
+            updates.update(self.merge_weights(params, key, tensors[key], config))
+        return updates
+
+    # ----- saving and training -------------------------------------------------------------------------------
+    def saved_config(self, config, tensors):
+        """The config written with an adapter whose tensors are ``tensors`` (``key -> {suffix: array}``);
+        methods that record what training decided (AdaLoRA's and t-SVD's rank patterns) fill it in."""
+        return config
+
+    def training_hook(self, pet, config, total_steps):
+        """The :class:`TrainingHook` that drives this method's schedules while ``pet`` trains. Default: one that
+        does nothing around the steps."""
+        return TrainingHook(pet)
+
     # ----- combining -----------------------------------------------------------------------------------------
     def combine(self, adapters, weights, combination_type, rank):
         """Combine adapters: ``adapters`` is a list of ``(config, {key: tensors})``. Returns
         ``(config, {key: tensors})`` of the new adapter."""
         raise NotImplementedError(f"The '{self.method}' method does not support add_weighted_adapter.")
+
+
+class DenseLayerTuner(BaseTuner):
+    """Shared plumbing of tuners whose delta Cell is a :class:`mindpet.delta.base.DeltaDense` subclass replacing an
+    ``nn.Dense`` (PST, AdaLoRA, t-SVD): building it around the Dense's own Parameters, merging through the
+    Cell's ``merge()``/``unmerge()``, and unloading to a plain ``nn.Dense``."""
+
+    @staticmethod
+    def build_layer(layer_class, cell, compute_dtype, **kwargs):
+        """``layer_class(in, out, ..., **kwargs)`` holding ``cell``'s weight and bias Parameter objects; the
+        matmuls run in ``compute_dtype`` ('float16', 'float32', 'bfloat16'; None: the weight's dtype)."""
+        dtype = cell.weight.dtype
+        compute = getattr(mstype, compute_dtype) if compute_dtype else dtype
+        # 'zeros' avoids drawing a random weight that is replaced at once by the base layer's own Parameter.
+        layer = layer_class(cell.in_channels, cell.out_channels, compute_dtype=compute, weight_init='zeros',
+                            bias_init='zeros', has_bias=cell.has_bias, activation=cell.activation, dtype=dtype,
+                            **kwargs)
+        layer.weight = cell.weight
+        if cell.has_bias:
+            layer.bias = cell.bias
+        return layer
+
+    def merge_layer(self, layer, config):
+        layer.merge()
+
+    def unmerge_layer(self, layer, config):
+        layer.unmerge()
+
+    def unload_layer(self, layer):
+        # The delta branch is off (merged, or not covered by the active adapter): a plain Dense computes the same.
+        dense = nn.Dense(layer.in_channels, layer.out_channels, weight_init='zeros', bias_init='zeros',
+                         has_bias=layer.has_bias, activation=layer.activation, dtype=layer.weight.dtype)
+        dense.weight = layer.weight
+        if layer.has_bias:
+            dense.bias = layer.bias
+        return dense
+
+
+class TrainingHook(Callback):
+    """Drives a method's per-step schedule while a :class:`mindpet.PetModel` trains (PST's sparsity, AdaLoRA's
+    and t-SVD's rank budgets); methods without one get this do-nothing base. Obtain it with
+    ``pet.training_hook(total_steps)``.
+
+    In a custom loop::
+
+        hook = pet.training_hook(total_steps=T)
+        step = hook.train_network(loss_net, optimizer)     # the step Cell the method needs
+        for i in range(T):
+            hook.before_step(i)
+            outputs = step(*batch)
+            hook.after_step(i, outputs)
+            loss = hook.loss(outputs)
+
+    With ``Model.train`` the hook is the callback (non-sink mode: it acts at every step)::
+
+        model = Model(hook.train_network(loss_net, optimizer))
+        model.train(epochs, dataset, callbacks=[hook], dataset_sink_mode=False)
+
+    Args:
+        pet (PetModel): the model being trained.
+    """
+
+    def __init__(self, pet):
+        super().__init__()
+        self.pet = pet
+        self.train_net = None
+
+    def train_network(self, loss_net, optimizer):
+        """The training-step Cell around ``loss_net`` (a Cell returning the scalar loss) and ``optimizer``.
+        Default: ``nn.TrainOneStepCell``."""
+        self.train_net = nn.TrainOneStepCell(loss_net, optimizer)
+        return self.train_net
+
+    @staticmethod
+    def loss(outputs):
+        """The loss Tensor in a training step's outputs."""
+        return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+
+    def before_step(self, step):
+        """Call before training step ``step`` (0-based)."""
+
+    def after_step(self, step, outputs):
+        """Call after training step ``step`` (0-based) with the step Cell's outputs."""
+
+    def on_train_step_begin(self, run_context):
+        self.before_step(run_context.original_args().cur_step_num - 1)
+
+    def on_train_step_end(self, run_context):
+        args = run_context.original_args()
+        self.after_step(args.cur_step_num - 1, args.net_outputs)
+
+
+class RankAllocationHook(TrainingHook):
+    """For methods whose rank falls during training (AdaLoRA, t-SVD): the loss gets the orthogonality regulariser,
+    the step also returns its gradients, and after each step the allocator re-decides which singular values stay.
+
+    Args:
+        pet (PetModel): the model being trained.
+        allocator (mindpet.delta.rank_allocation.RankAllocator): the method's allocator over ``pet``'s layers.
+        orth_reg_weight (float): weight of the orthogonality regulariser (0: none).
+    """
+
+    def __init__(self, pet, allocator, orth_reg_weight):
+        super().__init__(pet)
+        self.allocator = allocator
+        self.orth_reg_weight = orth_reg_weight
+        self.budget = allocator.init_budget
+
+    def train_network(self, loss_net, optimizer):
+        """``TrainStepWithGrads(WithOrthRegularizer(loss_net, orth_reg_weight), optimizer)``: returns
+        ``(loss, grads)``."""
+        if self.orth_reg_weight > 0:
+            loss_net = WithOrthRegularizer(loss_net, self.orth_reg_weight)
+        self.train_net = TrainStepWithGrads(loss_net, optimizer)
+        return self.train_net
+
+    def after_step(self, step, outputs):
+        """``outputs``: the ``(loss, grads)`` of :meth:`train_network`'s Cell, or a dict ``parameter name ->
+        gradient`` (from a step Cell of your own)."""
+        if isinstance(outputs, dict):
+            grads = outputs
+        elif isinstance(outputs, (tuple, list)) and len(outputs) == 2 and self.train_net is not None:
+            grads = self.train_net.grad_dict(outputs[1])
+        else:
+            raise TypeError(f"For '{type(self).__name__}.after_step', the 'outputs' must be the (loss, grads) of "
+                            f"the Cell from train_network(), or a dict of parameter name -> gradient, but got "
+                            f"{type(outputs).__name__}.")
+        self.budget = self.allocator.update_and_allocate(step, grads)
+
+    def rank_pattern(self):
+        """``{layer or group name: kept rank}`` decided so far."""
+        return self.allocator.rank_pattern()
+
+
+def schedule_steps(method, config, total_steps):
+    """The number of training steps a schedule runs over: ``total_steps`` if given, else the config's
+    ``total_step``; ValueError naming both when neither is set."""
+    steps = total_steps if total_steps is not None else config.total_step
+    if steps is None:
+        raise ValueError(f"For 'training_hook', the '{method}' schedule needs the number of training steps: pass "
+                         f"'total_steps' or set 'total_step' in the config, but both are None.")
+    return steps
