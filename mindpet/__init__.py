@@ -33,3 +33,9 @@ __all__ += ['PromptTuningConfig']
 from mindpet.tuners.prefix_tuning import PrefixTuningConfig  # noqa: E402
 
 __all__ += ['PrefixTuningConfig']
+# Sparse training and adaptive-rank methods (PST, AdaLoRA, the tensorised t-SVD adapter).
+from mindpet.tuners.pst import PstConfig  # noqa: E402
+from mindpet.tuners.adalora import AdaLoraConfig  # noqa: E402
+from mindpet.tuners.tsvd import TensorSVDConfig  # noqa: E402
+
+__all__ += ['PstConfig', 'AdaLoraConfig', 'TensorSVDConfig']

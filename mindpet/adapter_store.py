@@ -73,8 +73,8 @@ def check_fingerprint(expected, actual, source, what='this model', allow_extra=F
 def expected_tensors(tuner, config, targets, modules_params, fingerprint, source):
     """``name -> shape`` of the tensors an adapter file must hold, from its layers and the base fingerprint."""
     expected = OrderedDict()
-    for key in targets:
-        for suffix, shape in tuner.expected_shapes(key, fingerprint, config, source).items():
+    for key, shapes in tuner.adapter_tensor_shapes(list(targets), fingerprint, config, source).items():
+        for suffix, shape in shapes.items():
             expected[f'{key}.{suffix}'] = tuple(shape)
     for name in modules_params:
         if name not in fingerprint:
@@ -108,7 +108,9 @@ def save_adapter(directory, meta, tensors):
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     config_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
-    items = [{'name': name, 'data': ms.Tensor(np.ascontiguousarray(value))} for name, value in tensors.items()]
+    # ascontiguousarray turns a 0-d array (a scalar state such as PST's sparsity) into shape (1,): keep the shape.
+    items = [{'name': name, 'data': ms.Tensor(np.ascontiguousarray(value).reshape(np.shape(value)))}
+             for name, value in tensors.items()]
     atomic_save_checkpoint(items, weights_path, ckpt_format='safetensors')
     # Also ties the two files together: a crash between the two renames leaves a config whose checksum does not
     # match the new tensor file, which load refuses instead of mixing two saves.
@@ -260,12 +262,12 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path):
                       adapter_dir, what=f"the base checkpoint '{base_path}'", allow_extra=True)
     arrays = OrderedDict((name, value.asnumpy()) for name, value in base.items())
     tuner = make_tuner(files.config.method)
-    updates = {}
+    tensors = {}
     for key in files.meta['target_layers']:
         prefix = key + '.'
-        tensors = {name[len(prefix):]: value for name, value in files.tensors.items()
-                   if name.startswith(prefix) and is_delta_or_state(name[len(prefix):])}
-        updates.update(tuner.merge_weights(arrays, key, tensors, files.config))
+        tensors[key] = {name[len(prefix):]: value for name, value in files.tensors.items()
+                        if name.startswith(prefix) and is_delta_or_state(name[len(prefix):])}
+    updates = tuner.merge_adapter_weights(arrays, files.meta['target_layers'], tensors, files.config)
     modules = files.meta['modules_to_save_params']
     for name in modules:
         updates[name] = files.tensors[name].astype(arrays[name].dtype)

@@ -473,7 +473,7 @@ class PetModel(nn.Cell):
             'format': FORMAT,
             'mindpet_version': __version__,
             'adapter_name': name,
-            'pet': record.config.to_dict(),
+            'pet': self._state.tuner.saved_config(record.config, record.tensors).to_dict(),
             'target_layers': list(record.targets),
             'modules_to_save_params': list(record.modules),
             'base_model': {'num_parameters': int(sum(int(np.prod(s)) for s in fingerprint.values())),
@@ -525,6 +525,36 @@ class PetModel(nn.Cell):
                                                     combination_type, rank)
         self._state.adapters[adapter_name] = _Adapter(config, list(tensors), tensors, {}, False)
         return self
+
+    # ----- training ------------------------------------------------------------------------------------------
+    def training_hook(self, total_steps=None):
+        """The hook that drives the active adapter's method-specific schedule during training: PST's sparsity
+        schedule, AdaLoRA's and t-SVD's rank allocation (with their orthogonality regulariser); for the other
+        methods it does nothing but build a ``TrainOneStepCell``, so one training loop serves every method.
+
+        Args:
+            total_steps (int | None): training steps of the schedule; None: the config's ``total_step``.
+
+        Returns:
+            mindpet.tuners.base.TrainingHook: ``train_network(loss_net, optimizer)``, ``before_step(i)``,
+            ``after_step(i, outputs)``; also a ``Model.train`` callback.
+
+        Example:
+            >>> hook = pet.training_hook(total_steps=1000)  # doctest: +SKIP
+            >>> step = hook.train_network(nn.WithLossCell(pet, loss_fn), optimizer)  # doctest: +SKIP
+            >>> for i, (x, y) in enumerate(batches):  # doctest: +SKIP
+            ...     hook.before_step(i)
+            ...     hook.after_step(i, step(x, y))
+        """
+        owner = 'training_hook'
+        self._check_usable(owner)
+        if total_steps is not None:
+            check_int('total_steps', total_steps, owner)
+        record = self._record(None, owner)
+        if not record.trainable:
+            raise ValueError(f"For '{owner}', the active adapter {self._state.active!r} is not trainable (loaded "
+                             f"with is_trainable=False).")
+        return self._state.tuner.training_hook(self, record.config, total_steps)
 
     # ----- reporting -----------------------------------------------------------------------------------------
     def print_trainable_parameters(self):

@@ -8,15 +8,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, 'doc', 'lifecycle.md')
 
 
-def _snippets():
-    text = open(DOC, encoding='utf-8').read()
+def _snippets(doc=DOC):
+    text = open(doc, encoding='utf-8').read()
     return re.findall(r'```python\n(.*?)```', text, flags=re.S)
 
 
 def test_lifecycle_snippets_run_and_print_what_the_page_says(tmp_path):
     blocks = _snippets()
     assert len(blocks) >= 8
-    script = tmp_path / 'lifecycle.py'
+    run_snippets(blocks, tmp_path)
+
+
+def run_snippets(blocks, tmp_path):
+    """Run a page's python snippets in order as one script in ``tmp_path``; check the printed lines."""
+    script = tmp_path / 'snippets.py'
     script.write_text('\n'.join(blocks), encoding='utf-8')
     env = dict(os.environ, PYTHONPATH=ROOT, GLOG_v='3', MS_COMPILER_CACHE_ENABLE='0')
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,

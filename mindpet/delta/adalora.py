@@ -23,7 +23,15 @@ from mindpet.delta.rank_allocation import (RankAllocator, WithOrthRegularizer, T
                                            cubic_budget)
 from mindpet.utils.validation import check_int, check_real, check_rate
 
-__all__ = ['AdaLoRADense', 'AdaLoRAAllocator', 'WithOrthRegularizer', 'TrainStepWithGrads', 'cubic_budget']
+__all__ = ['AdaLoRADense', 'AdaLoRAAllocator', 'WithOrthRegularizer', 'TrainStepWithGrads', 'cubic_budget',
+           'adalora_increment']
+
+
+def adalora_increment(p, lam, q, scaling):
+    """``scaling * P diag(lambda) Q`` as float32 numpy ``(out, in)`` from ``P (out, r)``, ``lambda (r,)``,
+    ``Q (r, in)`` (what merging adds to the weight)."""
+    p, lam, q = (np.asarray(a, np.float32) for a in (p, lam, q))
+    return np.float32(scaling) * ((p * lam[None, :]) @ q)
 
 
 class AdaLoRADense(DeltaDense):
@@ -114,9 +122,8 @@ class AdaLoRADense(DeltaDense):
     # ----- merge / export --------------------------------------------------------------------------------------
     def delta_weight(self):
         """``s * P diag(lambda) Q`` as float32 numpy ``(out, in)``."""
-        p, lam, q = (host_f32(self.mindpet_delta_adalora_p), host_f32(self.mindpet_delta_adalora_lambda),
-                     host_f32(self.mindpet_delta_adalora_q))
-        return np.float32(self.scaling) * ((p * lam[None, :]) @ q)
+        return adalora_increment(host_f32(self.mindpet_delta_adalora_p), host_f32(self.mindpet_delta_adalora_lambda),
+                                 host_f32(self.mindpet_delta_adalora_q), self.scaling)
 
     def _merged_weight_f32(self):
         return host_f32(self.weight) + self.delta_weight()

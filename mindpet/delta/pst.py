@@ -45,6 +45,19 @@ def kept_count(sparsity, numel):
     return int(numel - int(pruned))
 
 
+def sparse_export(weight, u, v, a, b, r, c, sparsity):
+    """NumPy twin of :meth:`PSTDense.export_weight` for checkpoint arrays (``mindpet merge``): ``M * (W0 + U V)``
+    in float32 arithmetic, cast to ``weight``'s dtype; ``M`` keeps the ``kept_count(sparsity, out * in)`` highest
+    scores. Equal scores are ordered by position here and by the device's sort in the Cell, so the two can differ
+    only on exact ties."""
+    f32 = lambda t: np.asarray(t, np.float32)  # noqa: E731
+    updated = f32(weight) + f32(u) @ f32(v)
+    scores = np.abs(updated) + f32(a) @ f32(b) + f32(r)[:, None] + f32(c)[None, :]
+    mask = np.zeros(scores.size, np.float32)
+    mask[np.argsort(-scores.reshape(-1), kind='stable')[:kept_count(float(sparsity), scores.size)]] = 1.0
+    return (mask.reshape(scores.shape) * updated).astype(np.asarray(weight).dtype)
+
+
 class PSTDense(DeltaDense):
     """A frozen ``nn.Dense`` pruned by a learned, per-layer top-k mask while a low-rank update trains (PST).
 
@@ -136,8 +149,9 @@ class PSTDense(DeltaDense):
         x = self._to_2d(x)
         updated = self._updated_weight()
         scores = self._scores(updated)
-        # Straight-through: the value is exactly the 0/1 mask, the gradient is the gradient w.r.t. the scores.
-        mask = self._topk_mask(scores) + scores - ops.stop_gradient(scores)
+        # Straight-through: the value is exactly the 0/1 mask (S - S is exactly 0; (M + S) - S would not be exactly
+        # M), the gradient is the gradient w.r.t. the scores.
+        mask = self._topk_mask(scores) + (scores - ops.stop_gradient(scores))
         gate = self.mindpet_state_pst_gate
         weight = gate * (updated * mask) + (1.0 - gate) * self.cast(self.weight, mstype.float32)
         out = self._add_bias(self._base(x, weight))

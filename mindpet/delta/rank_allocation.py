@@ -193,11 +193,14 @@ class RankAllocator:
 
 
 def find_cells(network, cell_type, owner):
-    """``[(name, cell)]`` of every ``cell_type`` in ``network``; ValueError when there is none."""
+    """``[(name, cell)]`` of every ``cell_type`` in ``network`` with a trainable parameter (frozen ones, e.g. the
+    layers of an inactive adapter, take no part in the allocation); ValueError when there is none."""
     check_cell('network', network, owner)
-    found = [(name, cell) for name, cell in network.cells_and_names() if isinstance(cell, cell_type)]
+    found = [(name, cell) for name, cell in network.cells_and_names()
+             if isinstance(cell, cell_type) and any(p.requires_grad for p in cell.get_parameters())]
     if not found:
-        raise ValueError(f"For '{owner}', the 'network' contains no {cell_type.__name__}.")
+        raise ValueError(f"For '{owner}', the 'network' contains no {cell_type.__name__} with trainable "
+                         f"parameters.")
     return found
 
 

@@ -35,7 +35,7 @@ from mindpet.delta.rank_allocation import RankAllocator, find_cells
 from mindpet.utils.validation import check_int, check_real, check_dtype
 
 __all__ = ['TSVDGroup', 'TSVDDense', 'TSVDAllocator', 't_product', 't_transpose', 't_svd', 'f_diag', 't_identity',
-           't_orthogonal']
+           't_orthogonal', 'orthogonal_init', 'tsvd_increments']
 
 
 # ----- NumPy reference maths --------------------------------------------------------------------------------------
@@ -136,6 +136,20 @@ def t_orthogonal(sample):
     return np.real(np.fft.ifft(fq, axis=2))
 
 
+def orthogonal_init(rows, rank, length, std=1.0):
+    """A random orthogonal tensor ``(rows, rank, length)`` (float32): :func:`t_orthogonal` of a Normal(``std``)
+    sample drawn with MindSpore's RNG (``mindspore.set_seed`` makes it reproducible)."""
+    sample = initializer(Normal(std), (rows, rank, length), mstype.float32).init_data().asnumpy()
+    return t_orthogonal(sample).astype(np.float32)
+
+
+def tsvd_increments(u, s, v, scaling):
+    """``scaling * U * f_diag(S) * V^T`` (float32 numpy ``(out, in, L)``) from the factors ``U (out, k, L)``,
+    ``S (k, L)``, ``V (in, k, L)``: slice ``l`` is layer ``l``'s increment, to add to its weight."""
+    u, s, v = (np.asarray(a, np.float64) for a in (u, s, v))
+    return (scaling * t_product(t_product(u, f_diag(s)), t_transpose(v))).astype(np.float32)
+
+
 # ----- MindSpore Cells --------------------------------------------------------------------------------------------
 class TSVDGroup(nn.Cell):
     """The shared t-SVD factors of ``num_layers`` same-shaped increments ``(out_channels, in_channels)``.
@@ -173,8 +187,8 @@ class TSVDGroup(nn.Cell):
         k, length = self.tsvd_rank, self.num_layers
 
         def orthogonal(rows, name):
-            sample = initializer(Normal(tsvd_init_std), (rows, k, length), mstype.float32).init_data().asnumpy()
-            return Parameter(Tensor(t_orthogonal(sample).astype(np.float32)).astype(param_init_type), name=name)
+            value = orthogonal_init(rows, k, length, tsvd_init_std)
+            return Parameter(Tensor(value).astype(param_init_type), name=name)
 
         self.mindpet_delta_tsvd_u = orthogonal(out_channels, 'mindpet_delta_tsvd_u')
         self.mindpet_delta_tsvd_s = Parameter(Tensor(np.zeros((k, length), np.float32)).astype(param_init_type),
@@ -223,10 +237,8 @@ class TSVDGroup(nn.Cell):
 
     def increments(self):
         """The scaled increments ``s * dT`` as a float32 numpy ``(out, in, L)`` tensor (NumPy t-product)."""
-        u, s, v = (host_f32(self.mindpet_delta_tsvd_u).astype(np.float64), host_f32(self.mindpet_delta_tsvd_s),
-                   host_f32(self.mindpet_delta_tsvd_v).astype(np.float64))
-        dt = t_product(t_product(u, f_diag(s.astype(np.float64))), t_transpose(v))
-        return (self.scaling * dt).astype(np.float32)
+        return tsvd_increments(host_f32(self.mindpet_delta_tsvd_u), host_f32(self.mindpet_delta_tsvd_s),
+                               host_f32(self.mindpet_delta_tsvd_v), self.scaling)
 
     @property
     def rank(self):

@@ -14,7 +14,10 @@ import time
 
 import numpy as np
 from mindspore import nn, Tensor
+from mindspore import dtype as mstype
+from mindspore.train import Callback
 
+from mindpet.delta.rank_allocation import TrainStepWithGrads, WithOrthRegularizer
 from mindpet.utils.constants import DELTA_PREFIX
 from mindpet.utils.exceptions import AdapterConfigError
 
@@ -139,23 +142,38 @@ class BaseTuner:
         Raises:
             ValueError: the config matches nothing (the message lists the patterns and candidate names).
         """
+        holders, matches = self.match(model, config, layers)
+        # Every check and every new Cell first, so that a refused config leaves the model untouched.
+        created = [(key, cell, self.create_layer(cell, config, key=key)) for key, cell, is_new in matches if is_new]
+        for key, cell, layer in created:
+            layers[key] = replace_cell(holders, cell, layer, key + '.')
+        return [key for key, _, _ in matches], bool(created)
+
+    def match(self, model, config, layers):
+        """One walk of ``model``: the cells ``config`` targets, before anything is replaced.
+
+        Returns:
+            tuple: ``(holders, matches)``; ``holders`` as from :func:`walk`, ``matches`` a list of
+            ``(layer key, cell, is_new)`` in model order: ``is_new`` is False for a delta Cell already in
+            ``layers`` (checked with :meth:`check_reuse`), True for a cell to adapt.
+
+        Raises:
+            ValueError: the config matches nothing, or :meth:`check_reuse` refuses an adapted layer.
+        """
         cells, holders = walk(model)
         known = {id(layer): key for key, layer in layers.items()}
-        targets, created, matched_other = [], [], []
-        # Every check and every new Cell first, so that a refused config leaves the model untouched.
+        matches, matched_other = [], []
         for name, cell in cells:
             if not name or not matches_any(name, config.target_modules) or matches_any(name, config.exclude_modules):
                 continue
             if id(cell) in known:
                 self.check_reuse(known[id(cell)], cell, config)
-                targets.append(known[id(cell)])
+                matches.append((known[id(cell)], cell, False))
             elif self.is_target(cell):
-                key = layer_key(cell, name, self.key_attr)
-                created.append((key, cell, self.create_layer(cell, config, key=key)))
-                targets.append(key)
+                matches.append((layer_key(cell, name, self.key_attr), cell, True))
             else:
                 matched_other.append(f"{name} ({type(cell).__name__})")
-        if not targets:
+        if not matches:
             candidates = self.candidates(cells)
             # Distinct last name components say more than a long list of full names in a deep model.
             endings = list(dict.fromkeys(name.rsplit('.', 1)[-1] for name in candidates))
@@ -164,13 +182,12 @@ class BaseTuner:
                              f"{config.target_modules} (exclude_modules {config.exclude_modules}) match no "
                              f"adaptable cell of the model.{other} The {len(candidates)} candidate layers end in "
                              f"{endings[:20]}, e.g. {candidates[:4]}.")
-        for key, cell, layer in created:
-            layers[key] = replace_cell(holders, cell, layer, key + '.')
-        return targets, bool(created)
+        return holders, matches
 
     def check_reuse(self, key, layer, config):
-        """Raise ValueError when ``config`` cannot use the existing delta Cell ``layer`` (adapted for an earlier
-        adapter), e.g. because it was built for another variant. Default: any config can."""
+        """Raise ValueError when ``config`` cannot use the existing delta Cell ``layer`` (key ``key``, adapted for an
+        earlier adapter), e.g. because it was built for another variant or its Parameters cannot hold it. Default:
+        any config can."""
 
     # ----- per-layer adapter state (NumPy, the adapter's own shapes) -------------------------------------------
     def adapter_shapes(self, weight_shape, config):
@@ -186,6 +203,17 @@ class BaseTuner:
             AdapterConfigError: the fingerprint lacks the base parameter the shapes derive from.
         """
         return self.adapter_shapes(fingerprint_param(fingerprint, key, 'weight', source), config)
+
+    def adapter_tensor_shapes(self, targets, fingerprint, config, source):
+        """``key -> {suffix: shape}`` of the tensors an adapter covering ``targets`` (layer keys, model order)
+        holds, from the base-model fingerprint (name -> shape); the adapter store checks files against it.
+        Default: :meth:`expected_shapes` per layer. A method whose tensors are shared by several layers (t-SVD)
+        overrides it.
+
+        Raises:
+            AdapterConfigError: the fingerprint lacks a base parameter the shapes derive from.
+        """
+        return {key: self.expected_shapes(key, fingerprint, config, source) for key in targets}
 
     def read_adapter(self, layer, config):
         """The live adapter tensors of ``layer`` (copies), in the adapter's own shapes."""
@@ -239,6 +267,25 @@ class BaseTuner:
         """Merge one layer's adapter into checkpoint arrays: ``params`` maps parameter name -> numpy array (the
         base checkpoint); returns ``name -> new array`` for the entries that change. Used by ``mindpet merge``."""
         raise NotImplementedError(f"The '{self.method}' method cannot be merged into the base weights.")
+
+    def merge_adapter_weights(self, params, targets, tensors, config):
+        """Merge a whole adapter into checkpoint arrays (``mindpet merge``): ``tensors`` maps each layer key of
+        ``targets`` to its tensors. Returns ``name -> new array``. Default: :meth:`merge_weights` per layer."""
+        updates = {}
+        for key in targets:
+            updates.update(self.merge_weights(params, key, tensors[key], config))
+        return updates
+
+    # ----- saving and training -------------------------------------------------------------------------------
+    def saved_config(self, config, tensors):
+        """The config written with an adapter whose tensors are ``tensors`` (``key -> {suffix: array}``);
+        methods that record what training decided (AdaLoRA's and t-SVD's rank patterns) fill it in."""
+        return config
+
+    def training_hook(self, pet, config, total_steps):
+        """The :class:`TrainingHook` that drives this method's schedules while ``pet`` trains. Default: one that
+        does nothing around the steps."""
+        return TrainingHook(pet)
 
     # ----- combining -----------------------------------------------------------------------------------------
     def combine(self, adapters, weights, combination_type, rank):
@@ -329,3 +376,137 @@ def write_exact(layer, tensors):
         changed = changed or tuple(value.shape) != tuple(param.shape)
         param.set_data(Tensor(value, param.dtype))
     return changed
+
+
+class DenseLayerTuner(BaseTuner):
+    """Shared plumbing of tuners whose delta Cell is a :class:`mindpet.delta.base.DeltaDense` subclass replacing an
+    ``nn.Dense`` (PST, AdaLoRA, t-SVD): building it around the Dense's own Parameters, merging through the
+    Cell's ``merge()``/``unmerge()``, and unloading to a plain ``nn.Dense``."""
+
+    @staticmethod
+    def build_layer(layer_class, cell, compute_dtype, **kwargs):
+        """``layer_class(in, out, ..., **kwargs)`` holding ``cell``'s weight and bias Parameter objects; the
+        matmuls run in ``compute_dtype`` ('float16', 'float32', 'bfloat16'; None: the weight's dtype)."""
+        dtype = cell.weight.dtype
+        compute = getattr(mstype, compute_dtype) if compute_dtype else dtype
+        # 'zeros' avoids drawing a random weight that is replaced at once by the base layer's own Parameter.
+        layer = layer_class(cell.in_channels, cell.out_channels, compute_dtype=compute, weight_init='zeros',
+                            bias_init='zeros', has_bias=cell.has_bias, activation=cell.activation, dtype=dtype,
+                            **kwargs)
+        return adopt_dense_params(layer, cell)
+
+    def merge_layer(self, layer, config):
+        layer.merge()
+
+    def unmerge_layer(self, layer, config):
+        layer.unmerge()
+
+    def unload_layer(self, layer):
+        # The delta branch is off (merged, or not covered by the active adapter): a plain Dense computes the same.
+        return plain_dense(layer)
+
+
+class TrainingHook(Callback):
+    """Drives a method's per-step schedule while a :class:`mindpet.PetModel` trains (PST's sparsity, AdaLoRA's
+    and t-SVD's rank budgets); methods without one get this do-nothing base. Obtain it with
+    ``pet.training_hook(total_steps)``.
+
+    In a custom loop::
+
+        hook = pet.training_hook(total_steps=T)
+        step = hook.train_network(loss_net, optimizer)     # the step Cell the method needs
+        for i in range(T):
+            hook.before_step(i)
+            outputs = step(*batch)
+            hook.after_step(i, outputs)
+            loss = hook.loss(outputs)
+
+    With ``Model.train`` the hook is the callback (non-sink mode: it acts at every step)::
+
+        model = Model(hook.train_network(loss_net, optimizer))
+        model.train(epochs, dataset, callbacks=[hook], dataset_sink_mode=False)
+
+    Args:
+        pet (PetModel): the model being trained.
+    """
+
+    def __init__(self, pet):
+        super().__init__()
+        self.pet = pet
+        self.train_net = None
+
+    def train_network(self, loss_net, optimizer):
+        """The training-step Cell around ``loss_net`` (a Cell returning the scalar loss) and ``optimizer``.
+        Default: ``nn.TrainOneStepCell``."""
+        self.train_net = nn.TrainOneStepCell(loss_net, optimizer)
+        return self.train_net
+
+    @staticmethod
+    def loss(outputs):
+        """The loss Tensor in a training step's outputs."""
+        return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+
+    def before_step(self, step):
+        """Call before training step ``step`` (0-based)."""
+
+    def after_step(self, step, outputs):
+        """Call after training step ``step`` (0-based) with the step Cell's outputs."""
+
+    def on_train_step_begin(self, run_context):
+        self.before_step(run_context.original_args().cur_step_num - 1)
+
+    def on_train_step_end(self, run_context):
+        args = run_context.original_args()
+        self.after_step(args.cur_step_num - 1, args.net_outputs)
+
+
+class RankAllocationHook(TrainingHook):
+    """For methods whose rank falls during training (AdaLoRA, t-SVD): the loss gets the orthogonality regulariser,
+    the step also returns its gradients, and after each step the allocator re-decides which singular values stay.
+
+    Args:
+        pet (PetModel): the model being trained.
+        allocator (mindpet.delta.rank_allocation.RankAllocator): the method's allocator over ``pet``'s layers.
+        orth_reg_weight (float): weight of the orthogonality regulariser (0: none).
+    """
+
+    def __init__(self, pet, allocator, orth_reg_weight):
+        super().__init__(pet)
+        self.allocator = allocator
+        self.orth_reg_weight = orth_reg_weight
+        self.budget = allocator.init_budget
+
+    def train_network(self, loss_net, optimizer):
+        """``TrainStepWithGrads(WithOrthRegularizer(loss_net, orth_reg_weight), optimizer)``: returns
+        ``(loss, grads)``."""
+        if self.orth_reg_weight > 0:
+            loss_net = WithOrthRegularizer(loss_net, self.orth_reg_weight)
+        self.train_net = TrainStepWithGrads(loss_net, optimizer)
+        return self.train_net
+
+    def after_step(self, step, outputs):
+        """``outputs``: the ``(loss, grads)`` of :meth:`train_network`'s Cell, or a dict ``parameter name ->
+        gradient`` (from a step Cell of your own)."""
+        if isinstance(outputs, dict):
+            grads = outputs
+        elif isinstance(outputs, (tuple, list)) and len(outputs) == 2 and self.train_net is not None:
+            grads = self.train_net.grad_dict(outputs[1])
+        else:
+            raise TypeError(f"For '{type(self).__name__}.after_step', the 'outputs' must be the (loss, grads) of "
+                            f"the Cell from train_network(), or a dict of parameter name -> gradient, but got "
+                            f"{type(outputs).__name__}.")
+        self.budget = self.allocator.update_and_allocate(step, grads)
+
+    def rank_pattern(self):
+        """``{layer or group name: kept rank}`` decided so far."""
+        return self.allocator.rank_pattern()
+
+
+def schedule_steps(method, config, total_steps):
+    """The number of training steps a schedule runs over: ``total_steps`` if given, else the config's
+    ``total_step``; ValueError naming both when neither is set."""
+    steps = total_steps if total_steps is not None else config.total_step
+    if steps is None:
+        raise ValueError(f"For 'training_hook', the '{method}' schedule needs the number of training steps: pass "
+                         f"'total_steps' or set 'total_step' in the config, but both are None.")
+    return steps

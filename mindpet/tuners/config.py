@@ -25,7 +25,7 @@ from typing import ClassVar, List, Optional
 
 from mindpet.utils.exceptions import ModelConfigKeysInfoError, ModelConfigParamsInfoError
 from mindpet.utils.io_utils import read_yaml_file
-from mindpet.utils.validation import check_str_list
+from mindpet.utils.validation import check_int, check_str_list
 
 _METHODS = {}
 # Modules of this package that are infrastructure, not methods.
@@ -236,3 +236,29 @@ def config_from_yaml(path, section='pet'):
     if not isinstance(content, dict) or section not in content:
         raise ModelConfigKeysInfoError(f"The config file '{path}' has no '{section}' section.")
     return config_from_dict(content[section])
+
+
+def check_rank_pattern(owner, value):
+    """``None`` or a mapping ``layer name -> kept rank`` (non-negative ints), as AdaLoRA and t-SVD record it when an
+    adapter is saved. Returns a plain dict (or None)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError(f"For '{owner}', the 'rank_pattern' must be None or a mapping of layer name -> rank, but "
+                        f"got {value!r} ({type(value).__name__}).")
+    for name, rank in value.items():
+        if not isinstance(name, str):
+            raise TypeError(f"For '{owner}', the 'rank_pattern' keys must be layer names (str), but got {name!r}.")
+        check_int(f'rank_pattern[{name!r}]', rank, owner, min_value=0)
+    return dict(value)
+
+
+def check_total_step(owner, value, t_init=0, t_final=0):
+    """``None`` or a positive int of training steps that leaves room for ``t_init + t_final``. Returns it."""
+    if value is None:
+        return None
+    check_int('total_step', value, owner)
+    if t_init + t_final >= value:
+        raise ValueError(f"For '{owner}', 't_init' + 't_final' must be < 'total_step' ({value}), but got "
+                         f"{t_init} + {t_final}.")
+    return value

@@ -1,0 +1,261 @@
+"""The tensorised t-SVD adapter for :func:`mindpet.get_pet_model`: the config, the tuner that groups same-shaped
+target layers across blocks and injects :class:`mindpet.delta.tsvd.TSVDDense` layers sharing one
+:class:`mindpet.delta.tsvd.TSVDGroup` per group, and the training hook (orthogonality regulariser,
+:class:`mindpet.delta.tsvd.TSVDAllocator` after every step).
+
+Grouping: the matched layers are grouped, in model order, by weight shape and (``group_by='name'``, the default)
+by their name with the block indices (all-digit name components) replaced, so ``blocks.0.attn.q_proj`` ..
+``blocks.11.attn.q_proj`` form one group of ``L = 12`` layers; ``group_by='shape'`` puts every same-shaped matched
+layer in one group. Layer ``l`` of a group is slice ``l`` of its tensor.
+
+Names: a group's factors are registered under its first layer only, with the full names
+``<first layer>.tsvd_group.mindpet_delta_tsvd_{u,s,v}`` (what ``parameters_and_names()`` reports). The adapter file
+holds them under the same names; the group's other layers store no tensor of their own. The kept rank of every group
+(``<first layer>.tsvd_group -> tubes``) is written to the saved config as ``rank_pattern``.
+
+Merging adds ``(tsvd_alpha / tsvd_rank) * dT[:, :, l]`` to layer ``l``'s weight, like LoRA.
+"""
+import dataclasses
+import re
+from typing import Dict, Optional, Union
+
+import numpy as np
+from mindspore import Tensor
+from mindspore import dtype as mstype
+
+from mindpet.delta.rank_allocation import _check_beta
+from mindpet.delta.tsvd import TSVDGroup, TSVDDense, TSVDAllocator, orthogonal_init, tsvd_increments
+from mindpet.tuners.base import DenseLayerTuner, RankAllocationHook, fingerprint_param, replace_cell, schedule_steps
+from mindpet.tuners.config import PetConfig, register_method, check_rank_pattern, check_total_step
+from mindpet.utils.validation import check_int, check_real, check_choice
+
+GROUP = 'tsvd_group'
+U, S, V = (f'{GROUP}.mindpet_delta_tsvd_{k}' for k in 'usv')
+COMPUTE_DTYPES = ('float32', 'float16', 'bfloat16')
+GROUP_BY = ('name', 'shape')
+
+
+@dataclasses.dataclass
+class TensorSVDConfig(PetConfig):
+    """Hyper-parameters of the t-SVD adapter for :func:`mindpet.get_pet_model`.
+
+    Args:
+        target_modules (list[str] | str): cells to adapt (plain ``nn.Dense``), by regex full-match or name suffix.
+        tsvd_rank (int): singular tubes ``k`` per group, at most ``min(in, out)`` of its layers. Default 8.
+        tsvd_alpha (int | float): non-zero; increments are scaled by ``tsvd_alpha / tsvd_rank``. Default 8.
+        target_rank (int): mean number of tubes per group kept at the end. Default 4.
+        group_by (str): 'name' (default): same-shaped layers whose names differ only in block indices share a
+            tensor; 'shape': all same-shaped matched layers share one.
+        t_init, t_final, delta_t (int): the budget schedule (see :class:`AdaLoraConfig`). Defaults 0, 0, 1 (a
+            decision after every batch).
+        beta1, beta2 (float): smoothing of the gradient smoothness and uncertainty, in [0, 1). Default 0.85.
+        orth_reg_weight (float): weight (>= 0) of ``||U^T * U - I||^2 + ||V^T * V - I||^2``. Default 0.5.
+        total_step (int | None): training steps (or pass ``total_steps`` to ``pet.training_hook``). Default None.
+        compute_dtype (str | None): 'float32', 'float16' or 'bfloat16' for the input-side matmuls; None (default):
+            the weight's dtype.
+        rank_pattern (dict | None): written when the adapter is saved: ``<first layer>.tsvd_group -> kept tubes``.
+            A record; it does not shape a new adapter.
+        exclude_modules, modules_to_save: see :class:`PetConfig`.
+
+    Example:
+        >>> cfg = TensorSVDConfig(target_modules=['q_proj', 'v_proj'], tsvd_rank=8, target_rank=4, total_step=500)
+        >>> cfg.to_dict()['type']
+        'tsvd'
+    """
+    tsvd_rank: int = 8
+    tsvd_alpha: Union[int, float] = 8
+    target_rank: int = 4
+    group_by: str = 'name'
+    t_init: int = 0
+    t_final: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: Optional[int] = None
+    compute_dtype: Optional[str] = None
+    rank_pattern: Optional[Dict[str, int]] = None
+
+    def validate(self):
+        super().validate()
+        owner = type(self).__name__
+        if self.target_modules is None:
+            raise ValueError(f"For '{owner}', the 'target_modules' must be a non-empty list of str (cell name "
+                             f"patterns), but got None.")
+        check_int('tsvd_rank', self.tsvd_rank, owner)
+        check_real('tsvd_alpha', self.tsvd_alpha, owner, nonzero=True)
+        check_int('target_rank', self.target_rank, owner, min_value=0, max_value=self.tsvd_rank)
+        check_choice('group_by', self.group_by, owner, GROUP_BY)
+        check_int('t_init', self.t_init, owner, min_value=0)
+        check_int('t_final', self.t_final, owner, min_value=0)
+        check_int('delta_t', self.delta_t, owner)
+        self.beta1 = _check_beta('beta1', self.beta1, owner)
+        self.beta2 = _check_beta('beta2', self.beta2, owner)
+        self.orth_reg_weight = float(check_real('orth_reg_weight', self.orth_reg_weight, owner, min_value=0))
+        check_total_step(owner, self.total_step, self.t_init, self.t_final)
+        if self.compute_dtype is not None:
+            check_choice('compute_dtype', self.compute_dtype, owner, COMPUTE_DTYPES)
+        self.rank_pattern = check_rank_pattern(owner, self.rank_pattern)
+
+    @property
+    def scaling(self):
+        """``tsvd_alpha / tsvd_rank``."""
+        return self.tsvd_alpha / self.tsvd_rank
+
+
+def layer_groups(keys, weight_shapes, group_by='name'):
+    """The groups of layer keys that share one t-SVD tensor, each in the order of ``keys`` (model order), the
+    groups in the order of their first layer.
+
+    Example:
+        >>> shapes = {k: (8, 8) for k in ('b.0.q', 'b.0.v', 'b.1.q', 'b.1.v')}
+        >>> layer_groups(['b.0.q', 'b.0.v', 'b.1.q', 'b.1.v'], shapes)
+        [['b.0.q', 'b.1.q'], ['b.0.v', 'b.1.v']]
+        >>> layer_groups(['b.0.q', 'b.0.v', 'b.1.q', 'b.1.v'], shapes, 'shape')
+        [['b.0.q', 'b.0.v', 'b.1.q', 'b.1.v']]
+    """
+    groups = {}
+    for key in keys:
+        signature = (tuple(weight_shapes[key]),)
+        if group_by == 'name':
+            signature += ('.'.join('*' if part.isdigit() else part for part in key.split('.')),)
+        groups.setdefault(signature, []).append(key)
+    return list(groups.values())
+
+
+def group_name(first_key):
+    """The name of a group's Cell (and the prefix of its factors): ``<first layer>.tsvd_group``."""
+    return f'{first_key}.{GROUP}'
+
+
+class TensorSVDTuner(DenseLayerTuner):
+    """Injects :class:`TSVDDense` layers sharing one :class:`TSVDGroup` per group of same-shaped target layers;
+    stores, switches and merges t-SVD adapters; its training hook allocates the tubes."""
+    layer_class = TSVDDense
+
+    def inject(self, model, config, layers):
+        holders, matches = self.match(model, config, layers)
+        keys = [key for key, _, _ in matches]
+        cells = {key: cell for key, cell, _ in matches}
+        fresh = {key for key, _, is_new in matches if is_new}
+        groups = layer_groups(keys, {key: tuple(cells[key].weight.shape) for key in keys}, config.group_by)
+        # Every check and every new Cell first, so that a refused config leaves the model untouched.
+        created = []
+        for members in groups:
+            new = [key for key in members if key in fresh]
+            if not new:
+                self._check_live_group(members, layers, config)
+                continue
+            if len(new) != len(members):
+                raise ValueError(f"For 'get_pet_model', the t-SVD group {members} mixes layers an earlier adapter "
+                                 f"adapted ({[k for k in members if k not in fresh]}) with new ones; adapters on one "
+                                 f"model must group the same layers.")
+            first = cells[members[0]]
+            group = TSVDGroup(first.in_channels, first.out_channels, len(members), tsvd_rank=config.tsvd_rank,
+                              tsvd_alpha=config.tsvd_alpha)
+            created.append((members, group, [self.build_layer(TSVDDense, cells[key], config.compute_dtype,
+                                                             tsvd_group=group, tsvd_index=index)
+                                            for index, key in enumerate(members)]))
+        for members, group, new_layers in created:
+            for key, layer in zip(members, new_layers):
+                layers[key] = replace_cell(holders, cells[key], layer, key + '.')
+            # Each replacement renamed the shared factors after its own layer; name them once after the first
+            # layer, as parameters_and_names() (and so every checkpoint) reports them.
+            group.update_parameters_name(members[0] + f'.{GROUP}.')
+        return keys, bool(created)
+
+    @staticmethod
+    def _check_live_group(members, layers, config):
+        group = layers[members[0]].tsvd_group
+        live = sorted((key for key, layer in layers.items() if layer.tsvd_group is group),
+                      key=lambda key: layers[key].tsvd_index)
+        if live != members:
+            raise ValueError(f"For 'get_pet_model', the t-SVD config groups the adapted layers as {members}, but "
+                             f"they share a tensor with {live}; adapters on one model must group the same layers.")
+        if group.tsvd_rank != config.tsvd_rank:
+            raise ValueError(f"For 'get_pet_model', the t-SVD group of {members[0]!r} holds adapters of tsvd_rank="
+                             f"{group.tsvd_rank}; a t-SVD adapter on it must use the same tsvd_rank, but got "
+                             f"{config.tsvd_rank}.")
+
+    def adapter_tensor_shapes(self, targets, fingerprint, config, source):
+        weight_shapes = {key: tuple(fingerprint_param(fingerprint, key, 'weight', source)) for key in targets}
+        shapes = {key: {} for key in targets}
+        for members in layer_groups(targets, weight_shapes, config.group_by):
+            out_channels, in_channels = weight_shapes[members[0]]
+            k, length = config.tsvd_rank, len(members)
+            shapes[members[0]] = {U: (out_channels, k, length), S: (k, length), V: (in_channels, k, length)}
+        return shapes
+
+    @staticmethod
+    def _owns_group(layer):
+        return layer.tsvd_index == 0
+
+    def read_adapter(self, layer, config):
+        if not self._owns_group(layer):
+            return {}
+        group = layer.tsvd_group
+        return {U: group.mindpet_delta_tsvd_u.asnumpy().copy(), S: group.mindpet_delta_tsvd_s.asnumpy().copy(),
+                V: group.mindpet_delta_tsvd_v.asnumpy().copy()}
+
+    def write_adapter(self, layer, config, tensors):
+        for name, value in tensors.items():
+            param = getattr(layer.tsvd_group, name.rsplit('.', 1)[-1])
+            param.set_data(Tensor(value, param.dtype))
+        return False
+
+    def init_adapter(self, layer, config):
+        if not self._owns_group(layer):
+            return {}
+        group = layer.tsvd_group
+        k, length = config.tsvd_rank, group.num_layers
+        return {U: orthogonal_init(group.out_channels, k, length), S: np.zeros((k, length), np.float32),
+                V: orthogonal_init(group.in_channels, k, length)}
+
+    @staticmethod
+    def _set_scaling(layer, config):
+        # Host-side copies used by merge()/unmerge() and increments(); the graph reads the Parameter.
+        layer.scaling = config.scaling
+        layer.tsvd_group.scaling = config.scaling
+
+    def activate(self, layer, config):
+        self._set_scaling(layer, config)
+        if not layer.merged:
+            layer.mindpet_state_tsvd_scaling.set_data(Tensor(config.scaling, mstype.float32))
+
+    def deactivate(self, layer):
+        layer.mindpet_state_tsvd_scaling.set_data(Tensor(0.0, mstype.float32))
+
+    def merge_layer(self, layer, config):
+        self._set_scaling(layer, config)
+        layer.merge()
+
+    def unmerge_layer(self, layer, config):
+        self._set_scaling(layer, config)
+        layer.unmerge()
+
+    def merge_adapter_weights(self, params, targets, tensors, config):
+        shapes = {key: params[f'{key}.weight'].shape for key in targets}
+        updates = {}
+        for members in layer_groups(targets, shapes, config.group_by):
+            factors = tensors[members[0]]
+            increments = tsvd_increments(factors[U], factors[S], factors[V], config.scaling)
+            for index, key in enumerate(members):
+                name = f'{key}.weight'
+                weight = params[name]
+                updates[name] = (weight.astype(np.float32) + increments[:, :, index]).astype(weight.dtype)
+        return updates
+
+    def saved_config(self, config, tensors):
+        pattern = {group_name(key): int(np.count_nonzero(np.any(t[S] != 0, axis=1)))
+                   for key, t in tensors.items() if S in t}
+        return config.replace(rank_pattern=pattern)
+
+    def training_hook(self, pet, config, total_steps):
+        steps = schedule_steps(self.method, config, total_steps)
+        allocator = TSVDAllocator(pet.base_model, steps, target_rank=config.target_rank, t_init=config.t_init,
+                                  t_final=config.t_final, delta_t=config.delta_t, beta1=config.beta1,
+                                  beta2=config.beta2)
+        return RankAllocationHook(pet, allocator, config.orth_reg_weight)
+
+
+register_method('tsvd', TensorSVDConfig, TensorSVDTuner)
