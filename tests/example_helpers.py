@@ -31,8 +31,8 @@ def swap_dense_for_lora(net, names, rank=4, alpha=8):
 
 
 def snapshot(net):
-    """name -> numpy copy of every parameter."""
-    return {p.name: p.asnumpy().copy() for p in net.get_parameters()}
+    """(Parameter, numpy copy) pairs for every parameter (the objects, since wrapping a Cell renames them)."""
+    return [(p, p.asnumpy().copy()) for p in net.get_parameters()]
 
 
 def train_steps(loss_net, batches, learning_rate, params=None):
@@ -45,6 +45,11 @@ def train_steps(loss_net, batches, learning_rate, params=None):
     return losses
 
 
-def changed(before, after, names):
-    """Names among ``names`` whose values differ between two snapshots."""
-    return [n for n in names if not np.array_equal(before[n], after[n])]
+def changed_names(snap):
+    """Current names of the parameters whose values differ from the snapshot, sorted."""
+    return sorted(p.name for p, value in snap if not np.array_equal(p.asnumpy(), value))
+
+
+def trainable_names(net):
+    """Current names of ``net``'s trainable parameters, sorted."""
+    return sorted(p.name for p in net.trainable_params())
