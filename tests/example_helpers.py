@@ -6,11 +6,14 @@ from mindspore import nn, Tensor
 from mindpet.delta.lora import LoRADense
 
 
-def swap_dense_for_lora(net, names, rank=4, alpha=8):
+def swap_dense_for_lora(net, names, rank=4, alpha=8, within=None):
     """Replace every ``nn.Dense`` child whose attribute name is in ``names`` by a LoRADense that holds the same
-    weight/bias Parameters (B = 0, so outputs are unchanged). Returns the cell paths swapped."""
+    weight/bias Parameters (B = 0, so outputs are unchanged); with ``within``, only children of cells whose path
+    ends with it. Returns the cell paths swapped."""
     swapped = []
     for path, cell in list(net.cells_and_names()):
+        if within is not None and not path.endswith(within):
+            continue
         for child_name, child in list(cell.name_cells().items()):
             if child_name in names and type(child) is nn.Dense:  # pylint: disable=unidiomatic-typecheck
                 lora = LoRADense(child.in_channels, child.out_channels, lora_rank=rank, lora_alpha=alpha,

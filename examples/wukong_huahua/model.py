@@ -51,7 +51,7 @@ class WukongConfig:
     model_channels: int = 32
     channel_mult: tuple = (1, 2)
     num_res_blocks: int = 1
-    attention_resolutions: tuple = (1, 2)
+    attention_resolutions: tuple = (2,)
     num_heads: int = 2
     transformer_depth: int = 1
     norm_groups: int = 8
@@ -123,7 +123,7 @@ class WukongConfig:
 
 TINY_CONFIG = dict(image_size=16, image_channels=3, first_stage='patch', latent_factor=2, latent_channels=12,
                    scale_factor=1.0, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
-                   attention_resolutions=[1, 2], num_heads=2, transformer_depth=1, norm_groups=8, dropout=0.0,
+                   attention_resolutions=[2], num_heads=2, transformer_depth=1, norm_groups=8, dropout=0.0,
                    context_dim=32, text_vocab_size=32, text_context_length=12, text_width=32, text_layers=2,
                    text_heads=2, timesteps=100, linear_start=0.00085, linear_end=0.012)
 
