@@ -4,9 +4,14 @@
     python -m examples.bert.make_dataset --check    # exit 1 if the shipped files differ from a fresh generation
 
 Four topics (sports, food, weather, technology). Sentences are built from templates, people and topic keywords with
-a seeded ``random.Random``; half the sentences use templates shared by all topics, so the files are byte-identical on every run and machine. The held-out split contains
-unseen combinations of the training keywords and, for half of its rows, keywords that never occur in training (so
-accuracy rewards what the pretrained model knows about words, not memorised keywords).
+a seeded ``random.Random``, so the files are byte-identical on every run and machine. Three things keep the task
+from being a keyword lookup:
+
+* half the sentences use templates shared by all topics, so only the keyword tells the topic;
+* 40% open with a distractor clause about another topic ("Despite all the talk about rain, ..."): the label is the
+  topic of the main clause, which a bag-of-words average (e.g. frozen mean-pooled sentence embeddings) gets wrong;
+* the held-out split has unseen combinations of the training keywords and, for half of its rows, keywords that never
+  occur in training (accuracy rewards what the pretrained model knows about words).
 """
 import argparse
 import os
@@ -25,6 +30,10 @@ PEOPLE = ('My sister', 'The teacher', 'Our neighbour', 'A student', 'My uncle', 
 SHARED_TEMPLATES = ('{who} keeps talking about {k}.', '{who} wrote a long post about {k}.',
                     'The news mentioned {k} again.', '{who} asked me what I think of {k}.',
                     'There was a question about {k} in the quiz.', '{who} is tired of hearing about {k}.')
+# Distractor clauses: {d} is a keyword of another topic.
+DISTRACTORS = ('Despite all the talk about {d}, ', 'After a long chat about {d}, ', 'Instead of discussing {d}, ',
+               'Although the news was full of {d}, ')
+DISTRACTOR_SHARE = 0.4
 OPENERS = ('', 'Yesterday, ', 'I heard that ', 'Apparently, ', 'Last week, ', 'To our surprise, ')
 
 # (keywords seen in training, keywords only in the held-out split, templates). ``{who}`` is a person, ``{k}`` a
@@ -63,16 +72,19 @@ TOPICS = {
 }
 
 
-def _sentence(rng, keywords, templates):
+def _sentence(rng, keywords, templates, distractors):
     # Half the sentences use a topic-neutral template, so the keyword alone decides their label.
     templates = SHARED_TEMPLATES if rng.random() < 0.5 else templates
     text = rng.choice(templates).format(who=rng.choice(PEOPLE), k=rng.choice(keywords))
-    opener = rng.choice(OPENERS)
+    if rng.random() < DISTRACTOR_SHARE:
+        opener = rng.choice(DISTRACTORS).format(d=rng.choice(distractors))
+    else:
+        opener = rng.choice(OPENERS)
     if opener:
-        # Lower-case the sentence start after an opener, except for proper words like "Grandpa"/"Her".
+        # Lower-case the sentence start after an opener, except for proper words like "Grandpa".
         first, rest = text.split(' ', 1)
-        if first in ('The', 'My', 'Our', 'A', 'We', 'Nobody', 'There', 'Engineers', 'Farmers', 'Tickets', 'Everyone',
-                     'Heavy', 'Her'):
+        if first in ('The', 'My', 'Our', 'A', 'We', 'Nobody', 'There', 'Engineers', 'Farmers', 'Tickets',
+                     'Everyone', 'Heavy', 'Her'):
             first = first.lower()
         text = opener + first + ' ' + rest
     return text
@@ -86,9 +98,11 @@ def generate(seed=SEED, train_per_class=TRAIN_PER_CLASS, test_per_class=TEST_PER
     for label, name in enumerate(LABELS):
         seen_kw, held_kw, templates = TOPICS[name]
 
-        def draw(keywords, count, out):
+        def draw(keywords, count, out, held=False):
+            # Distractor keywords come from the same pool (seen / held-out) as the row's own keyword.
+            others = [k for other in LABELS if other != name for k in TOPICS[other][1 if held else 0]]
             while count:
-                text = _sentence(rng, keywords, templates)
+                text = _sentence(rng, keywords, templates, others)
                 if text in seen:
                     continue
                 seen.add(text)
@@ -97,7 +111,7 @@ def generate(seed=SEED, train_per_class=TRAIN_PER_CLASS, test_per_class=TEST_PER
 
         draw(seen_kw, train_per_class, train)
         draw(seen_kw, test_per_class // 2, test)
-        draw(held_kw, test_per_class - test_per_class // 2, test)
+        draw(held_kw, test_per_class - test_per_class // 2, test, held=True)
     rng.shuffle(train)
     rng.shuffle(test)
     return train, test
