@@ -3,15 +3,47 @@
 Everything here is deterministic: datasets come from NumPy arrays with a fixed shuffle seed, and the text/image files
 the examples ship are written byte-identically on every run (atomically, through ``mindpet.utils.io_utils``).
 """
+import difflib
 import json
 import os
 import struct
 import zlib
+from dataclasses import asdict, fields
 
 import numpy as np
 
 from mindpet.utils.io_utils import atomic_write
 from mindpet.utils.validation import check_int, check_bool
+
+
+class ExampleConfig:
+    """Base of the examples' dataclass configs: ``from_dict`` refuses unknown keys (suggesting the closest valid
+    one), ``to_dict`` gives plain YAML-friendly values, ``check_positive_ints`` validates dimension fields.
+
+    Subclasses are ``@dataclass``es; ``IGNORED_KEYS`` lists foreign metadata keys ``from_dict`` may skip.
+    """
+    IGNORED_KEYS = ()
+
+    @classmethod
+    def from_dict(cls, values):
+        """Build from a dict. Raises ``TypeError`` for a non-dict, ``ValueError`` naming an unknown key."""
+        if not isinstance(values, dict):
+            raise TypeError(f"For '{cls.__name__}', the config must be a dict, but got {type(values).__name__}.")
+        known = [f.name for f in fields(cls)]
+        for key in sorted(set(values) - set(known) - set(cls.IGNORED_KEYS)):
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys are {sorted(known)}."
+            raise ValueError(f"For '{cls.__name__}', unknown key '{key}'{hint}")
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def to_dict(self):
+        """The fields as a dict of plain values (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def check_positive_ints(self, names):
+        """``check_int`` every field in ``names`` (positive ints)."""
+        for name in names:
+            check_int(name, getattr(self, name), type(self).__name__)
 
 
 def read_jsonl(path):

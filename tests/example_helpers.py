@@ -1,9 +1,18 @@
 """Helpers for the example-model tests: swap Dense layers for LoRADense by hand, train a few steps, snapshot."""
 import numpy as np
+import pytest
 import mindspore as ms
 from mindspore import nn, Tensor
 
 from mindpet.delta.lora import LoRADense
+
+
+@pytest.fixture(scope='module')
+def graph():
+    """GRAPH_MODE for a whole test module (import it into the module); PYNATIVE_MODE again afterwards."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    yield
+    ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
 def swap_dense_for_lora(net, names, rank=4, alpha=8, within=None):

@@ -9,16 +9,10 @@ from examples.pangu_alpha.data import CharTokenizer, lm_arrays, lm_dataset, load
 from examples.pangu_alpha.model import (FULL_2_6B_CONFIG, TINY_CONFIG, CausalLMWithLoss, PanguAlphaForCausalLM,
                                         PanguAttention, PanguConfig, greedy_generate)
 from mindpet.graph import freeze_delta
-from tests.example_helpers import changed_names, snapshot, swap_dense_for_lora, train_steps, trainable_names
+from tests.example_helpers import (changed_names, graph, snapshot, swap_dense_for_lora,  # noqa: F401 (fixture)
+                                   train_steps, trainable_names)
 
 SMALL = dict(TINY_CONFIG, hidden_size=16, num_heads=2, ffn_hidden_size=32, seq_length=16)
-
-
-@pytest.fixture(scope='module')
-def graph():
-    ms.set_context(mode=ms.GRAPH_MODE)
-    yield
-    ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
 def test_configs():
@@ -34,7 +28,7 @@ def test_configs():
         PanguConfig(num_layers=1)
     with pytest.raises(ValueError, match="'hidden_size' \\(10\\) must be divisible"):
         PanguConfig(hidden_size=10, num_heads=4)
-    with pytest.raises(ValueError, match="unknown key\\(s\\) \\['num_layer'\\]"):
+    with pytest.raises(ValueError, match="unknown key 'num_layer'; did you mean 'num_layers'\\?"):
         PanguConfig.from_dict({'num_layer': 2})
 
 

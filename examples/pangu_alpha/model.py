@@ -19,21 +19,21 @@ Keys become ``[P_k; K]``, values ``[P_v; V]``, and the attention mask gains ``P`
 :data:`TINY_CONFIG` runs on CPU; :data:`FULL_2_6B_CONFIG` records PanGu-alpha 2.6B (32 layers, hidden 2560,
 32 heads, vocabulary 40000, 1024 tokens) for Ascend.
 """
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass
 
 import numpy as np
-import mindspore as ms
 from mindspore import nn, ops, Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import Normal
 
+from examples.common import ExampleConfig
 from mindpet.utils.validation import check_int, check_real, check_rate
 
 MASK_VALUE = -10000.0
 
 
 @dataclass
-class PanguConfig:
+class PanguConfig(ExampleConfig):
     """PanGu-alpha dimensions.
 
     Example:
@@ -53,8 +53,7 @@ class PanguConfig:
 
     def __post_init__(self):
         owner = 'PanguConfig'
-        for name in ('vocab_size', 'hidden_size', 'num_heads', 'ffn_hidden_size', 'seq_length'):
-            check_int(name, getattr(self, name), owner)
+        self.check_positive_ints(('vocab_size', 'hidden_size', 'num_heads', 'ffn_hidden_size', 'seq_length'))
         # At least one ordinary block below the top query layer.
         check_int('num_layers', self.num_layers, owner, min_value=2)
         check_int('pad_token_id', self.pad_token_id, owner, min_value=0, max_value=self.vocab_size - 1)
@@ -68,18 +67,6 @@ class PanguConfig:
     @property
     def head_dim(self):
         return self.hidden_size // self.num_heads
-
-    @classmethod
-    def from_dict(cls, values):
-        """Build from a dict; an unknown key is a ``ValueError`` naming it."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"For 'PanguConfig', unknown key(s) {unknown}; valid keys are {sorted(known)}.")
-        return cls(**values)
-
-    def to_dict(self):
-        return asdict(self)
 
 
 TINY_CONFIG = dict(vocab_size=64, hidden_size=64, num_layers=3, num_heads=4, ffn_hidden_size=256, seq_length=64,

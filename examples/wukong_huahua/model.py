@@ -23,19 +23,19 @@ Training objective: noise prediction, ``|| eps - eps_theta(sqrt(abar_t) z0 + sqr
 guidance.
 """
 import math
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass
 
 import numpy as np
-import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, Normal
 
+from examples.common import ExampleConfig
 from mindpet.utils.validation import check_int, check_real, check_rate, check_choice
 
 
 @dataclass
-class WukongConfig:
+class WukongConfig(ExampleConfig):
     """Dimensions of the latent-diffusion model (names follow the Wukong-Huahua / LDM YAML keys).
 
     Example:
@@ -70,11 +70,10 @@ class WukongConfig:
         owner = 'WukongConfig'
         self.channel_mult = tuple(self.channel_mult)
         self.attention_resolutions = tuple(self.attention_resolutions)
-        for name in ('image_size', 'image_channels', 'latent_factor', 'latent_channels', 'model_channels',
-                     'num_res_blocks', 'num_heads', 'transformer_depth', 'norm_groups', 'context_dim',
-                     'text_vocab_size', 'text_context_length', 'text_width', 'text_layers', 'text_heads',
-                     'timesteps'):
-            check_int(name, getattr(self, name), owner)
+        self.check_positive_ints(('image_size', 'image_channels', 'latent_factor', 'latent_channels',
+                                  'model_channels', 'num_res_blocks', 'num_heads', 'transformer_depth',
+                                  'norm_groups', 'context_dim', 'text_vocab_size', 'text_context_length',
+                                  'text_width', 'text_layers', 'text_heads', 'timesteps'))
         check_choice('first_stage', self.first_stage, owner, ('patch', 'kl-f8'))
         check_real('scale_factor', self.scale_factor, owner, min_value=0, min_inclusive=False)
         check_rate('dropout', self.dropout, owner)
@@ -104,21 +103,6 @@ class WukongConfig:
     @property
     def latent_size(self):
         return self.image_size // self.latent_factor
-
-    @classmethod
-    def from_dict(cls, values):
-        """Build from a dict; an unknown key is a ``ValueError`` naming it."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"For 'WukongConfig', unknown key(s) {unknown}; valid keys are {sorted(known)}.")
-        return cls(**values)
-
-    def to_dict(self):
-        values = asdict(self)
-        values['channel_mult'] = list(self.channel_mult)
-        values['attention_resolutions'] = list(self.attention_resolutions)
-        return values
 
 
 TINY_CONFIG = dict(image_size=16, image_channels=3, first_stage='patch', latent_factor=2, latent_channels=12,
