@@ -18,7 +18,10 @@ def graph():
 def swap_dense_for_lora(net, names, rank=4, alpha=8, within=None):
     """Replace every ``nn.Dense`` child whose attribute name is in ``names`` by a LoRADense that holds the same
     weight/bias Parameters (B = 0, so outputs are unchanged); with ``within``, only children of cells whose path
-    ends with it. Returns the cell paths swapped."""
+    ends with it. Returns the cell paths swapped.
+
+    A graph compiled before the swap ignores it: run the network through a new top-level Cell afterwards.
+    """
     swapped = []
     for path, cell in list(net.cells_and_names()):
         if within is not None and not path.endswith(within):
@@ -43,7 +46,7 @@ def swap_dense_for_lora(net, names, rank=4, alpha=8, within=None):
 
 
 def snapshot(net):
-    """(Parameter, numpy copy) pairs for every parameter (the objects, since wrapping a Cell renames them)."""
+    """(Parameter, numpy copy) pairs for every parameter (kept by object: names are only compared at the end)."""
     return [(p, p.asnumpy().copy()) for p in net.get_parameters()]
 
 

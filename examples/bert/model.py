@@ -329,7 +329,8 @@ class ClassifierWithLoss(nn.Cell):
     """Wraps a classifier: ``(input_ids, attention_mask, labels) -> mean cross-entropy`` (a training loss)."""
 
     def __init__(self, network):
-        super().__init__()
+        # auto_prefix=False: wrapping must not rename the network's parameters (checkpoint names).
+        super().__init__(auto_prefix=False)
         self.network = network
 
     def construct(self, input_ids, attention_mask, labels):

@@ -256,7 +256,8 @@ class CausalLMWithLoss(nn.Cell):
     """
 
     def __init__(self, network):
-        super().__init__()
+        # auto_prefix=False: wrapping must not rename the network's parameters (checkpoint names).
+        super().__init__(auto_prefix=False)
         self.network = network
         self.pad_token_id = network.config.pad_token_id
 

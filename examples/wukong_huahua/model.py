@@ -531,7 +531,8 @@ class DiffusionWithLoss(nn.Cell):
     """
 
     def __init__(self, network, schedule=None):
-        super().__init__()
+        # auto_prefix=False: wrapping must not rename the network's parameters (checkpoint names).
+        super().__init__(auto_prefix=False)
         self.network = network
         schedule = NoiseSchedule.from_config(network.config) if schedule is None else schedule
         self.sqrt_abar = Tensor(np.sqrt(schedule.alphas_cumprod).astype(np.float32))
