@@ -10,7 +10,7 @@ from mindspore import Tensor
 from examples.bert import make_dataset
 from examples.bert.data import BertWordPiece, load_topic_split, topic_arrays, topic_dataset
 from examples.bert.model import (BertConfig, BertForSequenceClassification, BertModel, BertSentenceEncoder,
-                                 ClassifierWithLoss, HF_BUFFERS, MINILM_L6_CONFIG, TINY_CONFIG,
+                                 ClassifierWithLoss, HF_BUFFERS, MINILM_L6_CONFIG, TINY_CONFIG, bert_config_from_dir,
                                  hf_to_mindspore_name, load_pretrained_bert, mindspore_to_hf_name)
 from mindpet.graph import freeze_delta
 from mindpet.utils.exceptions import CheckpointError
@@ -78,6 +78,7 @@ def test_minilm_loads_with_nothing_left_over(minilm_dir):
     from safetensors.numpy import load_file
     path = os.path.join(minilm_dir, 'model.safetensors')
     reference = load_file(path)
+    assert bert_config_from_dir(minilm_dir) == BertConfig.from_dict(MINILM_L6_CONFIG)
     net = BertSentenceEncoder(MINILM_L6_CONFIG)
     loaded = load_pretrained_bert(net, path)
     net_names = {p.name for p in net.get_parameters()}
