@@ -33,6 +33,9 @@ def test_configs():
     schedule = NoiseSchedule(1000)
     assert abs(schedule.betas[0] - 0.00085) < 1e-12 and abs(schedule.betas[-1] - 0.012) < 1e-12
     assert np.all(np.diff(schedule.alphas_cumprod) < 0)
+    # Sampling starts from pure noise, so the last step must be (almost) pure noise in both configs.
+    for config in (full, tiny):
+        assert NoiseSchedule.from_config(config).alphas_cumprod[-1] < 0.005
 
 
 def _numpy_cross_attention(att, x, ctx):
