@@ -15,3 +15,21 @@ from mindpet.model import PetModel, get_pet_model  # noqa: E402
 
 __all__ += ['PetConfig', 'LoraConfig', 'register_method', 'config_from_dict', 'config_from_yaml', 'PetModel',
             'get_pet_model']
+
+# More methods for get_pet_model (each registers itself under its YAML 'type').
+from mindpet.tuners.ia3 import IA3Config  # noqa: E402
+
+__all__ += ['IA3Config']
+from mindpet.tuners.adapter import AdapterConfig  # noqa: E402
+from mindpet.tuners.low_rank_adapter import LowRankAdapterConfig  # noqa: E402
+
+__all__ += ['AdapterConfig', 'LowRankAdapterConfig']
+from mindpet.tuners.bitfit import BitFitConfig  # noqa: E402
+
+__all__ += ['BitFitConfig']
+from mindpet.tuners.prompt_tuning import PromptTuningConfig  # noqa: E402
+
+__all__ += ['PromptTuningConfig']
+from mindpet.tuners.prefix_tuning import PrefixTuningConfig  # noqa: E402
+
+__all__ += ['PrefixTuningConfig']

@@ -74,11 +74,7 @@ def expected_tensors(tuner, config, targets, modules_params, fingerprint, source
     """``name -> shape`` of the tensors an adapter file must hold, from its layers and the base fingerprint."""
     expected = OrderedDict()
     for key in targets:
-        weight = f'{key}.weight'
-        if weight not in fingerprint:
-            raise AdapterConfigError(f"The adapter in '{source}' adapts layer '{key}', but its base model has no "
-                                     f"parameter '{weight}'.")
-        for suffix, shape in tuner.adapter_shapes(fingerprint[weight], config).items():
+        for suffix, shape in tuner.expected_shapes(key, fingerprint, config, source).items():
             expected[f'{key}.{suffix}'] = tuple(shape)
     for name in modules_params:
         if name not in fingerprint:

@@ -60,7 +60,7 @@ def main(argv=None):
         return 2
     try:
         return int(args.run(args) or 0)
-    except (MindPetError, ValueError, TypeError, OSError) as ex:
+    except (MindPetError, ValueError, TypeError, OSError, NotImplementedError) as ex:
         print(f"mindpet {args.command}: error: {ex}", file=sys.stderr)
         return 1
 

@@ -159,7 +159,8 @@ class PetModel(nn.Cell):
             tensors[key] = (state.tuner.read_adapter(layer, config) if fresh
                             else state.tuner.init_adapter(layer, config))
         module_names = self._resolve_modules(config)
-        modules = {name: state.module_params[name].asnumpy().copy() for name in module_names}
+        # A new adapter starts from the base values (not from another adapter's trained values).
+        modules = {name: state.module_base[name].copy() for name in module_names}
         state.adapters[adapter_name] = _Adapter(config, targets, tensors, modules, trainable)
         self._after_structure_change(changed)
         return self
@@ -281,7 +282,8 @@ class PetModel(nn.Cell):
             if state.merged:
                 self.unmerge()
             state.active = None
-            self._apply(None)
+            if self._apply(None):
+                self._recompile()
         del state.adapters[adapter_name]
         return self
 
@@ -304,13 +306,15 @@ class PetModel(nn.Cell):
         if was_merged:
             self.unmerge()
         self._sync()
-        self._apply(None)
+        if self._apply(None):
+            self._recompile()
         state.disabled = True
         try:
             yield self
         finally:
             state.disabled = False
-            self._apply(state.adapters.get(state.active))
+            if self._apply(state.adapters.get(state.active)):
+                self._recompile()
             if was_merged:
                 self.merge()
 
@@ -340,16 +344,16 @@ class PetModel(nn.Cell):
 
     def _apply(self, record):
         """Put ``record``'s tensors (None: no adapter) into the live Parameters; set trainability. Returns True
-        when a Parameter's shape grew."""
+        when the graph must be recompiled (a Parameter's shape grew, or the method changes the graph to switch)."""
         state = self._state
         grew = False
         for key, layer in state.layers.items():
             covered = record is not None and key in record.tensors
             if covered:
                 grew = state.tuner.write_adapter(layer, record.config, record.tensors[key]) or grew
-                state.tuner.activate(layer, record.config)
+                grew = state.tuner.activate(layer, record.config) or grew
             else:
-                state.tuner.deactivate(layer)
+                grew = state.tuner.deactivate(layer) or grew
             for param in state.tuner.delta_params(layer):
                 param.requires_grad = covered and record.trainable
         for name, param in state.module_params.items():
@@ -564,10 +568,14 @@ class PetModel(nn.Cell):
                                      f"'{self._state.tuner.method}' adapters.")
 
     def _resolve_modules(self, config):
-        """Parameter names of the cells ``config.modules_to_save`` selects (registered for switching)."""
+        """Parameter names of the cells ``config.modules_to_save`` selects, after the base parameters the method's
+        adapter consists of (BitFit's biases); all registered for switching."""
+        names = list(self._state.tuner.saved_params(self.base_model, config))
+        for name in names:
+            self._register_module_param(name, 'the adapter')
         if not config.modules_to_save:
-            return []
-        names, matched = [], False
+            return names
+        matched = False
         for cell_name, cell in self.base_model.cells_and_names():
             if cell_name and matches_any(cell_name, config.modules_to_save):
                 matched = True
@@ -602,6 +610,10 @@ class PetModel(nn.Cell):
                 state.tuner.deactivate(layer)
                 for param in state.tuner.delta_params(layer):
                     param.requires_grad = False
+        self._recompile()
+
+    def _recompile(self):
+        """Make the next call (of this PetModel or of the network itself) compile a new graph."""
         invalidate_compiled_graph(self)
         invalidate_compiled_graph(self.base_model)
 

@@ -140,10 +140,9 @@ class DoRADense(DeltaDense):
         return self._merged_weight_f32() - host_f32(self.weight)
 
     def _merged_weight_f32(self):
-        direction = host_f32(self.weight) + np.float32(self.scaling) * (
-            host_f32(self.mindpet_delta_dora_b) @ host_f32(self.mindpet_delta_dora_a))
-        norm = np.linalg.norm(direction, axis=1)
-        return host_f32(self.mindpet_delta_dora_magnitude)[:, None] / norm[:, None] * direction
+        return dora_weight(host_f32(self.weight), host_f32(self.mindpet_delta_dora_a),
+                           host_f32(self.mindpet_delta_dora_b), host_f32(self.mindpet_delta_dora_magnitude),
+                           self.scaling)
 
     def _merge_weights(self):
         magnitude = host_f32(self.mindpet_delta_dora_magnitude)
@@ -186,3 +185,25 @@ class DoRADense(DeltaDense):
     def extend_repr(self):
         return (super().extend_repr() + f', lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, '
                 f'lora_dropout={self.lora_dropout_rate}, merged={self.merged}')
+
+
+def dora_weight(weight, lora_a, lora_b, magnitude, scaling):
+    """The plain weight a DoRA layer computes with, ``m * W' / ||W'||_row`` with ``W' = W0 + s B A`` (float32 numpy).
+
+    Args:
+        weight (numpy.ndarray): ``W0`` ``(out, in)``.
+        lora_a (numpy.ndarray): ``A`` ``(r, in)``.
+        lora_b (numpy.ndarray): ``B`` ``(out, r)``.
+        magnitude (numpy.ndarray): ``m`` ``(out,)``.
+        scaling (float): ``s = lora_alpha / lora_rank``.
+
+    Example:
+        >>> import numpy as np
+        >>> w = np.array([[3., 4.]], np.float32)
+        >>> dora_weight(w, np.zeros((1, 2)), np.zeros((1, 1)), np.array([10.]), 2.0)
+        array([[6., 8.]], dtype=float32)
+    """
+    direction = weight.astype(np.float32) + np.float32(scaling) * (
+        lora_b.astype(np.float32) @ lora_a.astype(np.float32))
+    norm = np.linalg.norm(direction, axis=1)
+    return (magnitude.astype(np.float32)[:, None] / norm[:, None] * direction).astype(np.float32)

@@ -75,13 +75,10 @@ class IA3Dense(DeltaDense):
 
     # ----- merge / export --------------------------------------------------------------------------------------
     def _merged_weight_f32(self):
-        vector = host_f32(self.mindpet_delta_ia3_vector)
-        weight = host_f32(self.weight)
-        return weight * vector[None, :] if self.ia3_feedforward else vector[:, None] * weight
+        return ia3_weight(host_f32(self.weight), host_f32(self.mindpet_delta_ia3_vector), self.ia3_feedforward)
 
     def _merged_bias_f32(self):
-        bias = host_f32(self.bias)
-        return bias if self.ia3_feedforward else host_f32(self.mindpet_delta_ia3_vector) * bias
+        return ia3_bias(host_f32(self.bias), host_f32(self.mindpet_delta_ia3_vector), self.ia3_feedforward)
 
     def _merge_weights(self):
         if np.any(host_f32(self.mindpet_delta_ia3_vector) == 0):
@@ -112,3 +109,22 @@ class IA3Dense(DeltaDense):
 
     def extend_repr(self):
         return super().extend_repr() + f', ia3_feedforward={self.ia3_feedforward}, merged={self.merged}'
+
+
+def ia3_weight(weight, vector, feedforward):
+    """The plain weight equal to an IA3 layer: ``W0 diag(l)`` (feed-forward, input scaled) or ``diag(l) W0``.
+
+    Example:
+        >>> import numpy as np
+        >>> ia3_weight(np.ones((2, 3), np.float32), np.array([1., 2., 3.], np.float32), True)[0]
+        array([1., 2., 3.], dtype=float32)
+    """
+    vector = vector.astype(np.float32)
+    weight = weight.astype(np.float32)
+    return weight * vector[None, :] if feedforward else vector[:, None] * weight
+
+
+def ia3_bias(bias, vector, feedforward):
+    """The plain bias equal to an IA3 layer: unchanged (feed-forward) or ``l * b``."""
+    bias = bias.astype(np.float32)
+    return bias if feedforward else vector.astype(np.float32) * bias

@@ -273,7 +273,7 @@ def _numpy(arr):
     return arr.asnumpy() if isinstance(arr, Tensor) else arr
 
 
-def concat_prefix(prefix_key, prefix_value, key, value, attention_mask=None, key_transposed=False):
+def concat_prefix(prefix_key, prefix_value, key, value, attention_mask=None, key_transposed=False, prefix_gate=None):
     """Prepend a prefix to an attention block's keys and values and widen its mask (graph-mode safe).
 
     Args:
@@ -284,6 +284,8 @@ def concat_prefix(prefix_key, prefix_value, key, value, attention_mask=None, key
         attention_mask (Tensor, optional): ``(..., q_len, seq)`` with 1 = may attend (Pangu's convention). The
             result is ``(..., q_len, P + seq)`` with ones in front: every query sees the whole prefix.
         key_transposed (bool): the key layout, see above.
+        prefix_gate (Tensor, optional): a scalar multiplying the mask's prefix columns (1: visible, 0: masked out,
+            i.e. the prefix switched off by Parameter data). Default None: visible.
 
     Returns:
         (key, value, attention_mask) with the prefix in front (``attention_mask`` None if none was given). The
@@ -303,6 +305,8 @@ def concat_prefix(prefix_key, prefix_value, key, value, attention_mask=None, key
     value = ops.concat((prefix_value, value), 2)
     if attention_mask is not None:
         ones = ops.ones(attention_mask.shape[:-1] + (prefix_key.shape[2],), attention_mask.dtype)
+        if prefix_gate is not None:
+            ones = ones * ops.cast(prefix_gate, attention_mask.dtype)
         attention_mask = ops.concat((ones, attention_mask), -1)
     return key, value, attention_mask
 
@@ -383,6 +387,10 @@ class PrefixAttention(nn.Cell):
     def _heads(self, x, batch, seq):
         return self.transpose(self.reshape(x, (batch, seq, self.num_heads, self.head_dim)), (0, 2, 1, 3))
 
+    def prefix_gate(self):
+        """The scalar gating the prefix's visibility (None: always visible; see :class:`GatedPrefixAttention`)."""
+        return None
+
     def construct(self, x, attention_mask, prefix_key=None, prefix_value=None):
         ori_dtype = x.dtype
         batch, seq, _ = x.shape
@@ -393,7 +401,8 @@ class PrefixAttention(nn.Cell):
         if prefix_key is None and self.prefix is not None:
             prefix_key, prefix_value = self.prefix(batch)
         if prefix_key is not None:
-            key, value, mask = concat_prefix(prefix_key, prefix_value, key, value, mask)
+            key, value, mask = concat_prefix(prefix_key, prefix_value, key, value, mask,
+                                             prefix_gate=self.prefix_gate())
         scores = self.score_matmul(query, key)
         scores = self.mul_scale(self.cast(scores, mstype.float32), self.scale)
         adder = self.mul_mask(self.sub_mask(1.0, self.expand_dims(mask, 1)), _MASK_ADDER)
@@ -436,3 +445,52 @@ class PrefixAttention(nn.Cell):
     def extend_repr(self):
         return (f'hidden_size={self.hidden_size}, num_heads={self.num_heads}, '
                 f'prefix={type(self.prefix).__name__ if self.prefix is not None else None}')
+
+
+class GatedPrefixAttention(PrefixAttention):
+    """A :class:`PrefixAttention` whose prefix can be switched off by Parameter data (so in an already-compiled
+    graph): ``mindpet_state_prefix_gate`` multiplies the mask's prefix columns (1: visible; 0: masked out, and the
+    block computes its plain attention up to float32 rounding). What :func:`mindpet.get_pet_model` puts in place of a
+    prefix-less ``PrefixAttention`` for prefix tuning.
+
+    Args:
+        hidden_size, num_heads, attention_dropout, compute_dtype: as :class:`PrefixAttention`.
+        prefix (PrefixLayer | StaticPrefix): the block's prefix (required).
+
+    Inputs / Outputs: as :class:`PrefixAttention`.
+
+    Example:
+        >>> from mindpet.delta.prefix_layer import GatedPrefixAttention, PrefixAttention, PrefixLayer
+        >>> attn = GatedPrefixAttention.from_attention(PrefixAttention(8, 2), PrefixLayer(3, 1, 2, 8, embed_dim=4))
+        >>> float(attn.mindpet_state_prefix_gate.asnumpy())
+        1.0
+    """
+
+    def __init__(self, hidden_size, num_heads, prefix, attention_dropout=0.0, compute_dtype=mstype.float32):
+        if prefix is None:
+            raise ValueError(f"For '{type(self).__name__}', the 'prefix' must be a PrefixLayer or StaticPrefix, but "
+                             f"got None.")
+        super().__init__(hidden_size, num_heads, prefix, attention_dropout, compute_dtype)
+        self.mindpet_state_prefix_gate = Parameter(Tensor(1.0, mstype.float32), name='mindpet_state_prefix_gate',
+                                                   requires_grad=False)
+
+    def prefix_gate(self):
+        return self.mindpet_state_prefix_gate
+
+    @classmethod
+    def from_attention(cls, attention, prefix):
+        """The prefix-less ``attention``'s projections and dropout (the same Cells and Parameters) with ``prefix``."""
+        layer = cls(attention.hidden_size, attention.num_heads, prefix, compute_dtype=attention.compute_dtype)
+        for name in _ATTENTION_CELLS:
+            setattr(layer, name, getattr(attention, name))
+        return layer
+
+    def to_attention(self):
+        """A prefix-less :class:`PrefixAttention` holding this block's projections (the prefix dropped)."""
+        plain = PrefixAttention(self.hidden_size, self.num_heads, compute_dtype=self.compute_dtype)
+        for name in _ATTENTION_CELLS:
+            setattr(plain, name, getattr(self, name))
+        return plain
+
+
+_ATTENTION_CELLS = ('dense1', 'dense2', 'dense3', 'projection', 'attention_dropout')

@@ -94,9 +94,75 @@ class PromptTuningEmbedding(nn.Cell):
         if ids.min() < 0 or ids.max() >= table.shape[0]:
             raise ValueError(f"For '{owner}', the 'token_ids' must lie in [0, {table.shape[0]}), but got ids from "
                              f"{ids.min()} to {ids.max()}.")
-        rows = table[np.resize(ids, self.num_virtual_tokens)].astype(np.float32)
+        rows = vocab_rows(table, ids, self.num_virtual_tokens)
         param = self.mindpet_delta_prompt_tuning_embedding
         param.set_data(Tensor(rows).astype(param.dtype))
 
     def extend_repr(self):
         return f'num_virtual_tokens={self.num_virtual_tokens}, token_dim={self.token_dim}'
+
+
+def vocab_rows(table, token_ids, num_virtual_tokens):
+    """Rows ``token_ids`` of a ``(vocab, dim)`` table as float32, cycled or truncated to ``num_virtual_tokens``
+    (the word-embedding initialisation of the virtual tokens; ids are checked by the caller)."""
+    return np.asarray(table)[np.resize(np.asarray(token_ids), num_virtual_tokens)].astype(np.float32)
+
+
+class EmbeddingWithPrompt(nn.Embedding):
+    """An ``nn.Embedding`` that prepends trainable virtual tokens to its output: ids ``(batch, seq)`` ->
+    ``(batch, n + seq, dim)``. What :func:`mindpet.get_pet_model` puts in place of the model's word embedding for
+    prompt tuning.
+
+    It is an ``nn.Embedding`` holding the original ``embedding_table`` Parameter (same name, so a base checkpoint
+    loads unchanged) and a :class:`PromptTuningEmbedding` ``prompt`` (parameter
+    ``<embedding>.prompt.mindpet_delta_prompt_tuning_embedding``). ``prompt_enabled`` (a Python flag, so changing it
+    needs a new graph) turns the prefix off: the Cell is then its base embedding.
+
+    Args:
+        vocab_size, embedding_size, use_one_hot, dtype, padding_idx: as ``nn.Embedding``.
+        num_virtual_tokens (int): number of virtual tokens ``n`` (> 0).
+        prompt_init: initializer of the virtual tokens (see :class:`PromptTuningEmbedding`). Default Normal(0.02).
+
+    Inputs:
+        ids (Tensor): int ``(batch, seq)``.
+
+    Outputs:
+        Tensor ``(batch, n + seq, embedding_size)``.
+
+    Example:
+        >>> import numpy as np, mindspore as ms
+        >>> from mindspore import nn
+        >>> from mindpet.delta.prompt_tuning import EmbeddingWithPrompt
+        >>> layer = EmbeddingWithPrompt.from_embedding(nn.Embedding(10, 8), num_virtual_tokens=3)
+        >>> layer(ms.Tensor(np.zeros((2, 5), np.int32))).shape
+        (2, 8, 8)
+    """
+
+    def __init__(self, vocab_size, embedding_size, num_virtual_tokens, use_one_hot=False, dtype=mstype.float32,
+                 padding_idx=None, prompt_init=Normal(0.02)):
+        super().__init__(vocab_size, embedding_size, use_one_hot=use_one_hot, embedding_table='zeros', dtype=dtype,
+                         padding_idx=padding_idx)
+        self.prompt = PromptTuningEmbedding(num_virtual_tokens, embedding_size, prompt_init)
+        self.prompt_enabled = True
+
+    @classmethod
+    def from_embedding(cls, embedding, num_virtual_tokens, prompt_init=Normal(0.02)):
+        """Wrap ``embedding`` (an ``nn.Embedding``): the result holds its ``embedding_table`` Parameter object."""
+        layer = cls(embedding.vocab_size, embedding.embedding_size, num_virtual_tokens,
+                    use_one_hot=embedding.use_one_hot, dtype=embedding.dtype, padding_idx=embedding.padding_idx,
+                    prompt_init=prompt_init)
+        layer.embedding_table = embedding.embedding_table
+        return layer
+
+    def construct(self, ids):
+        out = super().construct(ids)
+        if self.prompt_enabled:
+            out = self.prompt(out)
+        return out
+
+    def to_embedding(self):
+        """A plain ``nn.Embedding`` holding this Cell's ``embedding_table`` Parameter (the prompt dropped)."""
+        plain = nn.Embedding(self.vocab_size, self.embedding_size, use_one_hot=self.use_one_hot,
+                             embedding_table='zeros', dtype=self.dtype, padding_idx=self.padding_idx)
+        plain.embedding_table = self.embedding_table
+        return plain

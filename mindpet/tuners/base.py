@@ -12,9 +12,11 @@ hooks; a method that adds Cells elsewhere (prefix tuning, prompt tuning, cross-l
 import re
 import time
 
-from mindspore import nn
+import numpy as np
+from mindspore import nn, Tensor
 
 from mindpet.utils.constants import DELTA_PREFIX
+from mindpet.utils.exceptions import AdapterConfigError
 
 
 def name_matches(name, pattern):
@@ -101,6 +103,8 @@ class BaseTuner:
     method = ''
     #: the delta Cell class this tuner creates; layers of this class are reused when another adapter targets them
     layer_class = None
+    #: the base parameter whose name gives a layer's key (``<key>.weight``)
+    key_attr = 'weight'
 
     # ----- injection -----------------------------------------------------------------------------------------
     def is_target(self, cell):
@@ -108,8 +112,9 @@ class BaseTuner:
         ``construct`` may do something else)."""
         return type(cell) is nn.Dense  # pylint: disable=unidiomatic-typecheck
 
-    def create_layer(self, cell, config):
-        """A new delta Cell replacing ``cell``, holding ``cell``'s own weight/bias Parameter objects."""
+    def create_layer(self, cell, config, key=None):
+        """A new delta Cell replacing ``cell`` (layer key ``key``), holding ``cell``'s own weight/bias Parameter
+        objects."""
         raise NotImplementedError(f"The '{self.method}' tuner does not replace layers.")
 
     def candidates(self, cells):
@@ -135,19 +140,19 @@ class BaseTuner:
             ValueError: the config matches nothing (the message lists the patterns and candidate names).
         """
         cells, holders = walk(model)
-        known = {id(layer) for layer in layers.values()}
-        targets, changed, matched_other = [], False, []
+        known = {id(layer): key for key, layer in layers.items()}
+        targets, created, matched_other = [], [], []
+        # Every check and every new Cell first, so that a refused config leaves the model untouched.
         for name, cell in cells:
             if not name or not matches_any(name, config.target_modules) or matches_any(name, config.exclude_modules):
                 continue
             if id(cell) in known:
-                targets.append(next(key for key, layer in layers.items() if layer is cell))
+                self.check_reuse(known[id(cell)], cell, config)
+                targets.append(known[id(cell)])
             elif self.is_target(cell):
-                key = layer_key(cell, name)
-                layers[key] = replace_cell(holders, cell, self.create_layer(cell, config), key + '.')
-                known.add(id(layers[key]))
+                key = layer_key(cell, name, self.key_attr)
+                created.append((key, cell, self.create_layer(cell, config, key=key)))
                 targets.append(key)
-                changed = True
             else:
                 matched_other.append(f"{name} ({type(cell).__name__})")
         if not targets:
@@ -159,12 +164,28 @@ class BaseTuner:
                              f"{config.target_modules} (exclude_modules {config.exclude_modules}) match no "
                              f"adaptable cell of the model.{other} The {len(candidates)} candidate layers end in "
                              f"{endings[:20]}, e.g. {candidates[:4]}.")
-        return targets, changed
+        for key, cell, layer in created:
+            layers[key] = replace_cell(holders, cell, layer, key + '.')
+        return targets, bool(created)
+
+    def check_reuse(self, key, layer, config):
+        """Raise ValueError when ``config`` cannot use the existing delta Cell ``layer`` (adapted for an earlier
+        adapter), e.g. because it was built for another variant. Default: any config can."""
 
     # ----- per-layer adapter state (NumPy, the adapter's own shapes) -------------------------------------------
     def adapter_shapes(self, weight_shape, config):
         """``suffix -> shape`` of one layer's adapter tensors for a base weight of ``weight_shape``."""
         raise NotImplementedError
+
+    def expected_shapes(self, key, fingerprint, config, source):
+        """``suffix -> shape`` of layer ``key``'s adapter tensors, from the base-model fingerprint (name -> shape).
+        Default: :meth:`adapter_shapes` of ``<key>.weight``; methods whose shapes depend on more (the layer's role,
+        another base parameter) override it.
+
+        Raises:
+            AdapterConfigError: the fingerprint lacks the base parameter the shapes derive from.
+        """
+        return self.adapter_shapes(fingerprint_param(fingerprint, key, 'weight', source), config)
 
     def read_adapter(self, layer, config):
         """The live adapter tensors of ``layer`` (copies), in the adapter's own shapes."""
@@ -176,11 +197,14 @@ class BaseTuner:
         raise NotImplementedError
 
     def activate(self, layer, config):
-        """Switch ``layer``'s delta branch on with ``config``'s hyper-parameters (Parameter data only)."""
+        """Switch ``layer``'s delta branch on with ``config``'s hyper-parameters (Parameter data only). A method
+        that can only do this by changing the graph (a longer input sequence) returns True: the caller then
+        recompiles."""
         raise NotImplementedError
 
     def deactivate(self, layer):
-        """Switch ``layer``'s delta branch off: the layer computes its base function (Parameter data only)."""
+        """Switch ``layer``'s delta branch off: the layer computes its base function (Parameter data only; True
+        asks for a recompilation, as :meth:`activate`)."""
         raise NotImplementedError
 
     def delta_params(self, layer):
@@ -190,6 +214,12 @@ class BaseTuner:
     def init_adapter(self, layer, config):
         """Fresh tensors for a new, untrained adapter on ``layer`` (the base function at init)."""
         raise NotImplementedError
+
+    def saved_params(self, model, config):
+        """Names of base parameters of ``model`` that make up the adapter itself (BitFit's biases). They are
+        trained, stored with the adapter, switched and restored exactly like the parameters of
+        ``modules_to_save``. Default: none."""
+        return []
 
     # ----- merging -------------------------------------------------------------------------------------------
     def merge_layer(self, layer, config):
@@ -215,3 +245,87 @@ class BaseTuner:
         """Combine adapters: ``adapters`` is a list of ``(config, {key: tensors})``. Returns
         ``(config, {key: tensors})`` of the new adapter."""
         raise NotImplementedError(f"The '{self.method}' method does not support add_weighted_adapter.")
+
+
+# ----- helpers shared by the tuners --------------------------------------------------------------------------------
+def fingerprint_param(fingerprint, key, attr, source):
+    """Shape of base parameter ``<key>.<attr>`` in an adapter's base-model fingerprint.
+
+    Raises:
+        AdapterConfigError: the fingerprint has no such parameter.
+    """
+    name = f'{key}.{attr}'
+    if name not in fingerprint:
+        raise AdapterConfigError(f"The adapter in '{source}' adapts layer '{key}', but its base model has no "
+                                 f"parameter '{name}'.")
+    return fingerprint[name]
+
+
+def adopt_dense_params(layer, cell):
+    """Give the new delta Dense ``layer`` the weight and bias Parameter objects of the Dense ``cell`` (same data, no
+    copy; :func:`replace_cell` sets the names). Returns ``layer``."""
+    layer.weight = cell.weight
+    if cell.has_bias:
+        layer.bias = cell.bias
+    return layer
+
+
+def plain_dense(layer):
+    """A plain ``nn.Dense`` holding ``layer``'s weight and bias Parameter objects (for unloading a delta Dense whose
+    branch is off or merged)."""
+    dense = nn.Dense(layer.in_channels, layer.out_channels, weight_init='zeros', bias_init='zeros',
+                     has_bias=layer.has_bias, activation=layer.activation, dtype=layer.weight.dtype)
+    return adopt_dense_params(dense, layer)
+
+
+def live_params(layer):
+    """``suffix -> Parameter`` of ``layer``'s delta Parameters, suffixes relative to ``layer``
+    (``mindpet_delta_lora_a``, ``adapter.mindpet_delta_adapter_down_weight``)."""
+    return {name: param for name, param in layer.parameters_and_names()
+            if name.rsplit('.', 1)[-1].startswith(DELTA_PREFIX)}
+
+
+def read_corner(layer, shapes):
+    """Copies of ``layer``'s delta tensors cut to an adapter's own ``shapes`` (``suffix -> shape``): the adapter
+    occupies the leading block of each live Parameter (see :func:`write_padded`)."""
+    live = live_params(layer)
+    return {suffix: live[suffix].asnumpy()[tuple(slice(0, d) for d in shape)].copy()
+            for suffix, shape in shapes.items()}
+
+
+def write_padded(layer, tensors):
+    """Write an adapter's tensors into ``layer``'s live delta Parameters, zero-padded to the larger of the live and
+    the adapter's size on every axis. For methods where zero rows/columns contribute exact zeros (a LoRA rank, an
+    adapter bottleneck), adapters of different sizes thus share one allocation. Returns True when a Parameter
+    grew (the caller recompiles).
+
+    Raises:
+        ValueError: a tensor's number of axes differs from its Parameter's.
+    """
+    live = live_params(layer)
+    grew = False
+    for suffix, value in tensors.items():
+        param = live[suffix]
+        if value.ndim != len(param.shape):
+            raise ValueError(f"The adapter tensor '{suffix}' has shape {value.shape}, which cannot be put into the "
+                             f"live Parameter of shape {tuple(param.shape)}.")
+        shape = tuple(max(a, b) for a, b in zip(param.shape, value.shape))
+        padded = value
+        if shape != value.shape:
+            padded = np.zeros(shape, value.dtype)
+            padded[tuple(slice(0, d) for d in value.shape)] = value
+        grew = grew or shape != tuple(param.shape)
+        param.set_data(Tensor(padded, param.dtype))
+    return grew
+
+
+def write_exact(layer, tensors):
+    """Write an adapter's tensors into ``layer``'s live delta Parameters, replacing their shapes if they differ (for
+    methods where a size is part of the computation, e.g. a prompt length). Returns True when a shape changed."""
+    live = live_params(layer)
+    changed = False
+    for suffix, value in tensors.items():
+        param = live[suffix]
+        changed = changed or tuple(value.shape) != tuple(param.shape)
+        param.set_data(Tensor(value, param.dtype))
+    return changed

@@ -112,8 +112,9 @@ def _did_you_mean(key, candidates):
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _check_patterns(owner, name, value, allow_none=True):
-    """A str is one pattern; each pattern must be a valid regular expression."""
+def check_patterns(owner, name, value, allow_none=True):
+    """Check a config field of cell-name patterns: a str is one pattern; each pattern must be a valid regular
+    expression. Returns a list (or None)."""
     if isinstance(value, str):
         value = [value]
     value = check_str_list(name, value, owner, allow_none=allow_none)
@@ -151,9 +152,9 @@ class PetConfig:
     def validate(self):
         """Check and normalise the fields (raise TypeError/ValueError naming the field and the value)."""
         owner = type(self).__name__
-        self.target_modules = _check_patterns(owner, 'target_modules', self.target_modules)
-        self.exclude_modules = _check_patterns(owner, 'exclude_modules', self.exclude_modules)
-        self.modules_to_save = _check_patterns(owner, 'modules_to_save', self.modules_to_save)
+        self.target_modules = check_patterns(owner, 'target_modules', self.target_modules)
+        self.exclude_modules = check_patterns(owner, 'exclude_modules', self.exclude_modules)
+        self.modules_to_save = check_patterns(owner, 'modules_to_save', self.modules_to_save)
 
     @classmethod
     def field_names(cls):

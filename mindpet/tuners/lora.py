@@ -15,14 +15,16 @@ import re
 from typing import Optional, Union
 
 import numpy as np
-from mindspore import nn, Tensor
+from mindspore import Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, HeUniform
 
+from mindpet.delta.dora import DoRADense
 from mindpet.delta.lora import LoRADense, lora_increment
-from mindpet.tuners.base import BaseTuner
+from mindpet.tuners import dora
+from mindpet.tuners.base import BaseTuner, adopt_dense_params, plain_dense
 from mindpet.tuners.config import PetConfig, register_method
-from mindpet.utils.validation import check_int, check_real, check_rate, check_choice
+from mindpet.utils.validation import check_int, check_real, check_rate, check_choice, check_bool
 
 A_NAME = 'mindpet_delta_lora_a'
 B_NAME = 'mindpet_delta_lora_b'
@@ -43,6 +45,8 @@ class LoraConfig(PetConfig):
             layer is first adapted (it only acts in training).
         compute_dtype (str | None): 'float32', 'float16' or 'bfloat16' for the layer's matmuls; None (default)
             computes in the base weight's dtype, so the adapted model equals the base model exactly at init.
+        use_dora (bool): DoRA (:class:`mindpet.delta.dora.DoRADense`): a trainable per-row magnitude times the
+            LoRA-updated direction. Default False. A layer keeps the variant of the first adapter that adapted it.
         exclude_modules, modules_to_save: see :class:`PetConfig`.
 
     Example:
@@ -54,6 +58,7 @@ class LoraConfig(PetConfig):
     lora_alpha: Union[int, float] = 16
     lora_dropout: float = 0.0
     compute_dtype: Optional[str] = None
+    use_dora: bool = False
 
     def validate(self):
         super().validate()
@@ -68,6 +73,7 @@ class LoraConfig(PetConfig):
         check_rate('lora_dropout', self.lora_dropout, owner)
         if self.compute_dtype is not None:
             check_choice('compute_dtype', self.compute_dtype, owner, tuple(DTYPES))
+        check_bool('use_dora', self.use_dora, owner)
 
     @property
     def scaling(self):
@@ -76,33 +82,45 @@ class LoraConfig(PetConfig):
 
 
 class LoraTuner(BaseTuner):
-    """Injects :class:`mindpet.delta.LoRADense` in place of ``nn.Dense`` layers (keeping their weight and bias
-    Parameter objects) and implements switching, merging, storing and combining for it."""
-    layer_class = LoRADense
+    """Injects :class:`mindpet.delta.LoRADense` (or, with ``use_dora``, :class:`mindpet.delta.dora.DoRADense`) in
+    place of ``nn.Dense`` layers (keeping their weight and bias Parameter objects) and implements switching,
+    merging, storing and combining for it. The DoRA specifics live in :mod:`mindpet.tuners.dora`."""
+    layer_class = (LoRADense, DoRADense)
 
-    def create_layer(self, cell, config):
+    def check_reuse(self, key, layer, config):
+        if isinstance(layer, DoRADense) != config.use_dora:
+            raise ValueError(f"For the 'lora' config with use_dora={config.use_dora}, the layer '{key}' was adapted "
+                             f"as {type(layer).__name__} by an earlier adapter; one layer holds one variant "
+                             f"(exclude it with 'exclude_modules', or adapt another model).")
+
+    def create_layer(self, cell, config, key=None):
         dtype = cell.weight.dtype
         compute = DTYPES[config.compute_dtype] if config.compute_dtype else dtype
+        if config.use_dora:
+            return dora.create_layer(cell, config, compute)
         # 'zeros' avoids drawing a random weight that is replaced at once by the base layer's own Parameter.
         layer = LoRADense(cell.in_channels, cell.out_channels, lora_rank=config.lora_rank,
                           lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, compute_dtype=compute,
                           weight_init='zeros', bias_init='zeros', has_bias=cell.has_bias,
                           activation=cell.activation, dtype=dtype)
-        layer.weight = cell.weight
-        if cell.has_bias:
-            layer.bias = cell.bias
-        return layer
+        return adopt_dense_params(layer, cell)
 
     def adapter_shapes(self, weight_shape, config):
+        if config.use_dora:
+            return dora.adapter_shapes(weight_shape, config)
         out_channels, in_channels = weight_shape
         return {A_NAME: (config.lora_rank, in_channels), B_NAME: (out_channels, config.lora_rank)}
 
     def read_adapter(self, layer, config):
+        if isinstance(layer, DoRADense):
+            return dora.read_adapter(layer, config)
         rank = config.lora_rank
         return {A_NAME: layer.mindpet_delta_lora_a.asnumpy()[:rank].copy(),
                 B_NAME: layer.mindpet_delta_lora_b.asnumpy()[:, :rank].copy()}
 
     def write_adapter(self, layer, config, tensors):
+        if isinstance(layer, DoRADense):
+            return dora.write_adapter(layer, config, tensors)
         lora_a, lora_b = tensors[A_NAME], tensors[B_NAME]
         rank, live = lora_a.shape[0], layer.mindpet_delta_lora_a.shape[0]
         width = max(rank, live)
@@ -119,19 +137,26 @@ class LoraTuner(BaseTuner):
         return False
 
     def init_adapter(self, layer, config):
+        if isinstance(layer, DoRADense):
+            return dora.init_adapter(layer, config)
         rank = config.lora_rank
         lora_a = initializer(HeUniform(negative_slope=math.sqrt(5)), [rank, layer.in_channels], mstype.float32)
         return {A_NAME: lora_a.init_data().asnumpy(),
                 B_NAME: np.zeros((layer.out_channels, rank), np.float32)}
 
     def activate(self, layer, config):
+        if isinstance(layer, DoRADense):
+            return dora.activate(layer, config)
         layer.scaling = config.scaling
         layer.lora_alpha = config.lora_alpha
         if not layer.merged:
             layer.mindpet_state_lora_scaling.set_data(Tensor(config.scaling, mstype.float32))
 
     def deactivate(self, layer):
+        if isinstance(layer, DoRADense):
+            return dora.deactivate(layer)
         layer.mindpet_state_lora_scaling.set_data(Tensor(0.0, mstype.float32))
+        return False
 
     def merge_layer(self, layer, config):
         layer.scaling = config.scaling
@@ -143,14 +168,11 @@ class LoraTuner(BaseTuner):
 
     def unload_layer(self, layer):
         # The branch is off (merged, or another adapter's layer): the plain Dense computes the same thing.
-        dense = nn.Dense(layer.in_channels, layer.out_channels, weight_init='zeros', bias_init='zeros',
-                         has_bias=layer.has_bias, activation=layer.activation, dtype=layer.weight.dtype)
-        dense.weight = layer.weight
-        if layer.has_bias:
-            dense.bias = layer.bias
-        return dense
+        return plain_dense(layer)
 
     def merge_weights(self, params, key, tensors, config):
+        if config.use_dora:
+            return dora.merge_weights(params, key, tensors, config)
         name = f'{key}.weight'
         weight = params[name]
         merged = weight.astype(np.float32) + lora_increment(tensors[A_NAME], tensors[B_NAME], config.scaling)
@@ -162,6 +184,9 @@ class LoraTuner(BaseTuner):
         its best rank-``rank`` approximation. ``cat``: exact, the factors stacked (rank = sum of the ranks).
         Both give ``lora_alpha = rank`` (scaling 1)."""
         check_choice('combination_type', combination_type, 'add_weighted_adapter', COMBINATION_TYPES)
+        if any(config.use_dora for config, _ in adapters):
+            raise NotImplementedError("For 'add_weighted_adapter', DoRA adapters cannot be combined: a DoRA layer "
+                                      "divides by the row norms of its own direction, so increments do not add.")
         keys = []
         for _, tensors in adapters:
             keys += [key for key in tensors if key not in keys]

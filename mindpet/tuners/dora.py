@@ -1,0 +1,99 @@
+"""DoRA for :func:`mindpet.get_pet_model`: ``LoraConfig(use_dora=True)`` (YAML ``type: lora``, ``use_dora: true``).
+
+:class:`mindpet.tuners.lora.LoraTuner` injects :class:`mindpet.delta.dora.DoRADense` for such a config and calls
+the per-layer functions of this module for DoRA layers. An adapter's tensors on one layer are ``A`` (``r x in``),
+``B`` (``out x r``) and the magnitude ``m`` (``out``). As for LoRA, adapters of different ranks share one layer: the
+live ``A``/``B`` are allocated at the largest rank and zero-padded (the zero rows/columns add exact zeros to
+``W0 + s B A`` and so to its row norms).
+
+Switching and disabling are Parameter data: the active adapter's ``A``, ``B``, ``m``, its scaling ``s`` and the DoRA
+gate; disabling sets ``s`` and the gate to 0, so the layer computes ``W0 x + b``. Merging writes
+``m * W' / ||W'||_row`` into the weight (exact up to float32 rounding; refused when an entry of ``m`` is 0, since
+the merge could not be undone). DoRA adapters cannot be combined with ``add_weighted_adapter``.
+"""
+import math
+
+import numpy as np
+from mindspore import Tensor
+from mindspore import dtype as mstype
+from mindspore.common.initializer import initializer, HeUniform
+
+from mindpet.delta.dora import DoRADense, dora_weight
+from mindpet.tuners.base import adopt_dense_params, read_corner, write_padded
+
+A_NAME = 'mindpet_delta_dora_a'
+B_NAME = 'mindpet_delta_dora_b'
+M_NAME = 'mindpet_delta_dora_magnitude'
+
+
+def create_layer(cell, config, compute_dtype):
+    """A DoRADense holding ``cell``'s weight/bias Parameters, its magnitude set to their row norms (the layer then
+    equals ``cell``)."""
+    # 'zeros' avoids drawing a random weight that is replaced at once by the base layer's own Parameter.
+    layer = DoRADense(cell.in_channels, cell.out_channels, lora_rank=config.lora_rank,
+                      lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, compute_dtype=compute_dtype,
+                      weight_init='zeros', bias_init='zeros', has_bias=cell.has_bias, activation=cell.activation,
+                      dtype=cell.weight.dtype)
+    adopt_dense_params(layer, cell)
+    layer.init_magnitude()
+    return layer
+
+
+def adapter_shapes(weight_shape, config):
+    """``suffix -> shape`` of one DoRA layer's adapter tensors."""
+    out_channels, in_channels = weight_shape
+    return {A_NAME: (config.lora_rank, in_channels), B_NAME: (out_channels, config.lora_rank),
+            M_NAME: (out_channels,)}
+
+
+def read_adapter(layer, config):
+    """The live tensors of ``layer`` cut to ``config``'s rank (copies)."""
+    return read_corner(layer, adapter_shapes(layer.weight.shape, config))
+
+
+def write_adapter(layer, config, tensors):
+    """Write an adapter's tensors (zero-padded to the live rank); True when the live rank grew."""
+    grew = write_padded(layer, tensors)
+    layer.lora_rank = max(layer.lora_rank, config.lora_rank)
+    return grew
+
+
+def init_adapter(layer, config):
+    """Fresh tensors: ``A`` Kaiming-uniform, ``B`` zero, ``m`` the row norms of the base weight.
+
+    Raises:
+        RuntimeError: the layer is merged (its weight is not the base weight then).
+    """
+    if layer.merged:
+        raise RuntimeError("For 'add_adapter', a new DoRA adapter needs the base weight's row norms; call unmerge() "
+                           "first.")
+    rank = config.lora_rank
+    lora_a = initializer(HeUniform(negative_slope=math.sqrt(5)), [rank, layer.in_channels], mstype.float32)
+    weight = layer.weight.asnumpy().astype(np.float32)
+    return {A_NAME: lora_a.init_data().asnumpy(), B_NAME: np.zeros((layer.out_channels, rank), np.float32),
+            M_NAME: np.linalg.norm(weight, axis=1).astype(np.float32)}
+
+
+def activate(layer, config):
+    """Scaling ``s`` and gate 1 (unless merged: the merged weight already holds the adapter)."""
+    layer.scaling = config.scaling
+    layer.lora_alpha = config.lora_alpha
+    if not layer.merged:
+        layer.mindpet_state_dora_scaling.set_data(Tensor(config.scaling, mstype.float32))
+        layer.mindpet_state_dora_gate.set_data(Tensor(1.0, mstype.float32))
+    return False
+
+
+def deactivate(layer):
+    """Scaling and gate 0: the layer computes ``W0 x + b``."""
+    layer.mindpet_state_dora_scaling.set_data(Tensor(0.0, mstype.float32))
+    layer.mindpet_state_dora_gate.set_data(Tensor(0.0, mstype.float32))
+    return False
+
+
+def merge_weights(params, key, tensors, config):
+    """``{<key>.weight: m * W' / ||W'||_row}`` for ``mindpet merge``."""
+    name = f'{key}.weight'
+    weight = params[name]
+    merged = dora_weight(weight, tensors[A_NAME], tensors[B_NAME], tensors[M_NAME], config.scaling)
+    return {name: merged.astype(weight.dtype)}

@@ -1,0 +1,133 @@
+"""IA3 for :func:`mindpet.get_pet_model`: the config, and the tuner that injects :class:`IA3Dense`.
+
+A layer matched by ``feedforward_modules`` scales its input (``h = W0 (l * x) + b``, the feed-forward block's
+output projection); the other targets scale their output (``h = l * (W0 x + b)``, keys and values). ``l`` starts at
+one, so the adapted model is the base model at init. Switching copies ``l`` and sets a gate Parameter (gate 0: the
+layer is its base Dense); merging folds ``l`` into the weight (and bias), exactly up to float32 rounding.
+"""
+import dataclasses
+from typing import List, Optional
+
+import numpy as np
+from mindspore import Tensor
+from mindspore import dtype as mstype
+
+from mindpet.delta.ia3 import IA3Dense, ia3_weight, ia3_bias
+from mindpet.tuners.base import (BaseTuner, adopt_dense_params, plain_dense, matches_any, fingerprint_param,
+                                 write_exact)
+from mindpet.tuners.config import PetConfig, register_method, check_patterns
+from mindpet.utils.validation import check_choice
+
+VECTOR_NAME = 'mindpet_delta_ia3_vector'
+DTYPES = {'float32': mstype.float32, 'float16': mstype.float16, 'bfloat16': mstype.bfloat16}
+
+
+@dataclasses.dataclass
+class IA3Config(PetConfig):
+    """IA3 hyper-parameters for :func:`mindpet.get_pet_model`.
+
+    Args:
+        target_modules (list[str] | str): ``nn.Dense`` cells to rescale (regex full-match or name suffix), e.g. the
+            key and value projections and the feed-forward output projection.
+        feedforward_modules (list[str] | str | None): the targets whose input is scaled (the feed-forward output
+            projections); every pattern must match a target. Default None: every target scales its output.
+        compute_dtype (str | None): 'float32', 'float16' or 'bfloat16' for the layer's matmul; None (default) the
+            base weight's dtype (the adapted model then equals the base model exactly at init).
+        exclude_modules, modules_to_save: see :class:`PetConfig`.
+
+    Example:
+        >>> cfg = IA3Config(target_modules=['k_proj', 'v_proj', 'fc_out'], feedforward_modules=['fc_out'])
+        >>> cfg.to_dict()['type']
+        'ia3'
+    """
+    feedforward_modules: Optional[List[str]] = None
+    compute_dtype: Optional[str] = None
+
+    def validate(self):
+        super().validate()
+        owner = type(self).__name__
+        if self.target_modules is None:
+            raise ValueError(f"For '{owner}', the 'target_modules' must be a non-empty list of str (cell name "
+                             f"patterns), but got None.")
+        self.feedforward_modules = check_patterns(owner, 'feedforward_modules', self.feedforward_modules)
+        if self.compute_dtype is not None:
+            check_choice('compute_dtype', self.compute_dtype, owner, tuple(DTYPES))
+
+    def is_feedforward(self, key):
+        """Whether layer ``key`` scales its input."""
+        return matches_any(key, self.feedforward_modules)
+
+
+class IA3Tuner(BaseTuner):
+    """Injects :class:`mindpet.delta.IA3Dense` in place of ``nn.Dense`` layers (keeping their weight and bias
+    Parameter objects); switching, merging and storing for it."""
+    layer_class = IA3Dense
+
+    def inject(self, model, config, layers):
+        if config.feedforward_modules:
+            names = [name for name, _ in model.cells_and_names()
+                     if name and matches_any(name, config.target_modules)
+                     and not matches_any(name, config.exclude_modules)]
+            for pattern in config.feedforward_modules:
+                if not any(matches_any(name, [pattern]) for name in names):
+                    raise ValueError(f"For 'get_pet_model', the 'ia3' config's feedforward_modules pattern "
+                                     f"{pattern!r} matches none of the target_modules' cells {names[:6]}.")
+        return super().inject(model, config, layers)
+
+    def check_reuse(self, key, layer, config):
+        if layer.ia3_feedforward != config.is_feedforward(key):
+            raise ValueError(f"For the 'ia3' config, the layer '{key}' was adapted with "
+                             f"ia3_feedforward={layer.ia3_feedforward} by an earlier adapter, but this config makes "
+                             f"it {config.is_feedforward(key)}; adapters sharing a layer must agree "
+                             f"('feedforward_modules').")
+
+    def create_layer(self, cell, config, key=None):
+        dtype = cell.weight.dtype
+        compute = DTYPES[config.compute_dtype] if config.compute_dtype else dtype
+        layer = IA3Dense(cell.in_channels, cell.out_channels, ia3_feedforward=config.is_feedforward(key),
+                         compute_dtype=compute, weight_init='zeros', bias_init='zeros', has_bias=cell.has_bias,
+                         activation=cell.activation, dtype=dtype)
+        return adopt_dense_params(layer, cell)
+
+    def expected_shapes(self, key, fingerprint, config, source):
+        out_channels, in_channels = fingerprint_param(fingerprint, key, 'weight', source)
+        return {VECTOR_NAME: (in_channels if config.is_feedforward(key) else out_channels,)}
+
+    def read_adapter(self, layer, config):
+        return {VECTOR_NAME: layer.mindpet_delta_ia3_vector.asnumpy().copy()}
+
+    def write_adapter(self, layer, config, tensors):
+        return write_exact(layer, tensors)
+
+    def init_adapter(self, layer, config):
+        return {VECTOR_NAME: np.ones(layer.mindpet_delta_ia3_vector.shape, np.float32)}
+
+    def activate(self, layer, config):
+        if not layer.merged:
+            layer.mindpet_state_ia3_gate.set_data(Tensor(1.0, mstype.float32))
+        return False
+
+    def deactivate(self, layer):
+        layer.mindpet_state_ia3_gate.set_data(Tensor(0.0, mstype.float32))
+        return False
+
+    def merge_layer(self, layer, config):
+        layer.merge()
+
+    def unmerge_layer(self, layer, config):
+        layer.unmerge()
+
+    def unload_layer(self, layer):
+        return plain_dense(layer)
+
+    def merge_weights(self, params, key, tensors, config):
+        name = f'{key}.weight'
+        weight, vector, feedforward = params[name], tensors[VECTOR_NAME], config.is_feedforward(key)
+        out = {name: ia3_weight(weight, vector, feedforward).astype(weight.dtype)}
+        bias_name = f'{key}.bias'
+        if bias_name in params and not feedforward:
+            out[bias_name] = ia3_bias(params[bias_name], vector, feedforward).astype(params[bias_name].dtype)
+        return out
+
+
+register_method('ia3', IA3Config, IA3Tuner)
