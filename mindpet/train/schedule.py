@@ -47,8 +47,9 @@ def learning_rates(total_steps, start_learning_rate, end_learning_rate=0.0, warm
     check_int('warmup_steps', warmup_steps, owner, min_value=0)
     check_choice('decay', decay, owner, DECAYS)
     check_real('power', power, owner, min_value=0, min_inclusive=False)
+    # A run shorter than the warm-up stops part-way up the ramp (the ramp is not compressed).
     warmup = min(warmup_steps, total_steps)
-    rates = [start_learning_rate * (i + 1) / warmup for i in range(warmup)]
+    rates = [start_learning_rate * (i + 1) / warmup_steps for i in range(warmup)]
     remaining = total_steps - warmup
     for j in range(remaining):
         p = j / (remaining - 1) if remaining > 1 else 1.0

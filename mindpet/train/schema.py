@@ -109,8 +109,9 @@ class Field:
             if not isinstance(value, dict):
                 raise bad
         if self.choices and value not in self.choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in self.choices], n=1, cutoff=0.6)
-            hint = f"; did you mean '{close[0]}'?" if close else ''
+            by_lower = {str(c).lower(): str(c) for c in self.choices}
+            close = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1, cutoff=0.6)
+            hint = f"; did you mean '{by_lower[close[0]]}'?" if close else ''
             raise ValueError(f"must be one of {list(self.choices)}, but got {_got(value)}{hint}")
         if kind in ('int', 'float'):
             low, high = self.min_value, self.max_value
