@@ -107,7 +107,10 @@ def load_plan(path, overrides=(), missing_ok=False):
     if task.base_checkpoint_required() and sections['model']['base_checkpoint'] is None:
         raise source.key_error('model.base_checkpoint', f"missing: the '{sections['model']['size']}' size of "
                                f"'{task.name}' is fine-tuned from pretrained weights; give their path")
-    pet_config = _pet_config(source, sections['pet'])
+    pet = sections['pet']
+    if isinstance(pet, dict) and isinstance(pet.get('type'), str):
+        sections['pet'] = pet = dict(task.pet_defaults(pet['type']), **pet)
+    pet_config = _pet_config(source, pet)
     return RunPlan(os.fspath(path), source, sections, task, pet_config)
 
 

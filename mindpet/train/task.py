@@ -118,6 +118,11 @@ class Task:
     def check(self):
         """Cross-field checks after the sections passed the schema. Raise ``KeyValueError(key, message)``."""
 
+    def pet_defaults(self, method):
+        """Values the ``pet`` section of ``method`` gets from the model when it does not give them (e.g. P-Tuning
+        v2's layer and head counts). Default: none."""
+        return {}
+
     # ----- model -----------------------------------------------------------------------------------------------
     def build_network(self):
         """The base network with freshly initialised weights (also called under ``no_init_parameters`` for a dry
