@@ -64,6 +64,13 @@ class PanguTask(Task):
                     'num_heads': self.config.num_heads, 'kv_channels': self.config.head_dim}
         return {}
 
+    def check_pet(self, config):
+        if config.method == 'ptuning2':
+            for key, value in self.pet_defaults('ptuning2').items():
+                if key != 'target_modules' and getattr(config, key) != value:
+                    raise KeyValueError(f'pet.{key}', f"must match the model ({value}), but got "
+                                        f"{getattr(config, key)}; leave it out to take the model's value")
+
     def build_network(self):
         return PanguAlphaForCausalLM(self.config)
 

@@ -111,6 +111,11 @@ def load_plan(path, overrides=(), missing_ok=False):
     if isinstance(pet, dict) and isinstance(pet.get('type'), str):
         sections['pet'] = pet = dict(task.pet_defaults(pet['type']), **pet)
     pet_config = _pet_config(source, pet)
+    if pet_config is not None:
+        try:
+            task.check_pet(pet_config)
+        except KeyValueError as ex:
+            raise source.value_error(ex.key, str(ex)) from None
     return RunPlan(os.fspath(path), source, sections, task, pet_config)
 
 

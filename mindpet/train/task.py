@@ -118,6 +118,10 @@ class Task:
     def check(self):
         """Cross-field checks after the sections passed the schema. Raise ``KeyValueError(key, message)``."""
 
+    def check_pet(self, config):
+        """Check the PET config against the model before anything is built (e.g. sizes the method repeats). Raise
+        ``KeyValueError('pet.<key>', message)``. Default: nothing to check."""
+
     def pet_defaults(self, method):
         """Values the ``pet`` section of ``method`` gets from the model when it does not give them (e.g. P-Tuning
         v2's layer and head counts). Default: none."""
