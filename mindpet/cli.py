@@ -19,7 +19,7 @@ Command = namedtuple('Command', ['name', 'help', 'add_arguments', 'run'])
 _COMMANDS = OrderedDict()
 
 #: modules whose import registers further verbs (e.g. finetune/evaluate)
-COMMAND_MODULES = []
+COMMAND_MODULES = ['mindpet.train.commands']
 
 
 def register_command(name, help_text, add_arguments, run):
@@ -60,9 +60,15 @@ def main(argv=None):
         return 2
     try:
         return int(args.run(args) or 0)
-    except (MindPetError, ValueError, TypeError, OSError, NotImplementedError) as ex:
-        print(f"mindpet {args.command}: error: {ex}", file=sys.stderr)
+    except (MindPetError, ValueError, TypeError, OSError, NotImplementedError, ImportError) as ex:
+        print(f"mindpet {args.command}: error: {_one_line(ex)}", file=sys.stderr)
         return 1
+
+
+def _one_line(error):
+    """The error's message on one line (MindSpore appends a multi-line C++ call stack after a blank line)."""
+    text = str(error).split('\n\n----')[0]
+    return ' '.join(text.split())
 
 
 # ----- merge -------------------------------------------------------------------------------------------------

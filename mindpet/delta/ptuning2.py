@@ -192,3 +192,67 @@ def _parallel_sizes(owner, parallel_config):
                             f"attribute, but got {type(parallel_config).__name__} without it.")
         sizes.append(check_int(f'parallel_config.{attr}', getattr(parallel_config, attr), owner))
     return tuple(sizes)
+
+
+def prefix_argument_index(cell):
+    """Position of the ``prefix_key_values`` argument of ``cell.construct`` (excluding ``self``), or None."""
+    import inspect  # pylint: disable=import-outside-toplevel
+    try:
+        names = list(inspect.signature(cell.construct).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index('prefix_key_values') if 'prefix_key_values' in names else None
+
+
+class PrefixKeyValueModel(nn.Cell):
+    """A model that takes per-layer prefix keys/values (a ``construct`` argument named ``prefix_key_values``, the
+    MindFormers P-Tuning v2 convention), fed by its own :class:`PrefixEncoder`.
+
+    ``construct(*inputs)`` calls ``model(*inputs)`` with the ``prefix_key_values`` position replaced by
+    ``encoder(batch, dtype)``, ``batch`` being the first input's leading dimension. Built by the ``ptuning2``
+    tuner of :func:`mindpet.get_pet_model`; the wrapped model's parameters keep their names (``auto_prefix=False``).
+
+    Args:
+        model (nn.Cell): the wrapped model; its ``construct`` has a ``prefix_key_values`` argument and every
+            argument before it is given positionally.
+        encoder (PrefixEncoder): the prefix source.
+        dtype (mindspore.dtype): dtype of the prefixes. Default float32.
+
+    Example:
+        >>> wrapped = PrefixKeyValueModel(backbone, PrefixEncoder(8, 3, 4, 16, True, 64, 0.0))  # doctest: +SKIP
+        >>> hidden = wrapped(input_ids)  # doctest: +SKIP
+    """
+
+    def __init__(self, model, encoder, dtype=mstype.float32):
+        super().__init__(auto_prefix=False)
+        index = prefix_argument_index(model)
+        if index is None:
+            raise TypeError(f"For 'PrefixKeyValueModel', the 'model' must take a 'prefix_key_values' argument in "
+                            f"its construct, but {type(model).__name__}.construct does not.")
+        if not isinstance(encoder, PrefixEncoder):
+            raise TypeError(f"For 'PrefixKeyValueModel', the 'encoder' must be a PrefixEncoder, but got "
+                            f"{type(encoder).__name__}.")
+        self.model = model
+        self.prefix_encoder = encoder
+        self.index = index
+        self.dtype = dtype
+        # A Python flag: switching the prefix off changes the graph (no prefix positions); whoever flips it makes
+        # the next call recompile (the tuner reports it).
+        self.prefix_enabled = True
+
+    def __getattr__(self, name):
+        # Code around the wrapped model keeps reading its attributes through the wrapper (e.g. a language model's
+        # tied output head reads 'backbone.word_embedding'); the graph compiler resolves them the same way.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get('_cells', {}).get('model')
+            if model is None:
+                raise
+            return getattr(model, name)
+
+    def construct(self, *inputs):
+        if not self.prefix_enabled:
+            return self.model(*inputs)
+        prefixes = self.prefix_encoder(inputs[0].shape[0], self.dtype)
+        return self.model(*(inputs[:self.index] + (prefixes,) + inputs[self.index + 1:]))

@@ -1,0 +1,512 @@
+"""YAML-driven fine-tuning: ``mindpet finetune`` and ``mindpet evaluate`` (see doc/cli.md).
+
+:func:`load_plan` reads and checks the whole run config before anything runs (unknown keys, types, ranges,
+missing files, the PET method's own config); :func:`build` builds the network and applies the PET method (a
+target pattern that matches nothing fails here); only then does :func:`finetune` create the output directory,
+load the pretrained weights, train and write the results. A config that fails leaves the output directory as it
+was. A dry run (``finetune(..., dry_run=True)``) builds the model without allocating its weights
+(``no_init_parameters``), so a full-size config validates on a laptop.
+
+These functions set the MindSpore context (mode, device) from the config's ``context`` section: they are the body
+of a command, not library calls to mix with other work in one process.
+"""
+import json
+import math
+import os
+import resource
+import time
+from collections import OrderedDict
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn
+from mindspore.train.callback import Callback, CheckpointConfig
+
+from mindpet.train import report
+from mindpet.train.schedule import learning_rates
+from mindpet.train.schema import RUNNER_FIELDS, check_section, read_run_config, did_you_mean
+from mindpet.train.task import KeyValueError, load_task_class
+from mindpet.adapter_store import is_delta_or_state
+from mindpet.utils.io_utils import is_state_param
+from mindpet.utils.exceptions import MindPetError
+
+FULL = 'full'      # pet type: train every parameter (no adapter)
+ADAPTER_DIR = 'adapter'
+FULL_CHECKPOINT = 'model.ckpt'
+
+
+class RunPlan:
+    """A checked run config: every section with defaults filled in, the task, and the PET config."""
+
+    def __init__(self, path, source, sections, task, pet_config):
+        self.path = path
+        self.source = source
+        self.sections = sections
+        self.task = task
+        self.pet_config = pet_config     # None for full fine-tuning
+
+    def __getattr__(self, name):
+        sections = self.__dict__.get('sections', {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(name)
+
+    @property
+    def method(self):
+        return FULL if self.pet_config is None else self.pet_config.method
+
+    def to_dict(self):
+        """The resolved config (what ``config.yaml`` in the output directory records)."""
+        out = OrderedDict()
+        for name in ('context', 'model', 'pet', 'data', 'optimizer', 'schedule', 'training', 'parallel'):
+            out[name] = self.sections[name]
+        out['pet'] = {'type': FULL} if self.pet_config is None else self.pet_config.to_dict()
+        return out
+
+
+def load_plan(path, overrides=(), missing_ok=False):
+    """Read, override and check a run config. Nothing is built, written or changed.
+
+    Args:
+        path (str): the YAML file.
+        overrides (list[str]): ``--set`` strings, ``'section.key=value'`` (YAML values).
+        missing_ok (bool): record files that do not exist in ``plan.source.missing`` instead of failing (dry run).
+
+    Returns:
+        RunPlan
+
+    Raises:
+        ReadYamlFileError: the file is missing or not YAML.
+        ModelConfigKeysInfoError: an unknown, missing or misspelt key (the message names the file and key).
+        ModelConfigParamsInfoError: a wrong type or value, or a missing file.
+    """
+    raw, source = read_run_config(path, overrides, missing_ok=missing_ok)
+    sections = {}
+    model_raw = raw.get('model')
+    if not isinstance(model_raw, dict):
+        raise source.value_error('model', f"must be a mapping with at least 'name', but got {model_raw!r}")
+    if 'name' not in model_raw:
+        raise source.key_error('model.name', "missing (the model to fine-tune, e.g. bert)")
+    try:
+        task_class = load_task_class(model_raw['name'])
+    except (ValueError, ImportError) as ex:
+        raise source.value_error('model.name', str(ex)) from None
+    sections['model'] = check_section(source, 'model', model_raw, task_class.all_model_fields())
+    sections['data'] = check_section(source, 'data', raw.get('data'), task_class.data_fields)
+    for name, fields in RUNNER_FIELDS.items():
+        sections[name] = check_section(source, name, raw.get(name), fields)
+    sections['pet'] = raw.get('pet')
+    _check_runner_rules(source, sections, task_class)
+    try:
+        task = task_class(sections['model'], sections['data'], seed=sections['context']['seed'])
+        task.check()
+    except KeyValueError as ex:
+        raise source.value_error(ex.key, str(ex)) from None
+    except (TypeError, ValueError) as ex:
+        raise source.value_error('model.overrides', str(ex)) from None
+    if task.base_checkpoint_required() and sections['model']['base_checkpoint'] is None:
+        raise source.key_error('model.base_checkpoint', f"missing: the '{sections['model']['size']}' size of "
+                               f"'{task.name}' is fine-tuned from pretrained weights; give their path")
+    pet = sections['pet']
+    if isinstance(pet, dict) and isinstance(pet.get('type'), str):
+        sections['pet'] = pet = dict(task.pet_defaults(pet['type']), **pet)
+    pet_config = _pet_config(source, pet)
+    if pet_config is not None:
+        try:
+            task.check_pet(pet_config)
+        except KeyValueError as ex:
+            raise source.value_error(ex.key, str(ex)) from None
+    return RunPlan(os.fspath(path), source, sections, task, pet_config)
+
+
+def _check_runner_rules(source, sections, task_class):
+    schedule, training = sections['schedule'], sections['training']
+    if schedule['end_learning_rate'] > schedule['start_learning_rate']:
+        raise source.value_error('schedule.end_learning_rate',
+                                 f"must not exceed start_learning_rate ({schedule['start_learning_rate']}), but got "
+                                 f"{schedule['end_learning_rate']}")
+    if training['rdrop_alpha'] and not task_class.supports_rdrop:
+        raise source.value_error('training.rdrop_alpha', f"R-Drop is not available for the '{task_class.name}' "
+                                 f"task (a classification loss is needed); use 0")
+
+
+def _pet_config(source, pet):
+    """The PET method's config from the ``pet`` section (None for ``type: full``)."""
+    from mindpet.tuners.config import config_from_dict, available_methods, get_method  # pylint: disable=C0415
+    if not isinstance(pet, dict):
+        raise source.value_error('pet', f"must be a mapping with a 'type' key (a method, or '{FULL}' for full "
+                                 f"fine-tuning), but got {pet!r}")
+    kind = pet.get('type')
+    if kind is None:
+        raise source.key_error('pet.type', f"missing: name the method (one of {available_methods()}) or "
+                               f"'{FULL}' for full fine-tuning")
+    if kind == FULL:
+        extra = sorted(set(pet) - {'type'})
+        if extra:
+            raise source.key_error(f'pet.{extra[0]}', f"unknown key: full fine-tuning ('type: {FULL}') takes no "
+                                   f"other key")
+        return None
+    try:
+        config_class = get_method(kind)[0]
+    except (TypeError, ValueError) as ex:
+        raise source.value_error('pet.type', f"{ex} (or '{FULL}' for full fine-tuning)") from None
+    valid = config_class.field_names() + ['type']
+    for key in pet:
+        if key not in valid:
+            raise source.key_error(f'pet.{key}', f"unknown key of the '{kind}' method"
+                                   f"{did_you_mean(key, valid)}") from None
+    try:
+        return config_from_dict(pet)
+    except (MindPetError, TypeError, ValueError) as ex:
+        # The method's messages quote the field they are about.
+        key = next((k for k in sorted(pet, key=len, reverse=True) if f"'{k}'" in str(ex)), None)
+        raise source.value_error(f'pet.{key}' if key else 'pet', str(ex)) from None
+
+
+# ----- building --------------------------------------------------------------------------------------------------
+class Built:
+    """The network, the PET wrapper around it (None for full fine-tuning) and parameter counts."""
+
+    def __init__(self, network, pet_model):
+        self.network = network
+        self.pet_model = pet_model
+        self.checkpoint_dir = None
+
+    @property
+    def model(self):
+        """What to train and evaluate: the PetModel, or the network itself."""
+        return self.pet_model if self.pet_model is not None else self.network
+
+    def counts(self):
+        """``(trainable, total)`` parameter counts (run-time state excluded)."""
+        trainable = total = 0
+        for param in self.network.get_parameters():
+            if is_state_param(param.name):
+                continue
+            size = int(np.prod(param.shape))
+            total += size
+            trainable += size if param.requires_grad else 0
+        return trainable, total
+
+    def base_bytes(self):
+        """Bytes of the base model's parameters (what a full checkpoint of it holds)."""
+        return sum(int(np.prod(p.shape)) * p.itemsize for p in self.network.get_parameters()
+                   if not is_delta_or_state(p.name))
+
+
+def set_context(plan, dry_run=False):
+    """Set the MindSpore mode (and, unless ``dry_run``, the device) from the ``context`` section.
+
+    Raises:
+        ModelConfigParamsInfoError: the device is not available in this MindSpore installation.
+    """
+    context = plan.context
+    ms.set_context(mode=ms.GRAPH_MODE if context['mode'] == 'GRAPH' else ms.PYNATIVE_MODE)
+    if dry_run:
+        return
+    kwargs = {'device_target': context['device_target']}
+    if context['device_id'] is not None:
+        kwargs['device_id'] = context['device_id']
+    try:
+        ms.set_context(**kwargs)
+    except (RuntimeError, ValueError) as ex:
+        raise plan.source.value_error('context.device_target', f"{context['device_target']} cannot be used here: "
+                                      f"{str(ex).splitlines()[0]}") from None
+    ms.set_seed(context['seed'])
+
+
+def build(plan, lazy=False):
+    """Build the task's network and apply the PET method; nothing is loaded or written.
+
+    Args:
+        plan (RunPlan): from :func:`load_plan`.
+        lazy (bool): build under ``mindspore.nn.utils.no_init_parameters`` (no weight memory; a dry run).
+
+    Raises:
+        ModelConfigParamsInfoError: the method's config does not fit the model (e.g. target patterns matching
+            nothing), or the model dimensions are invalid; the message names the key and the file.
+    """
+    import contextlib  # pylint: disable=import-outside-toplevel
+    from mindspore.nn.utils import no_init_parameters  # pylint: disable=import-outside-toplevel
+    from mindpet.model import get_pet_model  # pylint: disable=import-outside-toplevel
+    scope = no_init_parameters() if lazy else contextlib.nullcontext()
+    with scope:
+        try:
+            network = plan.task.build_network()
+        except (TypeError, ValueError) as ex:
+            raise plan.source.value_error('model', str(ex)) from None
+        if plan.pet_config is None:
+            return Built(network, None)
+        try:
+            pet_model = get_pet_model(network, plan.pet_config)
+        except (MindPetError, TypeError, ValueError) as ex:
+            message = str(ex)
+            key = 'pet.modules_to_save' if 'modules_to_save' in message and 'target_modules' not in message \
+                else 'pet.target_modules'
+            raise plan.source.value_error(key, message) from None
+    return Built(network, pet_model)
+
+
+# ----- training --------------------------------------------------------------------------------------------------
+def _optimizer(plan, params, rates):
+    opt = plan.optimizer
+    decay = opt['weight_decay']
+    if decay:
+        # Biases and normalisation scales/shifts are not decayed (the usual recipe for transformers).
+        # (Split by name: `param in list` would compare tensors element-wise.)
+        plain = [p.name.rsplit('.', 1)[-1] in ('bias', 'beta', 'gamma') for p in params]
+        groups = [{'params': [p for p, skip in zip(params, plain) if not skip], 'weight_decay': decay},
+                  {'params': [p for p, skip in zip(params, plain) if skip], 'weight_decay': 0.0}]
+        groups = [g for g in groups if g['params']]
+    else:
+        groups = params
+    if opt['type'] == 'adamw':
+        return nn.AdamWeightDecay(groups, learning_rate=rates, beta1=opt['beta1'], beta2=opt['beta2'],
+                                  eps=opt['eps'], weight_decay=decay)
+    if opt['type'] == 'adam':
+        return nn.Adam(groups, learning_rate=rates, beta1=opt['beta1'], beta2=opt['beta2'], eps=opt['eps'],
+                       weight_decay=decay)
+    if opt['type'] == 'momentum':
+        return nn.Momentum(groups, learning_rate=rates, momentum=opt['momentum'], weight_decay=decay)
+    return nn.SGD(groups, learning_rate=rates, weight_decay=decay)
+
+
+def _init_parallel(plan):
+    """Start data parallel when the config asks for it; returns ``(rank, group_size)``.
+
+    Raises:
+        ModelConfigParamsInfoError: data parallel asked for, but the process was not started by msrun.
+    """
+    if not plan.parallel['data_parallel']:
+        return 0, 1
+    if not (os.environ.get('MS_ROLE') or os.environ.get('RANK_TABLE_FILE')):
+        raise plan.source.value_error('parallel.data_parallel', "true needs the workers started by msrun "
+                                      "(e.g. msrun --worker_num=2 --local_worker_num=2 --join=True "
+                                      "-m mindpet.cli finetune --config ...); see doc/distributed.md")
+    from mindspore.communication import init  # pylint: disable=import-outside-toplevel
+    from mindpet.graph.ckpt_util import distributed_rank  # pylint: disable=import-outside-toplevel
+    init()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL,
+                                 gradients_mean=plan.parallel['gradients_mean'])
+    return distributed_rank()
+
+
+class _Progress(Callback):
+    """A ``Model.train`` callback: per-step loss and time, a progress line every ``log_interval`` steps (and the
+    first and last), and a stop at ``total_steps``."""
+
+    def __init__(self, total_steps, steps_per_epoch, rates, log_interval, out):
+        super().__init__()
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.rates = rates
+        self.log_interval = log_interval
+        self.out = out
+        self.losses, self.step_times = [], []
+        self._start = None
+
+    def on_train_step_begin(self, run_context):
+        self._start = time.perf_counter()
+
+    def on_train_step_end(self, run_context):
+        loss = float(np.asarray(run_context.original_args().net_outputs.asnumpy()).reshape(-1)[0])
+        self.step_times.append(time.perf_counter() - self._start)
+        self.losses.append(loss)
+        step = len(self.losses)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss} at step {step}; lower schedule.start_learning_rate")
+        if step % self.log_interval == 0 or step in (1, self.total_steps):
+            self.out(report.progress_line(step, self.total_steps, self.steps_per_epoch, loss, self.rates[step - 1],
+                                          self.step_times))
+        if step >= self.total_steps:
+            run_context.request_stop()
+
+
+def plan_steps(plan, steps_per_epoch):
+    """``(epochs, total_steps)`` from ``training.epochs``/``max_steps`` and the dataset's steps per epoch."""
+    training = plan.training
+    if training['max_steps'] is not None:
+        return max(1, math.ceil(training['max_steps'] / steps_per_epoch)), training['max_steps']
+    return training['epochs'], training['epochs'] * steps_per_epoch
+
+
+def finetune(path, overrides=(), dry_run=False, out=print):
+    """Run a fine-tuning job from a YAML run config (the ``mindpet finetune`` command).
+
+    Args:
+        path (str): the run config.
+        overrides (list[str]): ``--set`` strings.
+        dry_run (bool): check the config and build the model without weights; write nothing, train nothing.
+        out (callable): where lines go (default ``print``).
+
+    Returns:
+        dict: the summary (see ``metrics.json``); for a dry run, the plan's facts.
+
+    Raises:
+        MindPetError, TypeError, ValueError: a bad config or file (nothing written to the output directory).
+    """
+    t_start = time.time()
+    plan = load_plan(path, overrides, missing_ok=dry_run)
+    set_context(plan, dry_run=dry_run)
+    if dry_run:
+        return _dry_run(plan, out)
+    rank, group_size = _init_parallel(plan)
+    writer = rank == 0
+    built = build(plan)
+    loaded = plan.task.load_base(built.network, plan.model['base_checkpoint'])
+    dataset = plan.task.train_dataset(plan.training['batch_size'], rank, group_size)
+    steps_per_epoch = dataset.get_dataset_size()
+    if steps_per_epoch < 1:
+        raise plan.source.value_error('training.batch_size', f"{plan.training['batch_size']} is larger than the "
+                                      f"training data: no full batch")
+    epochs, total_steps = plan_steps(plan, steps_per_epoch)
+    schedule = plan.schedule
+    rates = learning_rates(total_steps, schedule['start_learning_rate'], schedule['end_learning_rate'],
+                           schedule['warmup_steps'], schedule['decay'], schedule['power'])
+    # Everything was checked and loaded: from here on the output directory is written.
+    output_dir = plan.training['output_dir']
+    from mindpet.utils.io_utils import ensure_dir  # pylint: disable=import-outside-toplevel
+    if writer:
+        ensure_dir(output_dir, what='output directory')
+        report.write_yaml(os.path.join(output_dir, 'config.yaml'), plan.to_dict())
+    say = out if writer else (lambda *_: None)
+    trainable, total = built.counts()
+    say(report.header(plan, loaded, trainable, total, total_steps, epochs, steps_per_epoch, group_size))
+
+    model = built.model
+    results = OrderedDict()
+    do_eval = plan.training['evaluate']
+    if do_eval:
+        results['before'] = plan.task.evaluate(model)
+        say(f"[eval] before: {report.format_metrics(results['before'])}")
+    demo_before = plan.task.demo(model)
+    if demo_before:
+        say('[demo] before fine-tuning:')
+        for line in demo_before:
+            say(f'  {line}')
+
+    losses, step_times = _train(plan, built, dataset, epochs, total_steps, steps_per_epoch, rates, say)
+
+    if do_eval:
+        results['after'] = plan.task.evaluate(model)
+        say(f"[eval] after: {report.format_metrics(results['after'])}")
+    demo_after = plan.task.demo(model)
+    if demo_after:
+        say('[demo] after fine-tuning:')
+        for line in demo_after:
+            say(f'  {line}')
+    if not writer:
+        return {}
+    files = _save_results(plan, built, output_dir)
+    if built.checkpoint_dir:
+        files.append(built.checkpoint_dir)
+    files += plan.task.write_artifacts(model, output_dir)
+    if plan.training['plot']:
+        png = report.plot_losses(os.path.join(output_dir, 'loss.png'), losses, rates[:len(losses)],
+                                 title=f"{plan.task.name} {plan.method}")
+        if png:
+            files.append(png)
+    summary = report.summary(plan, built, losses, step_times, results, files, output_dir,
+                             peak_memory_mb=peak_memory_mb(), wall_time=time.time() - t_start,
+                             total_steps=len(losses), demo=(demo_before, demo_after))
+    report.write_json(os.path.join(output_dir, 'metrics.json'),
+                      dict(summary=summary, losses=losses, step_times=step_times, learning_rates=rates[:len(losses)],
+                           eval=results))
+    out('')
+    out(report.summary_table(summary))
+    return summary
+
+
+def _train(plan, built, dataset, epochs, total_steps, steps_per_epoch, rates, say):
+    from mindpet.graph.ckpt_util import TrainableParamsCheckPoint  # pylint: disable=import-outside-toplevel
+    model = built.model
+    params = model.trainable_params()
+    if not params:
+        raise plan.source.value_error('pet', "leaves no parameter trainable")
+    loss_net = plan.task.loss_cell(model, plan.training['rdrop_alpha'])
+    train_step = nn.TrainOneStepCell(loss_net, _optimizer(plan, params, rates))
+    train_step.set_train()
+    progress = _Progress(total_steps, steps_per_epoch, rates, plan.training['log_interval'], say)
+    callbacks = [progress]
+    interval = plan.training['checkpoint_interval']
+    if interval:
+        built.checkpoint_dir = os.path.join(plan.training['output_dir'], 'checkpoints')
+        config = CheckpointConfig(save_checkpoint_steps=interval, keep_checkpoint_max=plan.training[
+            'keep_checkpoint_max'], saved_network=model)
+        callbacks.append(TrainableParamsCheckPoint(built.checkpoint_dir, prefix=plan.method, config=config, save_optimizer_state=True))
+    ms.Model(train_step).train(epochs, dataset, callbacks=callbacks, dataset_sink_mode=False)
+    model.set_train(False)
+    return progress.losses, progress.step_times
+
+
+def _save_results(plan, built, output_dir):
+    """Write the adapter (PET) or the whole model (full fine-tuning); returns the paths."""
+    from mindpet.utils.io_utils import atomic_save_checkpoint  # pylint: disable=import-outside-toplevel
+    files = []
+    if built.pet_model is not None:
+        adapter_dir = os.path.join(output_dir, ADAPTER_DIR)
+        built.pet_model.save_pretrained(adapter_dir)
+        files.append(adapter_dir)
+    if built.pet_model is None or plan.training['save_full_checkpoint']:
+        params = [p for p in built.network.get_parameters() if not is_delta_or_state(p.name)]
+        path = os.path.join(output_dir, FULL_CHECKPOINT)
+        atomic_save_checkpoint(params, path)
+        files.append(path)
+    return files
+
+
+def peak_memory_mb():
+    """Peak resident memory of this process so far (``ru_maxrss``), in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _dry_run(plan, out):
+    built = build(plan, lazy=True)
+    trainable, total = built.counts()
+    out(f"{plan.path}: valid")
+    out(report.header(plan, None, trainable, total, None, None, None, 1, dry_run=True))
+    for key, path in plan.source.missing:
+        out(f"  note: '{key}' names '{path}', which does not exist here (a real run refuses to start)")
+    out(f"  nothing was written; a real run writes into {plan.training['output_dir']}")
+    return {'valid': True, 'trainable_params': trainable, 'total_params': total,
+            'missing_files': [key for key, _ in plan.source.missing]}
+
+
+# ----- evaluation ------------------------------------------------------------------------------------------------
+def evaluate(path, adapter=None, overrides=(), out=print):
+    """Evaluate the config's model with an adapter directory or a full fine-tuned checkpoint (``mindpet
+    evaluate``). Without ``adapter``, the base model is evaluated.
+
+    Returns:
+        dict: the task's metrics.
+
+    Raises:
+        MindPetError, TypeError, ValueError: a bad config, adapter or checkpoint.
+    """
+    from mindpet.model import PetModel  # pylint: disable=import-outside-toplevel
+    plan = load_plan(path, overrides)
+    set_context(plan)
+    network = plan.task.build_network()
+    loaded = plan.task.load_base(network, plan.model['base_checkpoint'])
+    model, what = network, 'the base model'
+    if adapter is not None:
+        adapter = os.fspath(adapter)
+        if os.path.isdir(adapter):
+            model = PetModel.from_pretrained(network, adapter)
+            what = f"adapter {adapter} ({model.get_adapter_config().method})"
+        else:
+            from mindpet.utils.io_utils import load_checkpoint_file, load_params_checked  # pylint: disable=C0415
+            params = load_checkpoint_file(adapter, what='fine-tuned checkpoint')
+            load_params_checked(network, params, source=adapter,
+                                require=[p.name for p in network.get_parameters()])
+            what = f"fine-tuned checkpoint {adapter}"
+    out(f"[evaluate] {plan.task.name} ({plan.model['size']}), base: {loaded or 'initial weights'}; with {what}")
+    metrics = plan.task.evaluate(model)
+    out(f"[evaluate] {report.format_metrics(metrics)}")
+    lines = plan.task.demo(model)
+    for line in lines or ():
+        out(f'  {line}')
+    return metrics
+
+
+__all__ = ['RunPlan', 'Built', 'load_plan', 'build', 'finetune', 'evaluate', 'plan_steps', 'peak_memory_mb', 'FULL']

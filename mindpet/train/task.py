@@ -1,0 +1,232 @@
+"""What the runner needs from a model to fine-tune it: the :class:`Task` interface and the task registry.
+
+A task knows one model family: its size presets, how to build the network, load pretrained weights, make the
+training data, the loss, the evaluation metric and (optionally) a demonstration of its outputs. The runner
+(:mod:`mindpet.train.runner`) does the rest the same way for every task: validation, the PET method, the optimizer
+and schedule, the training loop, checkpoints, the adapter, the summary.
+
+The shipped tasks live beside their example models (``examples/<name>/pet_task.py``); ``model.name`` in a run
+config picks one. A task outside this repository plugs in with ``model.name: my_package.my_module`` (a module
+defining ``TASK``, a :class:`Task` subclass) or with :func:`register_task`.
+"""
+import importlib
+import os
+import sys
+
+import numpy as np
+
+from mindpet.train.schema import Field, one_line
+from mindpet.utils.validation import check_int
+
+#: model name -> module defining ``TASK``
+_TASK_MODULES = {
+    'bert': 'examples.bert.pet_task',
+    'pangu_alpha': 'examples.pangu_alpha.pet_task',
+    'wukong_huahua': 'examples.wukong_huahua.pet_task',
+    'mlp': 'examples.mlp.pet_task',
+}
+
+
+def register_task(name, module):
+    """Make ``model.name: <name>`` load the task defined as ``TASK`` in ``module`` (a dotted module path)."""
+    if not isinstance(name, str) or not name or not isinstance(module, str) or not module:
+        raise ValueError(f"For 'register_task', the 'name' and 'module' must be non-empty str, but got {name!r}, "
+                         f"{module!r}.")
+    _TASK_MODULES[name] = module
+
+
+def task_names():
+    """The registered model names."""
+    return sorted(_TASK_MODULES)
+
+
+def load_task_class(name):
+    """The :class:`Task` subclass for ``model.name``.
+
+    The shipped tasks import from the ``examples`` package of the source tree; when the ``mindpet`` command runs
+    from the repository root, that directory is put on ``sys.path`` (an installed wheel does not ship examples).
+
+    Raises:
+        ValueError: an unknown name (the message suggests the closest), or a module without ``TASK``.
+        ImportError: the module cannot be imported (the message says from where to run).
+    """
+    module_name = _TASK_MODULES.get(name, name if '.' in str(name) else None)
+    if module_name is None:
+        from mindpet.train.schema import did_you_mean  # pylint: disable=import-outside-toplevel
+        raise ValueError(f"unknown model {name!r}{did_you_mean(name, task_names())} (or a module path "
+                         f"'package.module' defining TASK)")
+    if module_name.startswith('examples.') and os.path.isdir(os.path.join(os.getcwd(), 'examples')):
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as ex:
+        raise ImportError(one_line(f"the model {name!r} needs the module '{module_name}', which cannot be imported "
+                                   f"({ex}); the shipped example models are in the source tree: run from the "
+                                   f"repository root")) from ex
+    task = getattr(module, 'TASK', None)
+    if not (isinstance(task, type) and issubclass(task, Task)):
+        raise ValueError(f"the module '{module_name}' does not define TASK (a mindpet.train.Task subclass)")
+    return task
+
+
+class Task:
+    """Base class of a fine-tuning task. Subclasses set the class attributes and implement the methods.
+
+    Attributes:
+        name (str): the ``model.name`` of the task.
+        sizes (dict): size preset name -> model config dict (``model.size``).
+        model_fields (dict): extra ``model.*`` keys (:class:`mindpet.train.schema.Field`).
+        data_fields (dict): the ``data.*`` keys.
+        metric (str): name of the main evaluation metric (higher or lower is better: ``metric_higher_is_better``).
+        supports_rdrop (bool): whether ``training.rdrop_alpha`` applies.
+
+    The instance holds ``model`` and ``data`` (checked sections, defaults filled in), ``config`` (the model
+    dimensions: the preset updated with ``model.overrides``) and ``seed``.
+    """
+    name = ''
+    sizes = {}
+    model_fields = {}
+    data_fields = {}
+    metric = 'loss'
+    metric_higher_is_better = False
+    supports_rdrop = False
+
+    def __init__(self, model, data, seed=0):
+        self.model = model
+        self.data = data
+        self.seed = seed
+        self.config = self.model_config()
+
+    # ----- configuration ---------------------------------------------------------------------------------------
+    @classmethod
+    def all_model_fields(cls):
+        from mindpet.train.schema import MODEL_FIELDS  # pylint: disable=import-outside-toplevel
+        fields = dict(MODEL_FIELDS)
+        fields['size'] = Field('str', next(iter(cls.sizes)), choices=tuple(cls.sizes),
+                               doc=MODEL_FIELDS['size'].doc)
+        fields.update(cls.model_fields)
+        return fields
+
+    def model_config(self):
+        """The model dimensions: the size preset with ``model.overrides`` applied. Raise ValueError naming a bad
+        override (subclasses check with their config class)."""
+        config = dict(self.sizes[self.model['size']])
+        config.update(self.model.get('overrides') or {})
+        return config
+
+    def check(self):
+        """Cross-field checks after the sections passed the schema. Raise ``KeyValueError(key, message)``."""
+
+    def check_pet(self, config):
+        """Check the PET config against the model before anything is built (e.g. sizes the method repeats). Raise
+        ``KeyValueError('pet.<key>', message)``. Default: nothing to check."""
+
+    def pet_defaults(self, method):
+        """Values the ``pet`` section of ``method`` gets from the model when it does not give them (e.g. P-Tuning
+        v2's layer and head counts). Default: none."""
+        return {}
+
+    # ----- model -----------------------------------------------------------------------------------------------
+    def build_network(self):
+        """The base network with freshly initialised weights (also called under ``no_init_parameters`` for a dry
+        run, so it must not read parameter values)."""
+        raise NotImplementedError
+
+    def load_base(self, network, path):
+        """Load pretrained weights into ``network`` (``path``: ``model.base_checkpoint``, possibly None). Returns
+        a short description (e.g. ``'103 tensors from .../model.safetensors'``) or None when nothing was loaded."""
+        if path is None:
+            return None
+        from mindpet.utils.io_utils import load_checkpoint_file, load_params_checked  # pylint: disable=C0415
+        params = load_checkpoint_file(path, what='base checkpoint')
+        loaded = load_params_checked(network, params, source=path, require=_base_names(network))
+        return f"{len(loaded)} tensors from {path}"
+
+    def base_checkpoint_required(self):
+        """Whether the size preset needs ``model.base_checkpoint`` (full-size models: no random-init training)."""
+        return False
+
+    # ----- data ------------------------------------------------------------------------------------------------
+    def train_dataset(self, batch_size, rank=0, group_size=1):
+        """A ``mindspore.dataset`` of training batches (the columns ``loss_cell`` takes); under data parallel
+        each rank reads its own shard."""
+        raise NotImplementedError
+
+    def loss_cell(self, network, rdrop_alpha=0.0):
+        """A Cell ``(*batch) -> scalar loss`` around ``network`` (built with ``auto_prefix=False``)."""
+        raise NotImplementedError
+
+    # ----- results ---------------------------------------------------------------------------------------------
+    def evaluate(self, network):
+        """``{metric: value, ...}`` of ``network`` on held-out data; ``self.metric`` must be a key."""
+        raise NotImplementedError
+
+    def demo(self, network):
+        """Lines showing the model's behaviour (e.g. generated text), printed before and after training; None."""
+        return None
+
+    def write_artifacts(self, network, output_dir):
+        """Write task-specific outputs (e.g. sample images) into ``output_dir``; returns the paths written."""
+        return []
+
+
+class KeyValueError(ValueError):
+    """A task's complaint about one config key (the runner adds the file name)."""
+
+    def __init__(self, key, message):
+        super().__init__(message)
+        self.key = key
+
+
+def _base_names(network):
+    """Names a base checkpoint must provide: every parameter except delta/state ones."""
+    from mindpet.adapter_store import is_delta_or_state  # pylint: disable=import-outside-toplevel
+    return [p.name for p in network.get_parameters() if not is_delta_or_state(p.name)]
+
+
+def shard_rows(arrays, rank, group_size):
+    """Every ``group_size``-th row starting at ``rank`` of each array (a data-parallel shard)."""
+    check_int('group_size', group_size, 'shard_rows')
+    check_int('rank', rank, 'shard_rows', min_value=0, max_value=group_size - 1)
+    if group_size == 1:
+        return list(arrays)
+    return [array[rank::group_size] for array in arrays]
+
+
+
+
+def predict_batches(network, arrays, batch_size):
+    """Run ``network(*batch)`` over row-aligned NumPy ``arrays`` in batches and concatenate the outputs.
+
+    The last batch is padded (with copies of its last row) to ``batch_size`` so that every call has the same shape
+    and one compiled graph serves them all; the padded rows are dropped from the result. The network is put in
+    inference mode.
+
+    Returns:
+        numpy.ndarray: the outputs for the ``len(arrays[0])`` rows.
+    """
+    from mindspore import Tensor  # pylint: disable=import-outside-toplevel
+    check_int('batch_size', batch_size, 'predict_batches')
+    rows = len(arrays[0])
+    network.set_train(False)
+    outputs = []
+    for start in range(0, rows, batch_size):
+        chunk = [np.asarray(a[start:start + batch_size]) for a in arrays]
+        real = len(chunk[0])
+        if real < batch_size:
+            chunk = [np.concatenate([c, np.repeat(c[-1:], batch_size - real, axis=0)]) for c in chunk]
+        outputs.append(network(*[Tensor(c) for c in chunk]).asnumpy()[:real])
+    return np.concatenate(outputs)
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean cross-entropy of float logits ``(N, C)`` against int labels ``(N,)`` (NumPy, float64)."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(labels)), np.asarray(labels)].mean())
+
+
+__all__ = ['Task', 'KeyValueError', 'register_task', 'task_names', 'load_task_class', 'shard_rows',
+           'predict_batches', 'softmax_cross_entropy']
