@@ -282,7 +282,7 @@ def _init_parallel(plan):
     if not (os.environ.get('MS_ROLE') or os.environ.get('RANK_TABLE_FILE')):
         raise plan.source.value_error('parallel.data_parallel', "true needs the workers started by msrun "
                                       "(e.g. msrun --worker_num=2 --local_worker_num=2 --join=True "
-                                      "-m mindpet.cli finetune --config ...); see doc/distributed.md")
+                                      "$(which mindpet) finetune --config ...); see doc/cli.md")
     from mindspore.communication import init  # pylint: disable=import-outside-toplevel
     from mindpet.graph.ckpt_util import distributed_rank  # pylint: disable=import-outside-toplevel
     init()
