@@ -274,3 +274,15 @@ def test_build_refuses_a_config_matching_nothing_without_touching_the_model(tmp_
     plan = load_plan(small_config(tmp_path), ['pet.target_modules=[head.nothing]'])
     with pytest.raises(ModelConfigParamsInfoError, match=r"'pet\.target_modules'.*match no adaptable cell"):
         build(plan, lazy=True)
+
+
+def test_a_base_checkpoint_that_does_not_fit_fails_before_the_output_dir(tmp_path, capsys):
+    from examples.mlp.model import Classifier
+    other = tmp_path / 'other.ckpt'
+    ms.save_checkpoint(Classifier(dict(in_dim=32, hidden=128, num_layers=3, num_classes=8)), str(other))
+    path = small_config(tmp_path)
+    assert main(['finetune', '--config', path, '--set', f'model.base_checkpoint={other}']) == 1
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and 'layers.0.weight' in err and str(other) in err, err
+    assert not (tmp_path / 'out').exists()
