@@ -60,7 +60,7 @@ def main(argv=None):
         return 2
     try:
         return int(args.run(args) or 0)
-    except (MindPetError, ValueError, TypeError, OSError, NotImplementedError, ImportError) as ex:
+    except (MindPetError, ValueError, TypeError, OSError, NotImplementedError, ImportError, ArithmeticError) as ex:
         print(f"mindpet {args.command}: error: {_one_line(ex)}", file=sys.stderr)
         return 1
 

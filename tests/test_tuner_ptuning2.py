@@ -104,7 +104,8 @@ def test_training_moves_only_the_prefix_and_switching(graph):
 
 
 def test_bad_configs_are_refused():
-    with pytest.raises(ValueError, match=r"match no Cell taking 'prefix_key_values'; candidates: \['backbone'\]"):
+    with pytest.raises(ValueError, match=r"match no adaptable cell of the model\. .*The 1 candidate layers end in "
+                                         r"\['backbone'\]"):
         get_pet_model(base_net(), config(target_modules=['blocks']))
     with pytest.raises(TypeError, match="'num_layers' must be a positive int, but got None"):
         PTuning2Config(target_modules=['backbone'], num_heads=2, kv_channels=8)

@@ -5,13 +5,12 @@ Without ``model.base_checkpoint`` the base model is first trained on task A for 
 tests use it.
 """
 import numpy as np
-from mindspore import nn, ops, Tensor
+from mindspore import nn, ops
 
 from examples.common import array_dataset
 from examples.mlp.model import MLPConfig, Classifier, TINY_CONFIG, make_tasks
-from mindpet.adapter_store import is_delta_or_state
 from mindpet.train.schema import Field
-from mindpet.train.task import Task, predict_batches, shard_rows, softmax_cross_entropy
+from mindpet.train.task import Task, predict_batches, shard_rows, softmax_cross_entropy, train_base
 
 
 class ClassifierLoss(nn.Cell):
@@ -64,20 +63,10 @@ class MLPTask(Task):
         if not epochs:
             return None
         x, y_a, _, split = self._arrays()
-        base = [p for p in network.get_parameters() if not is_delta_or_state(p.name)]
-        saved = [p.requires_grad for p in base]
-        for param in base:
-            param.requires_grad = True
-        step = nn.TrainOneStepCell(ClassifierLoss(network),
-                                   nn.Adam(base, learning_rate=self.model['pretrain_learning_rate']))
-        step.set_train()
         batch = 64
-        for _ in range(epochs):
-            for start in range(0, split - batch + 1, batch):
-                step(Tensor(x[start:start + batch]), Tensor(y_a[start:start + batch]))
-        for param, flag in zip(base, saved):
-            param.requires_grad = flag
-        network.set_train(False)
+        batches = [(x[start:start + batch], y_a[start:start + batch])
+                   for _ in range(epochs) for start in range(0, split - batch + 1, batch)]
+        train_base(network, ClassifierLoss(network), batches, self.model['pretrain_learning_rate'])
         accuracy = float((predict_batches(network, [x[split:]], 256).argmax(1) == y_a[split:]).mean())
         return f"pre-trained on task A for {epochs} epochs here (task-A accuracy {accuracy:.3f})"
 

@@ -11,16 +11,15 @@ Evaluation: the held-out noise-prediction loss, and ``colour_error``, the distan
 mean colour of DDIM samples for the style's captions and the mean colour of the style's own images.
 """
 import numpy as np
-from mindspore import nn, Tensor
+from mindspore import Tensor
 
 from examples.common import array_dataset
 from examples.wukong_huahua.data import (STYLES, CaptionTokenizer, all_captions, diffusion_arrays, make_caption_set,
                                          patch_decode, save_sample_grid)
 from examples.wukong_huahua.model import (WukongConfig, LatentDiffusion, DiffusionWithLoss, DDIMSampler, TINY_CONFIG,
                                           FULL_CONFIG)
-from mindpet.adapter_store import is_delta_or_state
 from mindpet.train.schema import Field
-from mindpet.train.task import Task, KeyValueError, shard_rows
+from mindpet.train.task import Task, KeyValueError, shard_rows, train_base
 
 EVAL_SEED_OFFSET = 1000
 
@@ -104,22 +103,11 @@ class WukongTask(Task):
         steps = self.model['pretrain_steps']
         if not steps:
             return None
-        base = [p for p in network.get_parameters() if not is_delta_or_state(p.name)]
-        saved = [p.requires_grad for p in base]
-        for param in base:
-            param.requires_grad = True
-        step = nn.TrainOneStepCell(DiffusionWithLoss(network),
-                                   nn.Adam(base, learning_rate=self.model['pretrain_learning_rate']))
-        step.set_train()
         batch = 8
         rows = steps * batch
         columns = self._arrays('base', self.data['seed'] + 1, -(-rows // self.data['num_images']))
-        losses = []
-        for start in range(0, rows, batch):
-            losses.append(float(step(*[Tensor(c[start:start + batch]) for c in columns]).asnumpy()))
-        for param, flag in zip(base, saved):
-            param.requires_grad = flag
-        network.set_train(False)
+        batches = [tuple(c[start:start + batch] for c in columns) for start in range(0, rows, batch)]
+        losses = train_base(network, DiffusionWithLoss(network), batches, self.model['pretrain_learning_rate'])
         return (f"pre-trained here on the 'base' style for {steps} steps (loss {losses[0]:.3f} -> "
                 f"{np.mean(losses[-max(1, steps // 10):]):.3f})")
 

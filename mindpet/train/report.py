@@ -118,6 +118,7 @@ def summary(plan, built, losses, step_times, results, files, output_dir, peak_me
     out['loss_last_mean'] = float(np.mean(losses[-tail:])) if losses else None
     metric = plan.task.metric
     out['metric'] = metric
+    out['metric_higher_is_better'] = bool(plan.task.metric_higher_is_better)
     out['metric_before'] = results.get('before', {}).get(metric)
     out['metric_after'] = results.get('after', {}).get(metric)
     out['step_time_s'] = steady_step_time(step_times)
@@ -149,7 +150,8 @@ def summary_table(summary_dict):
                                            f"10%: {s['loss_last_mean']:.4f}; {s['steps']} steps)"))
     if s['metric_after'] is not None:
         before = f"{s['metric_before']:.4f} -> " if s['metric_before'] is not None else ''
-        rows.append((f"eval {s['metric']}", f"{before}{s['metric_after']:.4f}"))
+        better = 'higher' if s['metric_higher_is_better'] else 'lower'
+        rows.append((f"eval {s['metric']}", f"{before}{s['metric_after']:.4f} ({better} is better)"))
     if s['first_step_s'] is not None:
         rows.append(('step time', f"{s['step_time_s']:.3f} s (first step, with compilation: "
                                   f"{s['first_step_s']:.1f} s)"))

@@ -10,7 +10,7 @@ was. A dry run (``finetune(..., dry_run=True)``) builds the model without alloca
 These functions set the MindSpore context (mode, device) from the config's ``context`` section: they are the body
 of a command, not library calls to mix with other work in one process.
 """
-import json
+import contextlib
 import math
 import os
 import resource
@@ -20,15 +20,20 @@ from collections import OrderedDict
 import numpy as np
 import mindspore as ms
 from mindspore import nn
+from mindspore.nn.utils import no_init_parameters
 from mindspore.train.callback import Callback, CheckpointConfig
 
+from mindpet.adapter_store import is_delta_or_state
+from mindpet.graph.ckpt_util import TrainableParamsCheckPoint, distributed_rank
+from mindpet.model import PetModel, get_pet_model
 from mindpet.train import report
 from mindpet.train.schedule import learning_rates
 from mindpet.train.schema import RUNNER_FIELDS, check_section, read_run_config, did_you_mean
 from mindpet.train.task import KeyValueError, load_task_class
-from mindpet.adapter_store import is_delta_or_state
-from mindpet.utils.io_utils import is_state_param
+from mindpet.tuners.config import config_from_dict, available_methods, get_method
 from mindpet.utils.exceptions import MindPetError
+from mindpet.utils.io_utils import (is_state_param, ensure_dir, atomic_save_checkpoint, load_checkpoint_file,
+                                    load_params_checked)
 
 FULL = 'full'      # pet type: train every parameter (no adapter)
 ADAPTER_DIR = 'adapter'
@@ -132,7 +137,6 @@ def _check_runner_rules(source, sections, task_class):
 
 def _pet_config(source, pet):
     """The PET method's config from the ``pet`` section (None for ``type: full``)."""
-    from mindpet.tuners.config import config_from_dict, available_methods, get_method  # pylint: disable=C0415
     if not isinstance(pet, dict):
         raise source.value_error('pet', f"must be a mapping with a 'type' key (a method, or '{FULL}' for full "
                                  f"fine-tuning), but got {pet!r}")
@@ -226,9 +230,6 @@ def build(plan, lazy=False):
         ModelConfigParamsInfoError: the method's config does not fit the model (e.g. target patterns matching
             nothing), or the model dimensions are invalid; the message names the key and the file.
     """
-    import contextlib  # pylint: disable=import-outside-toplevel
-    from mindspore.nn.utils import no_init_parameters  # pylint: disable=import-outside-toplevel
-    from mindpet.model import get_pet_model  # pylint: disable=import-outside-toplevel
     scope = no_init_parameters() if lazy else contextlib.nullcontext()
     with scope:
         try:
@@ -282,9 +283,8 @@ def _init_parallel(plan):
     if not (os.environ.get('MS_ROLE') or os.environ.get('RANK_TABLE_FILE')):
         raise plan.source.value_error('parallel.data_parallel', "true needs the workers started by msrun "
                                       "(e.g. msrun --worker_num=2 --local_worker_num=2 --join=True "
-                                      "-m mindpet.cli finetune --config ...); see doc/distributed.md")
+                                      "$(which mindpet) finetune --config ...); see doc/cli.md")
     from mindspore.communication import init  # pylint: disable=import-outside-toplevel
-    from mindpet.graph.ckpt_util import distributed_rank  # pylint: disable=import-outside-toplevel
     init()
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL,
                                  gradients_mean=plan.parallel['gradients_mean'])
@@ -365,7 +365,6 @@ def finetune(path, overrides=(), dry_run=False, out=print):
                            schedule['warmup_steps'], schedule['decay'], schedule['power'])
     # Everything was checked and loaded: from here on the output directory is written.
     output_dir = plan.training['output_dir']
-    from mindpet.utils.io_utils import ensure_dir  # pylint: disable=import-outside-toplevel
     if writer:
         ensure_dir(output_dir, what='output directory')
         report.write_yaml(os.path.join(output_dir, 'config.yaml'), plan.to_dict())
@@ -379,22 +378,14 @@ def finetune(path, overrides=(), dry_run=False, out=print):
     if do_eval:
         results['before'] = plan.task.evaluate(model)
         say(f"[eval] before: {report.format_metrics(results['before'])}")
-    demo_before = plan.task.demo(model)
-    if demo_before:
-        say('[demo] before fine-tuning:')
-        for line in demo_before:
-            say(f'  {line}')
+    demo_before = _demo(plan, model, 'before', say)
 
     losses, step_times = _train(plan, built, dataset, epochs, total_steps, steps_per_epoch, rates, say)
 
     if do_eval:
         results['after'] = plan.task.evaluate(model)
         say(f"[eval] after: {report.format_metrics(results['after'])}")
-    demo_after = plan.task.demo(model)
-    if demo_after:
-        say('[demo] after fine-tuning:')
-        for line in demo_after:
-            say(f'  {line}')
+    demo_after = _demo(plan, model, 'after', say)
     if not writer:
         return {}
     files = _save_results(plan, built, output_dir)
@@ -417,8 +408,17 @@ def finetune(path, overrides=(), dry_run=False, out=print):
     return summary
 
 
+def _demo(plan, model, when, say):
+    """Print the task's demonstration lines (e.g. generated answers); returns them."""
+    lines = plan.task.demo(model)
+    if lines:
+        say(f'[demo] {when} fine-tuning:')
+        for line in lines:
+            say(f'  {line}')
+    return lines
+
+
 def _train(plan, built, dataset, epochs, total_steps, steps_per_epoch, rates, say):
-    from mindpet.graph.ckpt_util import TrainableParamsCheckPoint  # pylint: disable=import-outside-toplevel
     model = built.model
     params = model.trainable_params()
     if not params:
@@ -441,7 +441,6 @@ def _train(plan, built, dataset, epochs, total_steps, steps_per_epoch, rates, sa
 
 def _save_results(plan, built, output_dir):
     """Write the adapter (PET) or the whole model (full fine-tuning); returns the paths."""
-    from mindpet.utils.io_utils import atomic_save_checkpoint  # pylint: disable=import-outside-toplevel
     files = []
     if built.pet_model is not None:
         adapter_dir = os.path.join(output_dir, ADAPTER_DIR)
@@ -483,7 +482,6 @@ def evaluate(path, adapter=None, overrides=(), out=print):
     Raises:
         MindPetError, TypeError, ValueError: a bad config, adapter or checkpoint.
     """
-    from mindpet.model import PetModel  # pylint: disable=import-outside-toplevel
     plan = load_plan(path, overrides)
     set_context(plan)
     network = plan.task.build_network()
@@ -495,7 +493,6 @@ def evaluate(path, adapter=None, overrides=(), out=print):
             model = PetModel.from_pretrained(network, adapter)
             what = f"adapter {adapter} ({model.get_adapter_config().method})"
         else:
-            from mindpet.utils.io_utils import load_checkpoint_file, load_params_checked  # pylint: disable=C0415
             params = load_checkpoint_file(adapter, what='fine-tuned checkpoint')
             load_params_checked(network, params, source=adapter,
                                 require=[p.name for p in network.get_parameters()])

@@ -196,6 +196,31 @@ def shard_rows(arrays, rank, group_size):
 
 
 
+def train_base(network, loss_net, batches, learning_rate):
+    """Train every base parameter of ``network`` (delta/state ones excluded) with Adam on ``batches`` (tuples of
+    NumPy arrays for ``loss_net``), for tasks that make their own base model when no pretrained one is given. The
+    parameters' ``requires_grad`` flags are restored afterwards (a PET method may have frozen them).
+
+    Returns:
+        list[float]: the losses.
+    """
+    from mindspore import nn, Tensor  # pylint: disable=import-outside-toplevel
+    from mindpet.adapter_store import is_delta_or_state  # pylint: disable=import-outside-toplevel
+    base = [p for p in network.get_parameters() if not is_delta_or_state(p.name)]
+    saved = [p.requires_grad for p in base]
+    for param in base:
+        param.requires_grad = True
+    try:
+        step = nn.TrainOneStepCell(loss_net, nn.Adam(base, learning_rate=learning_rate))
+        step.set_train()
+        losses = [float(step(*[Tensor(a) for a in batch]).asnumpy()) for batch in batches]
+    finally:
+        for param, flag in zip(base, saved):
+            param.requires_grad = flag
+        network.set_train(False)
+    return losses
+
+
 def predict_batches(network, arrays, batch_size):
     """Run ``network(*batch)`` over row-aligned NumPy ``arrays`` in batches and concatenate the outputs.
 
@@ -228,5 +253,5 @@ def softmax_cross_entropy(logits, labels):
     return float(-log_probs[np.arange(len(labels)), np.asarray(labels)].mean())
 
 
-__all__ = ['Task', 'KeyValueError', 'register_task', 'task_names', 'load_task_class', 'shard_rows',
+__all__ = ['Task', 'KeyValueError', 'register_task', 'task_names', 'load_task_class', 'shard_rows', 'train_base',
            'predict_batches', 'softmax_cross_entropy']

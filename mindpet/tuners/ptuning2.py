@@ -14,7 +14,7 @@ recompiles by itself. Nothing can be merged: a prefix adds keys and values to ev
 import dataclasses
 
 from mindpet.delta.ptuning2 import PrefixEncoder, PrefixKeyValueModel, prefix_argument_index
-from mindpet.tuners.base import BaseTuner, walk, matches_any, live_params, write_exact
+from mindpet.tuners.base import BaseTuner, live_params, write_exact
 from mindpet.tuners.config import PetConfig, register_method
 from mindpet.utils.exceptions import AdapterConfigError
 from mindpet.utils.validation import check_int, check_bool, check_rate
@@ -83,41 +83,32 @@ class PTuning2Config(PetConfig):
 
 
 class PTuning2Tuner(BaseTuner):
-    """Wraps Cells taking ``prefix_key_values`` in :class:`PrefixKeyValueModel`; switching and storing for it (no
-    merging)."""
+    """Wraps Cells taking ``prefix_key_values`` in :class:`PrefixKeyValueModel`; switching and storing for it. The
+    base class's merge hooks refuse: a prefix adds keys and values to every attention, which no weight reproduces."""
     layer_class = PrefixKeyValueModel
 
     def is_target(self, cell):
         return not isinstance(cell, PrefixKeyValueModel) and prefix_argument_index(cell) is not None
 
+    def create_layer(self, cell, config, key=None):
+        self._check_sizes(key, cell, config)
+        return PrefixKeyValueModel(cell, config.encoder())
+
     def inject(self, model, config, layers):
-        """Wrap every matched Cell; the wrapped Cell's parameters keep their names (the generic walk would prefix
-        them with the wrapper's attribute name)."""
-        cells, holders = walk(model)
-        known = {id(layer): key for key, layer in layers.items()}
-        targets, created = [], []
-        for name, cell in cells:
-            if not name or not matches_any(name, config.target_modules) or matches_any(name, config.exclude_modules):
+        """The shared injection walk; then the wrapped Cells' parameters get their own names back (the walk names
+        everything inside a new layer after the layer, which would insert the wrapper's attribute name)."""
+        names = {id(param): param.name for param in model.get_parameters()}
+        created = set(layers)
+        targets, changed = super().inject(model, config, layers)
+        for key in targets:
+            if key in created:
                 continue
-            if id(cell) in known:
-                self.check_reuse(known[id(cell)], cell, config)
-                targets.append(known[id(cell)])
-            elif self.is_target(cell):
-                created.append((name, cell, PrefixKeyValueModel(cell, config.encoder())))
-                targets.append(name)
-        if not targets:
-            candidates = [name for name, cell in cells if name and self.is_target(cell)]
-            raise ValueError(f"For 'get_pet_model', the '{self.method}' config's target_modules "
-                             f"{config.target_modules} (exclude_modules {config.exclude_modules}) match no Cell "
-                             f"taking 'prefix_key_values'; candidates: {candidates[:8]}.")
-        for key, cell, wrapper in created:
-            self._check_sizes(key, cell, config)
-            for parent, attr in holders.get(id(cell), ()):
-                parent.insert_child_to_cell(attr, wrapper)
+            wrapper = layers[key]
+            for param in wrapper.model.get_parameters():
+                param.name = names[id(param)]
             for attr, param in wrapper.prefix_encoder.parameters_and_names():
                 param.name = f'{key}.prefix_encoder.{attr}'
-            layers[key] = wrapper
-        return targets, bool(created)
+        return targets, changed
 
     @staticmethod
     def _check_sizes(key, cell, config):
@@ -134,9 +125,6 @@ class PTuning2Tuner(BaseTuner):
             if getattr(encoder, attr) != getattr(config, attr):
                 raise ValueError(f"For 'ptuning2', '{key}' was adapted with {attr}={getattr(encoder, attr)}; an "
                                  f"adapter with {attr}={getattr(config, attr)} cannot share it.")
-
-    def candidates(self, cells):
-        return [name for name, cell in cells if name and (self.is_target(cell) or self.is_layer(cell))]
 
     def expected_shapes(self, key, fingerprint, config, source):
         if not any(name.startswith(key + '.') for name in fingerprint):
@@ -168,20 +156,6 @@ class PTuning2Tuner(BaseTuner):
         changed = layer.prefix_enabled
         layer.prefix_enabled = False
         return changed
-
-    def _refuse_merge(self):
-        raise NotImplementedError(f"The '{self.method}' method cannot be merged into the base weights: a prefix adds "
-                                  f"keys and values to every attention, which no weight reproduces. Keep the adapter "
-                                  f"for inference (unload() gives back the base network).")
-
-    def merge_layer(self, layer, config):
-        self._refuse_merge()
-
-    def unmerge_layer(self, layer, config):
-        self._refuse_merge()
-
-    def merge_weights(self, params, key, tensors, config):
-        self._refuse_merge()
 
     def unload_layer(self, layer):
         return layer.model
