@@ -170,3 +170,35 @@ def test_patch_codec_and_pipeline(tmp_path):
     expected = ((images[4].transpose(1, 2, 0) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
     np.testing.assert_array_equal(grid[36:68:2, 36:68:2], expected)
     assert (grid[36:68, 70:102] == 255).all()  # the missing fifth tile is blank
+
+
+class _EchoDenoiser(ms.nn.Cell):
+    """Stands in for LatentDiffusion: returns ``scale * x_t`` (enough to check the loss and sampler formulas)."""
+
+    def __init__(self, config, scale):
+        super().__init__()
+        self.config = config
+        self.scale = scale
+
+    def construct(self, x_t, timesteps, token_ids):
+        return x_t * self.scale
+
+
+@pytest.mark.parametrize('parameterization', ['eps', 'x0'])
+def test_loss_and_sampler_formulas_per_parameterization(parameterization):
+    cfg = WukongConfig.from_dict(dict(TINY_CONFIG, parameterization=parameterization))
+    schedule = NoiseSchedule.from_config(cfg)
+    rng = np.random.RandomState(1)
+    latents, noise = rng.randn(2, 12, 8, 8).astype(np.float32), rng.randn(2, 12, 8, 8).astype(np.float32)
+    steps = np.array([3, 80], np.int32)
+    loss = DiffusionWithLoss(_EchoDenoiser(cfg, 0.5))(Tensor(latents), Tensor(np.zeros((2, 12), np.int32)),
+                                                      Tensor(steps), Tensor(noise))
+    target = noise if parameterization == 'eps' else latents
+    np.testing.assert_allclose(float(loss.asnumpy()),
+                               np.mean((0.5 * schedule.q_sample(latents, steps, noise) - target) ** 2), rtol=1e-5)
+    # Sampler: a predictor of zero noise rescales x by sqrt(abar_prev / abar_t) each step; a predictor of z0 = 0
+    # leaves x = 0 at the end.
+    sampled = DDIMSampler(_EchoDenoiser(cfg, 0.0)).sample(np.zeros((2, 12), np.int32), num_steps=4, seed=2)
+    x_start = np.random.RandomState(2).standard_normal(sampled.shape)
+    expected = x_start / np.sqrt(schedule.alphas_cumprod[99]) if parameterization == 'eps' else 0 * x_start
+    np.testing.assert_allclose(sampled, expected, rtol=1e-5, atol=1e-6)
