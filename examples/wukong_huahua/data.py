@@ -4,11 +4,12 @@ the tiny config's first stage (an exact patch codec), and the training pipeline.
 Images are 16x16 RGB drawings of one shape (circle, square, triangle, ring) of some size at some place, described
 by a caption such as "a large circle at the top left". The same captions render differently per style:
 
-* ``base``  - a light grey shape on a mid-grey background (what the base model is pre-trained on);
+* ``base``  - random shape and background colours, striped background half the time (what the base model is
+  pre-trained on: it knows every palette, as a real base model knows many styles);
 * ``warm``  - a red/orange shape on a pale yellow background, solid fill;
 * ``cool``  - a cyan shape on a navy background with horizontal stripes.
 
-Two LoRA adapters trained on ``warm`` and ``cool`` then make the same caption come out in two visibly different
+Two LoRA adapters trained on ``warm`` and ``cool`` then pull the same caption towards two visibly different
 palettes. Everything is seeded: the same arguments give the same arrays on every run.
 """
 import zlib
@@ -25,7 +26,7 @@ PLACES = {'top left': (4.5, 4.5), 'top right': (4.5, 10.5), 'bottom left': (10.5
 STYLES = ('base', 'warm', 'cool')
 # (shape colour, background colour, colour jitter, background stripes), RGB in [0, 255].
 _PALETTES = {
-    'base': ((200, 200, 200), (110, 110, 110), 12, False),
+    'base': None,  # random colours per image
     'warm': ((215, 60, 25), (250, 215, 120), 20, False),
     'cool': ((60, 210, 230), (20, 30, 90), 20, True),
 }
@@ -76,7 +77,11 @@ def _style_seed(style, seed):
 
 def render(shape, size, place, style, rng, image_size=16):
     """Draw one image: float32 ``(3, H, W)`` in [-1, 1]."""
-    fg, bg, jitter, stripes = _PALETTES[style]
+    if _PALETTES[style] is None:
+        fg, bg = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        jitter, stripes = 0, bool(rng.uniform() < 0.5)
+    else:
+        fg, bg, jitter, stripes = _PALETTES[style]
     cy, cx = PLACES[place]
     scale = image_size / 16.0
     cy, cx = (cy + rng.uniform(-0.5, 0.5)) * scale, (cx + rng.uniform(-0.5, 0.5)) * scale

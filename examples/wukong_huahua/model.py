@@ -65,6 +65,7 @@ class WukongConfig(ExampleConfig):
     timesteps: int = 100
     linear_start: float = 0.0085
     linear_end: float = 0.12
+    parameterization: str = 'eps'     # what the UNet predicts: 'eps' (the noise, as Wukong-Huahua) or 'x0'
 
     def __post_init__(self):
         owner = 'WukongConfig'
@@ -75,6 +76,7 @@ class WukongConfig(ExampleConfig):
                                   'norm_groups', 'context_dim', 'text_vocab_size', 'text_context_length',
                                   'text_width', 'text_layers', 'text_heads', 'timesteps'))
         check_choice('first_stage', self.first_stage, owner, ('patch', 'kl-f8'))
+        check_choice('parameterization', self.parameterization, owner, ('eps', 'x0'))
         check_real('scale_factor', self.scale_factor, owner, min_value=0, min_inclusive=False)
         check_rate('dropout', self.dropout, owner)
         check_real('linear_start', self.linear_start, owner, min_value=0, min_inclusive=False)
@@ -518,7 +520,8 @@ class NoiseSchedule:
 
 
 class DiffusionWithLoss(nn.Cell):
-    """Training loss: mean squared error between the noise and the model's prediction of it.
+    """Training loss: mean squared error between the model's output and its target - the noise (parameterization
+    'eps', Wukong-Huahua's) or the clean latents ('x0').
 
     Inputs:
         latents (Tensor): clean latents ``z0`` ``(B, C, h, w)`` (already scaled by ``scale_factor``).
@@ -539,20 +542,23 @@ class DiffusionWithLoss(nn.Cell):
         schedule = NoiseSchedule.from_config(network.config) if schedule is None else schedule
         self.sqrt_abar = Tensor(np.sqrt(schedule.alphas_cumprod).astype(np.float32))
         self.sqrt_one_minus_abar = Tensor(np.sqrt(1.0 - schedule.alphas_cumprod).astype(np.float32))
+        self.predict_noise = network.config.parameterization == 'eps'
 
     def construct(self, latents, token_ids, timesteps, noise):
         shape = (-1, 1, 1, 1)
         x_t = (ops.gather(self.sqrt_abar, timesteps, 0).reshape(shape) * latents
                + ops.gather(self.sqrt_one_minus_abar, timesteps, 0).reshape(shape) * noise)
-        eps = self.network(x_t, timesteps, token_ids)
-        return ops.mse_loss(eps.astype(mstype.float32), noise.astype(mstype.float32))
+        prediction = self.network(x_t, timesteps, token_ids).astype(mstype.float32)
+        target = noise if self.predict_noise else latents
+        return ops.mse_loss(prediction, target.astype(mstype.float32))
 
 
 class DDIMSampler:
     """Deterministic DDIM sampling (eta = 0) with optional classifier-free guidance.
 
     Each step: ``eps = eps_u + g (eps_c - eps_u)``; ``z0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t)``;
-    ``x <- sqrt(a_prev) z0 + sqrt(1 - a_prev) eps``. The network runs once per step on a fixed-shape batch, so
+    ``x <- sqrt(a_prev) z0 + sqrt(1 - a_prev) eps`` (with parameterization 'x0' the guided output is ``z0`` and
+    ``eps = (x - sqrt(a_t) z0) / sqrt(1 - a_t)``). The network runs once per step on a fixed-shape batch, so
     a compiled graph is reused for every step and every call with the same batch size.
 
     Args:
@@ -597,12 +603,17 @@ class DDIMSampler:
         for index, t in enumerate(steps):
             x_in = np.concatenate([x, x]) if guided else x
             t_in = np.full((x_in.shape[0],), t, np.int32)
-            eps = self.network(Tensor(x_in), Tensor(t_in), ids).asnumpy().astype(np.float64)
+            out = self.network(Tensor(x_in), Tensor(t_in), ids).asnumpy().astype(np.float64)
             if guided:
-                eps = eps[:batch] + guidance_scale * (eps[batch:] - eps[:batch])
+                out = out[:batch] + guidance_scale * (out[batch:] - out[:batch])
             a_t = abar[t]
             a_prev = abar[steps[index + 1]] if index + 1 < len(steps) else 1.0
-            z0 = (x - np.sqrt(1.0 - a_t) * eps) / np.sqrt(a_t)
+            if cfg.parameterization == 'eps':
+                eps = out
+                z0 = (x - np.sqrt(1.0 - a_t) * eps) / np.sqrt(a_t)
+            else:
+                z0 = out
+                eps = (x - np.sqrt(a_t) * z0) / np.sqrt(1.0 - a_t)
             x = (np.sqrt(a_prev) * z0 + np.sqrt(1.0 - a_prev) * eps).astype(np.float32)
         return x
 
