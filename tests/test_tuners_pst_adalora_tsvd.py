@@ -381,3 +381,13 @@ def test_every_method_gets_a_hook_lora_a_plain_train_step(graph_mode, tmp_path):
     rank_hook = ada.training_hook(total_steps=4)
     with pytest.raises(TypeError, match='outputs'):
         rank_hook.after_step(0, 1.0)
+
+
+def test_the_allocator_works_on_the_active_adapters_layers_only():
+    pet = get_pet_model(GPTLike(), AdaLoraConfig(target_modules=['q_proj'], init_r=4, target_r=2))
+    pet.add_adapter('other', AdaLoraConfig(target_modules=['v_proj', 'fc_in'], init_r=4, target_r=1))
+    pet.set_adapter('other')
+    allocator = pet.training_hook(total_steps=10).allocator
+    assert [name for name, _ in allocator.layers] == ['blocks.0.attn.v_proj', 'blocks.0.mlp.fc_in',
+                                                      'blocks.1.attn.v_proj', 'blocks.1.mlp.fc_in']
+    assert (allocator.init_budget, allocator.target_budget) == (16, 4)
