@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Benchmark suite for mindpet: what parameter-efficient tuning promises (step time, memory, checkpoint size,
-inference overhead), measured side by side in one run and reported as ratios.
+switching time, inference overhead), measured side by side in one run and reported as ratios.
 
-    PYTHONPATH=. python scripts/benchmark.py                  # CPU, parts train/forward/layer/ckpt/reference
+    PYTHONPATH=. python scripts/benchmark.py                  # CPU, parts train/train_ab/forward/layer/ckpt/
+                                                              #   switch/reference
+    PYTHONPATH=. python scripts/benchmark.py --parts switch   # only set_adapter/merge() vs a forward pass
     PYTHONPATH=. python scripts/benchmark.py --peers          # + Hugging Face PEFT on PyTorch (own venv)
     PYTHONPATH=. python scripts/benchmark.py --device Ascend  # MindSpore parts on Ascend
 
@@ -40,10 +42,17 @@ DOC_END = '<!-- END BENCHMARK RESULTS -->'
 GPT = dict(layers=6, hidden=768, heads=12, vocab=50257, positions=1024, batch=4, seq=64)
 GPT2_SMALL = dict(layers=12, hidden=768, heads=12, vocab=50257, positions=1024)
 LORA = dict(rank=8, alpha=16, targets=('q', 'v'))
+# Houlsby adapters after each block's attention output and feed-forward output (paths inside a block).
+ADAPTER = dict(bottleneck=64, targets=('attn.o', 'fc2'))
+# Prefix tuning with the paper's reparametrisation MLP (PrefixTuningConfig's default mid_dim); no dropout.
+PREFIX = dict(tokens=10, mid_dim=512)
+# Part 4 (switching and merging) runs GPT-2 small on one sequence of this many tokens.
+SWITCH_INPUT = dict(batch=1, seq=128)
 LAYER = dict(in_channels=1024, out_channels=1024, shape=(8, 128, 1024))
 QUICK = dict(gpt=dict(layers=2, hidden=128, heads=4, vocab=1000, positions=64, batch=2, seq=16),
              gpt2=dict(layers=2, hidden=128, heads=4, vocab=1000, positions=64),
-             layer=dict(in_channels=128, out_channels=128, shape=(2, 16, 128)))
+             layer=dict(in_channels=128, out_channels=128, shape=(2, 16, 128)),
+             switch_input=dict(batch=1, seq=16))
 
 # Virtualenvs: 'main' is the interpreter running this script; the others are created under .bench/ when needed.
 MINDSPORE_PIN = 'mindspore==2.10.0'
@@ -59,7 +68,11 @@ VENVS = {
 TRAIN_VARIANTS = {
     'full': dict(env='main', apply='apply_full', base='full', label='full fine-tuning', group='train'),
     'lora': dict(env='main', apply='apply_lora', base='full', label='LoRA r=8 on q,v (mindpet)', group='train'),
+    'adapter': dict(env='main', apply='apply_adapter', base='full', group='train',
+                    label='Adapter (Houlsby, bottleneck 64 after attention and FFN outputs)'),
     'bitfit': dict(env='main', apply='apply_bitfit', base='full', label='BitFit (biases only)', group='train'),
+    'prefix': dict(env='main', apply='apply_prefix', base='full', group='train',
+                   label='prefix tuning (10 virtual tokens per block, MLP 512)'),
     'floor': dict(env='main', apply='apply_floor', base='full', group='train',
                   label='floor: all frozen but block 0 LayerNorm (no weight grads, full data backward)'),
     'full_mindpet104': dict(env='mindpet104', apply='apply_full', base='full_mindpet104',
@@ -73,18 +86,18 @@ TRAIN_VARIANTS = {
 }
 # One forward worker per group: its variants are built in one process and timed interleaved; the first is the base.
 FORWARD_GROUPS = {
-    'train': dict(env='main', variants=['full', 'lora', 'bitfit']),
+    'train': dict(env='main', variants=['full', 'lora', 'adapter', 'bitfit', 'prefix']),
     'reference': dict(env='mindpet104', variants=['full', 'lora', 'lora_mindpet104']),
     'peers': dict(env='peft', variants=['peft_full', 'peft_lora']),
 }
 # Training steps of several variants built in one process and stepped in turn: each round's ratio compares steps
 # taken seconds apart under the same load, which per-process runs cannot (their memory figures need them, though).
 TRAIN_AB_GROUPS = {
-    'train': dict(env='main', variants=['full', 'lora', 'bitfit', 'floor']),
+    'train': dict(env='main', variants=['full', 'lora', 'adapter', 'bitfit', 'prefix', 'floor']),
     'reference': dict(env='mindpet104', variants=['lora_mindpet104', 'lora', 'floor']),
     'peers': dict(env='peft', variants=['peft_full', 'peft_lora']),
 }
-PARTS = ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'reference')
+PARTS = ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'reference')
 
 
 # ===================================================================================================== helpers
@@ -164,11 +177,17 @@ def _ms_sync(ms, cfg):
 
 def build_gpt(cfg):
     """A GPT-2-style decoder in MindSpore: tied token embedding, learned positions, pre-LayerNorm blocks whose
-    attention has separate ``q``/``k``/``v``/``o`` Dense layers (the names LoRA targets)."""
+    attention has separate ``q``/``k``/``v``/``o`` Dense layers (the names LoRA targets).
+
+    Each attention takes an optional prefix (``attn.prefix``, None in the base model: the branch is then compiled
+    out, so every variant runs the same base graph), wired as doc/prefix_tuning.md describes for attention that is
+    not a ``PrefixAttention``: ``concat_prefix`` prepends its keys and values, and the additive causal mask gets
+    zero (visible) columns for them."""
     import numpy as np
     import mindspore as ms
     from mindspore import nn, ops, Parameter, Tensor
     from mindspore.common.initializer import initializer, Normal
+    from mindpet.delta.prefix_layer import concat_prefix
 
     hidden, heads = cfg['hidden'], cfg['heads']
 
@@ -179,12 +198,18 @@ def build_gpt(cfg):
             self.q, self.k = nn.Dense(hidden, hidden), nn.Dense(hidden, hidden)
             self.v, self.o = nn.Dense(hidden, hidden), nn.Dense(hidden, hidden)
             self.scale = 1.0 / float(np.sqrt(hidden // heads))
+            self.prefix = None
 
         def construct(self, x, mask):
             b, s, _ = x.shape
             q = self.q(x).reshape(b, s, self.heads, self.head_dim).transpose(0, 2, 1, 3)
             k = self.k(x).reshape(b, s, self.heads, self.head_dim).transpose(0, 2, 3, 1)
             v = self.v(x).reshape(b, s, self.heads, self.head_dim).transpose(0, 2, 1, 3)
+            if self.prefix is not None:
+                prefix_key, prefix_value = self.prefix(b)
+                k, v, _ = concat_prefix(prefix_key, prefix_value, k, v, key_transposed=True)
+                visible = ops.zeros(mask.shape[:-1] + (prefix_key.shape[2],), mask.dtype)
+                mask = ops.concat((visible, mask), -1)
             att = ops.softmax(ops.matmul(q, k) * self.scale + mask, -1)
             out = ops.matmul(att, v).transpose(0, 2, 1, 3).reshape(b, s, hidden)
             return self.o(out)
@@ -249,14 +274,24 @@ def _ms_batch(cfg):
     return ms.Tensor(ids[:, :-1].astype(np.int32)), ms.Tensor(ids[:, 1:].astype(np.int32))
 
 
-def _replace_qv(net, make_layer):
-    """Swap each block's attention ``q``/``v`` Dense for ``make_layer(dense)`` (before the first compile)."""
+def _replace_in_blocks(net, paths, make_cell):
+    """Set ``make_cell(old)`` at each of ``paths`` (dotted, inside a block; the old Cell or None) in every block,
+    before the first compile."""
     for block in net.blocks:
-        for name in LORA['targets']:
-            setattr(block.attn, name, make_layer(getattr(block.attn, name)))
+        for path in paths:
+            *parents, name = path.split('.')
+            holder = block
+            for part in parents:
+                holder = getattr(holder, part)
+            setattr(holder, name, make_cell(getattr(holder, name)))
     # A Cell set after construction names its parameters relative to its parent only; give them full paths.
     for path, param in net.parameters_and_names():
         param.name = path
+
+
+def _replace_qv(net, make_layer):
+    """Swap each block's attention ``q``/``v`` Dense for ``make_layer(dense)`` (before the first compile)."""
+    _replace_in_blocks(net, [f'attn.{name}' for name in LORA['targets']], make_layer)
 
 
 def _dense_init(dense):
@@ -276,6 +311,28 @@ def apply_lora(net, cfg):
     _replace_qv(net, lambda d: LoRADense(d.in_channels, d.out_channels, LORA['rank'], LORA['alpha'],
                                          compute_dtype=ms.float32, **_dense_init(d)))
     freeze_delta(net, 'lora')
+    return net
+
+
+def apply_adapter(net, cfg):
+    import mindspore as ms
+    from mindpet.delta import AdapterDense
+    from mindpet.graph import freeze_delta
+    _replace_in_blocks(net, ADAPTER['targets'], lambda d: AdapterDense(
+        d.in_channels, d.out_channels, bottleneck_size=ADAPTER['bottleneck'], non_linearity='gelu',
+        compute_dtype=ms.float32, **_dense_init(d)))
+    freeze_delta(net, 'adapter')
+    return net
+
+
+def apply_prefix(net, cfg):
+    from mindpet.delta import PrefixLayer
+    from mindpet.graph import freeze_delta
+    model = cfg['model']
+    _replace_in_blocks(net, ['attn.prefix'], lambda _: PrefixLayer(
+        PREFIX['tokens'], model['batch'], model['heads'], model['hidden'], embed_dim=model['hidden'],
+        mid_dim=PREFIX['mid_dim'], dropout_rate=0.0))
+    freeze_delta(net, 'prefixtuning')
     return net
 
 
@@ -556,6 +613,132 @@ def worker_ckpt(cfg):
     return result
 
 
+def _ms_ops(samples, forward_ms):
+    """name -> (wall, CPU) seconds lists -> ms figures, with the medians as multiples of the forward pass's."""
+    table = {}
+    for name, (wall, cpu) in samples.items():
+        wall_ms, cpu_ms = [t * 1e3 for t in wall], [t * 1e3 for t in cpu]
+        table[name] = dict(median_ms=_median(wall_ms), min_ms=min(wall_ms), max_ms=max(wall_ms),
+                           cpu_ms=_median(cpu_ms), x_forward=_median(wall_ms) / forward_ms['wall'],
+                           cpu_x_forward=_median(cpu_ms) / forward_ms['cpu'], n=len(wall_ms))
+    return table
+
+
+def worker_switch(cfg):
+    """Part 4: ``set_adapter`` between two LoRA adapters (r=8 on q, v) of a compiled PetModel, and ``merge()`` /
+    ``unmerge()``, against one forward pass of the same model, on GPT-2-small shapes in GRAPH_MODE.
+
+    Adapters 'a' and 'b' are trainable (switching away from one first copies its live tensors back to the store);
+    'c' and 'd' are the same two loaded back from disk for inference (``is_trainable=False``: no copy back). The
+    outputs are checked: switching gives the other adapter's output (equal, to 1e-5, to a freshly built model that
+    loaded only that adapter), switching back gives bit-identical outputs, merging changes them by rounding only,
+    and nothing recompiles.
+    """
+    import numpy as np
+    ms = _ms_setup(cfg)
+    from mindspore import Tensor
+    from mindpet import LoraConfig, PetModel, get_pet_model
+    model = cfg['model']
+    n = cfg['iterations']
+    start = time.perf_counter()
+    net = build_gpt(model)
+    base = {p.name: p.asnumpy() for p in net.get_parameters()}
+    config = LoraConfig(target_modules=list(LORA['targets']), lora_rank=LORA['rank'], lora_alpha=LORA['alpha'])
+    pet = get_pet_model(net, config, adapter_name='a')
+    pet.add_adapter('b', config)
+    rng = np.random.default_rng(1)
+    for name in ('a', 'b'):
+        # Both LoRA factors random (B is zero at initialisation): each adapter then changes every output.
+        pet.set_adapter(name)
+        for layer in pet.pet_layers.values():
+            for param in (layer.mindpet_delta_lora_a, layer.mindpet_delta_lora_b):
+                param.set_data(Tensor(rng.standard_normal(param.shape).astype(np.float32) * 0.02))
+    tmp = tempfile.TemporaryDirectory(prefix='mindpet-bench-switch-')
+    dirs = {name: os.path.join(tmp.name, name) for name in ('a', 'b')}
+    pet.set_adapter('a')
+    for name, path in dirs.items():
+        pet.save_pretrained(path, adapter_name=name)
+    pet.load_adapter(dirs['a'], 'c')
+    pet.load_adapter(dirs['b'], 'd')
+    build_s = time.perf_counter() - start
+    lora_size = dict(lora_layers=len(pet.pet_layers), adapter_params=sum(
+        layer.mindpet_delta_lora_a.size + layer.mindpet_delta_lora_b.size for layer in pet.pet_layers.values()))
+
+    ids = Tensor(np.random.default_rng(0).integers(0, model['vocab'], (model['batch'], model['seq']))
+                 .astype(np.int32))
+    start = time.perf_counter()
+    out_a = pet(ids).asnumpy()
+    compile_s = time.perf_counter() - start
+    graphs = len(pet.compile_cache)
+
+    def forward():
+        pet(ids)
+        _ms_sync(ms, cfg)
+
+    wall, cpu = _interleaved({'forward': forward}, n)
+    samples = {'forward': (wall['forward'], cpu['forward'])}
+    pet.set_adapter('b')
+    out_b = pet(ids).asnumpy()
+    pet.set_adapter('d')
+    out_d = pet(ids).asnumpy()
+    checks = dict(switch_change=float(np.abs(out_b - out_a).max()),
+                  loaded_vs_trained=float(np.abs(out_d - out_b).max()))
+    if checks['switch_change'] < 1e-3:
+        raise AssertionError(f"set_adapter('b') changed the outputs by only {checks['switch_change']:.2e}")
+    if checks['loaded_vs_trained']:
+        raise AssertionError(f"adapter 'b' loaded from disk differs from the trained one by "
+                             f"{checks['loaded_vs_trained']:.2e}")
+
+    for kind, pair in (('set_adapter_trainable', ('a', 'b')), ('set_adapter_inference', ('c', 'd'))):
+        names = iter(pair * (n + 1))
+        pet.set_adapter(next(names))
+
+        def switch(names=names):
+            pet.set_adapter(next(names))
+            _ms_sync(ms, cfg)
+        wall, cpu = _interleaved({kind: switch}, 2 * n, warmup=0)
+        samples[kind] = (wall[kind], cpu[kind])
+    pet.set_adapter('a')
+    checks['switch_back'] = float(np.abs(pet(ids).asnumpy() - out_a).max())
+    if checks['switch_back']:
+        raise AssertionError(f"switching back to 'a' changed its outputs by {checks['switch_back']:.2e}")
+
+    wall, cpu = _interleaved({'merge': pet.merge, 'unmerge': pet.unmerge}, n, warmup=0)
+    samples.update(merge=(wall['merge'], cpu['merge']), unmerge=(wall['unmerge'], cpu['unmerge']))
+    pet.merge()
+    checks['merged'] = float(np.abs(pet(ids).asnumpy() - out_a).max())
+    pet.unmerge()
+    checks['unmerged'] = float(np.abs(pet(ids).asnumpy() - out_a).max())
+    if max(checks['merged'], checks['unmerged']) > 1e-4:
+        raise AssertionError(f"merge()/unmerge() moved the outputs by {checks['merged']:.2e}/"
+                             f"{checks['unmerged']:.2e} (more than float32 rounding)")
+    if len(pet.compile_cache) != graphs:
+        raise AssertionError(f'switching or merging recompiled the graph ({graphs} -> {len(pet.compile_cache)})')
+
+    plain = pet.merge_and_unload()
+    checks['merge_and_unload'] = float(np.abs(plain(ids).asnumpy() - out_a).max())
+
+    def plain_forward():
+        plain(ids)
+        _ms_sync(ms, cfg)
+    wall, cpu = _interleaved({'forward_plain': plain_forward}, n)
+    samples['forward_plain'] = (wall['forward_plain'], cpu['forward_plain'])
+
+    # The reference for 'b': a new base model with the same weights that loaded only 'b'.
+    fresh = build_gpt(model)
+    for param in fresh.get_parameters():
+        param.set_data(Tensor(base[param.name]))
+    reference = PetModel.from_pretrained(fresh, dirs['b'])
+    out_ref = reference(ids).asnumpy()
+    checks['vs_model_built_with_b'] = float(np.abs(out_b - out_ref).max())
+    np.testing.assert_allclose(out_b, out_ref, rtol=1e-5, atol=1e-5,
+                               err_msg="after set_adapter('b') the output is not that of a model built with 'b'")
+    tmp.cleanup()
+    fwd = dict(wall=_median(samples['forward'][0]) * 1e3, cpu=_median(samples['forward'][1]) * 1e3)
+    return dict(ops=_ms_ops(samples, fwd), checks=checks, build_s=build_s, compile_s=compile_s, graphs=graphs,
+                params_total=sum(p.size for p in plain.get_parameters()), **lora_size)
+
+
 # ============================================================================================== PyTorch workers
 def build_torch_gpt(cfg):
     """The same GPT-2-style decoder in PyTorch (explicit attention, like the MindSpore model)."""
@@ -703,7 +886,7 @@ def worker_torch_forward(cfg):
 
 
 WORKERS = {'train': worker_train, 'train_ab': worker_train_ab, 'torch_train_ab': worker_torch_train_ab,
-           'forward': worker_forward, 'layer': worker_layer, 'ckpt': worker_ckpt,
+           'forward': worker_forward, 'layer': worker_layer, 'ckpt': worker_ckpt, 'switch': worker_switch,
            'reference': worker_reference, 'torch_train': worker_torch_train, 'torch_forward': worker_torch_forward}
 
 
@@ -779,18 +962,28 @@ def _paired_ratio(results, name, base, key):
     return dict(median=_median(ratios), min=min(ratios), max=max(ratios), n=len(ratios))
 
 
+def _group_variants(table, group, args):
+    """The variants of ``table[group]`` selected by ``--variants`` (its first, the base, always kept), or [] when
+    the selection leaves nothing to compare with the base."""
+    names = table[group]['variants']
+    chosen = [v for i, v in enumerate(names) if i == 0 or args.variants is None or v in args.variants]
+    return chosen if len(chosen) > 1 or args.variants is None else []
+
+
 def run_benchmarks(args):
     runner = Runner(args)
-    sizes = QUICK if args.quick else dict(gpt=GPT, gpt2=GPT2_SMALL, layer=LAYER)
+    sizes = QUICK if args.quick else dict(gpt=GPT, gpt2=GPT2_SMALL, layer=LAYER, switch_input=SWITCH_INPUT)
     parts = set(args.parts)
     groups = {'train'} | ({'reference'} if 'reference' in parts else set()) | ({'peers'} if args.peers else set())
     common = dict(warmup=args.warmup, steps=args.steps)
     out = dict(parts=sorted(parts), peers=args.peers, repeats=args.repeats, layer_repeats=args.layer_repeats,
-               sizes=sizes, lora=dict(LORA),
+               sizes=sizes, lora=dict(LORA), adapter=dict(ADAPTER), prefix=dict(PREFIX), variants=args.variants,
                device=args.device)
 
     if 'train' in parts:
-        variants = [v for v, spec in TRAIN_VARIANTS.items() if spec['group'] in groups]
+        wanted = set(TRAIN_VARIANTS) if args.variants is None else set(args.variants)
+        wanted |= {TRAIN_VARIANTS[v]['base'] for v in wanted}
+        variants = [v for v, spec in TRAIN_VARIANTS.items() if spec['group'] in groups and v in wanted]
         train = {v: [] for v in variants}
         for _ in range(args.repeats):
             for name in variants:
@@ -817,14 +1010,18 @@ def run_benchmarks(args):
         for _ in range(args.repeats):
             for group in sorted(groups):
                 spec = TRAIN_AB_GROUPS[group]
+                chosen = _group_variants(TRAIN_AB_GROUPS, group, args)
+                if not chosen:
+                    continue
                 kind = 'torch_train_ab' if spec['env'] == 'peft' else 'train_ab'
                 ab_runs.setdefault(group, []).append(runner.run(spec['env'], kind, dict(
-                    common, variants=spec['variants'], model=sizes['gpt'])))
+                    common, variants=chosen, model=sizes['gpt'])))
         out['train_ab'] = {}
         for group, runs in ab_runs.items():
-            base = TRAIN_AB_GROUPS[group]['variants'][0]
+            chosen = _group_variants(TRAIN_AB_GROUPS, group, args)
+            base = chosen[0]
             out['train_ab'][group] = {}
-            for name in TRAIN_AB_GROUPS[group]['variants']:
+            for name in chosen:
                 row = dict(base=base)
                 for key, tag in (('time_s', ''), ('cpu_s', 'cpu_')):
                     ratios = [r[key][name] / r[key][base] for r in runs]
@@ -839,15 +1036,19 @@ def run_benchmarks(args):
         for _ in range(args.repeats):
             for group in sorted(groups):
                 spec = FORWARD_GROUPS[group]
+                chosen = _group_variants(FORWARD_GROUPS, group, args)
+                if not chosen:
+                    continue
                 kind = 'torch_forward' if spec['env'] == 'peft' else 'forward'
-                res = runner.run(spec['env'], kind, dict(variants=spec['variants'], model=sizes['gpt'],
+                res = runner.run(spec['env'], kind, dict(variants=chosen, model=sizes['gpt'],
                                                          iterations=args.iterations))
                 forward.setdefault(group, []).append(res)
         out['forward'] = {}
         for group, runs in forward.items():
-            base = FORWARD_GROUPS[group]['variants'][0]
+            chosen = _group_variants(FORWARD_GROUPS, group, args)
+            base = chosen[0]
             out['forward'][group] = {}
-            for name in FORWARD_GROUPS[group]['variants']:
+            for name in chosen:
                 row = dict(base=base)
                 for key, tag in (('forward_s', ''), ('forward_cpu_s', 'cpu_')):
                     ratios = [r[key][name] / r[key][base] for r in runs]
@@ -868,6 +1069,10 @@ def run_benchmarks(args):
 
     if 'ckpt' in parts:
         out['ckpt'] = runner.run('main', 'ckpt', dict(model=sizes['gpt2']))
+
+    if 'switch' in parts:
+        out['switch'] = runner.run('main', 'switch', dict(model=dict(sizes['gpt2'], **sizes['switch_input']),
+                                                          iterations=args.iterations))
 
     if 'reference' in parts:
         dtypes = ['float32', 'float16']
@@ -936,7 +1141,9 @@ def _get(data, *path):
 
 # (what, path to the CPU-time figure, path to the wall-clock figure, required maximum). Timing targets are judged
 # on CPU time (this process's CPU seconds over all threads), which other jobs on a shared machine barely move;
-# the wall-clock figure of the same run is shown beside it.
+# the wall-clock figure of the same run is shown beside it. Adapter and prefix tuning have no figure of their own
+# in the issue: their bound is the promise of any parameter-efficient method, to cost less than full fine-tuning.
+# The switching bound (50 ms) is doc/lifecycle.md's, a tenth of the MindPet blog's 0.5 s per switch.
 TARGETS = [
     ('LoRA step time / full fine-tuning (one process each)',
      ('train', 'summary', 'lora', 'step_cpu_ratio', 'median'),
@@ -951,6 +1158,20 @@ TARGETS = [
      None, 0.60),
     ('LoRA peak anonymous memory (VmHWM - RssFile) / full fine-tuning',
      ('train', 'summary', 'lora', 'peak_anon_ratio', 'median'), None, 0.60),
+    ('Adapter step time / full fine-tuning (same process, interleaved)', ('train_ab', 'train', 'adapter', 'cpu_ratio'),
+     ('train_ab', 'train', 'adapter', 'ratio'), 1.0),
+    ('prefix tuning step time / full fine-tuning (same process, interleaved)',
+     ('train_ab', 'train', 'prefix', 'cpu_ratio'), ('train_ab', 'train', 'prefix', 'ratio'), 1.0),
+    ('Adapter peak anonymous memory / full fine-tuning',
+     ('train', 'summary', 'adapter', 'peak_anon_ratio', 'median'), None, 1.0),
+    ('prefix tuning peak anonymous memory / full fine-tuning',
+     ('train', 'summary', 'prefix', 'peak_anon_ratio', 'median'), None, 1.0),
+    ('set_adapter between trainable LoRA adapters, GPT-2 small (ms)',
+     ('switch', 'ops', 'set_adapter_trainable', 'cpu_ms'), ('switch', 'ops', 'set_adapter_trainable', 'median_ms'),
+     50.0),
+    ('set_adapter between LoRA adapters loaded for inference, GPT-2 small (ms)',
+     ('switch', 'ops', 'set_adapter_inference', 'cpu_ms'), ('switch', 'ops', 'set_adapter_inference', 'median_ms'),
+     50.0),
     ('LoRADense forward (unmerged) / nn.Dense', ('layer', 'fwd_unmerged', 'cpu_ratio'),
      ('layer', 'fwd_unmerged', 'ratio'), 1.05),
     ('merged LoRADense (merge() then to_dense()) forward / nn.Dense', ('layer', 'fwd_to_dense', 'cpu_ratio'),
@@ -1156,6 +1377,38 @@ def render_markdown(results, command):
                 f'{f["adapter_bytes"] / ckpt["raw_adapter_bytes"]:.4f}x | {f["full_save_s"]:.2f} | '
                 f'{f["adapter_save_s"]:.3f} |')
         add('')
+    switch = results.get('switch')
+    if switch:
+        sz = results['sizes']['gpt2']
+        inp = results['sizes'].get('switch_input', {})
+        add(f'### 4. Switching and merging: GPT-2 small shapes ({sz["layers"]} blocks, hidden {sz["hidden"]}, '
+            f'vocab {sz["vocab"]} tied; {switch["params_total"]:,} parameters), LoRA r=8 on q, v '
+            f'({switch["lora_layers"]} layers, {switch["adapter_params"]:,} parameters per adapter), input '
+            f'{inp.get("batch", "?")} x {inp.get("seq", "?")} tokens, GRAPH_MODE, one process, after the graph was '
+            f'compiled ({switch["compile_s"]:.1f} s) and ran')
+        add('')
+        add('| operation | wall median (ms) | wall min-max (ms) | CPU median (ms) | wall / forward | CPU / forward |')
+        add('|---|---|---|---|---|---|')
+        labels = {'forward': 'forward pass, LoRA active (unmerged): the unit',
+                  'forward_plain': 'forward pass after merge_and_unload() (plain Dense)',
+                  'set_adapter_trainable': 'set_adapter between two trainable adapters',
+                  'set_adapter_inference': 'set_adapter between two adapters loaded for inference',
+                  'merge': f'merge() ({switch["lora_layers"]} weights += scaling B A)',
+                  'unmerge': 'unmerge()'}
+        for key, what in labels.items():
+            r = switch['ops'][key]
+            add(f'| {what} | {r["median_ms"]:.2f} | {r["min_ms"]:.2f}-{r["max_ms"]:.2f} | {r["cpu_ms"]:.2f} | '
+                f'{r["x_forward"]:.3f}x | {r["cpu_x_forward"]:.3f}x |')
+        c = switch['checks']
+        add('')
+        add(f'Checked in the run: set_adapter changed the outputs (by up to {c["switch_change"]:.3f}) to those of a '
+            f'new model built with the other adapter (largest difference {c["vs_model_built_with_b"]:.1e}); the '
+            f'adapter loaded from disk gives the trained one\'s outputs (difference {c["loaded_vs_trained"]:.1e}); '
+            f'switching back gives bit-identical outputs ({c["switch_back"]:.1e}); merge() moves them by '
+            f'{c["merged"]:.1e} and unmerge() leaves {c["unmerged"]:.1e} (float32 rounding); the compiled graph was '
+            f'reused throughout ({switch["graphs"]} graph). Trainable adapters copy the outgoing adapter\'s live '
+            f'tensors back to the store before switching; adapters loaded for inference skip that copy.')
+        add('')
     ref = results.get('reference')
     if ref:
         sz = results['sizes']['layer']
@@ -1216,6 +1469,9 @@ def parse_args(argv):
     parser.add_argument('--parts', default=','.join(PARTS),
                         help=f'comma-separated subset of {",".join(PARTS)} (default: all).')
     parser.add_argument('--peers', action='store_true', help='also run Hugging Face PEFT on PyTorch (own venv).')
+    parser.add_argument('--variants', default=None,
+                        help=f'comma-separated subset of the part-1 variants {",".join(TRAIN_VARIANTS)} (default: '
+                             f'all of the selected groups; each one\'s base is always run).')
     parser.add_argument('--repeats', type=int, default=3, help='rounds of every measurement (default 3).')
     parser.add_argument('--layer-repeats', type=int, default=5,
                         help='processes for the layer and reference parts (cheap, so more of them; default 5).')
@@ -1239,6 +1495,11 @@ def parse_args(argv):
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
         parser.error(f'unknown part(s) {unknown}; choose from {list(PARTS)}')
+    if args.variants is not None:
+        args.variants = [v.strip() for v in args.variants.split(',') if v.strip()]
+        unknown = sorted(set(args.variants) - set(TRAIN_VARIANTS))
+        if unknown or not args.variants:
+            parser.error(f'unknown variant(s) {unknown or args.variants}; choose from {list(TRAIN_VARIANTS)}')
     if args.repeats < 1 or args.steps < 1 or args.iterations < 1 or args.warmup < 0:
         parser.error('--repeats, --steps and --iterations must be >= 1 and --warmup >= 0')
     return args
@@ -1256,7 +1517,7 @@ def main(argv=None):
     if args.reuse:
         with open(args.reuse, encoding='utf-8') as fh:
             earlier = json.load(fh)
-        for key in ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'reference'):
+        for key in PARTS:
             if key not in results and key in earlier:
                 results[key] = earlier[key]
         results['reused'] = dict(path=args.reuse, date=earlier.get('date'), command=earlier.get('command'),
