@@ -642,7 +642,7 @@ def worker_switch(cfg):
     n = cfg['iterations']
     start = time.perf_counter()
     net = build_gpt(model)
-    base = {p.name: p.asnumpy() for p in net.get_parameters()}
+    base = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
     config = LoraConfig(target_modules=list(LORA['targets']), lora_rank=LORA['rank'], lora_alpha=LORA['alpha'])
     pet = get_pet_model(net, config, adapter_name='a')
     pet.add_adapter('b', config)

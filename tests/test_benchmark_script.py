@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -14,6 +15,8 @@ SCRIPT = os.path.join(ROOT, 'scripts', 'benchmark.py')
 def _load():
     spec = importlib.util.spec_from_file_location('mindpet_benchmark_script', SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    # Graph compilation looks the module of a construct up by name.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -51,6 +54,71 @@ def test_targets_judged_on_cpu_time_and_relative_to_peers():
     rows = {r['what']: r for r in bench.evaluate_targets(_results(0.62, 0.60))}
     assert not rows['LoRA step time / full fine-tuning (one process each)']['met']
     assert not rows['LoRA/full step ratio: ours vs PyTorch+PEFT']['met']
+
+
+def test_new_parts_have_target_rows():
+    results = {'train_ab': {'train': {'adapter': {'cpu_ratio': 0.6, 'ratio': 0.62},
+                                      'prefix': {'cpu_ratio': 1.05, 'ratio': 1.1}}},
+               'switch': {'ops': {'set_adapter_trainable': {'cpu_ms': 9.0, 'median_ms': 12.0},
+                                  'set_adapter_inference': {'cpu_ms': 60.0, 'median_ms': 70.0}}}}
+    rows = {r['what']: r for r in bench.evaluate_targets(results)}
+    assert rows['Adapter step time / full fine-tuning (same process, interleaved)']['met']
+    assert not rows['prefix tuning step time / full fine-tuning (same process, interleaved)']['met']
+    trainable = rows['set_adapter between trainable LoRA adapters, GPT-2 small (ms)']
+    assert trainable['met'] and trainable['value'] == 9.0 and trainable['wall'] == 12.0
+    assert not rows['set_adapter between LoRA adapters loaded for inference, GPT-2 small (ms)']['met']
+
+
+def test_variants_option_selects_variants_and_keeps_each_base():
+    args = bench.parse_args(['--variants', 'adapter,prefix'])
+    assert args.variants == ['adapter', 'prefix']
+    assert bench._group_variants(bench.TRAIN_AB_GROUPS, 'train', args) == ['full', 'adapter', 'prefix']
+    assert bench._group_variants(bench.TRAIN_AB_GROUPS, 'reference', args) == []   # nothing to compare
+    everything = bench.parse_args([])
+    assert bench._group_variants(bench.FORWARD_GROUPS, 'train', everything) == \
+        bench.FORWARD_GROUPS['train']['variants']
+    with pytest.raises(SystemExit):
+        bench.parse_args(['--variants', 'adapter,nonsense'])
+
+
+def _attention_numpy(attn, x, mask, prefix=None):
+    """The benchmark attention's formula in NumPy; ``prefix``: (key, value), each (heads, P, head_dim)."""
+    def dense(cell, h):
+        return h @ cell.weight.asnumpy().T + cell.bias.asnumpy()
+    b, s, hidden = x.shape
+    heads, hd = attn.heads, attn.head_dim
+    q, k, v = (dense(cell, x).reshape(b, s, heads, hd).transpose(0, 2, 1, 3) for cell in (attn.q, attn.k, attn.v))
+    if prefix is not None:
+        pk, pv = (np.broadcast_to(t, (b,) + t.shape) for t in prefix)
+        k, v = np.concatenate([pk, k], 2), np.concatenate([pv, v], 2)
+        mask = np.concatenate([np.zeros(mask.shape[:-1] + (pk.shape[2],), np.float32), mask], -1)
+    scores = q @ k.transpose(0, 1, 3, 2) * attn.scale + mask
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return dense(attn.o, (probs @ v).transpose(0, 2, 1, 3).reshape(b, s, hidden))
+
+
+def test_prefix_variant_attention_matches_numpy_in_compiled_graph(graph_mode):
+    """The prefix wiring of the benchmark's attention: keys/values [P_k; K], [P_v; V], prefix columns visible to
+    every query; checked again after the prefix changes by set_data in the already-compiled graph."""
+    import mindspore as ms
+    cfg = dict(model=dict(bench.QUICK['gpt'], layers=1, hidden=16, heads=2, vocab=50, batch=2, seq=5))
+    net = bench.apply_prefix(bench.build_gpt(cfg['model']), cfg)
+    attn = net.blocks[0].attn
+    assert sorted(p.name for p in net.trainable_params()) == sorted(
+        f'blocks.0.attn.prefix.mindpet_delta_prefixtuning_{w}'
+        for w in ('embedding', 'mlp_in_weight', 'mlp_in_bias', 'mlp_out_weight', 'mlp_out_bias'))
+    x = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)
+    mask = net.mask.asnumpy()[:, :, :5, :5]
+    out = attn(ms.Tensor(x), ms.Tensor(mask)).asnumpy()
+    expected = _attention_numpy(attn, x, mask, attn.prefix.prefix_numpy())
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(expected - _attention_numpy(attn, x, mask)).max() > 1e-3   # the prefix matters
+    emb = attn.prefix.mindpet_delta_prefixtuning_embedding
+    emb.set_data(ms.Tensor(emb.asnumpy() * 3.0 + 1.0))
+    out = attn(ms.Tensor(x), ms.Tensor(mask)).asnumpy()
+    np.testing.assert_allclose(out, _attention_numpy(attn, x, mask, attn.prefix.prefix_numpy()), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_update_doc_replaces_only_the_results_block(tmp_path):
@@ -103,3 +171,43 @@ def test_quick_run_of_layer_and_ckpt_parts(tmp_path):
     assert 0.3 < results['layer']['fwd_to_dense']['cpu_ratio'] < 3.0
     text = page.read_text(encoding='utf-8')
     assert bench.DOC_BEGIN in text and '### 2. Layer overhead' in text and '### 3. Checkpoint size' in text
+
+
+@pytest.mark.slow
+def test_quick_run_of_adapter_prefix_and_switch(tmp_path):
+    """A real (tiny) run of the new rows: Adapter and prefix tuning per process, in the same-process group and in
+    the forward group, and part 4 (switching and merging), whose worker fails unless its output checks pass."""
+    out_json, page = tmp_path / 'b.json', tmp_path / 'b.md'
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, SCRIPT, '--quick', '--parts', 'train,train_ab,forward,switch',
+                           '--variants', 'adapter,prefix', '--repeats', '1', '--steps', '1', '--warmup', '0',
+                           '--iterations', '2', '--json', str(out_json), '--doc', str(page)],
+                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out_json.read_text(encoding='utf-8'))
+    summary = results['train']['summary']
+    assert sorted(summary) == ['adapter', 'full', 'prefix']
+    hidden, layers = 128, 2
+    # Adapter: down (64 x h + 64) and up (h x 64 + h) after attn.o and fc2 of each block.
+    assert summary['adapter']['trainable'] == layers * 2 * (64 * hidden + 64 + hidden * 64 + hidden)
+    # Prefix: embedding (10 x h), MLP in (512 x h + 512), MLP out (2h x 512 + 2h) per block.
+    assert summary['prefix']['trainable'] == layers * (10 * hidden + 512 * hidden + 512 + 2 * hidden * 512
+                                                       + 2 * hidden)
+    assert summary['adapter']['total'] == summary['full']['total'] + summary['adapter']['trainable']
+    assert list(results['train_ab']['train']) == ['full', 'adapter', 'prefix']
+    assert list(results['forward']['train']) == ['full', 'adapter', 'prefix']
+    for name in ('adapter', 'prefix'):
+        assert summary[name]['step_ratio']['n'] == 1
+        assert 0.1 < results['forward']['train'][name]['cpu_ratio'] < 10
+    switch = results['switch']
+    checks = switch['checks']
+    assert checks['switch_change'] > 1e-3 and checks['vs_model_built_with_b'] <= 1e-5
+    assert checks['switch_back'] == 0.0 and checks['loaded_vs_trained'] == 0.0 and checks['merged'] < 1e-4
+    assert switch['lora_layers'] == 4 and switch['adapter_params'] == 4 * 8 * (128 + 128)
+    for op in ('set_adapter_trainable', 'set_adapter_inference', 'merge', 'unmerge'):
+        row = switch['ops'][op]
+        assert row['n'] >= 2 and row['x_forward'] == pytest.approx(
+            row['median_ms'] / switch['ops']['forward']['median_ms'])
+    text = page.read_text(encoding='utf-8')
+    assert '### 4. Switching and merging' in text and 'Adapter (Houlsby' in text and 'prefix tuning (10' in text
+    assert 'set_adapter between trainable LoRA adapters' in text
