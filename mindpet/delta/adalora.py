@@ -17,7 +17,8 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import Normal
 
-from mindpet.delta.base import DeltaDense, apply_strategies, host_f32
+from mindpet.delta.base import DeltaDense, host_f32
+from mindpet.delta.sharding import apply_dense_strategies
 from mindpet.delta.lora import init_param, _check_init_shape
 from mindpet.delta.rank_allocation import (RankAllocator, WithOrthRegularizer, TrainStepWithGrads, find_cells,
                                            cubic_budget)
@@ -141,7 +142,7 @@ class AdaLoRADense(DeltaDense):
               strategy_adalora_add=None, strategy_activation=None):
         """Semi-auto-parallel strategies per operator, e.g. ``strategy_adalora_q_matmul=((dp, 1), (1, 1))``;
         ``strategy_adalora_lambda_mul`` is ``((dp, 1), (1,))``."""
-        return apply_strategies(type(self).__name__, self, [
+        return apply_dense_strategies(type(self).__name__, self, [
             (self.matmul, 'strategy_org_dense_matmul', strategy_org_dense_matmul, (2, 2)),
             (self.adalora_dropout.dropout, 'strategy_adalora_dropout', strategy_adalora_dropout, (2,)),
             (self.q_matmul, 'strategy_adalora_q_matmul', strategy_adalora_q_matmul, (2, 2)),

@@ -18,7 +18,7 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import Normal
 
 from mindpet.delta.lora import init_param
-from mindpet.delta.sharding import apply_strategies, make_activation
+from mindpet.delta.sharding import apply_strategies, dense_entries, make_activation
 from mindpet.utils.validation import check_bool, check_dtype, check_int, check_initializer
 
 ADAPTER_INIT_SIGMA = 0.01
@@ -187,17 +187,10 @@ class DenseWithAdapter(nn.Dense):
     def shard_dense(self, strategy_matmul_org, strategy_bias_org, strategy_activation_org, adapter_entries):
         """Check and apply the base Dense's strategies together with the adapter's ``adapter_entries``."""
         owner = type(self).__name__
-        if strategy_bias_org is not None and not self.has_bias:
-            raise ValueError(f"For '{owner}', 'strategy_bias_org' was given but the layer has no bias "
-                             f"(has_bias=False).")
-        if strategy_activation_org is not None and not self.activation_flag:
-            raise ValueError(f"For '{owner}', 'strategy_activation_org' was given but the layer has no "
-                             f"activation.")
-        apply_strategies(owner, [
-            (self.matmul, 'strategy_matmul_org', strategy_matmul_org, (2, 2)),
-            (getattr(self, 'bias_add', None), 'strategy_bias_org', strategy_bias_org, (2, 1)),
-            (self.activation, 'strategy_activation_org', strategy_activation_org, (2,)),
-        ] + adapter_entries)
+        apply_strategies(owner, [(self.matmul, 'strategy_matmul_org', strategy_matmul_org, (2, 2))]
+                         + dense_entries(owner, self, strategy_bias_org, strategy_activation_org,
+                                         'strategy_bias_org', 'strategy_activation_org')
+                         + adapter_entries)
         return self
 
 

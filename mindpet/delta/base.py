@@ -6,8 +6,8 @@ import numpy as np
 from mindspore import nn, ops, Tensor
 from mindspore import dtype as mstype
 
-from mindpet.delta.lora import check_dense_kwargs, shard_activation
-from mindpet.utils.validation import check_int, check_dtype, check_strategy
+from mindpet.delta.lora import check_dense_kwargs
+from mindpet.utils.validation import check_int, check_dtype
 
 
 class DeltaDense(nn.Dense):
@@ -130,23 +130,3 @@ def host_f32(param):
     """A Parameter's data as a float32 numpy array."""
     return param.asnumpy().astype(np.float32)
 
-
-def apply_strategies(owner, layer, checked, strategy_org_bias_add=None, strategy_activation=None):
-    """Check every ``(primitive, argument name, strategy, input ranks)`` first, then shard; also the Dense's own
-    bias add and activation. Nothing is changed when any strategy is malformed."""
-    checked = list(checked)
-    if layer.has_bias:
-        checked.append((layer.bias_add, 'strategy_org_bias_add', strategy_org_bias_add, (2, 1)))
-    elif strategy_org_bias_add is not None:
-        raise ValueError(f"For '{owner}', 'strategy_org_bias_add' was given but the layer has no bias "
-                         f"(has_bias=False).")
-    if strategy_activation is not None and not layer.activation_flag:
-        raise ValueError(f"For '{owner}', 'strategy_activation' was given but the layer has no activation.")
-    for _, name, strategy, ndims in checked:
-        check_strategy(name, strategy, owner, ndims)
-    for prim, _, strategy, _ in checked:
-        if strategy is not None:
-            prim.shard(strategy)
-    if strategy_activation is not None:
-        shard_activation(owner, layer.activation, strategy_activation)
-    return layer

@@ -20,7 +20,8 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import HeUniform
 
-from mindpet.delta.base import DeltaDense, apply_strategies, host_f32
+from mindpet.delta.base import DeltaDense, host_f32
+from mindpet.delta.sharding import apply_dense_strategies
 from mindpet.delta.lora import init_param, _check_init_shape
 from mindpet.utils.validation import check_int, check_real, check_rate
 
@@ -172,7 +173,7 @@ class DoRADense(DeltaDense):
         """Semi-auto-parallel strategies for the input-side operators (LoRA's keywords plus
         ``strategy_dora_scale_mul=((dp, mp), (mp,))`` for the per-row ``m / ||W'||`` scaling). Weight-side
         operators (the norm) are left to the auto-parallel planner."""
-        return apply_strategies(type(self).__name__, self, [
+        return apply_dense_strategies(type(self).__name__, self, [
             (self.matmul, 'strategy_org_dense_matmul', strategy_org_dense_matmul, (2, 2)),
             (self.lora_dropout.dropout, 'strategy_lora_dropout', strategy_lora_dropout, (2,)),
             (self.lora_a_matmul, 'strategy_lora_a_matmul', strategy_lora_a_matmul, (2, 2)),

@@ -13,7 +13,8 @@ import numpy as np
 from mindspore import ops, Parameter, Tensor
 from mindspore import dtype as mstype
 
-from mindpet.delta.base import DeltaDense, apply_strategies, host_f32
+from mindpet.delta.base import DeltaDense, host_f32
+from mindpet.delta.sharding import apply_dense_strategies
 from mindpet.delta.lora import init_param, _check_init_shape
 from mindpet.utils.validation import check_bool
 
@@ -102,7 +103,7 @@ class IA3Dense(DeltaDense):
               strategy_activation=None):
         """Semi-auto-parallel strategies: ``strategy_ia3_mul`` is ``((dp, k), (k,))`` with ``k`` the split of the
         scaled axis (``in`` for feed-forward, ``out`` otherwise)."""
-        return apply_strategies(type(self).__name__, self, [
+        return apply_dense_strategies(type(self).__name__, self, [
             (self.matmul, 'strategy_org_dense_matmul', strategy_org_dense_matmul, (2, 2)),
             (self.ia3_mul, 'strategy_ia3_mul', strategy_ia3_mul, (2, 1)),
         ], strategy_org_bias_add, strategy_activation)

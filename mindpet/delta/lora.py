@@ -14,10 +14,9 @@ import numpy as np
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, HeUniform
-from mindspore.ops.primitive import Primitive
 
-from mindpet.delta.sharding import ACTIVATION_NAMES
-from mindpet.utils.validation import (check_int, check_real, check_rate, check_dtype, check_strategy, check_bool,
+from mindpet.delta.sharding import ACTIVATION_NAMES, apply_dense_strategies
+from mindpet.utils.validation import (check_int, check_real, check_rate, check_dtype, check_bool,
                                       check_choice, check_initializer)
 
 _DENSE_KWARGS = ('weight_init', 'bias_init', 'has_bias', 'activation', 'dtype')
@@ -37,26 +36,6 @@ def check_dense_kwargs(owner, kwargs):
     for name in ('weight_init', 'bias_init'):
         if kwargs.get(name) is not None:
             check_initializer(name, kwargs[name], owner)
-
-
-def shard_activation(owner, activation, strategy):
-    """Apply a one-input shard strategy to every primitive inside an activation Cell (or to the primitive)."""
-    if activation is None or strategy is None:
-        return
-    check_strategy('strategy_activation', strategy, owner, (2,))
-    if isinstance(activation, Primitive):
-        activation.shard(strategy)
-        return
-    primitives = [p for p in getattr(activation, '_primitives', {}).values() if isinstance(p, Primitive)]
-    if not primitives:
-        raise ValueError(f"For '{owner}', the activation {type(activation).__name__} has no operator that can be "
-                         f"sharded; pass 'strategy_activation=None'.")
-    for prim in primitives:
-        try:
-            prim.shard(strategy)
-        except (TypeError, ValueError, RuntimeError) as ex:
-            raise ValueError(f"For '{owner}', 'strategy_activation' {strategy} does not fit the activation "
-                             f"{type(activation).__name__}: {ex}") from ex
 
 
 class LoRADense(nn.Dense):
@@ -220,30 +199,14 @@ class LoRADense(nn.Dense):
 
         ``strategy_lora_mul`` takes ``((dp, 1), ())``: the second input is the scalar scaling.
         """
-        owner = type(self).__name__
-        checked = [
+        return apply_dense_strategies(type(self).__name__, self, [
             (self.matmul, 'strategy_org_dense_matmul', strategy_org_dense_matmul, (2, 2)),
             (self.lora_dropout.dropout, 'strategy_lora_dropout', strategy_lora_dropout, (2,)),
             (self.lora_a_matmul, 'strategy_lora_a_matmul', strategy_lora_a_matmul, (2, 2)),
             (self.lora_b_matmul, 'strategy_lora_b_matmul', strategy_lora_b_matmul, (2, 2)),
             (self.mul, 'strategy_lora_mul', strategy_lora_mul, (2, 0)),
             (self.add, 'strategy_lora_add', strategy_lora_add, (2, 2)),
-        ]
-        if self.has_bias:
-            checked.append((self.bias_add, 'strategy_org_bias_add', strategy_org_bias_add, (2, 1)))
-        elif strategy_org_bias_add is not None:
-            raise ValueError(f"For '{owner}', 'strategy_org_bias_add' was given but the layer has no bias "
-                             f"(has_bias=False).")
-        for _, name, strategy, ndims in checked:
-            check_strategy(name, strategy, owner, ndims)
-        for prim, _, strategy, _ in checked:
-            if strategy is not None:
-                prim.shard(strategy)
-        if strategy_activation is not None:
-            if not self.activation_flag:
-                raise ValueError(f"For '{owner}', 'strategy_activation' was given but the layer has no activation.")
-            shard_activation(owner, self.activation, strategy_activation)
-        return self
+        ], strategy_org_bias_add, strategy_activation)
 
     def extend_repr(self):
         return (super().extend_repr() + f', lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, '

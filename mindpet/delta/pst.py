@@ -25,7 +25,8 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import HeUniform, Normal
 from mindspore.train import Callback
 
-from mindpet.delta.base import DeltaDense, apply_strategies
+from mindpet.delta.base import DeltaDense
+from mindpet.delta.sharding import apply_dense_strategies
 from mindpet.delta.lora import init_param, _check_init_shape
 from mindpet.utils.validation import check_int, check_real, check_cell
 
@@ -199,7 +200,7 @@ class PSTDense(DeltaDense):
     def shard(self, strategy_org_dense_matmul=None, strategy_org_bias_add=None, strategy_activation=None):
         """Semi-auto-parallel strategies for the input-side operators. The mask needs the whole score matrix
         (a per-layer top-k), so the weight-side operators are left to the planner."""
-        return apply_strategies(type(self).__name__, self, [
+        return apply_dense_strategies(type(self).__name__, self, [
             (self.matmul, 'strategy_org_dense_matmul', strategy_org_dense_matmul, (2, 2)),
         ], strategy_org_bias_add, strategy_activation)
 

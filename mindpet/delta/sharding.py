@@ -41,6 +41,29 @@ def apply_strategies(owner, entries):
             prim.shard(strategy)
 
 
+def dense_entries(owner, layer, strategy_bias, strategy_activation, bias_name='strategy_org_bias_add',
+                  activation_name='strategy_activation'):
+    """The :func:`apply_strategies` entries of a Dense's own bias add and activation (keywords ``bias_name`` and
+    ``activation_name``).
+
+    Raises:
+        ValueError: a strategy for a bias or an activation the layer does not have.
+    """
+    if strategy_bias is not None and not layer.has_bias:
+        raise ValueError(f"For '{owner}', '{bias_name}' was given but the layer has no bias (has_bias=False).")
+    if strategy_activation is not None and not layer.activation_flag:
+        raise ValueError(f"For '{owner}', '{activation_name}' was given but the layer has no activation.")
+    return [(getattr(layer, 'bias_add', None), bias_name, strategy_bias, (2, 1)),
+            (layer.activation, activation_name, strategy_activation, (2,))]
+
+
+def apply_dense_strategies(owner, layer, entries, strategy_org_bias_add=None, strategy_activation=None):
+    """:func:`apply_strategies` for a delta Dense ``layer``: its ``entries`` plus the Dense's own bias add and
+    activation (MindPet's keywords). Nothing is sharded when any strategy is refused. Returns ``layer``."""
+    apply_strategies(owner, list(entries) + dense_entries(owner, layer, strategy_org_bias_add, strategy_activation))
+    return layer
+
+
 class _PrimitiveActivation(nn.Cell):
     """An activation that is a single primitive, so ``shard`` can reach it."""
 

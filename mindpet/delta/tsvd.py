@@ -30,7 +30,8 @@ from mindspore import ops, Parameter, Tensor, nn
 from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, Normal
 
-from mindpet.delta.base import DeltaDense, apply_strategies, host_f32
+from mindpet.delta.base import DeltaDense, host_f32
+from mindpet.delta.sharding import apply_dense_strategies
 from mindpet.delta.rank_allocation import RankAllocator, find_cells
 from mindpet.utils.validation import check_int, check_real, check_dtype
 
@@ -317,7 +318,7 @@ class TSVDDense(DeltaDense):
               strategy_tsvd_us_matmul=None, strategy_tsvd_add=None, strategy_activation=None):
         """Semi-auto-parallel strategies for the input-side operators, e.g.
         ``strategy_tsvd_v_matmul=((dp, 1), (1, 1))``; the factor-side operators are left to the planner."""
-        return apply_strategies(type(self).__name__, self, [
+        return apply_dense_strategies(type(self).__name__, self, [
             (self.matmul, 'strategy_org_dense_matmul', strategy_org_dense_matmul, (2, 2)),
             (self.v_matmul, 'strategy_tsvd_v_matmul', strategy_tsvd_v_matmul, (2, 2)),
             (self.us_matmul, 'strategy_tsvd_us_matmul', strategy_tsvd_us_matmul, (2, 2)),

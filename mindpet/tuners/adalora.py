@@ -7,7 +7,7 @@ allocator pruned are exact zeros in ``lambda`` and the kept rank per layer is wr
 ``rank_pattern``. It merges into the base weights like LoRA: ``W <- W + (lora_alpha / init_r) P diag(lambda) Q``.
 """
 import dataclasses
-from typing import Dict, Optional, Union
+from typing import Union
 
 import numpy as np
 from mindspore import Tensor
@@ -15,17 +15,24 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, Normal
 
 from mindpet.delta.adalora import AdaLoRADense, AdaLoRAAllocator, adalora_increment
-from mindpet.delta.rank_allocation import _check_beta
 from mindpet.tuners.base import DenseLayerTuner, RankAllocationHook, schedule_steps
-from mindpet.tuners.config import PetConfig, register_method, check_rank_pattern, check_total_step
-from mindpet.utils.validation import check_int, check_real, check_rate, check_choice
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, RankScheduleFields, register_method
+from mindpet.utils.validation import check_int, check_real, check_rate
 
 P, LAMBDA, Q = 'mindpet_delta_adalora_p', 'mindpet_delta_adalora_lambda', 'mindpet_delta_adalora_q'
-COMPUTE_DTYPES = ('float32', 'float16', 'bfloat16')
 
 
 @dataclasses.dataclass
-class AdaLoraConfig(PetConfig):
+class _AdaLoraRankFields(PetConfig):
+    """AdaLoRA's own fields, before the shared schedule fields (see :class:`RankScheduleFields`)."""
+    init_r: int = 12
+    target_r: int = 8
+    lora_alpha: Union[int, float] = 8
+    lora_dropout: float = 0.0
+
+
+@dataclasses.dataclass
+class AdaLoraConfig(RankScheduleFields, _AdaLoraRankFields):
     """AdaLoRA hyper-parameters for :func:`mindpet.get_pet_model` (defaults as in the paper's code).
 
     Args:
@@ -51,42 +58,18 @@ class AdaLoraConfig(PetConfig):
         >>> cfg.to_dict()['type']
         'adalora'
     """
-    init_r: int = 12
-    target_r: int = 8
-    lora_alpha: Union[int, float] = 8
-    lora_dropout: float = 0.0
-    t_init: int = 0
-    t_final: int = 0
-    delta_t: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    total_step: Optional[int] = None
-    compute_dtype: Optional[str] = None
-    rank_pattern: Optional[Dict[str, int]] = None
+    targets_required = TARGETS_REQUIRED
 
     def validate(self):
         super().validate()
         owner = type(self).__name__
-        if self.target_modules is None:
-            raise ValueError(f"For '{owner}', the 'target_modules' must be a non-empty list of str (cell name "
-                             f"patterns), but got None.")
         check_int('init_r', self.init_r, owner)
         check_int('target_r', self.target_r, owner, min_value=0, max_value=self.init_r)
         check_real('lora_alpha', self.lora_alpha, owner, nonzero=True)
         if self.lora_dropout == 0 and type(self.lora_dropout) is int:  # pylint: disable=unidiomatic-typecheck
             self.lora_dropout = 0.0    # YAML writes 'lora_dropout: 0'
         check_rate('lora_dropout', self.lora_dropout, owner)
-        check_int('t_init', self.t_init, owner, min_value=0)
-        check_int('t_final', self.t_final, owner, min_value=0)
-        check_int('delta_t', self.delta_t, owner)
-        self.beta1 = _check_beta('beta1', self.beta1, owner)
-        self.beta2 = _check_beta('beta2', self.beta2, owner)
-        self.orth_reg_weight = float(check_real('orth_reg_weight', self.orth_reg_weight, owner, min_value=0))
-        check_total_step(owner, self.total_step, self.t_init, self.t_final)
-        if self.compute_dtype is not None:
-            check_choice('compute_dtype', self.compute_dtype, owner, COMPUTE_DTYPES)
-        self.rank_pattern = check_rank_pattern(owner, self.rank_pattern)
+        self.check_schedule(owner)
 
     @property
     def scaling(self):

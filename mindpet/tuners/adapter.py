@@ -19,21 +19,17 @@ from mindspore.common.initializer import initializer, Normal
 from mindpet.delta.adapter import AdapterDense, ADAPTER_INIT_SIGMA
 from mindpet.delta.sharding import make_activation
 from mindpet.tuners.base import BaseTuner, adopt_dense_params, plain_dense, read_corner, write_padded, live_params
-from mindpet.tuners.config import PetConfig, register_method
-from mindpet.utils.validation import check_int, check_choice
+from mindpet.tuners.config import (PetConfig, TARGETS_REQUIRED, register_method, check_compute_dtype,
+                                   resolve_compute_dtype)
+from mindpet.utils.validation import check_int
 
-DTYPES = {'float32': mstype.float32, 'float16': mstype.float16, 'bfloat16': mstype.bfloat16}
 _PREFIX = 'adapter.mindpet_delta_adapter_'
 
 
 def check_adapter_fields(config, owner):
-    """Checks shared by the adapter configs: target_modules given, non_linearity and compute_dtype known."""
-    if config.target_modules is None:
-        raise ValueError(f"For '{owner}', the 'target_modules' must be a non-empty list of str (cell name "
-                         f"patterns), but got None.")
+    """Checks shared by the adapter configs: non_linearity and compute_dtype known."""
     make_activation(owner, config.non_linearity)
-    if config.compute_dtype is not None:
-        check_choice('compute_dtype', config.compute_dtype, owner, tuple(DTYPES))
+    check_compute_dtype(owner, config.compute_dtype)
 
 
 @dataclasses.dataclass
@@ -57,6 +53,7 @@ class AdapterConfig(PetConfig):
     bottleneck_size: int = 64
     non_linearity: str = 'gelu'
     compute_dtype: Optional[str] = None
+    targets_required = TARGETS_REQUIRED
 
     def validate(self):
         super().validate()
@@ -71,7 +68,9 @@ class AdapterTuner(BaseTuner):
     layer_class = AdapterDense
     #: the delta tensors zeroed to switch a layer's adapter off (the up-projection)
     off_suffixes = (_PREFIX + 'up_weight', _PREFIX + 'up_bias')
-    why_not_mergeable = 'its bottleneck is non-linear'
+    merge_refusal = ('its bottleneck is non-linear, so no single weight reproduces it. Keep the adapter for '
+                     'inference (unload() gives back the base network), or use LoRA/IA3/DoRA where a mergeable '
+                     'delta is needed.')
 
     def check_reuse(self, key, layer, config):
         if layer.adapter.non_linearity_name != config.non_linearity:
@@ -81,7 +80,7 @@ class AdapterTuner(BaseTuner):
 
     @staticmethod
     def compute_dtype(cell, config):
-        return DTYPES[config.compute_dtype] if config.compute_dtype else cell.weight.dtype
+        return resolve_compute_dtype(config.compute_dtype, cell.weight.dtype)
 
     def create_layer(self, cell, config, key=None):
         layer = AdapterDense(cell.in_channels, cell.out_channels, weight_init='zeros', bias_init='zeros',
@@ -125,21 +124,6 @@ class AdapterTuner(BaseTuner):
             param = live[suffix]
             param.set_data(Tensor(np.zeros(param.shape, np.float32), param.dtype))
         return False
-
-    def _refuse_merge(self):
-        raise NotImplementedError(f"The '{self.method}' method cannot be merged into the base weights: "
-                                  f"{self.why_not_mergeable}, so no single weight reproduces it. Keep the adapter "
-                                  f"for inference (unload() gives back the base network), or use LoRA/IA3/DoRA "
-                                  f"where a mergeable delta is needed.")
-
-    def merge_layer(self, layer, config):
-        self._refuse_merge()
-
-    def unmerge_layer(self, layer, config):
-        self._refuse_merge()
-
-    def merge_weights(self, params, key, tensors, config):
-        self._refuse_merge()
 
     def unload_layer(self, layer):
         return plain_dense(layer)   # used by unload(): the base Dense, adapter discarded

@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 from mindspore import nn, Tensor
-from mindspore import dtype as mstype
 from mindspore.train import Callback
 
 from mindpet.delta.rank_allocation import TrainStepWithGrads, WithOrthRegularizer
+from mindpet.tuners.config import resolve_compute_dtype
 from mindpet.utils.constants import DELTA_PREFIX
 from mindpet.utils.exceptions import AdapterConfigError
 
@@ -250,13 +250,22 @@ class BaseTuner:
         return []
 
     # ----- merging -------------------------------------------------------------------------------------------
+    #: why the method cannot be merged, completing "The '<method>' method cannot be merged into the base weights: "
+    #: in the NotImplementedError of the default merge hooks ('' for the bare sentence)
+    merge_refusal = ''
+
+    def refuse_merge(self):
+        """Raise the NotImplementedError of a method that cannot be merged (giving :attr:`merge_refusal`)."""
+        reason = f": {self.merge_refusal}" if self.merge_refusal else "."
+        raise NotImplementedError(f"The '{self.method}' method cannot be merged into the base weights{reason}")
+
     def merge_layer(self, layer, config):
         """Fold the active increment into the base weight (Parameter data), switching the branch off."""
-        raise NotImplementedError(f"The '{self.method}' method cannot be merged into the base weights.")
+        self.refuse_merge()
 
     def unmerge_layer(self, layer, config):
         """Undo :meth:`merge_layer`."""
-        raise NotImplementedError(f"The '{self.method}' method cannot be merged into the base weights.")
+        self.refuse_merge()
 
     def unload_layer(self, layer):
         """A plain Cell computing what ``layer`` computes now (call after merging), holding its base
@@ -266,7 +275,7 @@ class BaseTuner:
     def merge_weights(self, params, key, tensors, config):
         """Merge one layer's adapter into checkpoint arrays: ``params`` maps parameter name -> numpy array (the
         base checkpoint); returns ``name -> new array`` for the entries that change. Used by ``mindpet merge``."""
-        raise NotImplementedError(f"The '{self.method}' method cannot be merged into the base weights.")
+        self.refuse_merge()
 
     def merge_adapter_weights(self, params, targets, tensors, config):
         """Merge a whole adapter into checkpoint arrays (``mindpet merge``): ``tensors`` maps each layer key of
@@ -380,15 +389,16 @@ def write_exact(layer, tensors):
 
 class DenseLayerTuner(BaseTuner):
     """Shared plumbing of tuners whose delta Cell is a :class:`mindpet.delta.base.DeltaDense` subclass replacing an
-    ``nn.Dense`` (PST, AdaLoRA, t-SVD): building it around the Dense's own Parameters, merging through the
-    Cell's ``merge()``/``unmerge()``, and unloading to a plain ``nn.Dense``."""
+    ``nn.Dense`` (PST, AdaLoRA, t-SVD): building it around the Dense's own Parameters (LoRA and IA3 build theirs with
+    :meth:`build_layer` too), merging through the Cell's ``merge()``/``unmerge()``, and unloading to a plain
+    ``nn.Dense``."""
 
     @staticmethod
     def build_layer(layer_class, cell, compute_dtype, **kwargs):
         """``layer_class(in, out, ..., **kwargs)`` holding ``cell``'s weight and bias Parameter objects; the
         matmuls run in ``compute_dtype`` ('float16', 'float32', 'bfloat16'; None: the weight's dtype)."""
         dtype = cell.weight.dtype
-        compute = getattr(mstype, compute_dtype) if compute_dtype else dtype
+        compute = resolve_compute_dtype(compute_dtype, dtype)
         # 'zeros' avoids drawing a random weight that is replaced at once by the base layer's own Parameter.
         layer = layer_class(cell.in_channels, cell.out_channels, compute_dtype=compute, weight_init='zeros',
                             bias_init='zeros', has_bias=cell.has_bias, activation=cell.activation, dtype=dtype,

@@ -21,13 +21,20 @@ import difflib
 import importlib
 import pkgutil
 import re
-from typing import ClassVar, List, Optional
+from typing import ClassVar, Dict, List, Optional
 
+from mindspore import dtype as mstype
+
+from mindpet.delta.rank_allocation import _check_beta
 from mindpet.utils.exceptions import ModelConfigKeysInfoError, ModelConfigParamsInfoError
 from mindpet.utils.io_utils import read_yaml_file
-from mindpet.utils.validation import check_int, check_str_list
+from mindpet.utils.validation import check_int, check_real, check_choice, check_str_list
 
 _METHODS = {}
+#: the names a config's ``compute_dtype`` takes and the dtypes they stand for (None: the base weight's dtype)
+#: the usual :attr:`PetConfig.targets_required`
+TARGETS_REQUIRED = 'be a non-empty list of str (cell name patterns)'
+COMPUTE_DTYPES = {'float32': mstype.float32, 'float16': mstype.float16, 'bfloat16': mstype.bfloat16}
 # Modules of this package that are infrastructure, not methods.
 _NOT_METHOD_MODULES = ('base', 'config')
 
@@ -141,6 +148,9 @@ class PetConfig:
             stored with the adapter (e.g. a task head).
     """
     method: ClassVar[str] = ''
+    #: what ``target_modules`` must be when the method cannot do without it (completes "the 'target_modules'
+    #: must ..." in the ValueError for None); '' when None is allowed
+    targets_required: ClassVar[str] = ''
 
     target_modules: Optional[List[str]] = None
     exclude_modules: Optional[List[str]] = None
@@ -153,6 +163,8 @@ class PetConfig:
         """Check and normalise the fields (raise TypeError/ValueError naming the field and the value)."""
         owner = type(self).__name__
         self.target_modules = check_patterns(owner, 'target_modules', self.target_modules)
+        if self.target_modules is None and self.targets_required:
+            raise ValueError(f"For '{owner}', the 'target_modules' must {self.targets_required}, but got None.")
         self.exclude_modules = check_patterns(owner, 'exclude_modules', self.exclude_modules)
         self.modules_to_save = check_patterns(owner, 'modules_to_save', self.modules_to_save)
 
@@ -262,3 +274,47 @@ def check_total_step(owner, value, t_init=0, t_final=0):
         raise ValueError(f"For '{owner}', 't_init' + 't_final' must be < 'total_step' ({value}), but got "
                          f"{t_init} + {t_final}.")
     return value
+
+
+def check_compute_dtype(owner, value):
+    """``None`` or a name in :data:`COMPUTE_DTYPES`. Returns it."""
+    if value is not None:
+        check_choice('compute_dtype', value, owner, tuple(COMPUTE_DTYPES))
+    return value
+
+
+def resolve_compute_dtype(value, default):
+    """The MindSpore dtype a config's ``compute_dtype`` names; ``default`` (the base weight's dtype) for None."""
+    return COMPUTE_DTYPES[value] if value else default
+
+
+@dataclasses.dataclass
+class RankScheduleFields:
+    """The schedule fields AdaLoRA and t-SVD share (see :class:`mindpet.tuners.adalora.AdaLoraConfig`): the budget
+    steps, the importance smoothing, the orthogonality weight, the compute dtype and the recorded rank pattern.
+
+    A config lists it *before* the class holding its own fields (``class C(RankScheduleFields, _COwnFields)``): a
+    dataclass puts the fields of a later base first, so these stay last, as they are written to YAML. Its
+    ``validate`` calls :meth:`check_schedule` after checking its own fields.
+    """
+    t_init: int = 0
+    t_final: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: Optional[int] = None
+    compute_dtype: Optional[str] = None
+    rank_pattern: Optional[Dict[str, int]] = None
+
+    def check_schedule(self, owner):
+        """Check and normalise the schedule fields (TypeError/ValueError naming the field and the value)."""
+        check_int('t_init', self.t_init, owner, min_value=0)
+        check_int('t_final', self.t_final, owner, min_value=0)
+        check_int('delta_t', self.delta_t, owner)
+        self.beta1 = _check_beta('beta1', self.beta1, owner)
+        self.beta2 = _check_beta('beta2', self.beta2, owner)
+        self.orth_reg_weight = float(check_real('orth_reg_weight', self.orth_reg_weight, owner, min_value=0))
+        check_total_step(owner, self.total_step, self.t_init, self.t_final)
+        check_compute_dtype(owner, self.compute_dtype)
+        self.rank_pattern = check_rank_pattern(owner, self.rank_pattern)

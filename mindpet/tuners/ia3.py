@@ -13,13 +13,11 @@ from mindspore import Tensor
 from mindspore import dtype as mstype
 
 from mindpet.delta.ia3 import IA3Dense, ia3_weight, ia3_bias
-from mindpet.tuners.base import (BaseTuner, adopt_dense_params, plain_dense, matches_any, fingerprint_param,
+from mindpet.tuners.base import (BaseTuner, DenseLayerTuner, plain_dense, matches_any, fingerprint_param,
                                  write_exact)
-from mindpet.tuners.config import PetConfig, register_method, check_patterns
-from mindpet.utils.validation import check_choice
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, register_method, check_patterns, check_compute_dtype
 
 VECTOR_NAME = 'mindpet_delta_ia3_vector'
-DTYPES = {'float32': mstype.float32, 'float16': mstype.float16, 'bfloat16': mstype.bfloat16}
 
 
 @dataclasses.dataclass
@@ -42,16 +40,13 @@ class IA3Config(PetConfig):
     """
     feedforward_modules: Optional[List[str]] = None
     compute_dtype: Optional[str] = None
+    targets_required = TARGETS_REQUIRED
 
     def validate(self):
         super().validate()
         owner = type(self).__name__
-        if self.target_modules is None:
-            raise ValueError(f"For '{owner}', the 'target_modules' must be a non-empty list of str (cell name "
-                             f"patterns), but got None.")
         self.feedforward_modules = check_patterns(owner, 'feedforward_modules', self.feedforward_modules)
-        if self.compute_dtype is not None:
-            check_choice('compute_dtype', self.compute_dtype, owner, tuple(DTYPES))
+        check_compute_dtype(owner, self.compute_dtype)
 
     def is_feedforward(self, key):
         """Whether layer ``key`` scales its input."""
@@ -82,12 +77,8 @@ class IA3Tuner(BaseTuner):
                              f"('feedforward_modules').")
 
     def create_layer(self, cell, config, key=None):
-        dtype = cell.weight.dtype
-        compute = DTYPES[config.compute_dtype] if config.compute_dtype else dtype
-        layer = IA3Dense(cell.in_channels, cell.out_channels, ia3_feedforward=config.is_feedforward(key),
-                         compute_dtype=compute, weight_init='zeros', bias_init='zeros', has_bias=cell.has_bias,
-                         activation=cell.activation, dtype=dtype)
-        return adopt_dense_params(layer, cell)
+        return DenseLayerTuner.build_layer(IA3Dense, cell, config.compute_dtype,
+                                           ia3_feedforward=config.is_feedforward(key))
 
     def expected_shapes(self, key, fingerprint, config, source):
         out_channels, in_channels = fingerprint_param(fingerprint, key, 'weight', source)

@@ -22,14 +22,14 @@ from mindspore.common.initializer import initializer, HeUniform
 from mindpet.delta.dora import DoRADense
 from mindpet.delta.lora import LoRADense, lora_increment
 from mindpet.tuners import dora
-from mindpet.tuners.base import BaseTuner, adopt_dense_params, plain_dense
-from mindpet.tuners.config import PetConfig, register_method
+from mindpet.tuners.base import BaseTuner, DenseLayerTuner, plain_dense
+from mindpet.tuners.config import (PetConfig, TARGETS_REQUIRED, register_method, check_compute_dtype,
+                                   resolve_compute_dtype)
 from mindpet.utils.validation import check_int, check_real, check_rate, check_choice, check_bool
 
 A_NAME = 'mindpet_delta_lora_a'
 B_NAME = 'mindpet_delta_lora_b'
 SCALING_NAME = 'mindpet_state_lora_scaling'
-DTYPES = {'float32': mstype.float32, 'float16': mstype.float16, 'bfloat16': mstype.bfloat16}
 COMBINATION_TYPES = ('svd', 'cat')
 
 
@@ -59,20 +59,17 @@ class LoraConfig(PetConfig):
     lora_dropout: float = 0.0
     compute_dtype: Optional[str] = None
     use_dora: bool = False
+    targets_required = TARGETS_REQUIRED
 
     def validate(self):
         super().validate()
         owner = type(self).__name__
-        if self.target_modules is None:
-            raise ValueError(f"For '{owner}', the 'target_modules' must be a non-empty list of str (cell name "
-                             f"patterns), but got None.")
         check_int('lora_rank', self.lora_rank, owner)
         check_real('lora_alpha', self.lora_alpha, owner, nonzero=True)
         if self.lora_dropout == 0 and type(self.lora_dropout) is int:  # pylint: disable=unidiomatic-typecheck
             self.lora_dropout = 0.0    # YAML writes 'lora_dropout: 0'
         check_rate('lora_dropout', self.lora_dropout, owner)
-        if self.compute_dtype is not None:
-            check_choice('compute_dtype', self.compute_dtype, owner, tuple(DTYPES))
+        check_compute_dtype(owner, self.compute_dtype)
         check_bool('use_dora', self.use_dora, owner)
 
     @property
@@ -94,16 +91,10 @@ class LoraTuner(BaseTuner):
                              f"(exclude it with 'exclude_modules', or adapt another model).")
 
     def create_layer(self, cell, config, key=None):
-        dtype = cell.weight.dtype
-        compute = DTYPES[config.compute_dtype] if config.compute_dtype else dtype
         if config.use_dora:
-            return dora.create_layer(cell, config, compute)
-        # 'zeros' avoids drawing a random weight that is replaced at once by the base layer's own Parameter.
-        layer = LoRADense(cell.in_channels, cell.out_channels, lora_rank=config.lora_rank,
-                          lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, compute_dtype=compute,
-                          weight_init='zeros', bias_init='zeros', has_bias=cell.has_bias,
-                          activation=cell.activation, dtype=dtype)
-        return adopt_dense_params(layer, cell)
+            return dora.create_layer(cell, config, resolve_compute_dtype(config.compute_dtype, cell.weight.dtype))
+        return DenseLayerTuner.build_layer(LoRADense, cell, config.compute_dtype, lora_rank=config.lora_rank,
+                                           lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
 
     def adapter_shapes(self, weight_shape, config):
         if config.use_dora:

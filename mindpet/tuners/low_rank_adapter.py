@@ -15,7 +15,7 @@ from mindspore.common.initializer import initializer
 from mindpet.delta.low_rank_adapter import LowRankAdapterDense
 from mindpet.tuners.adapter import AdapterTuner, check_adapter_fields
 from mindpet.tuners.base import adopt_dense_params, live_params
-from mindpet.tuners.config import PetConfig, register_method
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, register_method
 from mindpet.utils.validation import check_int, check_initializer
 
 _PREFIX = 'adapter.mindpet_delta_low_rank_adapter_'
@@ -46,6 +46,7 @@ class LowRankAdapterConfig(PetConfig):
     low_rank_w_init: str = 'xavier_uniform'
     non_linearity: str = 'gelu'
     compute_dtype: Optional[str] = None
+    targets_required = TARGETS_REQUIRED
 
     def validate(self):
         super().validate()

@@ -49,13 +49,11 @@ class PrefixTuningConfig(PetConfig):
     embed_dim: Optional[int] = None
     mid_dim: int = 512
     prefix_dropout: float = 0.0
+    targets_required = 'name the attention cells (a list of str)'
 
     def validate(self):
         super().validate()
         owner = type(self).__name__
-        if self.target_modules is None:
-            raise ValueError(f"For '{owner}', the 'target_modules' must name the attention cells (a list of str), "
-                             f"but got None.")
         check_int('num_virtual_tokens', self.num_virtual_tokens, owner)
         if self.embed_dim is not None:
             check_int('embed_dim', self.embed_dim, owner)
@@ -76,6 +74,8 @@ class PrefixTuningTuner(BaseTuner):
     """Replaces prefix-less ``PrefixAttention`` cells by ``GatedPrefixAttention`` with a new ``PrefixLayer``;
     switching and storing for it (no merging)."""
     layer_class = GatedPrefixAttention
+    merge_refusal = ('a prefix adds keys and values to the attention, which no weight reproduces. Keep the '
+                     'adapter for inference (unload() gives back the base network).')
 
     def is_target(self, cell):
         return type(cell) is PrefixAttention and cell.prefix is None  # pylint: disable=unidiomatic-typecheck
@@ -114,20 +114,6 @@ class PrefixTuningTuner(BaseTuner):
     def deactivate(self, layer):
         layer.mindpet_state_prefix_gate.set_data(Tensor(0.0, mstype.float32))
         return False
-
-    def _refuse_merge(self):
-        raise NotImplementedError(f"The '{self.method}' method cannot be merged into the base weights: a prefix adds "
-                                  f"keys and values to the attention, which no weight reproduces. Keep the adapter "
-                                  f"for inference (unload() gives back the base network).")
-
-    def merge_layer(self, layer, config):
-        self._refuse_merge()
-
-    def unmerge_layer(self, layer, config):
-        self._refuse_merge()
-
-    def merge_weights(self, params, key, tensors, config):
-        self._refuse_merge()
 
     def unload_layer(self, layer):
         return layer.to_attention()

@@ -58,13 +58,11 @@ class PromptTuningConfig(PetConfig):
     num_virtual_tokens: int = 20
     prompt_init: str = 'normal'
     prompt_init_token_ids: Optional[List[int]] = None
+    targets_required = 'name the word embedding (a list of str)'
 
     def validate(self):
         super().validate()
         owner = type(self).__name__
-        if self.target_modules is None:
-            raise ValueError(f"For '{owner}', the 'target_modules' must name the word embedding (a list of str), "
-                             f"but got None.")
         check_int('num_virtual_tokens', self.num_virtual_tokens, owner)
         check_choice('prompt_init', self.prompt_init, owner, PROMPT_INITS)
         ids = self.prompt_init_token_ids
@@ -85,6 +83,8 @@ class PromptTuningTuner(BaseTuner):
     storing for it (no merging)."""
     layer_class = EmbeddingWithPrompt
     key_attr = 'embedding_table'
+    merge_refusal = ('it prepends virtual tokens to the input sequence, which no weight can reproduce. Keep the '
+                     'adapter for inference (unload() gives back the base network).')
 
     def is_target(self, cell):
         return type(cell) is nn.Embedding  # pylint: disable=unidiomatic-typecheck
@@ -130,20 +130,6 @@ class PromptTuningTuner(BaseTuner):
         changed = layer.prompt_enabled
         layer.prompt_enabled = False
         return changed
-
-    def _refuse_merge(self):
-        raise NotImplementedError(f"The '{self.method}' method cannot be merged into the base weights: it prepends "
-                                  f"virtual tokens to the input sequence, which no weight can reproduce. Keep the "
-                                  f"adapter for inference (unload() gives back the base network).")
-
-    def merge_layer(self, layer, config):
-        self._refuse_merge()
-
-    def unmerge_layer(self, layer, config):
-        self._refuse_merge()
-
-    def merge_weights(self, params, key, tensors, config):
-        self._refuse_merge()
 
     def unload_layer(self, layer):
         return layer.to_embedding()

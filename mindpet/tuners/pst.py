@@ -21,12 +21,11 @@ from mindspore.common.initializer import initializer, HeUniform, Normal
 
 from mindpet.delta.pst import PSTDense, PSTSparsityScheduler, sparse_export, _check_sparsity
 from mindpet.tuners.base import DenseLayerTuner, TrainingHook, schedule_steps
-from mindpet.tuners.config import PetConfig, register_method, check_total_step
-from mindpet.utils.validation import check_int, check_choice
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, register_method, check_compute_dtype, check_total_step
+from mindpet.utils.validation import check_int
 
 U, V, A, B, R, C = (f'mindpet_delta_pst_{k}' for k in 'uvabrc')
 SPARSITY = 'mindpet_state_pst_sparsity'
-COMPUTE_DTYPES = ('float32', 'float16', 'bfloat16')
 
 
 @dataclasses.dataclass
@@ -61,13 +60,11 @@ class PstConfig(PetConfig):
     cooldown_fraction: float = 0.1
     total_step: Optional[int] = None
     compute_dtype: Optional[str] = None
+    targets_required = TARGETS_REQUIRED
 
     def validate(self):
         super().validate()
         owner = type(self).__name__
-        if self.target_modules is None:
-            raise ValueError(f"For '{owner}', the 'target_modules' must be a non-empty list of str (cell name "
-                             f"patterns), but got None.")
         check_int('r_w', self.r_w, owner)
         check_int('r_m', self.r_m, owner)
         for name in ('initial_sparsity', 'final_sparsity', 'warmup_fraction', 'cooldown_fraction'):
@@ -76,8 +73,7 @@ class PstConfig(PetConfig):
             raise ValueError(f"For '{owner}', 'warmup_fraction' + 'cooldown_fraction' must be < 1, but got "
                              f"{self.warmup_fraction!r} + {self.cooldown_fraction!r}.")
         check_total_step(owner, self.total_step)
-        if self.compute_dtype is not None:
-            check_choice('compute_dtype', self.compute_dtype, owner, COMPUTE_DTYPES)
+        check_compute_dtype(owner, self.compute_dtype)
 
     def schedule(self):
         """The keyword arguments of :class:`mindpet.delta.pst.PSTSparsityScheduler` / ``cubic_sparsity``."""

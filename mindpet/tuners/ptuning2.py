@@ -51,13 +51,11 @@ class PTuning2Config(PetConfig):
     prefix_projection: bool = True
     projection_dim: int = 128
     prefix_dropout: float = 0.0
+    targets_required = "name the Cell taking 'prefix_key_values' (a list of str)"
 
     def validate(self):
         super().validate()
         owner = type(self).__name__
-        if self.target_modules is None:
-            raise ValueError(f"For '{owner}', the 'target_modules' must name the Cell taking 'prefix_key_values' "
-                             f"(a list of str), but got None.")
         for name in ('num_layers', 'num_heads', 'kv_channels', 'num_virtual_tokens', 'projection_dim'):
             check_int(name, getattr(self, name), owner)
         check_bool('prefix_projection', self.prefix_projection, owner)

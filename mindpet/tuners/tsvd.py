@@ -17,26 +17,33 @@ Merging adds ``(tsvd_alpha / tsvd_rank) * dT[:, :, l]`` to layer ``l``'s weight,
 """
 import dataclasses
 import re
-from typing import Dict, Optional, Union
+from typing import Union
 
 import numpy as np
 from mindspore import Tensor
 from mindspore import dtype as mstype
 
-from mindpet.delta.rank_allocation import _check_beta
 from mindpet.delta.tsvd import TSVDGroup, TSVDDense, TSVDAllocator, orthogonal_init, tsvd_increments
 from mindpet.tuners.base import DenseLayerTuner, RankAllocationHook, fingerprint_param, replace_cell, schedule_steps
-from mindpet.tuners.config import PetConfig, register_method, check_rank_pattern, check_total_step
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, RankScheduleFields, register_method
 from mindpet.utils.validation import check_int, check_real, check_choice
 
 GROUP = 'tsvd_group'
 U, S, V = (f'{GROUP}.mindpet_delta_tsvd_{k}' for k in 'usv')
-COMPUTE_DTYPES = ('float32', 'float16', 'bfloat16')
 GROUP_BY = ('name', 'shape')
 
 
 @dataclasses.dataclass
-class TensorSVDConfig(PetConfig):
+class _TensorSVDRankFields(PetConfig):
+    """t-SVD's own fields, before the shared schedule fields (see :class:`RankScheduleFields`)."""
+    tsvd_rank: int = 8
+    tsvd_alpha: Union[int, float] = 8
+    target_rank: int = 4
+    group_by: str = 'name'
+
+
+@dataclasses.dataclass
+class TensorSVDConfig(RankScheduleFields, _TensorSVDRankFields):
     """Hyper-parameters of the t-SVD adapter for :func:`mindpet.get_pet_model`.
 
     Args:
@@ -62,40 +69,16 @@ class TensorSVDConfig(PetConfig):
         >>> cfg.to_dict()['type']
         'tsvd'
     """
-    tsvd_rank: int = 8
-    tsvd_alpha: Union[int, float] = 8
-    target_rank: int = 4
-    group_by: str = 'name'
-    t_init: int = 0
-    t_final: int = 0
-    delta_t: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    total_step: Optional[int] = None
-    compute_dtype: Optional[str] = None
-    rank_pattern: Optional[Dict[str, int]] = None
+    targets_required = TARGETS_REQUIRED
 
     def validate(self):
         super().validate()
         owner = type(self).__name__
-        if self.target_modules is None:
-            raise ValueError(f"For '{owner}', the 'target_modules' must be a non-empty list of str (cell name "
-                             f"patterns), but got None.")
         check_int('tsvd_rank', self.tsvd_rank, owner)
         check_real('tsvd_alpha', self.tsvd_alpha, owner, nonzero=True)
         check_int('target_rank', self.target_rank, owner, min_value=0, max_value=self.tsvd_rank)
         check_choice('group_by', self.group_by, owner, GROUP_BY)
-        check_int('t_init', self.t_init, owner, min_value=0)
-        check_int('t_final', self.t_final, owner, min_value=0)
-        check_int('delta_t', self.delta_t, owner)
-        self.beta1 = _check_beta('beta1', self.beta1, owner)
-        self.beta2 = _check_beta('beta2', self.beta2, owner)
-        self.orth_reg_weight = float(check_real('orth_reg_weight', self.orth_reg_weight, owner, min_value=0))
-        check_total_step(owner, self.total_step, self.t_init, self.t_final)
-        if self.compute_dtype is not None:
-            check_choice('compute_dtype', self.compute_dtype, owner, COMPUTE_DTYPES)
-        self.rank_pattern = check_rank_pattern(owner, self.rank_pattern)
+        self.check_schedule(owner)
 
     @property
     def scaling(self):
