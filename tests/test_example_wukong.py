@@ -74,7 +74,7 @@ def _as_if_trained(net, rng):
 def test_loss_sampler_lora_and_training(graph):
     ms.set_seed(0)
     rng = np.random.RandomState(0)
-    cfg = WukongConfig.from_dict(TINY_CONFIG)
+    cfg = WukongConfig.from_dict(dict(TINY_CONFIG, parameterization='eps'))
     net = LatentDiffusion(cfg)
     _as_if_trained(net, rng)
     schedule = NoiseSchedule.from_config(cfg)
@@ -116,7 +116,7 @@ def test_loss_sampler_lora_and_training(graph):
     assert len(trainable_names(net)) == 32
     before = snapshot(net)
     batch = (Tensor(latents), Tensor(ids), Tensor(steps), Tensor(noise))
-    losses = train_steps(DiffusionWithLoss(net), [batch] * 8, learning_rate=3e-2)
+    losses = train_steps(DiffusionWithLoss(net), [batch] * 12, learning_rate=3e-2)
     # Loss = mean (eps_theta(x_t) - noise)^2 with x_t = sqrt(abar) z0 + sqrt(1 - abar) noise, from the base eps.
     np.testing.assert_allclose(losses[0], np.mean((eps - noise) ** 2), rtol=1e-5)
     assert losses[-1] < 0.9 * losses[0], losses
@@ -187,7 +187,7 @@ class _EchoDenoiser(ms.nn.Cell):
         return x_t * self.scale
 
 
-@pytest.mark.parametrize('parameterization', ['eps', 'x0'])
+@pytest.mark.parametrize('parameterization', ['eps', 'x0', 'v'])
 def test_loss_and_sampler_formulas_per_parameterization(parameterization):
     cfg = WukongConfig.from_dict(dict(TINY_CONFIG, parameterization=parameterization))
     schedule = NoiseSchedule.from_config(cfg)
@@ -196,12 +196,62 @@ def test_loss_and_sampler_formulas_per_parameterization(parameterization):
     steps = np.array([3, 80], np.int32)
     loss = DiffusionWithLoss(_EchoDenoiser(cfg, 0.5))(Tensor(latents), Tensor(np.zeros((2, 12), np.int32)),
                                                       Tensor(steps), Tensor(noise))
-    target = noise if parameterization == 'eps' else latents
+    abar = schedule.alphas_cumprod[steps].reshape(-1, 1, 1, 1)
+    target = {'eps': noise, 'x0': latents, 'v': np.sqrt(abar) * noise - np.sqrt(1 - abar) * latents}[parameterization]
     np.testing.assert_allclose(float(loss.asnumpy()),
                                np.mean((0.5 * schedule.q_sample(latents, steps, noise) - target) ** 2), rtol=1e-5)
     # Sampler: a predictor of zero noise rescales x by sqrt(abar_prev / abar_t) each step; a predictor of z0 = 0
-    # leaves x = 0 at the end.
+    # leaves x = 0 at the end; v = 0 means z0 = sqrt(abar_t) x, so every step multiplies x by
+    # sqrt(abar_prev) sqrt(abar_t) + sqrt(1 - abar_prev) sqrt(1 - abar_t).
     sampled = DDIMSampler(_EchoDenoiser(cfg, 0.0)).sample(np.zeros((2, 12), np.int32), num_steps=4, seed=2)
     x_start = np.random.RandomState(2).standard_normal(sampled.shape)
-    expected = x_start / np.sqrt(schedule.alphas_cumprod[99]) if parameterization == 'eps' else 0 * x_start
+    abar = schedule.alphas_cumprod
+    if parameterization == 'eps':
+        expected = x_start / np.sqrt(abar[99])
+    elif parameterization == 'x0':
+        expected = 0 * x_start
+    else:
+        visited = [abar[t] for t in DDIMSampler(_EchoDenoiser(cfg, 0.0)).timesteps(4)] + [1.0]
+        factor = np.prod([np.sqrt(p * a) + np.sqrt((1 - p) * (1 - a)) for a, p in zip(visited, visited[1:])])
+        expected = factor * x_start
     np.testing.assert_allclose(sampled, expected, rtol=1e-5, atol=1e-6)
+
+
+class _OracleDenoiser(ms.nn.Cell):
+    """The ideal denoiser of a one-point data set ``z0``: returns what the parameterization asks for, exactly
+    (``eps = (x_t - sqrt(abar_t) z0) / sqrt(1 - abar_t)``, ``z0``, or
+    ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0``)."""
+
+    def __init__(self, config, z0):
+        super().__init__()
+        self.config = config
+        abar = NoiseSchedule.from_config(config).alphas_cumprod
+        self.sqrt_abar = Tensor(np.sqrt(abar).astype(np.float32))
+        self.sqrt_one_minus = Tensor(np.sqrt(1 - abar).astype(np.float32))
+        self.z0 = Tensor(z0)
+
+    def construct(self, x_t, timesteps, token_ids):
+        a = ms.ops.gather(self.sqrt_abar, timesteps, 0).reshape((-1, 1, 1, 1))
+        s = ms.ops.gather(self.sqrt_one_minus, timesteps, 0).reshape((-1, 1, 1, 1))
+        eps = (x_t - a * self.z0) / s
+        if self.config.parameterization == 'eps':
+            return eps
+        if self.config.parameterization == 'x0':
+            return self.z0 + 0 * x_t
+        return a * eps - s * self.z0
+
+
+@pytest.mark.parametrize('parameterization', ['eps', 'x0', 'v'])
+def test_ddim_with_an_oracle_denoiser_returns_its_x0(graph, parameterization):
+    cfg = WukongConfig.from_dict(dict(TINY_CONFIG, parameterization=parameterization))
+    z0 = np.clip(np.random.RandomState(5).randn(3, 12, 8, 8), -1, 1).astype(np.float32)
+    oracle = _OracleDenoiser(cfg, z0)
+    for steps, clip in ((10, None), (4, 1.0)):
+        sampled = DDIMSampler(oracle, clip_x0=clip).sample(np.zeros((3, 12), np.int32), num_steps=steps, seed=1)
+        np.testing.assert_allclose(sampled, z0, atol=1e-3)
+    # Clipping: a denoiser whose z0 estimate is 5x too large ends inside [-clip, clip] (exactly the clipped z0).
+    far = _OracleDenoiser(cfg, 5 * z0)
+    sampled = DDIMSampler(far, clip_x0=0.5).sample(np.zeros((3, 12), np.int32), num_steps=4, seed=1)
+    np.testing.assert_allclose(sampled, np.clip(5 * z0, -0.5, 0.5), atol=1e-3)
+    with pytest.raises(ValueError, match="'clip_x0'"):
+        DDIMSampler(oracle, clip_x0=-1.0)

@@ -19,7 +19,8 @@ for Ascend. The first stage (image <-> latent) runs outside the trained graph: t
 parameter-free patch codec (:func:`examples.wukong_huahua.data.patch_encode`), the full one precomputed VAE latents.
 
 Training objective: noise prediction, ``|| eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t, c) ||^2``
-(:class:`DiffusionWithLoss`); sampling: deterministic DDIM (:class:`DDIMSampler`) with optional classifier-free
+(:class:`DiffusionWithLoss`; the tiny config predicts ``z0`` instead, parameterization 'x0', which a briefly trained
+tiny model gets right where an eps error is amplified by ``1 / sqrt(abar_T)``); sampling: deterministic DDIM (:class:`DDIMSampler`) with optional classifier-free
 guidance.
 """
 import math
@@ -65,7 +66,9 @@ class WukongConfig(ExampleConfig):
     timesteps: int = 100
     linear_start: float = 0.0085
     linear_end: float = 0.12
-    parameterization: str = 'eps'     # what the UNet predicts: 'eps' (the noise, as Wukong-Huahua) or 'x0'
+    # What the UNet predicts: 'eps' (the noise, as Wukong-Huahua), 'x0' (the clean latents) or 'v'
+    # (sqrt(abar) eps - sqrt(1 - abar) z0, as Stable Diffusion 2).
+    parameterization: str = 'eps'
 
     def __post_init__(self):
         owner = 'WukongConfig'
@@ -76,7 +79,7 @@ class WukongConfig(ExampleConfig):
                                   'norm_groups', 'context_dim', 'text_vocab_size', 'text_context_length',
                                   'text_width', 'text_layers', 'text_heads', 'timesteps'))
         check_choice('first_stage', self.first_stage, owner, ('patch', 'kl-f8'))
-        check_choice('parameterization', self.parameterization, owner, ('eps', 'x0'))
+        check_choice('parameterization', self.parameterization, owner, ('eps', 'x0', 'v'))
         check_real('scale_factor', self.scale_factor, owner, min_value=0, min_inclusive=False)
         check_rate('dropout', self.dropout, owner)
         check_real('linear_start', self.linear_start, owner, min_value=0, min_inclusive=False)
@@ -113,7 +116,7 @@ TINY_CONFIG = dict(image_size=16, image_channels=3, first_stage='patch', latent_
                    scale_factor=1.0, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
                    attention_resolutions=[2], num_heads=2, transformer_depth=1, norm_groups=8, dropout=0.0,
                    context_dim=32, text_vocab_size=32, text_context_length=12, text_width=32, text_layers=2,
-                   text_heads=2, timesteps=100, linear_start=0.0085, linear_end=0.12)
+                   text_heads=2, timesteps=100, linear_start=0.0085, linear_end=0.12, parameterization='x0')
 
 # Wukong-Huahua v1 (512x512 images, Stable-Diffusion-v1 UNet, Chinese CLIP-style text encoder), for Ascend.
 FULL_CONFIG = dict(image_size=512, image_channels=3, first_stage='kl-f8', latent_factor=8, latent_channels=4,
@@ -429,7 +432,9 @@ class TextTransformer(nn.Cell):
 
     def __init__(self, cfg):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.text_vocab_size, cfg.text_width, embedding_table=Normal(0.02))
+        # Unit-scale token embeddings: with CLIP's N(0, 0.02) a text encoder trained from scratch (tiny config) let its
+        # trained biases swamp the tokens, and its output became caption-independent (|cond - uncond| = 0).
+        self.token_embedding = nn.Embedding(cfg.text_vocab_size, cfg.text_width, embedding_table=Normal(1.0))
         self.positional_embedding = Parameter(
             initializer(Normal(0.01), (cfg.text_context_length, cfg.text_width), mstype.float32),
             name='positional_embedding')
@@ -521,7 +526,7 @@ class NoiseSchedule:
 
 class DiffusionWithLoss(nn.Cell):
     """Training loss: mean squared error between the model's output and its target - the noise (parameterization
-    'eps', Wukong-Huahua's) or the clean latents ('x0').
+    'eps', Wukong-Huahua's), the clean latents ('x0') or ``v = sqrt(abar_t) noise - sqrt(1 - abar_t) latents``.
 
     Inputs:
         latents (Tensor): clean latents ``z0`` ``(B, C, h, w)`` (already scaled by ``scale_factor``).
@@ -542,14 +547,20 @@ class DiffusionWithLoss(nn.Cell):
         schedule = NoiseSchedule.from_config(network.config) if schedule is None else schedule
         self.sqrt_abar = Tensor(np.sqrt(schedule.alphas_cumprod).astype(np.float32))
         self.sqrt_one_minus_abar = Tensor(np.sqrt(1.0 - schedule.alphas_cumprod).astype(np.float32))
-        self.predict_noise = network.config.parameterization == 'eps'
+        self.parameterization = network.config.parameterization
 
     def construct(self, latents, token_ids, timesteps, noise):
         shape = (-1, 1, 1, 1)
         x_t = (ops.gather(self.sqrt_abar, timesteps, 0).reshape(shape) * latents
                + ops.gather(self.sqrt_one_minus_abar, timesteps, 0).reshape(shape) * noise)
         prediction = self.network(x_t, timesteps, token_ids).astype(mstype.float32)
-        target = noise if self.predict_noise else latents
+        if self.parameterization == 'eps':
+            target = noise
+        elif self.parameterization == 'x0':
+            target = latents
+        else:
+            target = (ops.gather(self.sqrt_abar, timesteps, 0).reshape(shape) * noise
+                      - ops.gather(self.sqrt_one_minus_abar, timesteps, 0).reshape(shape) * latents)
         return ops.mse_loss(prediction, target.astype(mstype.float32))
 
 
@@ -564,15 +575,22 @@ class DDIMSampler:
     Args:
         network (LatentDiffusion): the denoiser.
         schedule (NoiseSchedule | None): default: from the network's config.
+        clip_x0 (float | None): clip each step's ``z0`` estimate to ``[-clip_x0, clip_x0]`` (and recompute ``eps``
+            from it), as LDM's ``clip_denoised``. For latents known to be bounded (the tiny config's patch codec:
+            ``scale_factor``); it keeps an early, imprecise ``z0`` estimate (amplified by ``1 / sqrt(abar_T)``,
+            16x in the tiny schedule) from blowing up. None: no clipping (VAE latents are not bounded).
 
     Example:
-        >>> sampler = DDIMSampler(net)
+        >>> sampler = DDIMSampler(net, clip_x0=1.0)
         >>> latents = sampler.sample(ids, num_steps=10, seed=0)  # doctest: +SKIP
     """
 
-    def __init__(self, network, schedule=None):
+    def __init__(self, network, schedule=None, clip_x0=None):
         self.network = network
         self.schedule = NoiseSchedule.from_config(network.config) if schedule is None else schedule
+        if clip_x0 is not None:
+            check_real('clip_x0', clip_x0, 'DDIMSampler', min_value=0, min_inclusive=False)
+        self.clip_x0 = clip_x0
 
     def timesteps(self, num_steps):
         """The ``num_steps`` timesteps visited, from high noise to low (ints in ``[0, T)``)."""
@@ -611,8 +629,14 @@ class DDIMSampler:
             if cfg.parameterization == 'eps':
                 eps = out
                 z0 = (x - np.sqrt(1.0 - a_t) * eps) / np.sqrt(a_t)
+            elif cfg.parameterization == 'v':
+                eps = np.sqrt(1.0 - a_t) * x + np.sqrt(a_t) * out
+                z0 = np.sqrt(a_t) * x - np.sqrt(1.0 - a_t) * out
             else:
                 z0 = out
+            if self.clip_x0 is not None or cfg.parameterization == 'x0':
+                if self.clip_x0 is not None:
+                    z0 = np.clip(z0, -self.clip_x0, self.clip_x0)
                 eps = (x - np.sqrt(a_t) * z0) / np.sqrt(1.0 - a_t)
             x = (np.sqrt(a_prev) * z0 + np.sqrt(1.0 - a_prev) * eps).astype(np.float32)
         return x

@@ -123,7 +123,9 @@ class WukongTask(Task):
         tokenizer = CaptionTokenizer(self.config.text_context_length)
         ids = tokenizer.encode(captions)
         uncond = tokenizer.encode([''] * len(captions))
-        latents = DDIMSampler(net).sample(ids, num_steps=self.data['sample_steps'], seed=seed,
+        # The patch codec's latents lie in [-scale_factor, scale_factor]: clip the sampler's z0 estimates there.
+        clip = self.config.scale_factor if self.config.first_stage == 'patch' else None
+        latents = DDIMSampler(net, clip_x0=clip).sample(ids, num_steps=self.data['sample_steps'], seed=seed,
                                           guidance_scale=self.data['guidance_scale'], uncond_ids=uncond)
         if self.config.first_stage != 'patch':
             return latents

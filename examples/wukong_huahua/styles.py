@@ -1,7 +1,7 @@
 """Two styles, two LoRA adapters, one base model: train them with ``mindpet finetune`` and switch between them.
 
-    python examples/wukong_huahua/styles.py                     # ~10 min on 2 CPU cores
-    python examples/wukong_huahua/styles.py --output outputs/wukong_styles --lora-steps 150
+    python examples/wukong_huahua/styles.py                     # ~7.5 min on 2 shared CPU cores
+    python examples/wukong_huahua/styles.py --output outputs/wukong_styles --lora-steps 120
 
 1. the base model: full training of the tiny model on the neutral ``base`` style (``pet: {type: full}``);
 2. one LoRA adapter per style (``warm``, ``cool``) on that base, from ``configs/wukong_huahua_lora_tiny.yaml``;
@@ -29,9 +29,9 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--config', default=os.path.join(ROOT, 'configs', 'wukong_huahua_lora_tiny.yaml'))
     parser.add_argument('--output', default=os.path.join('outputs', 'wukong_styles'))
-    parser.add_argument('--base-steps', type=int, default=300, help='steps of base-model training')
-    parser.add_argument('--base-lr', type=float, default=0.002)
-    parser.add_argument('--lora-steps', type=int, default=120, help='steps of each style adapter')
+    parser.add_argument('--base-steps', type=int, default=250, help='steps of base-model training')
+    parser.add_argument('--base-lr', type=float, default=0.003)
+    parser.add_argument('--lora-steps', type=int, default=80, help='steps of each style adapter')
     parser.add_argument('--lora-lr', type=float, default=0.01)
     parser.add_argument('--base', default=None, help='an existing base model.ckpt (skips step 1)')
     parser.add_argument('--set', dest='sets', action='append', default=[],
