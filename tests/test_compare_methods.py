@@ -1,4 +1,4 @@
-"""scripts/compare_methods.py builds every method as intended: the task's labels are what the generator planted, and
+"""scripts/compare_methods.py builds every method as intended: the tasks' labels are what the generators planted, and
 each method's model loads the same base, trains exactly the method's parameters (plus the head) and, where the
 method starts from the identity, computes the base model's outputs before training."""
 import importlib.util
@@ -39,6 +39,66 @@ def test_task_plants_the_label_and_the_ceiling_is_below_one():
     assert all((group[i] == labels[i]).sum() >= 4 for i in range(500))
     assert 0.8 < cm.bayes_accuracy('div', 4, n=4000) < 0.9
     assert cm.bayes_accuracy('mod', 5, n=4000) > cm.bayes_accuracy('div', 4, n=4000)
+
+
+def test_related_task_plants_label_and_decoys_that_the_base_groups_cannot_tell_apart():
+    ids, labels = cm.task_data('related', 500, seed=1)
+    assert ids.shape == (500, cm.SEQ) and ids.dtype == np.int32 and set(labels) == {0, 1, 2, 3}
+    fine, coarse = ids % 8, ids % 4
+    for row, label in zip(range(500), labels):
+        assert (fine[row] == label).sum() >= 4
+        decoy = [g for g in range(4, 8) if g != label + 4 and (fine[row] == g).sum() >= 4]
+        assert decoy, (ids[row], label)
+        # under t % 4 the decoy group also holds >= 4 tokens: the pre-training features see two candidates
+        assert (coarse[row] == decoy[0] - 4).sum() >= 4 and (coarse[row] == label).sum() >= 4
+    # the finer partition decides almost always; the t % 4 counts alone about half the time, clearly above chance
+    assert cm.bayes_accuracy('mod8', 4, n=4000, decoys=4) > 0.95
+    assert 0.4 < cm.coarse_ceiling('related', n=20000) < 0.6
+    assert 0.2 < cm.coarse_ceiling('new_partition', n=20000) < 0.3
+
+
+def test_task_option_selects_the_generator_and_every_task_has_learning_rates():
+    ids, labels = cm.task_data('new_partition', 64, seed=5)
+    ref_ids, ref_labels = cm.make_task('div', cm.PLANT, 64, seed=5)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(labels, ref_labels)
+    assert set(cm.TASKS) == {'new_partition', 'related'}
+    for task in cm.TASKS:
+        assert set(cm.LEARNING_RATES[task]) == set(cm.METHODS)
+        for method, scores in cm.SWEEP_RESULTS[task].items():
+            assert cm.LEARNING_RATES[task][method] == max(scores, key=scores.get)
+    with pytest.raises(SystemExit):
+        cm.main(['--task', 'bogus'])
+
+
+def _fake_result(method, acc, task):
+    result = {'task': task, 'method': method, 'label': cm.LABELS[method], 'lr': 3e-3, 'steps': 300,
+              'trainable': 100, 'total': 1000, 'trainable_share': 0.1, 'test_accuracy': acc,
+              'step_ms_median': 10.0, 'step_cpu_ms_mean': 12.0, 'peak_rss_mb': 600.0}
+    if method == 'pst':
+        result.update({'pst_zero_share_of_pruned_weights': 0.9, 'pst_pruned_weights': 1000,
+                       'test_accuracy_after_merge': acc, 'pst_share_at_bert_base': 0.026})
+    return result
+
+
+def test_report_has_one_section_per_task_with_its_own_numbers(tmp_path):
+    accs = {'new_partition': {'full': 0.851, 'head_only': 0.292, 'lora': 0.783, 'pst': 0.75},
+            'related': {'full': 0.912, 'head_only': 0.473, 'lora': 0.864, 'pst': 0.845}}
+    per_task = {task: {'meta': {'wall_s': 500.0, 'bayes_accuracy': 0.9, 'pretrain_features_ceiling': 0.49},
+                       'results': [_fake_result(m, a, task) for m, a in accs[task].items()]} for task in accs}
+    meta = {'wall_s': 1000.0, 'machine': 'test', 'load_start': 1.0, 'load_end': 2.0,
+            'pretrain_task_accuracy': 0.93, 'pretrain_bayes_accuracy': 0.95}
+    md, out = tmp_path / 'r.md', tmp_path / 'r.json'
+    cm.write_report(per_task, meta, str(md), str(out))
+    text = md.read_text()
+    first, second = text.split('## Task 2')
+    assert '## Task 1' in first and '| 29.2 |' in first and '| 47.3 |' not in first
+    assert '| 47.3 |' in second and '| 91.2 |' in second and '| 29.2 |' not in second
+    assert '75.0 % vs 78.3 %' in first and '84.5 % vs 86.4 %' in second     # PST-vs-LoRA note in both
+    assert 'Near chance (25 %)**: head only' in first
+    # --report-from rewrites the same Markdown from the JSON alone
+    assert cm.main(['--report-from', str(out), '--out-md', str(tmp_path / 'again.md')]) == 0
+    assert (tmp_path / 'again.md').read_text() == text
 
 
 # Parameter-name fragments each method trains (besides the classifier head).
