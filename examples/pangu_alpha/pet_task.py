@@ -10,7 +10,8 @@ A meaningful tiny demonstration first makes a base model on the general corpus, 
 questions (see examples/pangu_alpha/README.md)::
 
     mindpet finetune --config configs/pangu_prefix_tiny.yaml --set 'pet={type: full}' --set data.corpus=corpus \\
-        --set training.epochs=30 --set training.output_dir=outputs/pangu_base
+        --set training.epochs=200 --set optimizer.type=adam --set schedule.start_learning_rate=0.003 \\
+        --set training.output_dir=outputs/pangu_base
     mindpet finetune --config configs/pangu_prefix_tiny.yaml --set model.base_checkpoint=outputs/pangu_base/model.ckpt
 """
 import numpy as np
