@@ -120,13 +120,8 @@ class AdaLoraTuner(DenseLayerTuner):
     def deactivate(self, layer):
         layer.mindpet_state_adalora_scaling.set_data(Tensor(0.0, mstype.float32))
 
-    def merge_layer(self, layer, config):
+    def sync_scaling(self, layer, config):
         layer.scaling = config.scaling
-        layer.merge()
-
-    def unmerge_layer(self, layer, config):
-        layer.scaling = config.scaling
-        layer.unmerge()
 
     def merge_weights(self, params, key, tensors, config):
         name = f'{key}.weight'

@@ -388,9 +388,9 @@ def write_exact(layer, tensors):
 
 
 class DenseLayerTuner(BaseTuner):
-    """Shared plumbing of tuners whose delta Cell is a :class:`mindpet.delta.base.DeltaDense` subclass replacing an
-    ``nn.Dense`` (PST, AdaLoRA, t-SVD): building it around the Dense's own Parameters (LoRA and IA3 build theirs with
-    :meth:`build_layer` too), merging through the Cell's ``merge()``/``unmerge()``, and unloading to a plain
+    """Shared plumbing of tuners whose delta Cell replaces an ``nn.Dense`` (LoRA/DoRA, IA3, PST, AdaLoRA, t-SVD):
+    building it around the Dense's own Parameters, merging through the Cell's ``merge()``/``unmerge()`` (after
+    :meth:`sync_scaling` has given the layer the adapter's host-side scaling), and unloading to a plain
     ``nn.Dense``."""
 
     @staticmethod
@@ -405,10 +405,16 @@ class DenseLayerTuner(BaseTuner):
                             **kwargs)
         return adopt_dense_params(layer, cell)
 
+    def sync_scaling(self, layer, config):
+        """Give ``layer`` the host-side scaling of ``config`` that its merge()/unmerge() use (several adapters of
+        different alpha/rank share one layer); methods without a scaling keep this no-op."""
+
     def merge_layer(self, layer, config):
+        self.sync_scaling(layer, config)
         layer.merge()
 
     def unmerge_layer(self, layer, config):
+        self.sync_scaling(layer, config)
         layer.unmerge()
 
     def unload_layer(self, layer):

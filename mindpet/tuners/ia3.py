@@ -13,7 +13,7 @@ from mindspore import Tensor
 from mindspore import dtype as mstype
 
 from mindpet.delta.ia3 import IA3Dense, ia3_weight, ia3_bias
-from mindpet.tuners.base import (BaseTuner, DenseLayerTuner, plain_dense, matches_any, fingerprint_param,
+from mindpet.tuners.base import (DenseLayerTuner, matches_any, fingerprint_param,
                                  write_exact)
 from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, register_method, check_patterns, check_compute_dtype
 
@@ -53,7 +53,7 @@ class IA3Config(PetConfig):
         return matches_any(key, self.feedforward_modules)
 
 
-class IA3Tuner(BaseTuner):
+class IA3Tuner(DenseLayerTuner):
     """Injects :class:`mindpet.delta.IA3Dense` in place of ``nn.Dense`` layers (keeping their weight and bias
     Parameter objects); switching, merging and storing for it."""
     layer_class = IA3Dense
@@ -77,7 +77,7 @@ class IA3Tuner(BaseTuner):
                              f"('feedforward_modules').")
 
     def create_layer(self, cell, config, key=None):
-        return DenseLayerTuner.build_layer(IA3Dense, cell, config.compute_dtype,
+        return self.build_layer(IA3Dense, cell, config.compute_dtype,
                                            ia3_feedforward=config.is_feedforward(key))
 
     def expected_shapes(self, key, fingerprint, config, source):
@@ -101,15 +101,6 @@ class IA3Tuner(BaseTuner):
     def deactivate(self, layer):
         layer.mindpet_state_ia3_gate.set_data(Tensor(0.0, mstype.float32))
         return False
-
-    def merge_layer(self, layer, config):
-        layer.merge()
-
-    def unmerge_layer(self, layer, config):
-        layer.unmerge()
-
-    def unload_layer(self, layer):
-        return plain_dense(layer)
 
     def merge_weights(self, params, key, tensors, config):
         name = f'{key}.weight'

@@ -22,7 +22,7 @@ from mindspore.common.initializer import initializer, HeUniform
 from mindpet.delta.dora import DoRADense
 from mindpet.delta.lora import LoRADense, lora_increment
 from mindpet.tuners import dora
-from mindpet.tuners.base import BaseTuner, DenseLayerTuner, plain_dense
+from mindpet.tuners.base import DenseLayerTuner
 from mindpet.tuners.config import (PetConfig, TARGETS_REQUIRED, register_method, check_compute_dtype,
                                    resolve_compute_dtype)
 from mindpet.utils.validation import check_int, check_real, check_rate, check_choice, check_bool
@@ -78,7 +78,7 @@ class LoraConfig(PetConfig):
         return self.lora_alpha / self.lora_rank
 
 
-class LoraTuner(BaseTuner):
+class LoraTuner(DenseLayerTuner):
     """Injects :class:`mindpet.delta.LoRADense` (or, with ``use_dora``, :class:`mindpet.delta.dora.DoRADense`) in
     place of ``nn.Dense`` layers (keeping their weight and bias Parameter objects) and implements switching,
     merging, storing and combining for it. The DoRA specifics live in :mod:`mindpet.tuners.dora`."""
@@ -93,7 +93,7 @@ class LoraTuner(BaseTuner):
     def create_layer(self, cell, config, key=None):
         if config.use_dora:
             return dora.create_layer(cell, config, resolve_compute_dtype(config.compute_dtype, cell.weight.dtype))
-        return DenseLayerTuner.build_layer(LoRADense, cell, config.compute_dtype, lora_rank=config.lora_rank,
+        return self.build_layer(LoRADense, cell, config.compute_dtype, lora_rank=config.lora_rank,
                                            lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
 
     def adapter_shapes(self, weight_shape, config):
@@ -149,17 +149,8 @@ class LoraTuner(BaseTuner):
         layer.mindpet_state_lora_scaling.set_data(Tensor(0.0, mstype.float32))
         return False
 
-    def merge_layer(self, layer, config):
+    def sync_scaling(self, layer, config):
         layer.scaling = config.scaling
-        layer.merge()
-
-    def unmerge_layer(self, layer, config):
-        layer.scaling = config.scaling
-        layer.unmerge()
-
-    def unload_layer(self, layer):
-        # The branch is off (merged, or another adapter's layer): the plain Dense computes the same thing.
-        return plain_dense(layer)
 
     def merge_weights(self, params, key, tensors, config):
         if config.use_dora:

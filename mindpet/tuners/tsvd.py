@@ -194,27 +194,18 @@ class TensorSVDTuner(DenseLayerTuner):
         return {U: orthogonal_init(group.out_channels, k, length), S: np.zeros((k, length), np.float32),
                 V: orthogonal_init(group.in_channels, k, length)}
 
-    @staticmethod
-    def _set_scaling(layer, config):
+    def sync_scaling(self, layer, config):
         # Host-side copies used by merge()/unmerge() and increments(); the graph reads the Parameter.
         layer.scaling = config.scaling
         layer.tsvd_group.scaling = config.scaling
 
     def activate(self, layer, config):
-        self._set_scaling(layer, config)
+        self.sync_scaling(layer, config)
         if not layer.merged:
             layer.mindpet_state_tsvd_scaling.set_data(Tensor(config.scaling, mstype.float32))
 
     def deactivate(self, layer):
         layer.mindpet_state_tsvd_scaling.set_data(Tensor(0.0, mstype.float32))
-
-    def merge_layer(self, layer, config):
-        self._set_scaling(layer, config)
-        layer.merge()
-
-    def unmerge_layer(self, layer, config):
-        self._set_scaling(layer, config)
-        layer.unmerge()
 
     def merge_adapter_weights(self, params, targets, tensors, config):
         shapes = {key: params[f'{key}.weight'].shape for key in targets}
