@@ -970,6 +970,38 @@ def _group_variants(table, group, args):
     return chosen if len(chosen) > 1 or args.variants is None else []
 
 
+def _run_groups(runner, table, groups, args, kind, payload):
+    """Run every selected group of ``table`` (its variants built in one worker process and timed in turn)
+    ``args.repeats`` times, groups interleaved within a round: ``{group: (variants, [worker result per round])}``.
+    PyTorch groups use the ``torch_<kind>`` worker."""
+    results = {}
+    for _ in range(args.repeats):
+        for group in sorted(groups):
+            chosen = _group_variants(table, group, args)
+            if not chosen:
+                continue
+            env = table[group]['env']
+            result = runner.run(env, f'torch_{kind}' if env == 'peft' else kind, dict(payload, variants=chosen))
+            results.setdefault(group, (chosen, []))[1].append(result)
+    return results
+
+
+def _ratios_to_first(chosen, runs, keys, range_tag):
+    """Per variant: for each ``(key, tag)`` the median of ``run[key][variant]`` over the rounds and its ratio to
+    the group's first variant (median, min and max over the rounds, named ``<tag>ratio`` and
+    ``<tag><range_tag>min/max``)."""
+    base = chosen[0]
+    rows = {}
+    for name in chosen:
+        row = dict(base=base)
+        for key, tag in keys:
+            ratios = [r[key][name] / r[key][base] for r in runs]
+            row.update({key: _median([r[key][name] for r in runs]), f'{tag}ratio': _median(ratios),
+                        f'{tag}{range_tag}min': min(ratios), f'{tag}{range_tag}max': max(ratios)})
+        rows[name] = row
+    return rows
+
+
 def run_benchmarks(args):
     runner = Runner(args)
     sizes = QUICK if args.quick else dict(gpt=GPT, gpt2=GPT2_SMALL, layer=LAYER, switch_input=SWITCH_INPUT)
@@ -1006,55 +1038,21 @@ def run_benchmarks(args):
         out['train'] = dict(summary=summary, runs=train)
 
     if 'train_ab' in parts:
-        ab_runs = {}
-        for _ in range(args.repeats):
-            for group in sorted(groups):
-                spec = TRAIN_AB_GROUPS[group]
-                chosen = _group_variants(TRAIN_AB_GROUPS, group, args)
-                if not chosen:
-                    continue
-                kind = 'torch_train_ab' if spec['env'] == 'peft' else 'train_ab'
-                ab_runs.setdefault(group, []).append(runner.run(spec['env'], kind, dict(
-                    common, variants=chosen, model=sizes['gpt'])))
         out['train_ab'] = {}
-        for group, runs in ab_runs.items():
-            chosen = _group_variants(TRAIN_AB_GROUPS, group, args)
-            base = chosen[0]
-            out['train_ab'][group] = {}
-            for name in chosen:
-                row = dict(base=base)
-                for key, tag in (('time_s', ''), ('cpu_s', 'cpu_')):
-                    ratios = [r[key][name] / r[key][base] for r in runs]
-                    row.update({key: _median([r[key][name] for r in runs]), f'{tag}ratio': _median(ratios),
-                                f'{tag}min': min(ratios), f'{tag}max': max(ratios)})
+        for group, (chosen, runs) in _run_groups(runner, TRAIN_AB_GROUPS, groups, args, 'train_ab',
+                                                 dict(common, model=sizes['gpt'])).items():
+            rows = _ratios_to_first(chosen, runs, (('time_s', ''), ('cpu_s', 'cpu_')), range_tag='')
+            for name, row in rows.items():
                 paired = [r['paired_cpu'][name] for r in runs]
                 row.update(paired_ratio=_median(paired), paired_min=min(paired), paired_max=max(paired))
-                out['train_ab'][group][name] = row
+            out['train_ab'][group] = rows
 
     if 'forward' in parts:
-        forward = {}
-        for _ in range(args.repeats):
-            for group in sorted(groups):
-                spec = FORWARD_GROUPS[group]
-                chosen = _group_variants(FORWARD_GROUPS, group, args)
-                if not chosen:
-                    continue
-                kind = 'torch_forward' if spec['env'] == 'peft' else 'forward'
-                res = runner.run(spec['env'], kind, dict(variants=chosen, model=sizes['gpt'],
-                                                         iterations=args.iterations))
-                forward.setdefault(group, []).append(res)
         out['forward'] = {}
-        for group, runs in forward.items():
-            chosen = _group_variants(FORWARD_GROUPS, group, args)
-            base = chosen[0]
-            out['forward'][group] = {}
-            for name in chosen:
-                row = dict(base=base)
-                for key, tag in (('forward_s', ''), ('forward_cpu_s', 'cpu_')):
-                    ratios = [r[key][name] / r[key][base] for r in runs]
-                    row.update({key: _median([r[key][name] for r in runs]), f'{tag}ratio': _median(ratios),
-                                f'{tag}ratio_min': min(ratios), f'{tag}ratio_max': max(ratios)})
-                out['forward'][group][name] = row
+        for group, (chosen, runs) in _run_groups(runner, FORWARD_GROUPS, groups, args, 'forward',
+                                                 dict(model=sizes['gpt'], iterations=args.iterations)).items():
+            out['forward'][group] = _ratios_to_first(chosen, runs, (('forward_s', ''), ('forward_cpu_s', 'cpu_')),
+                                                     range_tag='ratio_')
 
     if 'layer' in parts:
         runs = [runner.run('main', 'layer', dict(layer=sizes['layer'], iterations=args.iterations * 2))
