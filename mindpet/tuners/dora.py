@@ -32,6 +32,7 @@ def create_layer(cell, config, compute_dtype):
     # 'zeros' avoids drawing a random weight that is replaced at once by the base layer's own Parameter.
     layer = DoRADense(cell.in_channels, cell.out_channels, lora_rank=config.lora_rank,
                       lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, compute_dtype=compute_dtype,
+                      dora_detach_norm=config.dora_detach_norm,
                       weight_init='zeros', bias_init='zeros', has_bias=cell.has_bias, activation=cell.activation,
                       dtype=cell.weight.dtype)
     adopt_dense_params(layer, cell)
@@ -92,13 +93,16 @@ def base_derived(layer, config, tensors):
 
 
 def activate(layer, config):
-    """Scaling ``s`` and gate 1 (unless merged: the merged weight already holds the adapter)."""
+    """Scaling ``s`` and gate 1 (unless merged: the merged weight already holds the adapter). Returns True (the
+    caller recompiles) when the adapter's ``dora_detach_norm`` differs from the layer's: it is a graph constant."""
     layer.scaling = config.scaling
     layer.lora_alpha = config.lora_alpha
     if not layer.merged:
         layer.mindpet_state_dora_scaling.set_data(Tensor(config.scaling, mstype.float32))
         layer.mindpet_state_dora_gate.set_data(Tensor(1.0, mstype.float32))
-    return False
+    regraph = layer.dora_detach_norm != config.dora_detach_norm
+    layer.dora_detach_norm = config.dora_detach_norm
+    return regraph
 
 
 def deactivate(layer):
