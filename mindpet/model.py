@@ -238,6 +238,56 @@ class PetModel(nn.Cell):
         pet.set_adapter(adapter_name)
         return pet
 
+    def reinit_from_base(self, adapter_name=None):
+        """Recompute, from the base weights now in the network, the adapter tensors a method derives from them
+        (DoRA's magnitude ``m``: the row norms of the weight).
+
+        The injection computes them from the weights the network holds at that moment. Load the pretrained base
+        weights first and inject afterwards (what ``mindpet finetune`` does); when the base is loaded into an
+        already-adapted model instead, call this right after loading, before training: the adapted model then
+        computes exactly the loaded base model again. Methods whose initial state does not depend on the base
+        weights (LoRA, IA3, ...) are unchanged by it.
+
+        Args:
+            adapter_name (str | None): the adapter to re-initialise. Default None: every adapter.
+
+        Returns:
+            PetModel: ``self``.
+
+        Raises:
+            ValueError: no such adapter.
+            RuntimeError: the model is merged (the weights are not the base weights then), or inside
+                :meth:`disable_adapter`.
+
+        Example:
+            >>> pet = get_pet_model(net, LoraConfig(target_modules=['q_proj'], use_dora=True))  # doctest: +SKIP
+            >>> ms.load_param_into_net(net, ms.load_checkpoint('base.ckpt'))  # doctest: +SKIP
+            >>> pet.reinit_from_base()  # doctest: +SKIP
+        """
+        owner = 'reinit_from_base'
+        self._check_usable(owner)
+        state = self._state
+        if adapter_name is not None:
+            self._record(adapter_name, owner)
+        names = self.adapters if adapter_name is None else [adapter_name]
+        if state.merged:
+            raise RuntimeError(f"For '{owner}', the adapter {state.active!r} is merged into the weights; call "
+                               f"unmerge() first.")
+        if state.disabled:
+            raise RuntimeError(f"For '{owner}', cannot re-initialise inside 'with disable_adapter()'.")
+        self._sync()
+        # Compute everything first, then store: a failure leaves every adapter as it was.
+        updates = {name: {key: state.tuner.base_derived(state.layers[key], state.adapters[name].config,
+                                                        state.adapters[name].tensors[key])
+                          for key in state.adapters[name].targets}
+                   for name in names}
+        for name, per_layer in updates.items():
+            for key, derived in per_layer.items():
+                state.adapters[name].tensors[key].update(derived)
+        if state.active in updates and self._apply(state.adapters[state.active]):
+            self._recompile()
+        return self
+
     # ----- switching -----------------------------------------------------------------------------------------
     def set_adapter(self, adapter_name):
         """Make ``adapter_name`` the active adapter; takes effect in an already-compiled graph.

@@ -1,9 +1,10 @@
 """YAML-driven fine-tuning: ``mindpet finetune`` and ``mindpet evaluate`` (see doc/cli.md).
 
 :func:`load_plan` reads and checks the whole run config before anything runs (unknown keys, types, ranges,
-missing files, the PET method's own config); :func:`build` builds the network and applies the PET method (a
-target pattern that matches nothing fails here); only then does :func:`finetune` create the output directory,
-load the pretrained weights, train and write the results. A config that fails leaves the output directory as it
+missing files, the PET method's own config); :func:`build` builds the network, loads the pretrained weights and
+only then applies the PET method (load first, then adapt: base-dependent state such as DoRA's magnitude comes from
+the loaded weights; a target pattern that matches nothing fails here); only then does :func:`finetune` create the
+output directory, train and write the results. A config that fails leaves the output directory as it
 was. A dry run (``finetune(..., dry_run=True)``) builds the model without allocating its weights
 (``no_init_parameters``), so a full-size config validates on a laptop.
 
@@ -171,9 +172,10 @@ def _pet_config(source, pet):
 class Built:
     """The network, the PET wrapper around it (None for full fine-tuning) and parameter counts."""
 
-    def __init__(self, network, pet_model):
+    def __init__(self, network, pet_model, loaded=None):
         self.network = network
         self.pet_model = pet_model
+        self.loaded = loaded          # what the task loaded into the base (a description), None: nothing
         self.checkpoint_dir = None
 
     @property
@@ -220,15 +222,24 @@ def set_context(plan, dry_run=False):
 
 
 def build(plan, lazy=False):
-    """Build the task's network and apply the PET method; nothing is loaded or written.
+    """Build the task's network, load its pretrained weights, then apply the PET method; nothing is written.
+
+    The order is the one every entry point uses (load first, then adapt): a method whose initial state derives
+    from the base weights (DoRA's magnitude: the row norms of the weight) computes it from the loaded weights, so
+    the adapted model starts out computing exactly the loaded base model.
 
     Args:
         plan (RunPlan): from :func:`load_plan`.
-        lazy (bool): build under ``mindspore.nn.utils.no_init_parameters`` (no weight memory; a dry run).
+        lazy (bool): build under ``mindspore.nn.utils.no_init_parameters`` (no weight memory, nothing loaded; a
+            dry run).
+
+    Returns:
+        Built: ``loaded`` holds the task's description of what was loaded (None: nothing).
 
     Raises:
         ModelConfigParamsInfoError: the method's config does not fit the model (e.g. target patterns matching
             nothing), or the model dimensions are invalid; the message names the key and the file.
+        CheckpointError: the base checkpoint does not fit the model.
     """
     scope = no_init_parameters() if lazy else contextlib.nullcontext()
     with scope:
@@ -236,8 +247,9 @@ def build(plan, lazy=False):
             network = plan.task.build_network()
         except (TypeError, ValueError) as ex:
             raise plan.source.value_error('model', str(ex)) from None
+        loaded = None if lazy else plan.task.load_base(network, plan.model['base_checkpoint'])
         if plan.pet_config is None:
-            return Built(network, None)
+            return Built(network, None, loaded)
         try:
             pet_model = get_pet_model(network, plan.pet_config)
         except (MindPetError, TypeError, ValueError) as ex:
@@ -245,7 +257,7 @@ def build(plan, lazy=False):
             key = 'pet.modules_to_save' if 'modules_to_save' in message and 'target_modules' not in message \
                 else 'pet.target_modules'
             raise plan.source.value_error(key, message) from None
-    return Built(network, pet_model)
+    return Built(network, pet_model, loaded)
 
 
 # ----- training --------------------------------------------------------------------------------------------------
@@ -353,7 +365,7 @@ def finetune(path, overrides=(), dry_run=False, out=print):
     rank, group_size = _init_parallel(plan)
     writer = rank == 0
     built = build(plan)
-    loaded = plan.task.load_base(built.network, plan.model['base_checkpoint'])
+    loaded = built.loaded
     dataset = plan.task.train_dataset(plan.training['batch_size'], rank, group_size)
     steps_per_epoch = dataset.get_dataset_size()
     if steps_per_epoch < 1:
