@@ -109,9 +109,9 @@ def _listing(directory):
 
 
 @contextlib.contextmanager
-def directory_lock(directory, timeout=LOCK_TIMEOUT_S):
+def directory_lock(directory, timeout=None):
     """Hold the writer lock of ``directory`` (``flock`` on the directory) for the block; waits for another writer
-    up to ``timeout`` seconds.
+    up to ``timeout`` seconds (None: :data:`LOCK_TIMEOUT_S`).
 
     Raises:
         CheckpointError: the directory cannot be opened, or another writer held it for ``timeout`` seconds.
@@ -123,6 +123,7 @@ def directory_lock(directory, timeout=LOCK_TIMEOUT_S):
         fd = os.open(directory, os.O_RDONLY)
     except OSError as ex:
         raise CheckpointError(f"Cannot lock the directory '{directory}' for writing: {ex.strerror or ex}.") from ex
+    timeout = LOCK_TIMEOUT_S if timeout is None else timeout
     try:
         deadline = time.monotonic() + timeout
         pause = 0.001
