@@ -2,7 +2,8 @@
 
 ``adapter_config.yaml`` records the method and its hyper-parameters (the ``pet:`` section, readable by
 :func:`mindpet.config_from_dict`), the adapted layers, the parameters of ``modules_to_save`` stored with the
-adapter, a fingerprint of the base model (every base parameter's name and shape) so that an adapter is never
+adapter, the layer type of each adapted layer that is not an ``nn.Dense`` (``layer_types``: layer -> name of its
+:mod:`mindpet.delta.layer_kinds` kind; absent when every layer is a Dense), a fingerprint of the base model (every base parameter's name and shape) so that an adapter is never
 loaded into a model it was not trained on, and the SHA-256 of the tensor file (``weights_sha256``: safetensors has
 no checksum of its own, so a damaged byte would otherwise load as a wrong number; adapters saved without it load
 unchecked). ``adapter_model.safetensors`` holds the adapter tensors only, in the
@@ -15,6 +16,7 @@ from collections import OrderedDict, namedtuple
 import numpy as np
 import yaml
 
+from mindpet.delta.layer_kinds import canonical_arrays, canonical_fingerprint, stored_updates
 from mindpet.utils.constants import DELTA_PREFIX, STATE_PREFIX
 from mindpet.utils.exceptions import AdapterConfigError, CheckpointError, MindPetError
 from mindpet.utils.io_utils import (atomic_write, atomic_save_checkpoint, load_checkpoint_file, read_yaml_file,
@@ -219,8 +221,10 @@ def read_adapter(directory):
     params = load_checkpoint_file(path, what='adapter weights')
     tensors = OrderedDict((name, value.asnumpy()) for name, value in params.items())
     tuner = make_tuner(config.method)
+    # The tuners derive adapter shapes from each layer's weight in the (out, in) view of its layer type.
+    fingerprint = canonical_fingerprint(meta['base_model']['params'], meta.get('layer_types'), directory)
     expected = expected_tensors(tuner, config, meta['target_layers'], meta['modules_to_save_params'],
-                                meta['base_model']['params'], directory)
+                                fingerprint, directory)
     check_tensors(tensors, expected, path)
     # After the name/shape checks, whose messages say more; this one catches changed values.
     verify_adapter_weights(directory, meta)
@@ -267,7 +271,10 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path):
         prefix = key + '.'
         tensors[key] = {name[len(prefix):]: value for name, value in files.tensors.items()
                         if name.startswith(prefix) and is_delta_or_state(name[len(prefix):])}
-    updates = tuner.merge_adapter_weights(arrays, files.meta['target_layers'], tensors, files.config)
+    layer_types = files.meta.get('layer_types')
+    updates = tuner.merge_adapter_weights(canonical_arrays(arrays, layer_types, adapter_dir),
+                                          files.meta['target_layers'], tensors, files.config)
+    updates = stored_updates(updates, arrays, layer_types, adapter_dir)
     modules = files.meta['modules_to_save_params']
     for name in modules:
         updates[name] = files.tensors[name].astype(arrays[name].dtype)

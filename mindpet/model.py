@@ -21,6 +21,7 @@ from mindspore import nn, Tensor
 from mindpet import __version__
 from mindpet.adapter_store import (FORMAT, is_delta_or_state, model_fingerprint, check_fingerprint, read_adapter,
                                    save_adapter)
+from mindpet.delta.layer_kinds import DeltaLayer
 from mindpet.tuners.base import walk, matches_any, replace_cell, invalidate_compiled_graph
 from mindpet.tuners.config import PetConfig, make_tuner
 from mindpet.utils.exceptions import AdapterConfigError
@@ -479,6 +480,10 @@ class PetModel(nn.Cell):
             'base_model': {'num_parameters': int(sum(int(np.prod(s)) for s in fingerprint.values())),
                            'params': fingerprint},
         }
+        layer_types = {key: self._state.layers[key].kind.name for key in record.targets
+                       if isinstance(self._state.layers.get(key), DeltaLayer)}
+        if layer_types:
+            meta['layer_types'] = layer_types
         save_adapter(os.fspath(save_directory), meta, tensors)
         return os.fspath(save_directory)
 
