@@ -37,7 +37,8 @@ def create_layer(cell, config, key):
     magnitude set to their row norms (the layer then equals ``cell``)."""
     layer = DenseLayerTuner.build_delta(cell, key, DoRADense, DoraLayer, config.compute_dtype,
                                         lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-                                        lora_dropout=config.lora_dropout)
+                                        lora_dropout=config.lora_dropout,
+                                        dora_detach_norm=config.dora_detach_norm)
     layer.init_magnitude()
     return layer
 
@@ -78,13 +79,16 @@ def init_adapter(layer, config):
 
 
 def activate(layer, config):
-    """Scaling ``s`` and gate 1 (unless merged: the merged weight already holds the adapter)."""
+    """Scaling ``s`` and gate 1 (unless merged: the merged weight already holds the adapter). Returns True (the
+    caller recompiles) when the adapter's ``dora_detach_norm`` differs from the layer's: it is a graph constant."""
     layer.scaling = config.scaling
     layer.lora_alpha = config.lora_alpha
     if not layer.merged:
         layer.mindpet_state_dora_scaling.set_data(Tensor(config.scaling, mstype.float32))
         layer.mindpet_state_dora_gate.set_data(Tensor(1.0, mstype.float32))
-    return False
+    regraph = layer.dora_detach_norm != config.dora_detach_norm
+    layer.dora_detach_norm = config.dora_detach_norm
+    return regraph
 
 
 def deactivate(layer):

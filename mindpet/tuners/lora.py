@@ -48,6 +48,8 @@ class LoraConfig(PetConfig):
             computes in the base weight's dtype, so the adapted model equals the base model exactly at init.
         use_dora (bool): DoRA (:class:`mindpet.delta.dora.DoRADense`): a trainable per-row magnitude times the
             LoRA-updated direction. Default False. A layer keeps the variant of the first adapter that adapted it.
+        dora_detach_norm (bool): DoRA only: True (default, as PEFT) treats the row norms as constants in the
+            backward pass; False differentiates through them (the exact gradient). Same forward pass and merge.
         exclude_modules, modules_to_save: see :class:`PetConfig`.
 
     Example:
@@ -60,6 +62,7 @@ class LoraConfig(PetConfig):
     lora_dropout: float = 0.0
     compute_dtype: Optional[str] = None
     use_dora: bool = False
+    dora_detach_norm: bool = True
     targets_required = TARGETS_REQUIRED
 
     def validate(self):
@@ -72,6 +75,7 @@ class LoraConfig(PetConfig):
         check_rate('lora_dropout', self.lora_dropout, owner)
         check_compute_dtype(owner, self.compute_dtype)
         check_bool('use_dora', self.use_dora, owner)
+        check_bool('dora_detach_norm', self.dora_detach_norm, owner)
 
     @property
     def scaling(self):
