@@ -80,16 +80,25 @@ class Conv2dBranch(LayerBranch):
     ``B`` as a 1x1 convolution (as PEFT's LoRA ``Conv2d``); NCHW."""
 
     def __init__(self, in_channels, kernel_size, stride, pad_mode, padding, dilation):
+        """``pad_mode`` 'same', 'valid' or 'pad'; for 'pad', ``padding`` is (top, bottom, left, right)."""
         super().__init__()
         self.in_channels = in_channels
         self.kernel_size = tuple(kernel_size)
         self.stride = tuple(stride)
-        self.pad_mode = pad_mode
-        self.padding = padding
         self.dilation = tuple(dilation)
+        self.pad_mode, self.padding, self.pre_pad = pad_mode, 0, None
+        if pad_mode == 'pad':
+            top, bottom, left, right = padding
+            if top == bottom and left == right:
+                self.padding = (top, left)
+            else:
+                # ops.conv2d pads symmetrically only: uneven padding is applied to the input first.
+                self.pad_mode, self.pre_pad = 'valid', (left, right, top, bottom)
 
     def down(self, x, lora_a):
         kernel = ops.reshape(lora_a, (lora_a.shape[0], self.in_channels) + self.kernel_size)
+        if self.pre_pad is not None:
+            x = ops.pad(x, self.pre_pad)
         return ops.conv2d(x, kernel, None, self.stride, self.pad_mode, self.padding, self.dilation)
 
     def up(self, h, lora_b):
@@ -228,6 +237,8 @@ class Conv2dKind(LayerKind):
         _, in_channels, k_h, k_w = cell.weight.shape
         if isinstance(cell, nn.Conv2d):
             pad_mode, padding = cell.pad_mode, cell.padding
+            if isinstance(padding, int):
+                padding = (padding,) * 4
         elif isinstance(cell.padding, str):
             pad_mode, padding = cell.padding, 0
         else:
