@@ -302,9 +302,19 @@ def kind_of(cell):
     return None
 
 
+def _recorded_types(layer_types, source):
+    """The ``layer_types`` mapping recorded with an adapter (None: every layer is a Dense), checked."""
+    if layer_types is None:
+        return {}
+    if not isinstance(layer_types, dict) or not all(isinstance(k, str) for k in layer_types):
+        raise AdapterConfigError(f"The adapter in '{source}' has 'layer_types' {layer_types!r}; expected a mapping "
+                                 f"of layer name -> layer type.")
+    return layer_types
+
+
 def kind_named(name, source):
     """The kind recorded as ``name`` in an adapter; AdapterConfigError naming it when this mindpet has none."""
-    if name not in KINDS_BY_NAME:
+    if not isinstance(name, str) or name not in KINDS_BY_NAME:
         raise AdapterConfigError(f"The adapter in '{source}' records layer type {name!r}; this mindpet knows "
                                  f"{sorted(KINDS_BY_NAME)}.")
     return KINDS_BY_NAME[name]
@@ -316,7 +326,7 @@ def canonical_fingerprint(fingerprint, layer_types, source):
     (key -> kind name) shows its weight as ``<key>.weight`` of the canonical ``(out, in)`` shape, the form the
     tuners derive adapter shapes from."""
     out = dict(fingerprint)
-    for key, name in (layer_types or {}).items():
+    for key, name in _recorded_types(layer_types, source).items():
         kind = kind_named(name, source)
         stored = f'{key}.{kind.weight_attr}'
         if stored in fingerprint:
@@ -328,7 +338,7 @@ def canonical_arrays(arrays, layer_types, source):
     """``arrays`` (name -> NumPy array, a base checkpoint) with each adapted layer's weight under ``<key>.weight``
     in the canonical layout (other entries unchanged)."""
     out = dict(arrays)
-    for key, name in (layer_types or {}).items():
+    for key, name in _recorded_types(layer_types, source).items():
         kind = kind_named(name, source)
         stored = f'{key}.{kind.weight_attr}'
         if stored in arrays:
@@ -339,7 +349,7 @@ def canonical_arrays(arrays, layer_types, source):
 def stored_updates(updates, arrays, layer_types, source):
     """The inverse of :func:`canonical_arrays` for a tuner's ``name -> new array`` updates."""
     out = dict(updates)
-    for key, name in (layer_types or {}).items():
+    for key, name in _recorded_types(layer_types, source).items():
         kind = kind_named(name, source)
         canonical = f'{key}.weight'
         if canonical in updates:

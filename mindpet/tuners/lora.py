@@ -129,6 +129,10 @@ class _PlainLora:
                 B_NAME: np.zeros((layer.out_channels, rank), np.float32)}
 
     @staticmethod
+    def base_derived(layer, config, tensors):
+        return {}
+
+    @staticmethod
     def activate(layer, config):
         layer.scaling = config.scaling
         layer.lora_alpha = config.lora_alpha
@@ -188,6 +192,9 @@ class LoraTuner(DenseLayerTuner):
 
     def init_adapter(self, layer, config):
         return self._of_layer(layer).init_adapter(layer, config)
+
+    def base_derived(self, layer, config, tensors):
+        return self._of_layer(layer).base_derived(layer, config, tensors)
 
     def activate(self, layer, config):
         return self._of_layer(layer).activate(layer, config)
