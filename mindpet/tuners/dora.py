@@ -75,6 +75,23 @@ def init_adapter(layer, config):
             M_NAME: np.linalg.norm(weight, axis=1).astype(np.float32)}
 
 
+def base_derived(layer, config, tensors):
+    """``m`` recomputed from the layer's current base weight: the row norms of ``W0 + s B A`` (``A``, ``B`` from
+    ``tensors``), PEFT's initialisation, which is the row norms of ``W0`` for an untrained adapter (``B = 0``).
+
+    Raises:
+        RuntimeError: the layer is merged (its weight is not the base weight then).
+    """
+    if layer.merged:
+        raise RuntimeError("For 'reinit_from_base', DoRA's magnitude needs the base weight's row norms; call "
+                           "unmerge() first.")
+    weight = layer.weight.asnumpy().astype(np.float32)
+    lora_a = np.asarray(tensors[A_NAME], np.float32)
+    lora_b = np.asarray(tensors[B_NAME], np.float32)
+    adapted = weight + config.scaling * (lora_b @ lora_a)
+    return {M_NAME: np.linalg.norm(adapted, axis=1).astype(np.float32)}
+
+
 def activate(layer, config):
     """Scaling ``s`` and gate 1 (unless merged: the merged weight already holds the adapter). Returns True (the
     caller recompiles) when the adapter's ``dora_detach_norm`` differs from the layer's: it is a graph constant."""

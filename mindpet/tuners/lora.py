@@ -139,6 +139,11 @@ class LoraTuner(DenseLayerTuner):
         return {A_NAME: lora_a.init_data().asnumpy(),
                 B_NAME: np.zeros((layer.out_channels, rank), np.float32)}
 
+    def base_derived(self, layer, config, tensors):
+        if isinstance(layer, DoRADense):
+            return dora.base_derived(layer, config, tensors)
+        return {}
+
     def activate(self, layer, config):
         if isinstance(layer, DoRADense):
             return dora.activate(layer, config)
