@@ -68,6 +68,12 @@ def test_own_cell_by_class_on_a_jsonl_file(tmp_path, capsys):
     assert sorted(tensors) == ['embedding.embedding_table', 'head.bias', 'head.weight',
                                'proj.mindpet_delta_lora_a', 'proj.mindpet_delta_lora_b']
     assert metrics['summary']['model'] == 'tests.train.text_models:TinyTextClassifier'
+    # The same config evaluates the saved adapter (same held-out rows, same numbers) and validates dry.
+    assert main(['evaluate', '--config', path, '--adapter', str(tmp_path / 'out' / 'adapter')]) == 0
+    printed = capsys.readouterr().out
+    assert f"accuracy {metrics['eval']['after']['accuracy']:.4f}" in printed
+    assert main(['finetune', '--config', path, '--dry-run', '--set', f'training.output_dir={tmp_path / "dry"}']) == 0
+    assert f'{path}: valid' in capsys.readouterr().out and not (tmp_path / 'dry').exists()
 
 
 def test_mindone_bert_by_class_on_a_jsonl_file(tmp_path, capsys):
