@@ -29,8 +29,9 @@ from mindpet.graph.ckpt_util import TrainableParamsCheckPoint, distributed_rank
 from mindpet.model import PetModel, get_pet_model
 from mindpet.train import report
 from mindpet.train.schedule import learning_rates
-from mindpet.train.schema import RUNNER_FIELDS, check_section, read_run_config, did_you_mean
-from mindpet.train.task import KeyValueError, load_task_class
+from mindpet.train.schema import CODE_FIELDS, RUNNER_FIELDS, check_section, read_run_config, did_you_mean
+from mindpet.train.imports import CodeImportError
+from mindpet.train.task import GENERIC_TASK, KeyValueError, load_task_class
 from mindpet.tuners.config import config_from_dict, available_methods, get_method
 from mindpet.utils.exceptions import MindPetError
 from mindpet.utils.io_utils import (is_state_param, ensure_dir, atomic_save_checkpoint, load_checkpoint_file,
@@ -90,13 +91,9 @@ def load_plan(path, overrides=(), missing_ok=False):
     sections = {}
     model_raw = raw.get('model')
     if not isinstance(model_raw, dict):
-        raise source.value_error('model', f"must be a mapping with at least 'name', but got {model_raw!r}")
-    if 'name' not in model_raw:
-        raise source.key_error('model.name', "missing (the model to fine-tune, e.g. bert)")
-    try:
-        task_class = load_task_class(model_raw['name'])
-    except (ValueError, ImportError) as ex:
-        raise source.value_error('model.name', str(ex)) from None
+        raise source.value_error('model', f"must be a mapping with 'task' (a task module) or 'class'/'factory' "
+                                 f"(a model), but got {model_raw!r}")
+    task_class, model_raw = _task_class(source, model_raw)
     sections['model'] = check_section(source, 'model', model_raw, task_class.all_model_fields())
     sections['data'] = check_section(source, 'data', raw.get('data'), task_class.data_fields)
     for name, fields in RUNNER_FIELDS.items():
@@ -110,7 +107,7 @@ def load_plan(path, overrides=(), missing_ok=False):
         raise source.value_error(ex.key, str(ex)) from None
     except (TypeError, ValueError) as ex:
         raise source.value_error('model.overrides', str(ex)) from None
-    if task.base_checkpoint_required() and sections['model']['base_checkpoint'] is None:
+    if task.base_checkpoint_required() and sections['model'].get('base_checkpoint') is None:
         raise source.key_error('model.base_checkpoint', f"missing: the '{sections['model']['size']}' size of "
                                f"'{task.name}' is fine-tuned from pretrained weights; give their path")
     pet = sections['pet']
@@ -123,6 +120,44 @@ def load_plan(path, overrides=(), missing_ok=False):
         except KeyValueError as ex:
             raise source.value_error(ex.key, str(ex)) from None
     return RunPlan(os.fspath(path), source, sections, task, pet_config)
+
+
+def _task_class(source, model_raw):
+    """The task class the ``model`` section names, and the section with ``code_dir`` made absolute.
+
+    ``model.task`` names it; without it, a section naming a ``class`` or ``factory`` gets the built-in task.
+    ``model.code_dir`` is taken relative to the config file (the shipped configs say ``..``, the repository root).
+    """
+    code = {}
+    for key, field in CODE_FIELDS.items():
+        value = model_raw.get(key, field.default)
+        if key == 'code_dir' and isinstance(value, str) and value:
+            value = os.path.join(os.path.dirname(os.path.abspath(source.path)), os.path.expanduser(value))
+        try:
+            code[key] = field.check(value)
+        except ValueError as ex:
+            raise source.value_error(f'model.{key}', str(ex)) from None
+        if not field.exists(code[key]):
+            raise source.value_error(f'model.{key}', f"the directory '{code[key]}' does not exist")
+    task = code['task']
+    if task is None:
+        if 'class' in model_raw or 'factory' in model_raw:
+            task = GENERIC_TASK
+        elif 'name' in model_raw:
+            raise source.key_error('model.name', "replaced by 'model.task', the task module 'package.module' "
+                                   "(the shipped tasks: examples.<name>.pet_task, with code_dir and trust_code as "
+                                   "in configs/; see doc/cli.md)")
+        else:
+            raise source.key_error('model.task', "missing: name the task module ('package.module' defining TASK) or "
+                                   "the model ('class: package.module:ClassName' or 'factory: "
+                                   "package.module:function')")
+    try:
+        task_class = load_task_class(task, code['trust_code'], code['code_dir'])
+    except CodeImportError as ex:
+        raise source.value_error('model.task' if code['task'] else 'model', str(ex)) from None
+    if code['code_dir'] is not None:
+        model_raw = dict(model_raw, code_dir=code['code_dir'])
+    return task_class, model_raw
 
 
 def _check_runner_rules(source, sections, task_class):
@@ -247,7 +282,7 @@ def build(plan, lazy=False):
             network = plan.task.build_network()
         except (TypeError, ValueError) as ex:
             raise plan.source.value_error('model', str(ex)) from None
-        loaded = None if lazy else plan.task.load_base(network, plan.model['base_checkpoint'])
+        loaded = None if lazy else plan.task.load_base(network, plan.model.get('base_checkpoint'))
         if plan.pet_config is None:
             return Built(network, None, loaded)
         try:
@@ -497,7 +532,7 @@ def evaluate(path, adapter=None, overrides=(), out=print):
     plan = load_plan(path, overrides)
     set_context(plan)
     network = plan.task.build_network()
-    loaded = plan.task.load_base(network, plan.model['base_checkpoint'])
+    loaded = plan.task.load_base(network, plan.model.get('base_checkpoint'))
     model, what = network, 'the base model'
     if adapter is not None:
         adapter = os.fspath(adapter)
@@ -509,7 +544,7 @@ def evaluate(path, adapter=None, overrides=(), out=print):
             load_params_checked(network, params, source=adapter,
                                 require=[p.name for p in network.get_parameters()])
             what = f"fine-tuned checkpoint {adapter}"
-    out(f"[evaluate] {plan.task.name} ({plan.model['size']}), base: {loaded or 'initial weights'}; with {what}")
+    out(f"[evaluate] {plan.task.label()}, base: {loaded or 'initial weights'}; with {what}")
     metrics = plan.task.evaluate(model)
     out(f"[evaluate] {report.format_metrics(metrics)}")
     lines = plan.task.demo(model)

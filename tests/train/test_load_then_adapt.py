@@ -146,6 +146,7 @@ def test_the_runner_loads_the_base_before_injecting_dora(tmp_path):
     with open(os.path.join(root, 'configs', 'mlp_lora_tiny.yaml'), encoding='utf-8') as handle:
         cfg = yaml.safe_load(handle)
     cfg['pet']['use_dora'] = True
+    cfg['model']['code_dir'] = root     # the shipped config's '..' is relative to configs/
     cfg['training']['output_dir'] = str(tmp_path / 'out')
     config_path = tmp_path / 'run.yaml'
     # The base: a Classifier of the task's size with weights unlike a fresh one.
