@@ -80,7 +80,7 @@ def tiny_bert_config(num_labels=3):
     return transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                    intermediate_size=32, max_position_embeddings=32, hidden_act='relu',
                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                   num_labels=num_labels, attn_implementation='eager')
+                                   num_labels=num_labels, initializer_range=0.2, attn_implementation='eager')
 
 
 def tiny_bert(seed=0, num_labels=3):
