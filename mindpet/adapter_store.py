@@ -15,7 +15,7 @@ from collections import OrderedDict, namedtuple
 import numpy as np
 import yaml
 
-from mindpet.utils.constants import DELTA_PREFIX, STATE_PREFIX
+from mindpet.naming import is_pet_param
 from mindpet.utils.exceptions import AdapterConfigError, CheckpointError, MindPetError
 from mindpet.utils.io_utils import (atomic_write, atomic_save_checkpoint, load_checkpoint_file, read_yaml_file,
                                     file_sha256)
@@ -28,17 +28,11 @@ AdapterFiles = namedtuple('AdapterFiles', ['config', 'meta', 'tensors'])
 AdapterFiles.__doc__ = """An adapter read from disk: its config object, the YAML mapping, and name -> numpy array."""
 
 
-def is_delta_or_state(name):
-    """True for parameters added by a PET method (trainable deltas and run-time state)."""
-    last = name.rsplit('.', 1)[-1]
-    return last.startswith(DELTA_PREFIX) or last.startswith(STATE_PREFIX)
-
-
 def model_fingerprint(net):
     """``name -> shape`` (lists) of every base parameter of ``net``, in order; PET parameters are left out, so an
     adapted model and its base model have the same fingerprint."""
     return OrderedDict((p.name, [int(d) for d in p.shape]) for p in net.get_parameters()
-                       if not is_delta_or_state(p.name))
+                       if not is_pet_param(p.name))
 
 
 def check_fingerprint(expected, actual, source, what='this model', allow_extra=False):
@@ -145,7 +139,7 @@ def read_adapter_meta(directory):
     Raises:
         AdapterConfigError: the directory or file is missing, a key is missing, or the format is unknown.
     """
-    from mindpet.tuners.config import config_from_dict  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.registry import config_from_dict  # pylint: disable=import-outside-toplevel
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"The adapter directory must be a str path, but got {directory!r} "
                         f"({type(directory).__name__}).")
@@ -213,7 +207,7 @@ def read_adapter(directory):
         >>> files = read_adapter('out/adapter')  # doctest: +SKIP
         >>> files.config.lora_rank, sorted(files.tensors)[:1]  # doctest: +SKIP
     """
-    from mindpet.tuners.config import make_tuner  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
     config, meta = read_adapter_meta(directory)
     path = os.path.join(os.fspath(directory), ADAPTER_WEIGHTS_NAME)
     params = load_checkpoint_file(path, what='adapter weights')
@@ -248,7 +242,7 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path):
         >>> merge_into_checkpoint('base.ckpt', 'out/adapter', 'merged.ckpt')  # doctest: +SKIP
     """
     import mindspore as ms  # pylint: disable=import-outside-toplevel
-    from mindpet.tuners.config import make_tuner  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
     from mindpet.utils.io_utils import checkpoint_format  # pylint: disable=import-outside-toplevel
     expected = "a path ending in .ckpt or .safetensors (the format follows the extension)"
     if not isinstance(out_path, (str, os.PathLike)):
@@ -266,7 +260,7 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path):
     for key in files.meta['target_layers']:
         prefix = key + '.'
         tensors[key] = {name[len(prefix):]: value for name, value in files.tensors.items()
-                        if name.startswith(prefix) and is_delta_or_state(name[len(prefix):])}
+                        if name.startswith(prefix) and is_pet_param(name[len(prefix):])}
     updates = tuner.merge_adapter_weights(arrays, files.meta['target_layers'], tensors, files.config)
     modules = files.meta['modules_to_save_params']
     for name in modules:

@@ -23,8 +23,8 @@ from mindpet.delta.dora import DoRADense
 from mindpet.delta.lora import LoRADense, lora_increment
 from mindpet.tuners import dora
 from mindpet.tuners.base import DenseLayerTuner
-from mindpet.tuners.config import (PetConfig, TARGETS_REQUIRED, register_method, check_compute_dtype,
-                                   resolve_compute_dtype)
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_compute_dtype, resolve_compute_dtype
+from mindpet.tuners.registry import register_method
 from mindpet.utils.validation import check_int, check_real, check_rate, check_choice, check_bool
 
 A_NAME = 'mindpet_delta_lora_a'
@@ -102,16 +102,16 @@ class LoraTuner(DenseLayerTuner):
         out_channels, in_channels = weight_shape
         return {A_NAME: (config.lora_rank, in_channels), B_NAME: (out_channels, config.lora_rank)}
 
-    def read_adapter(self, layer, config):
+    def read_live(self, layer, config):
         if isinstance(layer, DoRADense):
-            return dora.read_adapter(layer, config)
+            return dora.read_live(layer, config)
         rank = config.lora_rank
         return {A_NAME: layer.mindpet_delta_lora_a.asnumpy()[:rank].copy(),
                 B_NAME: layer.mindpet_delta_lora_b.asnumpy()[:, :rank].copy()}
 
-    def write_adapter(self, layer, config, tensors):
+    def write_live(self, layer, config, tensors):
         if isinstance(layer, DoRADense):
-            return dora.write_adapter(layer, config, tensors)
+            return dora.write_live(layer, config, tensors)
         lora_a, lora_b = tensors[A_NAME], tensors[B_NAME]
         rank, live = lora_a.shape[0], layer.mindpet_delta_lora_a.shape[0]
         width = max(rank, live)
