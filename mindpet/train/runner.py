@@ -281,7 +281,7 @@ def build(plan, lazy=False):
         try:
             network = plan.task.build_network()
         except (TypeError, ValueError) as ex:
-            raise plan.source.value_error('model', str(ex)) from None
+            raise plan.source.value_error(getattr(ex, 'key', 'model'), str(ex)) from None
         loaded = None if lazy else plan.task.load_base(network, plan.model.get('base_checkpoint'))
         if plan.pet_config is None:
             return Built(network, None, loaded)
