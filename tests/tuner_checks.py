@@ -1,8 +1,9 @@
 """The checks every method of :func:`mindpet.get_pet_model` passes, shared by tests/tuners/test_<method>.py.
 
 A test module describes its method with a :class:`Case` (configs, the expected adapted layers, whether the method is
-the identity at init and whether it merges), builds a :func:`trained_pair` once (two adapters trained in GRAPH_MODE
-on two toy tasks and saved) and runs the ``check_*`` functions on it. The network is tests/gpt_like.py's GPTLike,
+the identity at init and whether it merges) and runs its own checks (injection, YAML, what only it does);
+tests/tuners/test_lifecycle_checks.py runs the training, round-trip, switching and merge checks on every Case, each on
+a :func:`trained_pair_once` (two adapters trained in GRAPH_MODE on two toy tasks and saved, built once a session). The network is tests/gpt_like.py's GPTLike,
 a model written without mindpet.
 """
 import dataclasses
@@ -108,6 +109,17 @@ def trained_pair(case, root):
                            trainable_a=trainable_a, before_a=before_a, after_a=after_a,
                            saved_a=delta_values(pet_a) if case.layer_class else None, root=root,
                            dir_a=os.path.join(root, 'a'), dir_b=os.path.join(root, 'b'))
+
+
+_TRAINED = {}
+
+
+def trained_pair_once(case, tmp_path_factory):
+    """:func:`trained_pair` of ``case``, built once a test session: the shared checks and the method's own tests
+    use the same pair."""
+    if id(case) not in _TRAINED:
+        _TRAINED[id(case)] = (case, trained_pair(case, str(tmp_path_factory.mktemp('pair'))))
+    return _TRAINED[id(case)][1]
 
 
 # ----- the checks ----------------------------------------------------------------------------------------------
