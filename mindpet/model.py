@@ -20,6 +20,7 @@ from mindspore import nn, Tensor
 
 from mindpet.adapter_store import (StoredAdapter, check_adapter_fits, check_format, is_delta_or_state,
                                    load_adapter_dir, model_fingerprint, save_adapter_dir)
+from mindpet.delta.layer_kinds import DeltaLayer
 from mindpet.tuners.base import walk, matches_any, replace_cell, invalidate_compiled_graph
 from mindpet.tuners.config import PetConfig, make_tuner
 from mindpet.utils.exceptions import AdapterConfigError
@@ -518,7 +519,7 @@ class PetModel(nn.Cell):
         self._sync()
         adapter = StoredAdapter(name, self._state.tuner.saved_config(record.config, record.tensors),
                                 list(record.targets), record.tensors, record.modules,
-                                model_fingerprint(self.base_model))
+                                model_fingerprint(self.base_model), self._layer_types(record.targets))
         return save_adapter_dir(save_directory, adapter, format)
 
     # ----- combining -----------------------------------------------------------------------------------------
@@ -616,6 +617,12 @@ class PetModel(nn.Cell):
         return trainable, total, percent
 
     # ----- helpers -------------------------------------------------------------------------------------------
+    def _layer_types(self, keys):
+        """``key -> kind name`` of the layers among ``keys`` that are not ``nn.Dense`` (see
+        :mod:`mindpet.delta.layer_kinds`), recorded with an adapter so its shapes and merges use the right layout."""
+        layers = self._state.layers
+        return {key: layers[key].kind.name for key in keys if isinstance(layers.get(key), DeltaLayer)}
+
     def _check_usable(self, owner):
         if self._state.unloaded:
             raise RuntimeError(f"For '{owner}', this PetModel was unloaded (merge_and_unload/unload); use the "

@@ -16,6 +16,7 @@ import numpy as np
 from mindspore import nn, Tensor
 from mindspore.train import Callback
 
+from mindpet.delta.layer_kinds import DeltaLayer, kind_of
 from mindpet.delta.rank_allocation import TrainStepWithGrads, WithOrthRegularizer
 from mindpet.tuners.config import resolve_compute_dtype
 from mindpet.utils.constants import DELTA_PREFIX
@@ -398,7 +399,19 @@ class DenseLayerTuner(BaseTuner):
     """Shared plumbing of tuners whose delta Cell replaces an ``nn.Dense`` (LoRA/DoRA, IA3, PST, AdaLoRA, t-SVD):
     building it around the Dense's own Parameters, merging through the Cell's ``merge()``/``unmerge()`` (after
     :meth:`sync_scaling` has given the layer the adapter's host-side scaling), and unloading to a plain
-    ``nn.Dense``."""
+    ``nn.Dense``.
+
+    A tuner that sets :attr:`adapts_layer_kinds` also adapts the layer types of
+    :mod:`mindpet.delta.layer_kinds` (``mint.nn.Linear``, GPT-2 ``Conv1D``, ``Conv2d``, ``Embedding``): there its
+    :class:`~mindpet.delta.layer_kinds.DeltaLayer` wraps the base layer, and unloading returns that layer itself.
+    """
+    #: whether the layer types of :mod:`mindpet.delta.layer_kinds` are adapted besides ``nn.Dense``
+    adapts_layer_kinds = False
+
+    def is_target(self, cell):
+        if type(cell) is nn.Dense:  # pylint: disable=unidiomatic-typecheck
+            return True
+        return self.adapts_layer_kinds and kind_of(cell) is not None
 
     @staticmethod
     def build_layer(layer_class, cell, compute_dtype, **kwargs):
@@ -411,6 +424,24 @@ class DenseLayerTuner(BaseTuner):
                             bias_init='zeros', has_bias=cell.has_bias, activation=cell.activation, dtype=dtype,
                             **kwargs)
         return adopt_dense_params(layer, cell)
+
+    @classmethod
+    def build_delta(cls, cell, key, dense_class, layer_class, compute_dtype, **kwargs):
+        """The delta Cell for ``cell`` (layer key ``key``): ``dense_class`` around an ``nn.Dense`` (see
+        :meth:`build_layer`), ``layer_class(cell, kind, ...)`` around a layer of a
+        :class:`~mindpet.delta.layer_kinds.LayerKind`.
+
+        Raises:
+            ValueError: the layer's configuration cannot be adapted (naming the layer and the setting).
+        """
+        kind = kind_of(cell)
+        if type(cell) is nn.Dense or kind is None:  # pylint: disable=unidiomatic-typecheck
+            return cls.build_layer(dense_class, cell, compute_dtype, **kwargs)
+        compute = resolve_compute_dtype(compute_dtype, getattr(cell, kind.weight_attr).dtype)
+        try:
+            return layer_class(cell, kind, compute_dtype=compute, **kwargs)
+        except ValueError as ex:
+            raise ValueError(f"For 'get_pet_model', the layer '{key}' cannot be adapted: {ex}") from ex
 
     def sync_scaling(self, layer, config):
         """Give ``layer`` the host-side scaling of ``config`` that its merge()/unmerge() use (several adapters of
@@ -425,7 +456,9 @@ class DenseLayerTuner(BaseTuner):
         layer.unmerge()
 
     def unload_layer(self, layer):
-        # The delta branch is off (merged, or not covered by the active adapter): a plain Dense computes the same.
+        # The delta branch is off (merged, or not covered by the active adapter): the base layer computes the same.
+        if isinstance(layer, DeltaLayer):
+            return layer.unload()
         return plain_dense(layer)
 
 
