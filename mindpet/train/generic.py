@@ -171,7 +171,7 @@ def _cpu_fallback(cell):
 
 def apply_cpu_fallbacks(network):
     """Replace, in place, the cells without a CPU kernel (see the module docstring); returns how many."""
-    from mindpet.tuners.base import walk, replace_cell  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.inject import walk, replace_cell  # pylint: disable=import-outside-toplevel
     _, holders = walk(network)
     count = 0
     for name, cell in list(network.cells_and_names()):
@@ -240,8 +240,8 @@ def load_weights(network, path, weights_map='auto', prefix=None):
         CheckpointError: an unreadable file, a shape mismatch, or no tensor matching the network at all.
     """
     from mindpet.utils.io_utils import load_checkpoint_file  # pylint: disable=import-outside-toplevel
-    from mindpet.adapter_store import is_delta_or_state  # pylint: disable=import-outside-toplevel
-    params = {p.name: p for p in network.get_parameters() if not is_delta_or_state(p.name)}
+    from mindpet.naming import is_pet_param  # pylint: disable=import-outside-toplevel
+    params = {p.name: p for p in network.get_parameters() if not is_pet_param(p.name)}
     loaded = {}
     unused = 0
     for file in weight_files(path):

@@ -114,3 +114,57 @@ class BertLogits(nn.Cell):
 
     def construct(self, ids, mask, types):
         return self.model(input_ids=ids, attention_mask=mask, token_type_ids=types, return_dict=False)[0]
+
+
+def tiny_llama(seed=0):
+    """A mindone ``LlamaForCausalLM`` (2 layers, hidden 32, grouped-query attention) with seeded weights,
+    CPU-runnable (its rotary embedding is built under :func:`cpu_arange`)."""
+    import transformers  # pylint: disable=import-outside-toplevel
+    from mindone.transformers import LlamaForCausalLM  # pylint: disable=import-outside-toplevel
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      use_cache=False, initializer_range=0.2, attn_implementation='eager')
+    ms.set_seed(seed)
+    np.random.seed(seed)
+    with cpu_arange():
+        model = LlamaForCausalLM(config)
+    model.set_train(False)
+    cpu_runnable(model)
+    return model
+
+
+def llama_batch(seed=0, batch=4, length=8):
+    """``(input_ids, causal_mask, position_ids, cache_position)``: the 4-D additive causal mask and the positions
+    are passed in, so the forward pass needs no ``mint.arange`` (no CPU kernel)."""
+    rng = np.random.RandomState(seed)
+    ids = ms.Tensor(rng.randint(0, 64, (batch, length)).astype(np.int32))
+    causal = np.triu(np.full((length, length), -65504.0, np.float32), 1)
+    mask = ms.Tensor(np.broadcast_to(causal, (batch, 1, length, length)).copy())
+    positions = np.arange(length, dtype=np.int32)
+    return ids, mask, ms.Tensor(positions[None]), ms.Tensor(positions)
+
+
+class LlamaLogits(nn.Cell):
+    """``logits = model(ids, mask, position_ids, cache_position)`` with ``return_dict=False``."""
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, ids, mask, position_ids, cache_position):
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                          cache_position=cache_position, return_dict=False)[0]
+
+
+class NextTokenLoss(nn.Cell):
+    """Mean cross-entropy of the logits at positions ``0..L-2`` against the tokens at ``1..L-1``."""
+
+    def __init__(self, logits_net):
+        super().__init__(auto_prefix=False)
+        self.logits_net = logits_net
+        self.loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction='mean')
+
+    def construct(self, ids, mask, position_ids, cache_position):
+        logits = self.logits_net(ids, mask, position_ids, cache_position)
+        vocab = logits.shape[-1]
+        return self.loss(logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))

@@ -86,6 +86,6 @@ def test_mindone_bert_by_class_on_a_jsonl_file(tmp_path, capsys):
                           'intermediate_size': 64, 'max_position_embeddings': 32, 'hidden_act': 'gelu'}},
         data={'train': train, 'tokenizer': tokenizer, 'max_length': 12},
         pet={'type': 'lora', 'target_modules': ['query', 'value'], 'lora_rank': 8, 'lora_alpha': 16,
-             'modules_to_save': ['classifier']}, epochs=8, lr=0.005)
+             'modules_to_save': ['classifier']}, epochs=20, lr=0.005)
     metrics = check_classification_run(tmp_path, capsys, path)
     assert metrics['summary']['model'] == 'mindone.transformers:BertForSequenceClassification'
