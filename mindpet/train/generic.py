@@ -623,6 +623,9 @@ class GenericTask(Task):
             apply_cpu_fallbacks(network)
         return network
 
+    def base_weights_source(self, path):
+        return self.model['weights']
+
     def load_base(self, network, path):
         if self.model['weights'] is None:
             return None
