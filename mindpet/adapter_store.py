@@ -446,11 +446,12 @@ def load_adapter_dir(directory):
     return load(os.fspath(directory))
 
 
-def check_adapter_fits(adapter, fingerprint, source, what='this model', allow_extra=False):
+def check_adapter_fits(adapter, fingerprint, source, what='this model', allow_extra=False, layer_types=None):
     """Refuse ``adapter`` (a :class:`StoredAdapter`) for a model of base fingerprint ``fingerprint`` (name ->
     shape, from :func:`model_fingerprint` or a base checkpoint): its recorded base fingerprint must match (see
     :func:`check_fingerprint`); an adapter that records none must have the tensor shapes its config implies for
-    that model.
+    that model. ``layer_types`` (layer key -> kind name, e.g. from
+    :func:`mindpet.delta.layer_kinds.model_layer_types`) stands in for an adapter that records no layer types.
 
     Raises:
         AdapterConfigError: another base model (the first differing parameter named).
@@ -462,8 +463,16 @@ def check_adapter_fits(adapter, fingerprint, source, what='this model', allow_ex
     from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
     expected = expected_tensors(make_tuner(adapter.config.method), adapter.config, adapter.targets,
                                 list(adapter.modules),
-                                canonical_fingerprint(fingerprint, adapter.layer_types, source), source)
+                                canonical_fingerprint(fingerprint, _target_types(adapter, layer_types), source),
+                                source)
     check_tensors(flat_tensors(adapter), expected, source)
+
+
+def _target_types(adapter, layer_types):
+    """The layer types of ``adapter``'s targets: recorded with it, else taken from ``layer_types``."""
+    if adapter.layer_types is not None:
+        return adapter.layer_types
+    return {key: name for key, name in (layer_types or {}).items() if key in adapter.targets}
 
 
 MergeReport = namedtuple('MergeReport', ['out_path', 'layers', 'module_params', 'copied', 'total_params'])

@@ -90,3 +90,26 @@ def test_mindone_bert_by_class_on_a_jsonl_file(tmp_path, capsys):
              'modules_to_save': ['classifier']}, epochs=20, lr=0.005)
     metrics = check_classification_run(tmp_path, capsys, path)
     assert metrics['summary']['model'] == 'mindone.transformers:BertForSequenceClassification'
+
+
+def test_mindone_class_from_an_hf_config_json(tmp_path, capsys):
+    """An HF-style config.json (with model_type, architectures, ...) builds the class's own config object; the
+    data's label set gives num_labels and the tokenizer the vocabulary size."""
+    pytest.importorskip('mindone')
+    from mindpet.train.runner import build, load_plan
+    train, tokenizer, vocab = classification_files(tmp_path)
+    config_json = tmp_path / 'config.json'
+    config_json.write_text(json.dumps({
+        'architectures': ['BertForSequenceClassification'], 'model_type': 'bert', 'hidden_size': 32,
+        'num_hidden_layers': 1, 'num_attention_heads': 2, 'intermediate_size': 64, 'max_position_embeddings': 32,
+        'hidden_act': 'relu', 'transformers_version': '4.57.1'}))
+    path = write_config(tmp_path, model={'class': 'mindone.transformers:BertForSequenceClassification',
+                                         'config': str(config_json)},
+                        data={'train': train, 'tokenizer': tokenizer, 'max_length': 12},
+                        pet={'type': 'lora', 'target_modules': ['query', 'value'], 'modules_to_save': ['classifier']})
+    ms.set_context(mode=ms.GRAPH_MODE)
+    built = build(load_plan(path), lazy=True)
+    shapes = {p.name: tuple(p.shape) for p in built.network.get_parameters()}
+    assert shapes['classifier.weight'] == (len(TOPICS), 32)
+    assert shapes['bert.embeddings.word_embeddings.weight'] == (vocab, 32)
+    assert not any(name.startswith('bert.encoder.layer.1.') for name in shapes)
