@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 import mindpet
 from mindpet import (PstConfig, AdaLoraConfig, TensorSVDConfig, PetModel, get_pet_model, config_from_dict,
                      config_from_yaml)
-from mindpet.adapter_store import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, merge_into_checkpoint
+from mindpet.adapter_store import ADAPTER_CONFIG_NAME, adapter_weights_path, merge_into_checkpoint
 from mindpet.delta.adalora import AdaLoRADense
 from mindpet.delta.pst import PSTDense
 from mindpet.delta.rank_allocation import cubic_budget
@@ -193,7 +193,7 @@ def check_saved_adapter_loads_switches_and_merges(trained, tmp_path, check_merge
     the merged weights against the method's formula); ``mindpet merge`` writes the same weights; merge_and_unload
     leaves no method layer. Needs GRAPH_MODE."""
     method, run, ids = trained.method, trained.run, trained.ids
-    tensors = load_file(os.path.join(run.dir, ADAPTER_WEIGHTS_NAME))
+    tensors = load_file(adapter_weights_path(run.dir))
     live = {name: value for name, value in run.after.items() if 'mindpet_delta_' in name}
     if method == 'pst':
         live.update({n: v.reshape(()) for n, v in run.after.items() if n.endswith('mindpet_state_pst_sparsity')})

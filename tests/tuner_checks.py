@@ -19,7 +19,7 @@ from mindspore import nn
 from safetensors.numpy import load_file
 
 from mindpet import PetModel, get_pet_model, config_from_dict
-from mindpet.adapter_store import ADAPTER_WEIGHTS_NAME, merge_into_checkpoint
+from mindpet.adapter_store import adapter_weights_path, merge_into_checkpoint
 from mindpet.naming import is_pet_param
 from mindpet.cli import main as mindpet_command
 from mindpet.utils.exceptions import ModelConfigKeysInfoError
@@ -177,7 +177,7 @@ def check_round_trip(case, pair, tmp_path):
     """save_pretrained -> from_pretrained gives the trained outputs bit for bit; the file holds exactly the trained
     adapter tensors; a re-save writes the same tensors."""
     ms.set_context(mode=ms.GRAPH_MODE)
-    stored = load_file(os.path.join(pair.dir_a, ADAPTER_WEIGHTS_NAME))
+    stored = load_file(adapter_weights_path(pair.dir_a))
     if pair.saved_a is not None:
         assert sorted(n for n in stored if 'mindpet_delta_' in n) == sorted(pair.saved_a)
         for name, value in pair.saved_a.items():
@@ -189,7 +189,7 @@ def check_round_trip(case, pair, tmp_path):
     assert pet.trainable_params() == []
     np.testing.assert_array_equal(pet(pair.ids).asnumpy(), pair.out_a)
     pet.save_pretrained(str(tmp_path / 'again'))
-    again = load_file(str(tmp_path / 'again' / ADAPTER_WEIGHTS_NAME))
+    again = load_file(adapter_weights_path(str(tmp_path / 'again')))
     assert sorted(again) == sorted(stored)
     for name, value in again.items():
         np.testing.assert_array_equal(value, stored[name])

@@ -8,6 +8,7 @@ import pytest
 import yaml
 import mindspore as ms
 
+from mindpet.adapter_store import adapter_weights_path
 from mindpet.cli import main
 from mindpet.utils.io_utils import load_checkpoint_file
 from tests.train.text_fixtures import (TOPICS, topic_rows, instruction_rows, write_jsonl, train_tokenizer)
@@ -49,7 +50,7 @@ def check_classification_run(tmp_path, capsys, path):
     assert after['macro_f1'] > 0.4
     assert metrics['data'][0].startswith('train: 180 rows of classification data from ')
     assert (out / 'adapter' / 'adapter_config.yaml').is_file()
-    assert (out / 'adapter' / 'adapter_model.safetensors').is_file()
+    assert os.path.isfile(adapter_weights_path(str(out / 'adapter')))
     assert 'eval accuracy' in printed and 'adapter file' in printed
     return metrics
 
@@ -64,7 +65,7 @@ def test_own_cell_by_class_on_a_jsonl_file(tmp_path, capsys):
         pet={'type': 'lora', 'target_modules': ['proj'], 'lora_rank': 4, 'lora_alpha': 8,
              'modules_to_save': ['head', 'embedding']})
     metrics = check_classification_run(tmp_path, capsys, path)
-    tensors = load_checkpoint_file(str(tmp_path / 'out' / 'adapter' / 'adapter_model.safetensors'))
+    tensors = load_checkpoint_file(adapter_weights_path(str(tmp_path / 'out' / 'adapter')))
     assert sorted(tensors) == ['embedding.embedding_table', 'head.bias', 'head.weight',
                                'proj.mindpet_delta_lora_a', 'proj.mindpet_delta_lora_b']
     assert metrics['summary']['model'] == 'tests.train.text_models:TinyTextClassifier'
