@@ -113,3 +113,20 @@ def test_mindone_class_from_an_hf_config_json(tmp_path, capsys):
     assert shapes['classifier.weight'] == (len(TOPICS), 32)
     assert shapes['bert.embeddings.word_embeddings.weight'] == (vocab, 32)
     assert not any(name.startswith('bert.encoder.layer.1.') for name in shapes)
+
+
+def test_a_dry_run_lists_data_files_missing_here(tmp_path, capsys):
+    """A config written for another machine validates: its data files are listed as notes, nothing is read."""
+    path = write_config(
+        tmp_path,
+        model={'class': 'tests.train.text_models:TinyTextClassifier', 'trust_code': True,
+               'config': {'vocab_size': 50, 'num_labels': 3}, 'loss': 'cross_entropy'},
+        data={'train': '/data/elsewhere/train.jsonl', 'tokenizer': '/data/elsewhere/tokenizer.json',
+              'labels': ['a', 'b', 'c']},
+        pet={'type': 'lora', 'target_modules': ['proj'], 'modules_to_save': ['head']})
+    assert main(['finetune', '--config', path, '--dry-run']) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "note: 'data.train' names '/data/elsewhere/train.jsonl', which does not exist here" in printed
+    assert "note: 'data.tokenizer' names '/data/elsewhere/tokenizer.json'" in printed
+    assert main(['finetune', '--config', path]) == 1                # a real run refuses
+    assert "'data.train': the file '/data/elsewhere/train.jsonl' does not exist" in capsys.readouterr().err
