@@ -30,12 +30,16 @@ from collections import OrderedDict, namedtuple
 
 import numpy as np
 import yaml
+from safetensors.numpy import load as safetensors_arrays, save as safetensors_bytes
 
 from mindpet.delta.layer_kinds import canonical_arrays, canonical_fingerprint, stored_updates
 from mindpet.naming import is_pet_param
+from mindpet.tuners.registry import config_from_dict, make_tuner
 from mindpet.utils.dir_commit import directory_lock, remove_temp_files, write_file
 from mindpet.utils.exceptions import AdapterConfigError, CheckpointError, LinkPathError, MindPetError
-from mindpet.utils.io_utils import atomic_save_checkpoint, ensure_dir, load_checkpoint_file, read_yaml_file
+from mindpet.utils.io_utils import (atomic_save_checkpoint, checkpoint_format, ensure_dir, load_checkpoint_file,
+                                    read_yaml_file)
+from mindpet.version import __version__
 
 ADAPTER_CONFIG_NAME = 'adapter_config.yaml'
 ADAPTER_WEIGHTS_NAME = 'adapter_model.safetensors'
@@ -123,7 +127,6 @@ def check_tensors(tensors, expected, path):
 def build_meta(adapter):
     """The ``adapter_config.yaml`` mapping of ``adapter`` (a :class:`StoredAdapter`), without ``weights_sha256``
     (added by the writer from the bytes it writes)."""
-    from mindpet.version import __version__  # pylint: disable=import-outside-toplevel
     fingerprint = adapter.fingerprint
     meta = {
         'format': FORMAT,
@@ -189,7 +192,6 @@ def _save_mindpet_dir(directory, adapter):
     the commit point; tensor files no config names any more are removed. The config records the tensor file's name
     and SHA-256 and ``adapter_sha256``, a SHA-256 over all its fields, so an edited config is refused on load.
     """
-    from safetensors.numpy import save as safetensors_bytes  # pylint: disable=import-outside-toplevel
     directory = ensure_dir(os.fspath(directory), what='adapter directory')
     # ascontiguousarray turns a 0-d array (a scalar state such as PST's sparsity) into shape (1,): keep the shape.
     data = safetensors_bytes({name: np.ascontiguousarray(value).reshape(np.shape(value))
@@ -257,7 +259,6 @@ def read_adapter_meta(directory):
     Raises:
         AdapterConfigError: the directory or file is missing, a key is missing, or the format is unknown.
     """
-    from mindpet.tuners.registry import config_from_dict  # pylint: disable=import-outside-toplevel
     directory = _check_adapter_dir(directory)
     path = os.path.join(directory, ADAPTER_CONFIG_NAME)
     if not os.path.isfile(path):
@@ -343,8 +344,6 @@ def _read_committed(directory):
 def _load_mindpet_dir(directory):
     """Read a mindpet-format adapter directory, its tensors checked against its YAML (names and shapes) and both
     files against the SHA-256 values its config records."""
-    from safetensors.numpy import load as safetensors_arrays  # pylint: disable=import-outside-toplevel
-    from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
     config, meta, path, data = _read_committed(directory)
     try:
         flat = safetensors_arrays(data)
@@ -460,7 +459,6 @@ def check_adapter_fits(adapter, fingerprint, source, what='this model', allow_ex
     if adapter.fingerprint is not None:
         check_fingerprint(adapter.fingerprint, fingerprint, source, what=what, allow_extra=allow_extra)
         return
-    from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
     expected = expected_tensors(make_tuner(adapter.config.method), adapter.config, adapter.targets,
                                 list(adapter.modules),
                                 canonical_fingerprint(fingerprint, _target_types(adapter, layer_types), source),
@@ -496,8 +494,6 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path):
         >>> merge_into_checkpoint('base.ckpt', 'out/adapter', 'merged.ckpt')  # doctest: +SKIP
     """
     import mindspore as ms  # pylint: disable=import-outside-toplevel
-    from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
-    from mindpet.utils.io_utils import checkpoint_format  # pylint: disable=import-outside-toplevel
     expected = "a path ending in .ckpt or .safetensors (the format follows the extension)"
     if not isinstance(out_path, (str, os.PathLike)):
         raise TypeError(f"For 'merge_into_checkpoint', the 'out_path' must be {expected}, but got {out_path!r} "
