@@ -133,7 +133,9 @@ class NextTokenLoss(nn.Cell):
 
 # ----- CPU fallbacks -----------------------------------------------------------------------------------------------
 class GatherEmbedding(nn.Cell):
-    """``mint.nn.Embedding`` (no ``max_norm``) as a gather of the same weight Parameter."""
+    """``mint.nn.Embedding`` (no ``max_norm``) as a gather of the same weight Parameter. The forward pass is the
+    same; ``padding_idx``'s zero gradient for the padding row is not reproduced, which matters only when the
+    embedding itself trains (PET methods freeze it)."""
 
     def __init__(self, cell):
         super().__init__()
