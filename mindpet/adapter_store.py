@@ -38,7 +38,7 @@ from mindpet.tuners.registry import config_from_dict, make_tuner
 from mindpet.utils.dir_commit import directory_lock, remove_temp_files, write_file
 from mindpet.utils.exceptions import AdapterConfigError, CheckpointError, LinkPathError, MindPetError
 from mindpet.utils.io_utils import (atomic_save_checkpoint, checkpoint_format, ensure_dir, load_checkpoint_file,
-                                    read_yaml_file)
+                                    read_yaml_file, remove_stale_temp_files)
 from mindpet.version import __version__
 
 ADAPTER_CONFIG_NAME = 'adapter_config.yaml'
@@ -429,6 +429,8 @@ def save_adapter_dir(directory, adapter, fmt='mindpet'):
     directory = ensure_dir(os.fspath(directory), what='adapter directory')
     # Every format's writers are serialised; the format's writer runs with the lock held.
     with directory_lock(directory):
+        # Formats written with io_utils.atomic_write (PEFT's) leave its temporary files when killed.
+        remove_stale_temp_files(directory, 'adapter_')
         return save(directory, adapter)
 
 
