@@ -171,7 +171,7 @@ def _cpu_fallback(cell):
 
 def apply_cpu_fallbacks(network):
     """Replace, in place, the cells without a CPU kernel (see the module docstring); returns how many."""
-    from mindpet.tuners.base import walk, replace_cell  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.inject import walk, replace_cell  # pylint: disable=import-outside-toplevel
     _, holders = walk(network)
     count = 0
     for name, cell in list(network.cells_and_names()):
@@ -240,8 +240,8 @@ def load_weights(network, path, weights_map='auto', prefix=None):
         CheckpointError: an unreadable file, a shape mismatch, or no tensor matching the network at all.
     """
     from mindpet.utils.io_utils import load_checkpoint_file  # pylint: disable=import-outside-toplevel
-    from mindpet.adapter_store import is_delta_or_state  # pylint: disable=import-outside-toplevel
-    params = {p.name: p for p in network.get_parameters() if not is_delta_or_state(p.name)}
+    from mindpet.naming import is_pet_param  # pylint: disable=import-outside-toplevel
+    params = {p.name: p for p in network.get_parameters() if not is_pet_param(p.name)}
     loaded = {}
     unused = 0
     for file in weight_files(path):
@@ -273,11 +273,28 @@ def load_weights(network, path, weights_map='auto', prefix=None):
 
 
 # ----- decoding ----------------------------------------------------------------------------------------------------
-def decode(call, prompt_ids, max_length, max_new_tokens, eos_id, pad_id, top_k=0, seed=0):
-    """Greedy (``top_k`` 0) or top-k sampling from a causal LM, one token at a time.
+def has_kv_cache(network):
+    """Whether ``network`` follows the Hugging Face cache convention: ``construct`` takes ``past_key_values`` and
+    ``use_cache``, and with ``use_cache=True, return_dict=False`` returns ``(logits, past_key_values, ...)``."""
+    network = getattr(network, 'base_model', network)
+    params = inspect.signature(network.construct).parameters
+    return 'past_key_values' in params and 'use_cache' in params
 
-    Every step runs the whole fixed-size window ``(1, max_length)`` (one compiled graph for all steps; the model
-    is not asked for a KV cache) and reads the logits at the last real position.
+
+def _pick(logits, top_k, rng):
+    logits = np.asarray(logits, np.float64)
+    if not top_k:
+        return int(np.argmax(logits))
+    top = np.argsort(logits)[-top_k:]
+    probs = np.exp(logits[top] - logits[top].max())
+    return int(top[rng.choice(len(top), p=probs / probs.sum())])
+
+
+def decode(call, prompt_ids, max_length, max_new_tokens, eos_id, pad_id, top_k=0, seed=0):
+    """Greedy (``top_k`` 0) or top-k sampling from a causal LM, one token at a time, without a cache.
+
+    Every step runs the whole fixed-size window ``(1, max_length)`` (one compiled graph for all steps) and reads
+    the logits at the last real position.
 
     Returns:
         list[int]: the new token ids (without the prompt; up to and excluding eos).
@@ -292,18 +309,53 @@ def decode(call, prompt_ids, max_length, max_new_tokens, eos_id, pad_id, top_k=0
         window[0, :len(ids)] = ids
         mask = np.zeros((1, max_length), np.int32)
         mask[0, :len(ids)] = 1
-        logits = call(Tensor(window), Tensor(mask)).asnumpy()[0, len(ids) - 1].astype(np.float64)
-        if top_k:
-            top = np.argsort(logits)[-top_k:]
-            probs = np.exp(logits[top] - logits[top].max())
-            token = int(top[rng.choice(len(top), p=probs / probs.sum())])
-        else:
-            token = int(np.argmax(logits))
+        token = _pick(call(Tensor(window), Tensor(mask)).asnumpy()[0, len(ids) - 1], top_k, rng)
         if eos_id is not None and token == eos_id:
             break
         ids.append(token)
         new.append(token)
     return new
+
+
+def decode_cached(network, prompt_ids, max_length, max_new_tokens, eos_id, top_k=0, seed=0):
+    """:func:`decode` for a model with a KV cache (:func:`has_kv_cache`): the prompt runs once, then each step
+    feeds only the new token with the returned ``past_key_values``. The inputs grow by one token per step, so
+    this runs in PyNative mode (a graph would be compiled for every length); the mode is restored afterwards.
+
+    Returns:
+        list[int]: the new token ids.
+    """
+    network = getattr(network, 'base_model', network)
+    params = inspect.signature(network.construct).parameters
+    kwargs = {'use_cache': True}
+    if 'return_dict' in params:
+        kwargs['return_dict'] = False
+    rng = np.random.default_rng(seed)
+    mode = ms.get_context('mode')
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        network.set_train(False)
+        ids = list(prompt_ids)
+        feed, past, new = ids, None, []
+        for _ in range(max_new_tokens):
+            if len(ids) >= max_length:
+                break
+            step = dict(kwargs)
+            if past is not None:
+                step['past_key_values'] = past
+            if 'attention_mask' in params:
+                step['attention_mask'] = Tensor(np.ones((1, len(ids)), np.int32))
+            out = network(Tensor(np.asarray([feed], np.int32)), **step)
+            logits, past = out[0], out[1]
+            token = _pick(logits.asnumpy()[0, -1], top_k, rng)
+            if eos_id is not None and token == eos_id:
+                break
+            ids.append(token)
+            new.append(token)
+            feed = [token]
+        return new
+    finally:
+        ms.set_context(mode=mode)
 
 
 # ----- the task ----------------------------------------------------------------------------------------------------
@@ -479,31 +531,33 @@ class GenericTask(Task):
         except DataError as ex:
             raise self._data_error(ex) from None
         train_rows, train_bad = self._read('train')
-        if data['eval'] is not None:
-            eval_rows, eval_bad = self._read('eval')
-        else:
-            train_rows, eval_rows = text_data.split_rows(train_rows, data['split'] or 0.1, self.seed)
-            eval_bad = []
         if self.kind == CLASSIFICATION:
-            self.labels = data['labels'] or sorted({str(r.fields[data['label_column']]) for r in train_rows
-                                                    if isinstance(r.fields.get(data['label_column']), (str, int))
-                                                    and str(r.fields[data['label_column']]).strip()})
+            column = data['label_column']
+            self.labels = data['labels'] or sorted({str(r.fields[column]) for r in train_rows
+                                                    if isinstance(r.fields.get(column), (str, int))
+                                                    and str(r.fields[column]).strip()})
             if len(self.labels) < 2:
                 raise KeyValueError('data.labels', f"a classification needs at least 2 labels, but the training "
                                                    f"data has {self.labels}")
-        splits = {}
-        for key, rows, bad in (('train', train_rows, train_bad), ('eval', eval_rows, eval_bad)):
-            encoded = self._encode(rows)
-            encoded.bad = bad + encoded.bad
-            if encoded.bad and data['on_bad_rows'] == 'error':
-                raise KeyValueError(f'data.{key}', f"{len(encoded.bad)} bad row(s) of {len(rows) + len(bad)}: "
-                                                   f"{text_data.bad_rows_text(encoded.bad)} (on_bad_rows: skip "
-                                                   f"drops them)")
-            if not len(encoded):
-                raise KeyValueError(f'data.{key}', f"no usable row (of {len(rows) + len(bad)})")
-            self.bad_rows += encoded.bad
-            splits[key] = encoded
+        splits = {'train': self._encode_checked('train', train_rows, train_bad)}
+        if data['eval'] is not None:
+            splits['eval'] = self._encode_checked('eval', *self._read('eval'))
+        else:
+            splits['train'], splits['eval'] = _split(splits['train'], data['split'] or 0.1, self.seed)
         self._splits = splits
+
+    def _encode_checked(self, key, rows, bad):
+        """The rows of ``data.<key>`` encoded; bad rows refused (``on_bad_rows: error``) or recorded."""
+        encoded = self._encode(rows)
+        encoded.bad = bad + encoded.bad
+        if encoded.bad and self.data['on_bad_rows'] == 'error':
+            raise KeyValueError(f'data.{key}', f"{len(encoded.bad)} bad row(s) of {len(rows) + len(bad)}: "
+                                               f"{text_data.bad_rows_text(encoded.bad)} (on_bad_rows: skip drops "
+                                               f"them)")
+        if len(encoded) < (2 if key == 'train' and self.data['eval'] is None else 1):
+            raise KeyValueError(f'data.{key}', f"no usable rows (of {len(rows) + len(bad)})")
+        self.bad_rows += encoded.bad
+        return encoded
 
     def _encode(self, rows):
         data, tokenizer = self.data, self._tokenizer
@@ -552,18 +606,25 @@ class GenericTask(Task):
 
     def build_network(self):
         kwargs = dict(self.model['kwargs'] or {})
-        if self.model['factory'] is not None:
-            network = self._class(**kwargs)
-            what = self.model['factory']
-        else:
-            config, values = self._class_config()
-            network = self._class(config, **kwargs) if config is not None else self._class(**values, **kwargs)
-            what = self.model['class']
+        try:
+            if self.model['factory'] is not None:
+                key, what = 'model.kwargs', self.model['factory']
+                network = self._class(**kwargs)
+            else:
+                key, what = 'model.config', self.model['class']
+                config, values = self._class_config()
+                network = self._class(config, **kwargs) if config is not None else self._class(**values, **kwargs)
+        except (TypeError, ValueError) as ex:
+            raise KeyValueError(key, f"'{what}' could not be built from it: {ex}") from None
         if not isinstance(network, nn.Cell):
-            raise TypeError(f"'{what}' gave {type(network).__name__}, not a mindspore.nn.Cell")
+            raise KeyValueError('model.factory' if self.model['factory'] else 'model.class',
+                                f"'{what}' gave {type(network).__name__}, not a mindspore.nn.Cell")
         if self.model['cpu_fallbacks'] and ms.get_context('device_target') == 'CPU':
             apply_cpu_fallbacks(network)
         return network
+
+    def base_weights_source(self, path):
+        return self.model['weights']
 
     def load_base(self, network, path):
         if self.model['weights'] is None:
@@ -615,7 +676,11 @@ class GenericTask(Task):
         return prompts
 
     def generate_ids(self, network, prompt_ids, max_new_tokens=None, top_k=0, seed=0):
-        """New token ids after ``prompt_ids`` (see :func:`decode`)."""
+        """New token ids after ``prompt_ids``: :func:`decode_cached` when the model has a KV cache, else
+        :func:`decode`."""
+        if has_kv_cache(network):
+            return decode_cached(network, prompt_ids, self.data['max_length'],
+                                 max_new_tokens or self.data['max_new_tokens'], self.eos_id, top_k, seed)
         call = ModelCall(network)
         call.set_train(False)
         return decode(call, prompt_ids, self.data['max_length'], max_new_tokens or self.data['max_new_tokens'],
@@ -638,6 +703,15 @@ class GenericTask(Task):
             answer = self._tokenizer.decode(self.generate_ids(network, ids)).replace('\n', ' ')
             lines.append(f"{prompt!r} -> {answer!r}")
         return lines or None
+
+
+def _split(encoded, fraction, seed):
+    """``(train, eval)`` Encoded: a seeded random ``fraction`` of the rows held out (at least one each)."""
+    order = np.random.default_rng(seed).permutation(len(encoded))
+    held = min(max(1, int(round(len(encoded) * fraction))), len(encoded) - 1)
+    keep, hold = np.sort(order[held:]), np.sort(order[:held])
+    return (text_data.Encoded([c[keep] for c in encoded.columns], encoded.names, encoded.bad, encoded.rows_read),
+            text_data.Encoded([c[hold] for c in encoded.columns], encoded.names, [], 0))
 
 
 def classification_metrics(logits, labels, names):
@@ -678,4 +752,5 @@ TASK = GenericTask
 
 __all__ = ['GenericTask', 'TASK', 'ModelCall', 'ClassificationLoss', 'NextTokenLoss', 'GatherEmbedding',
            'ClassicLayerNorm', 'apply_cpu_fallbacks', 'weight_files', 'map_names', 'load_weights', 'decode',
+           'decode_cached', 'has_kv_cache',
            'classification_metrics', 'HEADS', 'LOSSES']

@@ -74,8 +74,9 @@ def _method_text(plan):
 def header(plan, loaded, trainable, total, total_steps, epochs, steps_per_epoch, group_size, dry_run=False):
     """The lines printed before training: model, method, parameters, data and steps."""
     model = plan.model
-    lines = [f"[model] {plan.task.label()}; base weights: "
-             f"{loaded or (model.get('base_checkpoint') if dry_run else None) or 'initial (random) weights'}",
+    # A dry run reads no weights: it says what a real run would load.
+    source = plan.task.base_weights_source(model.get('base_checkpoint')) if dry_run else loaded
+    lines = [f"[model] {plan.task.label()}; base weights: {source or 'initial (random) weights'}",
              f"[pet] {_method_text(plan)}; trainable {trainable:,} of {total:,} parameters "
              f"({100.0 * trainable / max(total, 1):.3f}%)"]
     if total_steps is not None:

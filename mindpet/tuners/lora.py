@@ -34,12 +34,13 @@ from mindspore import Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, HeUniform
 
-from mindpet.delta.dora import DoRADense
-from mindpet.delta.lora import LoRADense, lora_increment, lora_init_factors, LORA_INITS
+from mindpet.delta.dora import DoRADense, DoraLayer
+from mindpet.delta.lora import LoRADense, LoraLayer, lora_increment, lora_init_factors, LORA_INITS
 from mindpet.tuners import dora
-from mindpet.tuners.base import DenseLayerTuner, layer_key, name_matches
-from mindpet.tuners.config import (PetConfig, TARGETS_REQUIRED, register_method, check_compute_dtype,
-                                   resolve_compute_dtype)
+from mindpet.tuners.base import DenseLayerTuner
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_compute_dtype
+from mindpet.tuners.inject import name_matches
+from mindpet.tuners.registry import register_method
 from mindpet.utils.validation import check_int, check_real, check_rate, check_choice, check_bool, check_str_list
 
 A_NAME = 'mindpet_delta_lora_a'
@@ -57,7 +58,9 @@ class LoraConfig(PetConfig):
     """LoRA hyper-parameters for :func:`mindpet.get_pet_model`.
 
     Args:
-        target_modules (list[str] | str): cells to adapt (plain ``nn.Dense``), by regex full-match or name suffix.
+        target_modules (list[str] | str): cells to adapt, by regex full-match or name suffix: ``nn.Dense``,
+            ``mint.nn.Linear``, GPT-2 ``Conv1D``, ``nn.Conv2d``/``mint.nn.Conv2d``, ``nn.Embedding``/
+            ``mint.nn.Embedding`` (DoRA: not embeddings).
         lora_rank (int): rank ``r`` > 0. Default 8.
         lora_alpha (int | float): non-zero; the increment is scaled by ``lora_alpha / lora_rank``. Default 16.
         lora_dropout (float): dropout on the LoRA branch input, in [0, 1). Default 0.0. Fixed per layer when the
@@ -66,17 +69,6 @@ class LoraConfig(PetConfig):
             computes in the base weight's dtype, so the adapted model equals the base model exactly at init.
         use_dora (bool): DoRA (:class:`mindpet.delta.dora.DoRADense`): a trainable per-row magnitude times the
             LoRA-updated direction. Default False. A layer keeps the variant of the first adapter that adapted it.
-        use_rslora (bool): rank-stabilised scaling ``lora_alpha / sqrt(r)`` (Kalajdzievski, 2023). Default False.
-        init_lora_weights (bool | str): ``True`` (default: Kaiming-uniform ``A``, zero ``B``), ``'gaussian'``
-            (``A ~ N(0, 1/r^2)``), ``'pissa'`` or ``'olora'`` (from the base weight's SVD / QR; the base weight
-            holds the residual while the adapter is active). Not with ``use_dora``.
-        rank_pattern (dict | None): ``layer-name pattern -> rank`` for the layers it matches (else ``lora_rank``).
-        alpha_pattern (dict | None): ``layer-name pattern -> alpha`` (else ``lora_alpha``).
-        layers_to_transform (list[int] | int | None): adapt only the layers whose block index is listed. The
-            index is the all-digit name component after a component in ``layers_pattern``, or, without it, the
-            first all-digit component (``blocks.3.attn.q_proj`` -> 3). None (default): every matched layer.
-        layers_pattern (list[str] | str | None): names of the component holding the blocks (``'blocks'``,
-            ``'layers'``, ``'h'``); only with ``layers_to_transform``.
         dora_detach_norm (bool): DoRA only: True (default, as PEFT) treats the row norms as constants in the
             backward pass; False differentiates through them (the exact gradient). Same forward pass and merge.
         exclude_modules, modules_to_save: see :class:`PetConfig`.
@@ -201,54 +193,36 @@ def _pattern_value(patterns, key, default):
     return default
 
 
-class LoraTuner(DenseLayerTuner):
-    """Injects :class:`mindpet.delta.LoRADense` (or, with ``use_dora``, :class:`mindpet.delta.dora.DoRADense`) in
-    place of ``nn.Dense`` layers (keeping their weight and bias Parameter objects) and implements switching,
-    merging, storing and combining for it. The DoRA specifics live in :mod:`mindpet.tuners.dora`."""
-    layer_class = (LoRADense, DoRADense)
 
-    def match(self, model, config, layers):
-        holders, matches = super().match(model, config, layers)
-        kept = [match for match in matches if config.transforms(match[0])]
-        if not kept:
-            raise ValueError(f"For 'get_pet_model', the 'lora' config's layers_to_transform "
-                             f"{config.layers_to_transform} (layers_pattern {config.layers_pattern}) keeps none of "
-                             f"the {len(matches)} matched layers, e.g. {[key for key, _, _ in matches][:4]}.")
-        return holders, kept
 
-    def check_reuse(self, key, layer, config):
-        if isinstance(layer, DoRADense) != config.use_dora:
-            raise ValueError(f"For the 'lora' config with use_dora={config.use_dora}, the layer '{key}' was adapted "
-                             f"as {type(layer).__name__} by an earlier adapter; one layer holds one variant "
-                             f"(exclude it with 'exclude_modules', or adapt another model).")
+class _PlainLora:
+    """The per-layer hooks of plain LoRA (:class:`LoRADense`, :class:`LoraLayer`); :mod:`mindpet.tuners.dora`
+    provides the same functions for DoRA. :class:`LoraTuner` picks one of the two in :meth:`LoraTuner.variant`.
+    ``config`` is the layer's own (:meth:`LoraConfig.for_layer`)."""
 
-    def create_layer(self, cell, config, key=None):
-        config = config.for_layer(key or layer_key(cell, ''))
-        if config.use_dora:
-            return dora.create_layer(cell, config, resolve_compute_dtype(config.compute_dtype, cell.weight.dtype))
-        layer = self.build_layer(LoRADense, cell, config.compute_dtype, lora_rank=config.lora_rank,
-                                 lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
+    @classmethod
+    def create_layer(cls, cell, config, key):
+        if config.init_lora_weights in RESIDUAL_INITS and type(cell).__name__ != 'Dense':
+            raise ValueError(f"For the 'lora' config with init_lora_weights={config.init_lora_weights!r}, the layer "
+                             f"'{key}' is a {type(cell).__name__}; PiSSA/OLoRA adapt nn.Dense layers only.")
+        layer = DenseLayerTuner.build_delta(cell, key, LoRADense, LoraLayer, config.compute_dtype,
+                                            lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                                            lora_dropout=config.lora_dropout)
         if config.init_lora_weights is not True:
             # The first adapter's tensors are read back from the new layer: give it that adapter's initialisation.
-            self.write_adapter(layer, config, self.init_adapter(layer, config))
+            cls.write_live(layer, config, cls.init_adapter(layer, config))
         return layer
 
-    def expected_shapes(self, key, fingerprint, config, source):
-        return super().expected_shapes(key, fingerprint, config.for_layer(key), source)
-
-    def adapter_shapes(self, weight_shape, config):
-        if config.use_dora:
-            return dora.adapter_shapes(weight_shape, config)
+    @staticmethod
+    def adapter_shapes(weight_shape, config):
         out_channels, in_channels = weight_shape
         shapes = {A_NAME: (config.lora_rank, in_channels), B_NAME: (out_channels, config.lora_rank)}
         if config.init_lora_weights in RESIDUAL_INITS:
             shapes.update({INIT_A_NAME: shapes[A_NAME], INIT_B_NAME: shapes[B_NAME]})
         return shapes
 
-    def read_adapter(self, layer, config):
-        config = config.for_layer(layer_key(layer, ''))
-        if isinstance(layer, DoRADense):
-            return dora.read_adapter(layer, config)
+    @staticmethod
+    def read_live(layer, config):
         rank = config.lora_rank
         tensors = {A_NAME: layer.mindpet_delta_lora_a.asnumpy()[:rank].copy(),
                    B_NAME: layer.mindpet_delta_lora_b.asnumpy()[:, :rank].copy()}
@@ -257,10 +231,8 @@ class LoraTuner(DenseLayerTuner):
             tensors.update({INIT_A_NAME: init_a.copy(), INIT_B_NAME: init_b.copy()})
         return tensors
 
-    def write_adapter(self, layer, config, tensors):
-        config = config.for_layer(layer_key(layer, ''))
-        if isinstance(layer, DoRADense):
-            return dora.write_adapter(layer, config, tensors)
+    @staticmethod
+    def write_live(layer, config, tensors):
         lora_a, lora_b = tensors[A_NAME], tensors[B_NAME]
         rank, live = lora_a.shape[0], layer.mindpet_delta_lora_a.shape[0]
         width = max(rank, live)
@@ -272,7 +244,7 @@ class LoraTuner(DenseLayerTuner):
         layer.mindpet_delta_lora_a.set_data(Tensor(padded_a, dtype))
         layer.mindpet_delta_lora_b.set_data(Tensor(padded_b, dtype))
         # PiSSA / OLoRA: the initial factors stay on the host with the live adapter (activate() derives the base
-        # weight's residual from them; read_adapter() stores them with the adapter).
+        # weight's residual from them; read_live() stores them with the adapter).
         layer.lora_init_factors = ((tensors[INIT_A_NAME], tensors[INIT_B_NAME]) if INIT_A_NAME in tensors
                                    else None)
         if rank > live:
@@ -280,36 +252,33 @@ class LoraTuner(DenseLayerTuner):
             return True
         return False
 
-    def init_adapter(self, layer, config):
-        config = config.for_layer(layer_key(layer, ''))
-        if isinstance(layer, DoRADense):
-            return dora.init_adapter(layer, config)
+    @staticmethod
+    def init_adapter(layer, config):
         rank = config.lora_rank
         if config.init_lora_weights is True:
             lora_a = initializer(HeUniform(negative_slope=math.sqrt(5)), [rank, layer.in_channels], mstype.float32)
             return {A_NAME: lora_a.init_data().asnumpy(),
                     B_NAME: np.zeros((layer.out_channels, rank), np.float32)}
-        lora_a, lora_b = lora_init_factors(config.init_lora_weights, _base_weight(layer), rank, config.scaling)
+        weight = _base_weight(layer) if config.init_lora_weights in RESIDUAL_INITS else \
+            np.zeros((layer.out_channels, layer.in_channels), np.float32)
+        lora_a, lora_b = lora_init_factors(config.init_lora_weights, weight, rank, config.scaling)
         tensors = {A_NAME: lora_a, B_NAME: lora_b}
         if config.init_lora_weights in RESIDUAL_INITS:
             tensors.update({INIT_A_NAME: lora_a.copy(), INIT_B_NAME: lora_b.copy()})
         return tensors
 
-    def base_derived(self, layer, config, tensors):
-        if isinstance(layer, DoRADense):
-            return dora.base_derived(layer, config.for_layer(layer_key(layer, '')), tensors)
+    @classmethod
+    def base_derived(cls, layer, config, tensors):
         if config.init_lora_weights not in RESIDUAL_INITS:
             return {}
         residual = getattr(layer, 'lora_residual', None)
         if residual is not None and not np.array_equal(layer.weight.asnumpy(), _residual_weight(layer, residual)):
             # New base weights were loaded over the residual: they are the base now.
-            layer.lora_residual = None
-        return self.init_adapter(layer, config)
+            layer.lora_residual = layer.lora_base_weight = None
+        return cls.init_adapter(layer, config)
 
-    def activate(self, layer, config):
-        config = config.for_layer(layer_key(layer, ''))
-        if isinstance(layer, DoRADense):
-            return dora.activate(layer, config)
+    @staticmethod
+    def activate(layer, config):
         layer.scaling = config.scaling
         layer.lora_alpha = config.lora_alpha
         if not layer.merged:
@@ -318,27 +287,98 @@ class LoraTuner(DenseLayerTuner):
             _set_residual(layer, None if factors is None else lora_increment(*factors, config.scaling))
         return False
 
-    def deactivate(self, layer):
-        if isinstance(layer, DoRADense):
-            return dora.deactivate(layer)
+    @staticmethod
+    def deactivate(layer):
         layer.mindpet_state_lora_scaling.set_data(Tensor(0.0, mstype.float32))
         if not layer.merged:
             _set_residual(layer, None)
         return False
 
-    def sync_scaling(self, layer, config):
-        layer.scaling = config.for_layer(layer_key(layer, '')).scaling
-
-    def merge_weights(self, params, key, tensors, config):
-        config = config.for_layer(key)
-        if config.use_dora:
-            return dora.merge_weights(params, key, tensors, config)
+    @staticmethod
+    def merge_weights(params, key, tensors, config):
         name = f'{key}.weight'
         weight = params[name]
         merged = weight.astype(np.float32) + lora_increment(tensors[A_NAME], tensors[B_NAME], config.scaling)
         if INIT_A_NAME in tensors:    # relative to the original base weight: W0 + s (B A - B0 A0)
             merged -= lora_increment(tensors[INIT_A_NAME], tensors[INIT_B_NAME], config.scaling)
         return {name: merged.astype(weight.dtype)}
+
+
+class LoraTuner(DenseLayerTuner):
+    """Injects :class:`mindpet.delta.LoRADense` (or, with ``use_dora``, :class:`mindpet.delta.dora.DoRADense`) in
+    place of ``nn.Dense`` layers (keeping their weight and bias Parameter objects), and
+    :class:`~mindpet.delta.lora.LoraLayer` / :class:`~mindpet.delta.dora.DoraLayer` around the other layer types of
+    :mod:`mindpet.delta.layer_kinds`; implements switching, merging, storing and combining for them.
+
+    Every per-layer hook goes through :meth:`variant`: plain LoRA (:class:`_PlainLora`) or DoRA
+    (:mod:`mindpet.tuners.dora`), chosen by the config (new layers) or by the layer (existing ones), and receives
+    the layer's own config (:meth:`LoraConfig.for_layer`: ``rank_pattern`` / ``alpha_pattern``)."""
+    layer_class = (LoRADense, DoRADense, LoraLayer, DoraLayer)
+    adapts_layer_kinds = True
+
+    @staticmethod
+    def variant(use_dora):
+        """The hooks of the plain LoRA (False) or DoRA (True) variant."""
+        return dora if use_dora else _PlainLora
+
+    def _of_layer(self, layer):
+        return self.variant(dora.is_dora_layer(layer))
+
+    @staticmethod
+    def _own(layer, config):
+        # The layer key is recorded when the layer is created (create_layer below).
+        return config.for_layer(layer.lora_layer_key)
+
+    def match(self, model, config, layers):
+        holders, matches = super().match(model, config, layers)
+        kept = [match for match in matches if config.transforms(match[0])]
+        if not kept:
+            raise ValueError(f"For 'get_pet_model', the 'lora' config's layers_to_transform "
+                             f"{config.layers_to_transform} (layers_pattern {config.layers_pattern}) keeps none of "
+                             f"the {len(matches)} matched layers, e.g. {[key for key, _, _ in matches][:4]}.")
+        return holders, kept
+
+    def check_reuse(self, key, layer, config):
+        if dora.is_dora_layer(layer) != config.use_dora:
+            raise ValueError(f"For the 'lora' config with use_dora={config.use_dora}, the layer '{key}' was adapted "
+                             f"as {type(layer).__name__} by an earlier adapter; one layer holds one variant "
+                             f"(exclude it with 'exclude_modules', or adapt another model).")
+
+    def create_layer(self, cell, config, key=None):
+        layer = self.variant(config.use_dora).create_layer(cell, config.for_layer(key), key)
+        layer.lora_layer_key = key
+        return layer
+
+    def expected_shapes(self, key, fingerprint, config, source):
+        return super().expected_shapes(key, fingerprint, config.for_layer(key), source)
+
+    def adapter_shapes(self, weight_shape, config):
+        return self.variant(config.use_dora).adapter_shapes(weight_shape, config)
+
+    def read_live(self, layer, config):
+        return self._of_layer(layer).read_live(layer, self._own(layer, config))
+
+    def write_live(self, layer, config, tensors):
+        return self._of_layer(layer).write_live(layer, self._own(layer, config), tensors)
+
+    def init_adapter(self, layer, config):
+        return self._of_layer(layer).init_adapter(layer, self._own(layer, config))
+
+    def base_derived(self, layer, config, tensors):
+        return self._of_layer(layer).base_derived(layer, self._own(layer, config), tensors)
+
+    def activate(self, layer, config):
+        return self._of_layer(layer).activate(layer, self._own(layer, config))
+
+    def deactivate(self, layer):
+        return self._of_layer(layer).deactivate(layer)
+
+    def sync_scaling(self, layer, config):
+        layer.scaling = self._own(layer, config).scaling
+
+    def merge_weights(self, params, key, tensors, config):
+        config = config.for_layer(key)
+        return self.variant(config.use_dora).merge_weights(params, key, tensors, config)
 
     def combine(self, adapters, weights, combination_type, rank):
         """``svd``: the weighted sum of the increments, re-factorised to ``rank`` (default: the largest input

