@@ -508,11 +508,28 @@ def _common_notes(by):
             f"{'the highest' if pst['peak_rss_mb'] >= max(r['peak_rss_mb'] for r in by.values()) else 'high'} "
             f"({pst['peak_rss_mb'] - full['peak_rss_mb']:+.0f} MB vs full fine-tuning: scores, masks and their "
             f"gradients for every pruned weight).")
-    for key in ('adalora', 'tsvd'):
+    for key in ('adalora', 'tsvd') + tuple(BUDGET_METHODS):
         if key in by and 'rank_pattern' in by[key]:
             r = by[key]
             notes.append(f"- **{r['label']}**: final ranks {r['rank_pattern']} (sum "
                          f"{sum(r['rank_pattern'].values())}).")
+    budget = [by[m] for m in ('lora', 'adalora_r8', 'tsvd', 'tsvd_p1_k32', 'tsvd_p1_k8', 'adalora') if m in by]
+    if 'tsvd' in by and any(m in by for m in BUDGET_METHODS):
+        lora, tsvd = by.get('lora'), by['tsvd']
+        text = "; ".join(f"{r['label']} {r['trainable']:,} values, {100 * r['test_accuracy']:.1f} %" for r in budget)
+        best = max((by[m] for m in ('tsvd', 'tsvd_p1_k32', 'tsvd_p1_k8') if m in by),
+                   key=lambda r: r['test_accuracy'])
+        verdict = ""
+        if lora is not None:
+            to_tsvd = 100 * (best['test_accuracy'] - tsvd['test_accuracy'])
+            to_lora = 100 * (best['test_accuracy'] - lora['test_accuracy'])
+            verdict = (f" The best t-SVD row, {best['label']}, is {to_tsvd:+.1f} points from the full-factor t-SVD "
+                       f"and {to_lora:+.1f} points from LoRA: "
+                       + ("t-SVD does not reach LoRA's accuracy on this task." if to_lora < 0 else
+                          "it reaches LoRA's accuracy on this task."))
+        notes.append("- **t-SVD against LoRA and AdaLoRA at equal trainable budget** (rows marked † come from a "
+                     "separate run of the same script, same base and seeds; their step times and memory were "
+                     "measured under other load): " + text + "." + verdict)
     return notes
 
 
