@@ -10,6 +10,7 @@ import pytest
 import mindspore as ms
 
 from mindpet.cli import main
+from mindpet.adapter_store import adapter_weights_path
 from mindpet.train.runner import finetune
 from mindpet.utils.io_utils import load_checkpoint_file
 
@@ -75,7 +76,7 @@ def run_tiny(name, tmp_path, *sets):
                        out=lines.append)
     metrics = json.load(open(tmp_path / 'out' / 'metrics.json', encoding='utf-8'))
     assert all(math.isfinite(x) for x in metrics['losses'])
-    tensors = load_checkpoint_file(str(tmp_path / 'out' / 'adapter' / 'adapter_model.safetensors'))
+    tensors = load_checkpoint_file(adapter_weights_path(str(tmp_path / 'out' / 'adapter')))
     return summary, metrics, tensors, '\n'.join(lines)
 
 
