@@ -10,7 +10,7 @@ from mindspore import nn
 from safetensors.numpy import load_file
 
 from mindpet import LoraConfig, PetModel, get_pet_model
-from mindpet.adapter_store import ADAPTER_WEIGHTS_NAME, merge_into_checkpoint
+from mindpet.adapter_store import adapter_weights_path, merge_into_checkpoint
 from mindpet.tuners.lora import INIT_A_NAME, INIT_B_NAME
 
 from tests.gpt_like import GPTLike, LMLoss, token_batch
@@ -115,7 +115,7 @@ def test_rank_and_alpha_patterns_give_each_layer_its_own(graph_mode, tmp_path, b
     assert [pet.pet_layers[key].mindpet_delta_lora_a.shape[0] for key in QV] == [4, 2, 4, 2]
     directory, _ = _check_lifecycle(pet, tmp_path, ids, base_out, path,
                                     {QV[0]: 8 / 4, QV[1]: 8 / 2, QV[2]: 3 / 4, QV[3]: 3 / 2})
-    shapes = {name: value.shape for name, value in load_file(f'{directory}/{ADAPTER_WEIGHTS_NAME}').items()}
+    shapes = {name: value.shape for name, value in load_file(adapter_weights_path(directory)).items()}
     assert shapes[f'{QV[1]}.{A}'] == (2, 32) and shapes[f'{QV[0]}.{A}'] == (4, 32) and shapes[f'{QV[3]}.{B}'] == (32, 2)
 
 
@@ -213,7 +213,7 @@ def test_pissa_and_olora_start_from_the_base_weight_and_restore_it(graph_mode, t
         np.testing.assert_allclose(pet(ids).asnumpy(), base_out, atol=1e-5)
 
     directory, out = _check_lifecycle_residual(pet, tmp_path, ids, base_out, path, w0)
-    tensors = load_file(f'{directory}/{ADAPTER_WEIGHTS_NAME}')
+    tensors = load_file(adapter_weights_path(directory))
     for key in QV:
         np.testing.assert_allclose(2.0 * tensors[f'{key}.{INIT_B_NAME}'].astype(np.float64)
                                    @ tensors[f'{key}.{INIT_A_NAME}'], reference(w0[key], 4, 2.0), atol=1e-5)
