@@ -223,8 +223,9 @@ def test_a_second_writer_waits_for_the_lock_and_gives_up_with_a_clear_error(tmp_
             with directory_lock(directory, timeout=0.05):
                 pass
         # save_pretrained waits for the lock: it is not held by this thread's save, so run it with a short timeout.
-        with pytest.raises(CheckpointError, match='Another process'):
-            with mock.patch('mindpet.utils.dir_commit.LOCK_TIMEOUT_S', 0.05):
-                pet.save_pretrained(directory)
+        with mock.patch('mindpet.utils.dir_commit.LOCK_TIMEOUT_S', 0.05):
+            for fmt in ('mindpet', 'peft'):       # every format's writers are serialised
+                with pytest.raises(CheckpointError, match='Another process'):
+                    pet.save_pretrained(directory, format=fmt)
     assert _config_text(directory) == before and len(os.listdir(directory)) == 2
     pet.save_pretrained(directory)   # the lock is free again
