@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 
 from mindpet.delta.layer_kinds import canonical_arrays, canonical_fingerprint, stored_updates
-from mindpet.utils.constants import DELTA_PREFIX, STATE_PREFIX
+from mindpet.naming import is_pet_param
 from mindpet.utils.exceptions import AdapterConfigError, CheckpointError, MindPetError
 from mindpet.utils.io_utils import (atomic_write, atomic_save_checkpoint, load_checkpoint_file, read_yaml_file,
                                     file_sha256)
@@ -37,17 +37,11 @@ None when the format records no base model), ``layer_types`` (layer key -> name 
 :mod:`mindpet.delta.layer_kinds` kind for the adapted layers that are not ``nn.Dense``; None or empty when all are)."""
 
 
-def is_delta_or_state(name):
-    """True for parameters added by a PET method (trainable deltas and run-time state)."""
-    last = name.rsplit('.', 1)[-1]
-    return last.startswith(DELTA_PREFIX) or last.startswith(STATE_PREFIX)
-
-
 def model_fingerprint(net):
     """``name -> shape`` (lists) of every base parameter of ``net``, in order; PET parameters are left out, so an
     adapted model and its base model have the same fingerprint."""
     return OrderedDict((p.name, [int(d) for d in p.shape]) for p in net.get_parameters()
-                       if not is_delta_or_state(p.name))
+                       if not is_pet_param(p.name))
 
 
 def check_fingerprint(expected, actual, source, what='this model', allow_extra=False):
@@ -114,7 +108,7 @@ def check_tensors(tensors, expected, path):
 def build_meta(adapter):
     """The ``adapter_config.yaml`` mapping of ``adapter`` (a :class:`StoredAdapter`), without ``weights_sha256``
     (added by the writer from the bytes it writes)."""
-    from mindpet import __version__  # pylint: disable=import-outside-toplevel
+    from mindpet.version import __version__  # pylint: disable=import-outside-toplevel
     fingerprint = adapter.fingerprint
     meta = {
         'format': FORMAT,
@@ -149,7 +143,7 @@ def group_tensors(flat, targets, module_names):
     for key in targets:
         prefix = key + '.'
         layers[key] = OrderedDict((name[len(prefix):], value) for name, value in flat.items()
-                                  if name.startswith(prefix) and is_delta_or_state(name[len(prefix):]))
+                                  if name.startswith(prefix) and is_pet_param(name[len(prefix):]))
     modules = OrderedDict((name, flat[name]) for name in module_names)
     return layers, modules
 
@@ -215,7 +209,7 @@ def read_adapter_meta(directory):
     Raises:
         AdapterConfigError: the directory or file is missing, a key is missing, or the format is unknown.
     """
-    from mindpet.tuners.config import config_from_dict  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.registry import config_from_dict  # pylint: disable=import-outside-toplevel
     directory = _check_adapter_dir(directory)
     path = os.path.join(directory, ADAPTER_CONFIG_NAME)
     if not os.path.isfile(path):
@@ -262,7 +256,7 @@ def verify_adapter_weights(directory, meta):
 def _load_mindpet_dir(directory):
     """Read a mindpet-format adapter directory, its tensors checked against its YAML (names and shapes) and its
     checksum."""
-    from mindpet.tuners.config import make_tuner  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
     config, meta = read_adapter_meta(directory)
     path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     params = load_checkpoint_file(path, what='adapter weights')
@@ -368,7 +362,7 @@ def check_adapter_fits(adapter, fingerprint, source, what='this model', allow_ex
     if adapter.fingerprint is not None:
         check_fingerprint(adapter.fingerprint, fingerprint, source, what=what, allow_extra=allow_extra)
         return
-    from mindpet.tuners.config import make_tuner  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
     expected = expected_tensors(make_tuner(adapter.config.method), adapter.config, adapter.targets,
                                 list(adapter.modules),
                                 canonical_fingerprint(fingerprint, adapter.layer_types, source), source)
@@ -400,7 +394,7 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path, base_params=None):
         >>> merge_into_checkpoint('base.ckpt', 'out/adapter', 'merged.ckpt')  # doctest: +SKIP
     """
     import mindspore as ms  # pylint: disable=import-outside-toplevel
-    from mindpet.tuners.config import make_tuner  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
     from mindpet.utils.io_utils import checkpoint_format  # pylint: disable=import-outside-toplevel
     expected = "a path ending in .ckpt or .safetensors (the format follows the extension)"
     if not isinstance(out_path, (str, os.PathLike)):

@@ -19,7 +19,8 @@ from mindspore import nn
 from safetensors.numpy import load_file
 
 from mindpet import PetModel, get_pet_model, config_from_dict
-from mindpet.adapter_store import ADAPTER_WEIGHTS_NAME, is_delta_or_state, merge_into_checkpoint
+from mindpet.adapter_store import ADAPTER_WEIGHTS_NAME, merge_into_checkpoint
+from mindpet.naming import is_pet_param
 from mindpet.cli import main as mindpet_command
 from mindpet.utils.exceptions import ModelConfigKeysInfoError
 
@@ -145,7 +146,7 @@ def check_injection(case, tmp_path):
     live = {p.name: p for p in pet.get_parameters()}
     for name, param in params.items():
         assert live[name] is param, name
-    assert all(is_delta_or_state(name) for name in set(live) - set(params))
+    assert all(is_pet_param(name) for name in set(live) - set(params))
     path = str(tmp_path / 'base.ckpt')
     ms.save_checkpoint(case.make_net(seed=7), path)
     param_not_load, ckpt_not_load = ms.load_param_into_net(pet, ms.load_checkpoint(path), strict_load=True)
@@ -242,7 +243,7 @@ def check_merge(case, pair, tmp_path):
         for name, value in snapshot(pet).items():
             np.testing.assert_allclose(value, weights[name], rtol=1e-5, atol=1e-6, err_msg=name)
         plain = pet.merge_and_unload()
-        assert not any(is_delta_or_state(p.name) for p in plain.get_parameters())
+        assert not any(is_pet_param(p.name) for p in plain.get_parameters())
         if case.layer_class is not None:
             assert not any(isinstance(c, case.layer_class) for _, c in plain.cells_and_names())
         np.testing.assert_allclose(plain(ids).asnumpy(), pair.out_a, rtol=1e-5, atol=1e-5)
@@ -273,7 +274,7 @@ def check_merge(case, pair, tmp_path):
                                 str(tmp_path / 'out.ckpt')]) == 1
         assert not os.path.exists(tmp_path / 'out.ckpt')
         net = pet.unload()
-        assert not any(is_delta_or_state(p.name) for p in net.get_parameters())
+        assert not any(is_pet_param(p.name) for p in net.get_parameters())
         assert_outputs(net(ids).asnumpy(), pair.base_out, 'exact')
     ms.set_context(mode=ms.PYNATIVE_MODE)
 

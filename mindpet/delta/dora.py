@@ -27,7 +27,7 @@ from mindspore.common.initializer import HeUniform
 from mindpet.delta.base import DeltaDense, host_f32
 from mindpet.delta.layer_kinds import DeltaLayer
 from mindpet.delta.sharding import apply_dense_strategies
-from mindpet.delta.lora import init_param, _check_init_shape
+from mindpet.delta.base import init_param, check_init_shape
 from mindpet.utils.validation import check_int, check_real, check_rate, check_bool, check_dtype
 
 
@@ -74,8 +74,8 @@ class DoRADense(DeltaDense):
         self.dora_detach_norm = check_bool('dora_detach_norm', dora_detach_norm, owner)
         check_int('in_channels', in_channels, owner)
         check_int('out_channels', out_channels, owner)
-        _check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, in_channels))
-        _check_init_shape(owner, 'lora_b_init', lora_b_init, (out_channels, lora_rank))
+        check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, in_channels))
+        check_init_shape(owner, 'lora_b_init', lora_b_init, (out_channels, lora_rank))
         super().__init__(in_channels, out_channels, param_init_type, compute_dtype, **kwargs)
         self.lora_dropout = nn.Dropout(p=lora_dropout)
         self.use_lora_dropout = lora_dropout > 0
@@ -263,8 +263,8 @@ class DoraLayer(DeltaLayer):
             compute_dtype = base_layer.weight.dtype
         check_dtype('compute_dtype', compute_dtype, owner)
         super().__init__(base_layer, kind, compute_dtype)
-        _check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, self.in_channels))
-        _check_init_shape(owner, 'lora_b_init', lora_b_init, (self.out_channels, lora_rank))
+        check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, self.in_channels))
+        check_init_shape(owner, 'lora_b_init', lora_b_init, (self.out_channels, lora_rank))
         self.lora_rank, self.lora_alpha, self.lora_dropout_rate = rank, alpha, lora_dropout
         self.lora_dropout = nn.Dropout(p=lora_dropout)
         self.use_lora_dropout = lora_dropout > 0

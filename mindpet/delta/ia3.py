@@ -16,7 +16,7 @@ from mindspore import dtype as mstype
 from mindpet.delta.base import DeltaDense, host_f32
 from mindpet.delta.layer_kinds import DeltaLayer
 from mindpet.delta.sharding import apply_dense_strategies
-from mindpet.delta.lora import init_param, _check_init_shape
+from mindpet.delta.base import init_param, check_init_shape
 from mindpet.utils.validation import check_bool
 
 
@@ -54,7 +54,7 @@ class IA3Dense(DeltaDense):
         self.ia3_feedforward = check_bool('ia3_feedforward', ia3_feedforward, owner)
         super().__init__(in_channels, out_channels, param_init_type, compute_dtype, **kwargs)
         size = in_channels if ia3_feedforward else out_channels
-        _check_init_shape(owner, 'ia3_init', ia3_init, (size,))
+        check_init_shape(owner, 'ia3_init', ia3_init, (size,))
         self.mindpet_delta_ia3_vector = init_param(ia3_init, (size,), param_init_type, 'mindpet_delta_ia3_vector')
         # 1 while the vector acts in the forward pass, 0 once merged into the weight (Parameter data, so a
         # compiled graph sees merge()/unmerge()).
@@ -165,7 +165,7 @@ class IA3Layer(DeltaLayer):
         weight = getattr(base_layer, kind.weight_attr)
         super().__init__(base_layer, kind, weight.dtype if compute_dtype is None else compute_dtype)
         size = self.in_channels if ia3_feedforward else self.out_channels
-        _check_init_shape(owner, 'ia3_init', ia3_init, (size,))
+        check_init_shape(owner, 'ia3_init', ia3_init, (size,))
         self.mindpet_delta_ia3_vector = init_param(ia3_init, (size,), param_init_type, 'mindpet_delta_ia3_vector')
         self.mindpet_state_ia3_gate = Parameter(Tensor(1.0, mstype.float32), name='mindpet_state_ia3_gate',
                                                 requires_grad=False)

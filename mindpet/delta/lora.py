@@ -13,30 +13,12 @@ import math
 import numpy as np
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore import dtype as mstype
-from mindspore.common.initializer import initializer, HeUniform
+from mindspore.common.initializer import HeUniform
 
+from mindpet.delta.base import init_param, check_init_shape, check_dense_kwargs
 from mindpet.delta.layer_kinds import DeltaLayer
-from mindpet.delta.sharding import ACTIVATION_NAMES, apply_dense_strategies
-from mindpet.utils.validation import (check_int, check_real, check_rate, check_dtype, check_bool,
-                                      check_choice, check_initializer)
-
-_DENSE_KWARGS = ('weight_init', 'bias_init', 'has_bias', 'activation', 'dtype')
-
-
-def check_dense_kwargs(owner, kwargs):
-    """Reject keyword arguments ``nn.Dense`` does not take, naming them (instead of a bare TypeError later)."""
-    unknown = sorted(set(kwargs) - set(_DENSE_KWARGS))
-    if unknown:
-        raise TypeError(f"For '{owner}', got unexpected keyword argument(s) {unknown}; the nn.Dense keywords "
-                        f"accepted are {list(_DENSE_KWARGS)}.")
-    # nn.Dense reports these without the Cell's name or the value (an unknown activation is even a KeyError).
-    if 'has_bias' in kwargs:
-        check_bool('has_bias', kwargs['has_bias'], owner)
-    if isinstance(kwargs.get('activation'), str):
-        check_choice('activation', kwargs['activation'], owner, ACTIVATION_NAMES)
-    for name in ('weight_init', 'bias_init'):
-        if kwargs.get(name) is not None:
-            check_initializer(name, kwargs[name], owner)
+from mindpet.delta.sharding import apply_dense_strategies
+from mindpet.utils.validation import check_int, check_real, check_rate, check_dtype
 
 
 class LoRADense(nn.Dense):
@@ -81,8 +63,8 @@ class LoRADense(nn.Dense):
         check_dtype('param_init_type', param_init_type, owner)
         check_dtype('compute_dtype', compute_dtype, owner)
         check_dense_kwargs(owner, kwargs)
-        _check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, in_channels))
-        _check_init_shape(owner, 'lora_b_init', lora_b_init, (out_channels, lora_rank))
+        check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, in_channels))
+        check_init_shape(owner, 'lora_b_init', lora_b_init, (out_channels, lora_rank))
         super().__init__(in_channels, out_channels, **kwargs)
 
         self.lora_dropout_rate = lora_dropout
@@ -220,20 +202,6 @@ def lora_increment(lora_a, lora_b, scaling):
     return np.float32(scaling) * (np.asarray(lora_b, np.float32) @ np.asarray(lora_a, np.float32))
 
 
-def init_param(init, shape, dtype, name):
-    """A Parameter of ``shape`` and ``dtype`` from an initializer name/object, a Tensor or a numpy array
-    (tensors are cast to ``dtype``: ``initializer`` would keep the tensor's own dtype)."""
-    if isinstance(init, np.ndarray):
-        init = Tensor(init)
-    if isinstance(init, Tensor):
-        init = init.astype(dtype)
-    return Parameter(initializer(init, list(shape), dtype), name=name)
-
-
-def _check_init_shape(owner, name, init, shape):
-    check_initializer(name, init, owner, shape)
-
-
 class LoraLayer(DeltaLayer):
     """LoRA on a base layer of a :class:`~mindpet.delta.layer_kinds.LayerKind` (``mint.nn.Linear``, GPT-2
     ``Conv1D``, ``nn.Conv2d``/``mint.nn.Conv2d``, ``nn.Embedding``/``mint.nn.Embedding``): ``h = base(x) + s B A x``
@@ -277,8 +245,8 @@ class LoraLayer(DeltaLayer):
         weight = getattr(base_layer, kind.weight_attr)
         compute_dtype = weight.dtype if compute_dtype is None else check_dtype('compute_dtype', compute_dtype, owner)
         super().__init__(base_layer, kind, compute_dtype)
-        _check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, self.in_channels))
-        _check_init_shape(owner, 'lora_b_init', lora_b_init, (self.out_channels, lora_rank))
+        check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, self.in_channels))
+        check_init_shape(owner, 'lora_b_init', lora_b_init, (self.out_channels, lora_rank))
         self.lora_rank = rank
         self.lora_alpha = alpha
         self.lora_dropout_rate = lora_dropout

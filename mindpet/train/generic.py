@@ -171,7 +171,7 @@ def _cpu_fallback(cell):
 
 def apply_cpu_fallbacks(network):
     """Replace, in place, the cells without a CPU kernel (see the module docstring); returns how many."""
-    from mindpet.tuners.base import walk, replace_cell  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.inject import walk, replace_cell  # pylint: disable=import-outside-toplevel
     _, holders = walk(network)
     count = 0
     for name, cell in list(network.cells_and_names()):
@@ -240,8 +240,8 @@ def load_weights(network, path, weights_map='auto', prefix=None):
         CheckpointError: an unreadable file, a shape mismatch, or no tensor matching the network at all.
     """
     from mindpet.utils.io_utils import load_checkpoint_file  # pylint: disable=import-outside-toplevel
-    from mindpet.adapter_store import is_delta_or_state  # pylint: disable=import-outside-toplevel
-    params = {p.name: p for p in network.get_parameters() if not is_delta_or_state(p.name)}
+    from mindpet.naming import is_pet_param  # pylint: disable=import-outside-toplevel
+    params = {p.name: p for p in network.get_parameters() if not is_pet_param(p.name)}
     loaded = {}
     unused = 0
     for file in weight_files(path):
@@ -273,11 +273,28 @@ def load_weights(network, path, weights_map='auto', prefix=None):
 
 
 # ----- decoding ----------------------------------------------------------------------------------------------------
-def decode(call, prompt_ids, max_length, max_new_tokens, eos_id, pad_id, top_k=0, seed=0):
-    """Greedy (``top_k`` 0) or top-k sampling from a causal LM, one token at a time.
+def has_kv_cache(network):
+    """Whether ``network`` follows the Hugging Face cache convention: ``construct`` takes ``past_key_values`` and
+    ``use_cache``, and with ``use_cache=True, return_dict=False`` returns ``(logits, past_key_values, ...)``."""
+    network = getattr(network, 'base_model', network)
+    params = inspect.signature(network.construct).parameters
+    return 'past_key_values' in params and 'use_cache' in params
 
-    Every step runs the whole fixed-size window ``(1, max_length)`` (one compiled graph for all steps; the model
-    is not asked for a KV cache) and reads the logits at the last real position.
+
+def _pick(logits, top_k, rng):
+    logits = np.asarray(logits, np.float64)
+    if not top_k:
+        return int(np.argmax(logits))
+    top = np.argsort(logits)[-top_k:]
+    probs = np.exp(logits[top] - logits[top].max())
+    return int(top[rng.choice(len(top), p=probs / probs.sum())])
+
+
+def decode(call, prompt_ids, max_length, max_new_tokens, eos_id, pad_id, top_k=0, seed=0):
+    """Greedy (``top_k`` 0) or top-k sampling from a causal LM, one token at a time, without a cache.
+
+    Every step runs the whole fixed-size window ``(1, max_length)`` (one compiled graph for all steps) and reads
+    the logits at the last real position.
 
     Returns:
         list[int]: the new token ids (without the prompt; up to and excluding eos).
@@ -292,18 +309,53 @@ def decode(call, prompt_ids, max_length, max_new_tokens, eos_id, pad_id, top_k=0
         window[0, :len(ids)] = ids
         mask = np.zeros((1, max_length), np.int32)
         mask[0, :len(ids)] = 1
-        logits = call(Tensor(window), Tensor(mask)).asnumpy()[0, len(ids) - 1].astype(np.float64)
-        if top_k:
-            top = np.argsort(logits)[-top_k:]
-            probs = np.exp(logits[top] - logits[top].max())
-            token = int(top[rng.choice(len(top), p=probs / probs.sum())])
-        else:
-            token = int(np.argmax(logits))
+        token = _pick(call(Tensor(window), Tensor(mask)).asnumpy()[0, len(ids) - 1], top_k, rng)
         if eos_id is not None and token == eos_id:
             break
         ids.append(token)
         new.append(token)
     return new
+
+
+def decode_cached(network, prompt_ids, max_length, max_new_tokens, eos_id, top_k=0, seed=0):
+    """:func:`decode` for a model with a KV cache (:func:`has_kv_cache`): the prompt runs once, then each step
+    feeds only the new token with the returned ``past_key_values``. The inputs grow by one token per step, so
+    this runs in PyNative mode (a graph would be compiled for every length); the mode is restored afterwards.
+
+    Returns:
+        list[int]: the new token ids.
+    """
+    network = getattr(network, 'base_model', network)
+    params = inspect.signature(network.construct).parameters
+    kwargs = {'use_cache': True}
+    if 'return_dict' in params:
+        kwargs['return_dict'] = False
+    rng = np.random.default_rng(seed)
+    mode = ms.get_context('mode')
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        network.set_train(False)
+        ids = list(prompt_ids)
+        feed, past, new = ids, None, []
+        for _ in range(max_new_tokens):
+            if len(ids) >= max_length:
+                break
+            step = dict(kwargs)
+            if past is not None:
+                step['past_key_values'] = past
+            if 'attention_mask' in params:
+                step['attention_mask'] = Tensor(np.ones((1, len(ids)), np.int32))
+            out = network(Tensor(np.asarray([feed], np.int32)), **step)
+            logits, past = out[0], out[1]
+            token = _pick(logits.asnumpy()[0, -1], top_k, rng)
+            if eos_id is not None and token == eos_id:
+                break
+            ids.append(token)
+            new.append(token)
+            feed = [token]
+        return new
+    finally:
+        ms.set_context(mode=mode)
 
 
 # ----- the task ----------------------------------------------------------------------------------------------------
@@ -621,7 +673,11 @@ class GenericTask(Task):
         return prompts
 
     def generate_ids(self, network, prompt_ids, max_new_tokens=None, top_k=0, seed=0):
-        """New token ids after ``prompt_ids`` (see :func:`decode`)."""
+        """New token ids after ``prompt_ids``: :func:`decode_cached` when the model has a KV cache, else
+        :func:`decode`."""
+        if has_kv_cache(network):
+            return decode_cached(network, prompt_ids, self.data['max_length'],
+                                 max_new_tokens or self.data['max_new_tokens'], self.eos_id, top_k, seed)
         call = ModelCall(network)
         call.set_train(False)
         return decode(call, prompt_ids, self.data['max_length'], max_new_tokens or self.data['max_new_tokens'],
@@ -693,4 +749,5 @@ TASK = GenericTask
 
 __all__ = ['GenericTask', 'TASK', 'ModelCall', 'ClassificationLoss', 'NextTokenLoss', 'GatherEmbedding',
            'ClassicLayerNorm', 'apply_cpu_fallbacks', 'weight_files', 'map_names', 'load_weights', 'decode',
+           'decode_cached', 'has_kv_cache',
            'classification_metrics', 'HEADS', 'LOSSES']

@@ -50,12 +50,12 @@ def adapter_shapes(weight_shape, config):
             M_NAME: (out_channels,)}
 
 
-def read_adapter(layer, config):
+def read_live(layer, config):
     """The live tensors of ``layer`` cut to ``config``'s rank (copies)."""
     return read_corner(layer, adapter_shapes((layer.out_channels, layer.in_channels), config))
 
 
-def write_adapter(layer, config, tensors):
+def write_live(layer, config, tensors):
     """Write an adapter's tensors (zero-padded to the live rank); True when the live rank grew."""
     grew = write_padded(layer, tensors)
     layer.lora_rank = max(layer.lora_rank, config.lora_rank)

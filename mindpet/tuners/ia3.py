@@ -13,9 +13,10 @@ from mindspore import Tensor
 from mindspore import dtype as mstype
 
 from mindpet.delta.ia3 import IA3Dense, IA3Layer, ia3_weight, ia3_bias
-from mindpet.tuners.base import (DenseLayerTuner, matches_any, fingerprint_param,
-                                 write_exact)
-from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, register_method, check_patterns, check_compute_dtype
+from mindpet.tuners.base import DenseLayerTuner, fingerprint_param, write_exact
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_patterns, check_compute_dtype
+from mindpet.tuners.inject import matches_any
+from mindpet.tuners.registry import register_method
 
 VECTOR_NAME = 'mindpet_delta_ia3_vector'
 
@@ -88,10 +89,10 @@ class IA3Tuner(DenseLayerTuner):
         out_channels, in_channels = fingerprint_param(fingerprint, key, 'weight', source)
         return {VECTOR_NAME: (in_channels if config.is_feedforward(key) else out_channels,)}
 
-    def read_adapter(self, layer, config):
+    def read_live(self, layer, config):
         return {VECTOR_NAME: layer.mindpet_delta_ia3_vector.asnumpy().copy()}
 
-    def write_adapter(self, layer, config, tensors):
+    def write_live(self, layer, config, tensors):
         return write_exact(layer, tensors)
 
     def init_adapter(self, layer, config):

@@ -23,7 +23,8 @@ from mindpet.delta.dora import DoRADense, DoraLayer
 from mindpet.delta.lora import LoRADense, LoraLayer, lora_increment
 from mindpet.tuners import dora
 from mindpet.tuners.base import DenseLayerTuner
-from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, register_method, check_compute_dtype
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_compute_dtype
+from mindpet.tuners.registry import register_method
 from mindpet.utils.validation import check_int, check_real, check_rate, check_choice, check_bool
 
 A_NAME = 'mindpet_delta_lora_a'
@@ -99,13 +100,13 @@ class _PlainLora:
         return {A_NAME: (config.lora_rank, in_channels), B_NAME: (out_channels, config.lora_rank)}
 
     @staticmethod
-    def read_adapter(layer, config):
+    def read_live(layer, config):
         rank = config.lora_rank
         return {A_NAME: layer.mindpet_delta_lora_a.asnumpy()[:rank].copy(),
                 B_NAME: layer.mindpet_delta_lora_b.asnumpy()[:, :rank].copy()}
 
     @staticmethod
-    def write_adapter(layer, config, tensors):
+    def write_live(layer, config, tensors):
         lora_a, lora_b = tensors[A_NAME], tensors[B_NAME]
         rank, live = lora_a.shape[0], layer.mindpet_delta_lora_a.shape[0]
         width = max(rank, live)
@@ -184,11 +185,11 @@ class LoraTuner(DenseLayerTuner):
     def adapter_shapes(self, weight_shape, config):
         return self.variant(config.use_dora).adapter_shapes(weight_shape, config)
 
-    def read_adapter(self, layer, config):
-        return self._of_layer(layer).read_adapter(layer, config)
+    def read_live(self, layer, config):
+        return self._of_layer(layer).read_live(layer, config)
 
-    def write_adapter(self, layer, config, tensors):
-        return self._of_layer(layer).write_adapter(layer, config, tensors)
+    def write_live(self, layer, config, tensors):
+        return self._of_layer(layer).write_live(layer, config, tensors)
 
     def init_adapter(self, layer, config):
         return self._of_layer(layer).init_adapter(layer, config)

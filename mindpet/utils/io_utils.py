@@ -12,7 +12,7 @@ import tempfile
 
 import yaml
 
-from mindpet.utils.constants import MAX_YAML_MB_SIZE, MB_SIZE, STATE_PREFIX, DEFAULT_MODES
+from mindpet.utils.constants import MAX_YAML_MB_SIZE, MB_SIZE, DEFAULT_MODES
 from mindpet.utils.exceptions import (CheckpointError, LinkPathError, ReadYamlFileError, FileOversizeError,
                                       MakeDirError)
 
@@ -264,11 +264,6 @@ def file_sha256(path, chunk_size=1 << 20):
         for block in iter(lambda: handle.read(chunk_size), b''):
             digest.update(block)
     return digest.hexdigest()
-
-
-def is_state_param(name):
-    """True for non-trainable run-time state of delta Cells (never required from a checkpoint)."""
-    return STATE_PREFIX in name.rsplit('.', 1)[-1]
 
 
 def read_yaml_file(path, what='config'):
