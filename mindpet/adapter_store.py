@@ -30,12 +30,16 @@ from collections import OrderedDict, namedtuple
 
 import numpy as np
 import yaml
+from safetensors.numpy import load as safetensors_arrays, save as safetensors_bytes
 
 from mindpet.delta.layer_kinds import canonical_arrays, canonical_fingerprint, stored_updates
 from mindpet.naming import is_pet_param
+from mindpet.tuners.registry import config_from_dict, make_tuner
 from mindpet.utils.dir_commit import directory_lock, remove_temp_files, write_file
 from mindpet.utils.exceptions import AdapterConfigError, CheckpointError, LinkPathError, MindPetError
-from mindpet.utils.io_utils import atomic_save_checkpoint, ensure_dir, load_checkpoint_file, read_yaml_file
+from mindpet.utils.io_utils import (atomic_save_checkpoint, checkpoint_format, ensure_dir, load_checkpoint_file,
+                                    read_yaml_file, remove_stale_temp_files)
+from mindpet.version import __version__
 
 ADAPTER_CONFIG_NAME = 'adapter_config.yaml'
 ADAPTER_WEIGHTS_NAME = 'adapter_model.safetensors'
@@ -123,7 +127,6 @@ def check_tensors(tensors, expected, path):
 def build_meta(adapter):
     """The ``adapter_config.yaml`` mapping of ``adapter`` (a :class:`StoredAdapter`), without ``weights_sha256``
     (added by the writer from the bytes it writes)."""
-    from mindpet.version import __version__  # pylint: disable=import-outside-toplevel
     fingerprint = adapter.fingerprint
     meta = {
         'format': FORMAT,
@@ -182,15 +185,14 @@ def _meta_sha256(meta):
 
 
 def _save_mindpet_dir(directory, adapter):
-    """Write ``adapter`` in mindpet's own format, as one unit.
+    """Write ``adapter`` in mindpet's own format, as one unit, into the existing ``directory`` whose writer lock
+    the caller holds (:func:`save_adapter_dir`).
 
-    Under the directory's writer lock: temporary files of killed saves are removed; the tensor file is written under
+    Temporary files of killed saves are removed; the tensor file is written under
     its content name (:func:`weights_file_name`); ``adapter_config.yaml``, written last and renamed into place, is
     the commit point; tensor files no config names any more are removed. The config records the tensor file's name
     and SHA-256 and ``adapter_sha256``, a SHA-256 over all its fields, so an edited config is refused on load.
     """
-    from safetensors.numpy import save as safetensors_bytes  # pylint: disable=import-outside-toplevel
-    directory = ensure_dir(os.fspath(directory), what='adapter directory')
     # ascontiguousarray turns a 0-d array (a scalar state such as PST's sparsity) into shape (1,): keep the shape.
     data = safetensors_bytes({name: np.ascontiguousarray(value).reshape(np.shape(value))
                               for name, value in flat_tensors(adapter).items()})
@@ -200,21 +202,20 @@ def _save_mindpet_dir(directory, adapter):
     # Hash what a reader will parse, so that the YAML round trip cannot make the two sides differ.
     text += yaml.safe_dump({'adapter_sha256': _meta_sha256(yaml.safe_load(text))})
     weights_path = os.path.join(directory, weights_name)
-    with directory_lock(directory):
-        remove_temp_files(directory, [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, _WEIGHTS_FILE_RE])
-        existed = os.path.exists(weights_path)
-        write_file(weights_path, data, what='adapter weights file')
-        try:
-            write_file(os.path.join(directory, ADAPTER_CONFIG_NAME), text.encode('utf-8'), what='adapter config')
-        except BaseException:
-            if not existed:   # no config names it: a failed save leaves the directory as it was
-                with contextlib.suppress(OSError):
-                    os.remove(weights_path)
-            raise
-        for entry in os.listdir(directory):
-            if entry != weights_name and (entry == ADAPTER_WEIGHTS_NAME or _WEIGHTS_FILE_RE.match(entry)):
-                with contextlib.suppress(OSError):   # e.g. open by a reader on Windows: removed by the next save
-                    os.remove(os.path.join(directory, entry))
+    remove_temp_files(directory, [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, _WEIGHTS_FILE_RE])
+    existed = os.path.exists(weights_path)
+    write_file(weights_path, data, what='adapter weights file')
+    try:
+        write_file(os.path.join(directory, ADAPTER_CONFIG_NAME), text.encode('utf-8'), what='adapter config')
+    except BaseException:
+        if not existed:   # no config names it: a failed save leaves the directory as it was
+            with contextlib.suppress(OSError):
+                os.remove(weights_path)
+        raise
+    for entry in os.listdir(directory):
+        if entry != weights_name and (entry == ADAPTER_WEIGHTS_NAME or _WEIGHTS_FILE_RE.match(entry)):
+            with contextlib.suppress(OSError):   # e.g. open by a reader on Windows: removed by the next save
+                os.remove(os.path.join(directory, entry))
     return directory
 
 
@@ -257,7 +258,6 @@ def read_adapter_meta(directory):
     Raises:
         AdapterConfigError: the directory or file is missing, a key is missing, or the format is unknown.
     """
-    from mindpet.tuners.registry import config_from_dict  # pylint: disable=import-outside-toplevel
     directory = _check_adapter_dir(directory)
     path = os.path.join(directory, ADAPTER_CONFIG_NAME)
     if not os.path.isfile(path):
@@ -343,8 +343,6 @@ def _read_committed(directory):
 def _load_mindpet_dir(directory):
     """Read a mindpet-format adapter directory, its tensors checked against its YAML (names and shapes) and both
     files against the SHA-256 values its config records."""
-    from safetensors.numpy import load as safetensors_arrays  # pylint: disable=import-outside-toplevel
-    from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
     config, meta, path, data = _read_committed(directory)
     try:
         flat = safetensors_arrays(data)
@@ -374,7 +372,7 @@ def _load_mindpet_dir(directory):
 
 # Adapter directory formats: the config file that identifies a directory of that format, and the module that
 # reads and writes it (None: this module). A format module has ``save_adapter_dir(directory, adapter)`` (writes a
-# StoredAdapter, returns the directory) and ``load_adapter_dir(directory)`` (returns a StoredAdapter whose
+# StoredAdapter into the existing directory, whose writer lock the caller holds; returns the directory) and ``load_adapter_dir(directory)`` (returns a StoredAdapter whose
 # ``fingerprint`` may be None when the format records no base model). 'peft' is Hugging Face PEFT's layout
 # (``adapter_config.json`` + ``adapter_model.safetensors``), imported only when used.
 _FORMATS = OrderedDict([
@@ -419,15 +417,21 @@ def detect_format(directory):
 
 
 def save_adapter_dir(directory, adapter, fmt='mindpet'):
-    """Write ``adapter`` (a :class:`StoredAdapter`) to ``directory`` in format ``fmt`` ('mindpet':
-    ``adapter_config.yaml`` + the tensor file; 'peft': Hugging Face PEFT's layout). Returns the directory (str).
+    """Write ``adapter`` (a :class:`StoredAdapter`) to ``directory`` (created if needed) in format ``fmt``
+    ('mindpet': ``adapter_config.yaml`` + the tensor file, as one unit; 'peft': Hugging Face PEFT's layout), holding
+    the directory's writer lock (:func:`mindpet.utils.dir_commit.directory_lock`). Returns the directory (str).
 
     Example:
         >>> save_adapter_dir('out/task_a', adapter)  # doctest: +SKIP
     """
     check_format(fmt, 'save_adapter_dir')
     save, _ = _format_io(fmt)
-    return save(os.fspath(directory), adapter)
+    directory = ensure_dir(os.fspath(directory), what='adapter directory')
+    # Every format's writers are serialised; the format's writer runs with the lock held.
+    with directory_lock(directory):
+        # Formats written with io_utils.atomic_write (PEFT's) leave its temporary files when killed.
+        remove_stale_temp_files(directory, 'adapter_')
+        return save(directory, adapter)
 
 
 def load_adapter_dir(directory):
@@ -460,7 +464,6 @@ def check_adapter_fits(adapter, fingerprint, source, what='this model', allow_ex
     if adapter.fingerprint is not None:
         check_fingerprint(adapter.fingerprint, fingerprint, source, what=what, allow_extra=allow_extra)
         return
-    from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
     expected = expected_tensors(make_tuner(adapter.config.method), adapter.config, adapter.targets,
                                 list(adapter.modules),
                                 canonical_fingerprint(fingerprint, _target_types(adapter, layer_types), source),
@@ -500,8 +503,6 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path, base_params=None):
         >>> merge_into_checkpoint('base.ckpt', 'out/adapter', 'merged.ckpt')  # doctest: +SKIP
     """
     import mindspore as ms  # pylint: disable=import-outside-toplevel
-    from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
-    from mindpet.utils.io_utils import checkpoint_format  # pylint: disable=import-outside-toplevel
     expected = "a path ending in .ckpt or .safetensors (the format follows the extension)"
     if not isinstance(out_path, (str, os.PathLike)):
         raise TypeError(f"For 'merge_into_checkpoint', the 'out_path' must be {expected}, but got {out_path!r} "

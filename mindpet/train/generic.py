@@ -133,7 +133,9 @@ class NextTokenLoss(nn.Cell):
 
 # ----- CPU fallbacks -----------------------------------------------------------------------------------------------
 class GatherEmbedding(nn.Cell):
-    """``mint.nn.Embedding`` (no ``max_norm``) as a gather of the same weight Parameter."""
+    """``mint.nn.Embedding`` (no ``max_norm``) as a gather of the same weight Parameter. The forward pass is the
+    same; ``padding_idx``'s zero gradient for the padding row is not reproduced, which matters only when the
+    embedding itself trains (PET methods freeze it)."""
 
     def __init__(self, cell):
         super().__init__()
@@ -392,7 +394,8 @@ class GenericTask(Task):
         'max_length': Field('int', 128, min_value=2, doc='tokens per row; longer rows are bad rows (text: block size)'),
         'text_column': Field('str', 'text', doc='the text field (classification, text)'),
         'label_column': Field('str', 'label', doc='the label field (classification)'),
-        'labels': Field('str_list', None, doc='label names in index order (null: the sorted labels of train)'),
+        'labels': Field('any', None, doc='label names (or int labels) in index order (null: the sorted labels of '
+                                         'train)'),
         'prompt_column': Field('str', 'prompt', doc="the prompt field (instruction; Alpaca's instruction/input "
                                                     "are read when it is absent)"),
         'response_column': Field('str', 'response', doc="the response field (instruction; Alpaca: output)"),
@@ -480,6 +483,14 @@ class GenericTask(Task):
         self.kind = kind
         if data['eval'] is not None and data['split'] is not None:
             raise KeyValueError('data.split', "give either an eval file or a split of train, not both")
+        labels = data['labels']
+        if labels is not None:
+            if (not isinstance(labels, list) or not labels
+                    or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in labels)):
+                raise KeyValueError('data.labels', f"must be a list of label names (str or int), but got {labels!r}")
+            data['labels'] = [str(v) for v in labels]
+            if len(set(data['labels'])) != len(labels):
+                raise KeyValueError('data.labels', f"lists a label twice: {labels!r}")
         if '{prompt}' not in data['prompt_template']:
             raise KeyValueError('data.prompt_template', f"must contain '{{prompt}}', but got "
                                                         f"{data['prompt_template']!r}")
