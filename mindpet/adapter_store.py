@@ -38,7 +38,7 @@ from mindpet.tuners.registry import config_from_dict, make_tuner
 from mindpet.utils.dir_commit import directory_lock, remove_temp_files, write_file
 from mindpet.utils.exceptions import AdapterConfigError, CheckpointError, LinkPathError, MindPetError
 from mindpet.utils.io_utils import (atomic_save_checkpoint, checkpoint_format, ensure_dir, load_checkpoint_file,
-                                    read_yaml_file)
+                                    read_yaml_file, remove_stale_temp_files)
 from mindpet.version import __version__
 
 ADAPTER_CONFIG_NAME = 'adapter_config.yaml'
@@ -185,14 +185,14 @@ def _meta_sha256(meta):
 
 
 def _save_mindpet_dir(directory, adapter):
-    """Write ``adapter`` in mindpet's own format, as one unit.
+    """Write ``adapter`` in mindpet's own format, as one unit, into the existing ``directory`` whose writer lock
+    the caller holds (:func:`save_adapter_dir`).
 
-    Under the directory's writer lock: temporary files of killed saves are removed; the tensor file is written under
+    Temporary files of killed saves are removed; the tensor file is written under
     its content name (:func:`weights_file_name`); ``adapter_config.yaml``, written last and renamed into place, is
     the commit point; tensor files no config names any more are removed. The config records the tensor file's name
     and SHA-256 and ``adapter_sha256``, a SHA-256 over all its fields, so an edited config is refused on load.
     """
-    directory = ensure_dir(os.fspath(directory), what='adapter directory')
     # ascontiguousarray turns a 0-d array (a scalar state such as PST's sparsity) into shape (1,): keep the shape.
     data = safetensors_bytes({name: np.ascontiguousarray(value).reshape(np.shape(value))
                               for name, value in flat_tensors(adapter).items()})
@@ -202,21 +202,20 @@ def _save_mindpet_dir(directory, adapter):
     # Hash what a reader will parse, so that the YAML round trip cannot make the two sides differ.
     text += yaml.safe_dump({'adapter_sha256': _meta_sha256(yaml.safe_load(text))})
     weights_path = os.path.join(directory, weights_name)
-    with directory_lock(directory):
-        remove_temp_files(directory, [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, _WEIGHTS_FILE_RE])
-        existed = os.path.exists(weights_path)
-        write_file(weights_path, data, what='adapter weights file')
-        try:
-            write_file(os.path.join(directory, ADAPTER_CONFIG_NAME), text.encode('utf-8'), what='adapter config')
-        except BaseException:
-            if not existed:   # no config names it: a failed save leaves the directory as it was
-                with contextlib.suppress(OSError):
-                    os.remove(weights_path)
-            raise
-        for entry in os.listdir(directory):
-            if entry != weights_name and (entry == ADAPTER_WEIGHTS_NAME or _WEIGHTS_FILE_RE.match(entry)):
-                with contextlib.suppress(OSError):   # e.g. open by a reader on Windows: removed by the next save
-                    os.remove(os.path.join(directory, entry))
+    remove_temp_files(directory, [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, _WEIGHTS_FILE_RE])
+    existed = os.path.exists(weights_path)
+    write_file(weights_path, data, what='adapter weights file')
+    try:
+        write_file(os.path.join(directory, ADAPTER_CONFIG_NAME), text.encode('utf-8'), what='adapter config')
+    except BaseException:
+        if not existed:   # no config names it: a failed save leaves the directory as it was
+            with contextlib.suppress(OSError):
+                os.remove(weights_path)
+        raise
+    for entry in os.listdir(directory):
+        if entry != weights_name and (entry == ADAPTER_WEIGHTS_NAME or _WEIGHTS_FILE_RE.match(entry)):
+            with contextlib.suppress(OSError):   # e.g. open by a reader on Windows: removed by the next save
+                os.remove(os.path.join(directory, entry))
     return directory
 
 
@@ -373,7 +372,7 @@ def _load_mindpet_dir(directory):
 
 # Adapter directory formats: the config file that identifies a directory of that format, and the module that
 # reads and writes it (None: this module). A format module has ``save_adapter_dir(directory, adapter)`` (writes a
-# StoredAdapter, returns the directory) and ``load_adapter_dir(directory)`` (returns a StoredAdapter whose
+# StoredAdapter into the existing directory, whose writer lock the caller holds; returns the directory) and ``load_adapter_dir(directory)`` (returns a StoredAdapter whose
 # ``fingerprint`` may be None when the format records no base model). 'peft' is Hugging Face PEFT's layout
 # (``adapter_config.json`` + ``adapter_model.safetensors``), imported only when used.
 _FORMATS = OrderedDict([
@@ -418,15 +417,27 @@ def detect_format(directory):
 
 
 def save_adapter_dir(directory, adapter, fmt='mindpet'):
-    """Write ``adapter`` (a :class:`StoredAdapter`) to ``directory`` in format ``fmt`` ('mindpet':
-    ``adapter_config.yaml`` + the tensor file; 'peft': Hugging Face PEFT's layout). Returns the directory (str).
+    """Write ``adapter`` (a :class:`StoredAdapter`) to ``directory`` (created if needed) in format ``fmt``
+    ('mindpet': ``adapter_config.yaml`` + the tensor file, as one unit; 'peft': Hugging Face PEFT's layout), holding
+    the directory's writer lock (:func:`mindpet.utils.dir_commit.directory_lock`). Returns the directory (str).
 
     Example:
         >>> save_adapter_dir('out/task_a', adapter)  # doctest: +SKIP
     """
     check_format(fmt, 'save_adapter_dir')
     save, _ = _format_io(fmt)
-    return save(os.fspath(directory), adapter)
+    directory = ensure_dir(os.fspath(directory), what='adapter directory')
+    # Every format's writers are serialised; the format's writer runs with the lock held.
+    with directory_lock(directory):
+        for other, (config_name, _) in _FORMATS.items():
+            if other != fmt and os.path.isfile(os.path.join(directory, config_name)):
+                # Two configs in one directory: a reader would take the other format's (stale) adapter.
+                raise AdapterConfigError(f"The directory '{directory}' holds a {other!r} adapter ({config_name}); "
+                                         f"saving a {fmt!r} adapter beside it would leave two. Save into another "
+                                         f"directory, or remove that adapter first.")
+        # Formats written with io_utils.atomic_write (PEFT's) leave its temporary files when killed.
+        remove_stale_temp_files(directory, 'adapter_')
+        return save(directory, adapter)
 
 
 def load_adapter_dir(directory):
@@ -478,13 +489,17 @@ MergeReport.__doc__ = """What merge_into_checkpoint did: output path, layers mer
 replaced, entries copied unchanged, entries written."""
 
 
-def merge_into_checkpoint(base_path, adapter_dir, out_path):
+def merge_into_checkpoint(base_path, adapter_dir, out_path, base_params=None):
     """Write ``out_path``: the base checkpoint with the adapter merged into its weights (the ``mindpet merge``
     command). No network code is needed: the adapter's YAML names the layers and the method.
 
     The base checkpoint must hold every parameter of the adapter's base-model fingerprint with the same shape;
     other entries (e.g. optimizer state) are copied unchanged. The format follows ``out_path``'s extension
     (``.safetensors`` or ``.ckpt``); the file is written atomically.
+
+    ``base_params`` (name -> numpy array) replaces reading ``base_path`` (which then only names the base in
+    messages): the parameters of a network into which a model's own loader read a checkpoint of another naming,
+    e.g. Hugging Face's (``mindpet merge --config``).
 
     Raises:
         AdapterConfigError: the adapter does not fit the base checkpoint (first differing parameter named).
@@ -501,11 +516,15 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path):
     if os.path.splitext(os.fspath(out_path))[1] not in ('.ckpt', '.safetensors'):
         raise ValueError(f"For 'merge_into_checkpoint', the 'out_path' must be {expected}, but got {out_path!r}.")
     adapter = load_adapter_dir(adapter_dir)
-    base = load_checkpoint_file(base_path, what='base checkpoint')
+    if base_params is None:
+        base = OrderedDict((name, value.asnumpy())
+                           for name, value in load_checkpoint_file(base_path, what='base checkpoint').items())
+    else:
+        base = OrderedDict(base_params)
     base_shapes = OrderedDict((name, list(value.shape)) for name, value in base.items())
     check_adapter_fits(adapter, base_shapes, adapter_dir, what=f"the base checkpoint '{base_path}'",
                        allow_extra=True)
-    arrays = OrderedDict((name, value.asnumpy()) for name, value in base.items())
+    arrays = base
     tuner = make_tuner(adapter.config.method)
     # The tuners merge on each layer's weight in the (out, in) view of its layer type.
     updates = tuner.merge_adapter_weights(canonical_arrays(arrays, adapter.layer_types, adapter_dir),

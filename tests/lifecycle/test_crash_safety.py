@@ -24,7 +24,6 @@ from tests.helpers.fork_client import ROOT, ForkServerClient
 ZYGOTE = os.path.join(ROOT, 'tests', 'helpers', 'crash_zygote.py')
 KILLS = 24
 KEEP = 3  # crash_zygote.KEEP
-BUDGET_S = 50
 
 
 def _temp_files(directory):
@@ -63,11 +62,14 @@ def test_sigkill_during_checkpointing_never_loses_the_newest_complete_checkpoint
     zygote = ForkServerClient(ZYGOTE, str(tmp_path / 'zygote.log'))
     kills, torn_writes, newest, seen_temp = 0, 0, 0, set()
     try:
-        zygote.expect('READY', 30)
+        zygote.expect('READY', 300)
+        # No wall-clock budget (it failed on loaded machines): every wait below has its own timeout, so a hung
+        # zygote or run fails the test instead of hanging it, and the loop makes exactly KILLS rounds. The timeouts
+        # only catch hangs, so they are generous: the zygote's start-up is one MindSpore import (8-11 s measured on
+        # a loaded machine), and the whole test takes 20-27 s on an idle one (doc/checkpoints.md).
         while kills < KILLS:
-            assert time.time() - start < BUDGET_S, f"only {kills} kills in {BUDGET_S} s"
             zygote.send(f'run {ckpt_dir} 100000')
-            pid = int(zygote.expect('PID', 10))
+            pid = int(zygote.expect('PID', 60))
             if kills % 4 == 0:  # any moment, start-up and resume included
                 time.sleep(rng.uniform(0.05, 0.8))
             else:  # once this run has saved (start-up takes ~0.5 s, longer on a busy machine), at a random moment
@@ -76,7 +78,7 @@ def test_sigkill_during_checkpointing_never_loses_the_newest_complete_checkpoint
                 if kills % 2:  # aimed into a write
                     _wait_for_write_in_progress(ckpt_dir, seen_temp, deadline=time.time() + 1.0)
             os.kill(pid, signal.SIGKILL)
-            status = int(zygote.expect('EXIT', 10))
+            status = int(zygote.expect('EXIT', 60))
             assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, \
                 f"the run ended by itself (status {status}); see {tmp_path / 'zygote.log'}"
             kills += 1
@@ -100,9 +102,9 @@ def test_sigkill_during_checkpointing_never_loses_the_newest_complete_checkpoint
         # Finish the interrupted run, and run the same number of steps in one go: same adapter.
         total = newest + 3
         zygote.send(f'run {ckpt_dir} {total} {tmp_path / "resumed.npz"}')
-        assert zygote.expect('EXIT', 40) == '0'
+        assert zygote.expect('EXIT', 300) == '0'
         zygote.send(f'run {tmp_path / "straight"} {total} {tmp_path / "straight.npz"}')
-        assert zygote.expect('EXIT', 40) == '0'
+        assert zygote.expect('EXIT', 300) == '0'
     finally:
         zygote.close()
     resumed, straight = np.load(tmp_path / 'resumed.npz'), np.load(tmp_path / 'straight.npz')
@@ -115,4 +117,3 @@ def test_sigkill_during_checkpointing_never_loses_the_newest_complete_checkpoint
     print(f"\n{kills} SIGKILLs, {torn_writes} inside a checkpoint write, newest step {newest}, {elapsed:.1f} s")
     assert newest >= KILLS // 2, f"the runs hardly progressed between kills (newest step {newest})"
     assert torn_writes >= KILLS // 4, f"only {torn_writes} kills landed inside a checkpoint write"
-    assert elapsed < 60
