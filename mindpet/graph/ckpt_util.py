@@ -16,10 +16,10 @@ from mindspore import nn
 from mindspore.train.callback import Callback, CheckpointConfig
 
 from mindpet.utils.constants import DELTA_PREFIX, META_PREFIX
-from mindpet.utils.exceptions import CheckpointError
+from mindpet.utils.exceptions import CheckpointError, MakeDirError
 from mindpet.utils.io_utils import (atomic_save_checkpoint, ensure_dir, load_checkpoint_file, check_params_fit,
                                     load_params_checked, is_state_param, checkpoint_format, CKPT_FORMATS,
-                                    remove_stale_temp_files)
+                                    remove_stale_temp_files, checkpoint_write_errors)
 from mindpet.utils.validation import check_cell, check_bool
 
 _PREFIX_RE = re.compile(r'^[A-Za-z0-9_.\-]+$')
@@ -121,6 +121,8 @@ class TrainableParamsCheckPoint(Callback):
         rank_dirs (bool): every rank writes into its own ``rank_<id>`` sub-directory. Default False (rank 0 only).
 
     Raises:
+        CheckpointError: a checkpoint cannot be written (disk full, no permission, read-only file system): one line
+            naming the file. The files already written stay as they were.
         ValueError: (at train begin) a multi-rank job in a parallel mode that slices parameters without
             ``rank_dirs=True``.
 
@@ -172,7 +174,10 @@ class TrainableParamsCheckPoint(Callback):
             self.save_dir = self.directory
             self.is_writer = self.rank == 0
         if self.is_writer:
-            ensure_dir(self.save_dir, what='checkpoint directory')
+            try:
+                ensure_dir(self.save_dir, what='checkpoint directory')
+            except MakeDirError as ex:
+                raise CheckpointError(str(ex)) from ex
             remove_stale_temp_files(self.save_dir, self.prefix + '-')
         self._last_saved_time = time.time()
 
@@ -232,8 +237,9 @@ class TrainableParamsCheckPoint(Callback):
         append.update({META_PREFIX + 'epoch': epoch, META_PREFIX + 'step_in_epoch': step_in_epoch,
                        META_PREFIX + 'step': step, META_PREFIX + 'batch_num': batch_num,
                        META_PREFIX + 'optimizer_state': int(self.save_optimizer_state)})
-        atomic_save_checkpoint(params, path, ckpt_format=self.format, append_dict=append,
-                               integrated_save=self.config.integrated_save)
+        with checkpoint_write_errors(path):
+            atomic_save_checkpoint(params, path, ckpt_format=self.format, append_dict=append,
+                                   integrated_save=self.config.integrated_save)
         self._last_saved_step = step
         self._last_saved_time = time.time()
         self.latest_ckpt_file_name = path
@@ -259,7 +265,8 @@ class TrainableParamsCheckPoint(Callback):
                 else:
                     last_kept = mtime
         for path in doomed:
-            os.remove(path)
+            with checkpoint_write_errors(path):
+                os.remove(path)
             if path in self.saved_files:
                 self.saved_files.remove(path)
 
@@ -456,4 +463,5 @@ def save_trainable_params(net, path, ckpt_format=None):
     params = net.trainable_params()
     if not params:
         raise ValueError("For 'save_trainable_params', the network has no trainable parameter to save.")
-    return atomic_save_checkpoint(params, path, ckpt_format=ckpt_format or checkpoint_format(path))
+    with checkpoint_write_errors(path):
+        return atomic_save_checkpoint(params, path, ckpt_format=ckpt_format or checkpoint_format(path))

@@ -21,7 +21,7 @@ import os
 import yaml
 
 from mindpet.utils.exceptions import ModelConfigKeysInfoError, ModelConfigParamsInfoError, MindPetError
-from mindpet.utils.io_utils import read_yaml_file
+from mindpet.utils.io_utils import read_yaml_file, load_yaml_text
 
 REQUIRED = object()
 SECTIONS = ('context', 'model', 'pet', 'data', 'optimizer', 'schedule', 'training', 'parallel')
@@ -274,7 +274,7 @@ def parse_override(text):
     if not all(parts):
         raise ValueError(f"--set expects a dotted key 'section.key' (e.g. training.epochs=3), but got {key!r}.")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ''
+        value = load_yaml_text(raw) if raw.strip() else ''
     except yaml.YAMLError:
         value = raw
     return parts, value
