@@ -1,4 +1,4 @@
-"""The checks every method of :func:`mindpet.get_pet_model` passes, shared by tests/test_tuner_<method>.py.
+"""The checks every method of :func:`mindpet.get_pet_model` passes, shared by tests/tuners/test_<method>.py.
 
 A test module describes its method with a :class:`Case` (configs, the expected adapted layers, whether the method is
 the identity at init and whether it merges), builds a :func:`trained_pair` once (two adapters trained in GRAPH_MODE

@@ -5,24 +5,39 @@ of a row go through the network in the SAME call with DIFFERENT dropout masks. (
 work in GRAPH_MODE: the same dropout op gives the same mask within a compiled step.) Then, with ``p1``/``p2`` the
 softmax outputs of the two copies::
 
-    loss = CE(logits, labels) + alpha / 4 * sum_pairs [ KL(p1 || p2) + KL(p2 || p1) ]
+    loss = CE(logits, labels) + w * alpha * sum_pairs [ KL(p1 || p2) + KL(p2 || p1) ]
 
 ``CE`` is the mean cross-entropy over all 2B rows (labels equal to -100 are ignored, as ``nn.CrossEntropyLoss``),
-and the KL sum runs over the pairs and every position/class. The ``alpha / 4`` scaling is MindPet 1.0.4's, so an
-``alpha`` tuned with MindPet means the same here.
+which is the mean of the two passes' cross-entropies, and the KL sum runs over the pairs and every position/class.
+The weight ``w`` is chosen by ``kl_reduction``:
+
+- ``'mindpet'`` (default): ``w = 1/4``, MindPet 1.0.4's weighting, so an ``alpha`` tuned with MindPet means the same
+  here (the drop-in contract);
+- ``'reference'``: ``w = 1/2``, the R-Drop authors' code (``ce_loss + alpha * (sum KL(q||p) + sum KL(p||q)) / 2``),
+  so an ``alpha`` from the paper means the same.
+
+MindPet's ``alpha = 4`` is therefore the reference's ``alpha = 2``. In both, the KL term is a sum (not a mean), so its
+weight relative to the cross-entropy grows with the batch size and the number of positions.
 """
 import numpy as np
 from mindspore import nn, ops, Tensor
 from mindspore import dtype as mstype
 
 from mindpet.delta.sharding import apply_strategies
-from mindpet.utils.validation import check_int
+from mindpet.utils.validation import check_int, check_choice
 
 IGNORE_INDEX = -100
+#: ``kl_reduction`` -> the weight ``w`` of ``alpha * summed symmetric KL`` (see the module docstring)
+KL_WEIGHTS = {'mindpet': 0.25, 'reference': 0.5}
 
 
 class RDropLoss(nn.Cell):
     """Cross-entropy plus the symmetric KL between the paired rows of an R-Drop batch.
+
+    Args:
+        kl_reduction (str): how ``alpha`` weights the summed symmetric KL: ``'mindpet'`` (default, MindPet 1.0.4's
+            ``alpha / 4``) or ``'reference'`` (the R-Drop reference code's ``alpha / 2``). The two give the same loss
+            for ``alpha_mindpet = 2 * alpha_reference``.
 
     Inputs:
         logits (Tensor): ``(2B, ..., C)`` float16/float32, rows ``2i`` and ``2i + 1`` the two passes of sample i.
@@ -40,10 +55,14 @@ class RDropLoss(nn.Cell):
         >>> labels, = rdrop_repeat(ms.Tensor(np.array([0, 2], np.int32)))
         >>> RDropLoss()(logits, labels, alpha=4).shape
         ()
+        >>> float(RDropLoss('reference')(logits, labels, alpha=2)) == float(RDropLoss()(logits, labels, alpha=4))
+        True
     """
 
-    def __init__(self):
+    def __init__(self, kl_reduction='mindpet'):
         super().__init__()
+        self.kl_reduction = check_choice('kl_reduction', kl_reduction, type(self).__name__, tuple(KL_WEIGHTS))
+        self.kl_weight = KL_WEIGHTS[self.kl_reduction]
         self.cast = ops.Cast()
         self.reshape = ops.Reshape()
         self.log_softmax = ops.LogSoftmax(axis=-1)
@@ -80,7 +99,7 @@ class RDropLoss(nn.Cell):
         # KL(p1||p2) + KL(p2||p1) = sum (p1 - p2)(log p1 - log p2): exactly 0 when the passes agree.
         kl = self.kl_sum(self.kl_mul(self.prob_sub(self.exp(log_p1), self.exp(log_p2)),
                                      self.log_sub(log_p1, log_p2)))
-        return ce + alpha / 4 * kl
+        return ce + alpha * self.kl_weight * kl
 
     def shard(self, data_parallel=1):
         """Strategies over the rows (``data_parallel`` devices)."""

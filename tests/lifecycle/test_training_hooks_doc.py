@@ -2,7 +2,7 @@
 in order as one script, and print what the page says they print."""
 import os
 
-from tests.test_lifecycle_doc import ROOT, _snippets, run_snippets
+from tests.lifecycle.test_lifecycle_doc import ROOT, _snippets, run_snippets
 
 
 def test_training_hooks_snippets_run_and_print_what_the_page_says(tmp_path):

@@ -23,7 +23,7 @@ import pytest
 from mindpet.graph import list_checkpoints, find_latest_checkpoint
 from mindpet.utils.io_utils import load_checkpoint_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ZYGOTE = os.path.join(ROOT, 'tests', 'helpers', 'crash_zygote.py')
 KILLS = 24
 KEEP = 3  # crash_zygote.KEEP

@@ -13,7 +13,7 @@ import yaml
 from mindpet.cli import main
 from mindpet.utils.io_utils import load_checkpoint_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MSRUN = shutil.which('msrun') or os.path.join(os.path.dirname(sys.executable), 'msrun')
 CONFIG = {'context': {'mode': 'GRAPH', 'device_target': 'CPU', 'seed': 0},
           'model': {'name': 'mlp', 'size': 'tiny', 'pretrain_epochs': 1},

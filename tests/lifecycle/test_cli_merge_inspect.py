@@ -15,7 +15,7 @@ from mindpet.adapter_store import ADAPTER_WEIGHTS_NAME
 
 from tests.gpt_like import GPTLike, token_batch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope='module')

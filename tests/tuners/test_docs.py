@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAGES = ['dora', 'ia3', 'adapter', 'low_rank_adapter', 'bitfit', 'prompt_tuning', 'prefix_tuning']
 HEADING = '## With `get_pet_model`'
 

@@ -13,7 +13,7 @@ from mindpet.cli import main
 from mindpet.train.runner import finetune
 from mindpet.utils.io_utils import load_checkpoint_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, 'configs', '*.yaml')))
 
 

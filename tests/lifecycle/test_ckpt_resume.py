@@ -1,7 +1,7 @@
 """Crash safety and resume of adapter checkpoints, and rank-aware writing (fast, single process).
 
-The multi-process parts (SIGKILL during checkpointing, 2-worker data parallel) are in test_crash_safety.py and
-test_distributed.py.
+The multi-process parts (SIGKILL during checkpointing, 2-worker data parallel) are in lifecycle/test_crash_safety.py and
+train/test_distributed.py.
 """
 import os
 import subprocess

@@ -1,4 +1,5 @@
-"""R-Drop: rdrop_repeat interleaving, RDropLoss against CE + alpha/4 * symmetric KL, different dropout masks per
+"""R-Drop: rdrop_repeat interleaving, RDropLoss against CE + alpha/4 * symmetric KL (MindPet) and the reference
+code's mean CE of both passes + alpha/2 * summed symmetric KL, different dropout masks per
 pair in GRAPH_MODE (KL > 0 with dropout, exactly 0 without), 20 graph steps with LoRA, shard and bad input."""
 import numpy as np
 import pytest
@@ -25,6 +26,25 @@ def np_rdrop_loss(logits, labels, alpha):
     p1, p2 = np.exp(lp1), np.exp(lp2)
     kl = (p1 * (lp1 - lp2)).sum() + (p2 * (lp2 - lp1)).sum()
     return ce + alpha / 4 * kl, kl
+
+
+def np_reference_rdrop_loss(logits, labels, alpha):
+    """The R-Drop authors' code, written out with two separate passes: ce = (CE(pass 1) + CE(pass 2)) / 2, each the
+    mean over its own non-ignored rows; kl = (sum KL(q||p) + sum KL(p||q)) / 2 over every position and class;
+    loss = ce + alpha * kl."""
+    logp = np_log_softmax(logits.astype(np.float64))
+    num_classes = logp.shape[-1]
+
+    def cross_entropy(log_probs, targets):
+        flat, flat_targets = log_probs.reshape(-1, num_classes), targets.reshape(-1)
+        valid = flat_targets != -100
+        return -flat[valid, flat_targets[valid]].mean()
+
+    lp, lq = logp[0::2], logp[1::2]            # pass 1 (p) and pass 2 (q) of every sample
+    ce = 0.5 * (cross_entropy(lp, labels[0::2]) + cross_entropy(lq, labels[1::2]))
+    kl_q_p = (np.exp(lq) * (lq - lp)).sum()     # torch's kl_div(log_softmax(p), softmax(q)), summed
+    kl_p_q = (np.exp(lp) * (lp - lq)).sum()
+    return ce + alpha * (kl_q_p + kl_p_q) / 2
 
 
 class _Repeat(nn.Cell):
@@ -56,9 +76,9 @@ def test_rdrop_repeat_bad_input(args, exc, fragment):
 
 
 class _Loss(nn.Cell):
-    def __init__(self, alpha):
+    def __init__(self, alpha, kl_reduction=None):
         super().__init__()
-        self.loss = RDropLoss()
+        self.loss = RDropLoss() if kl_reduction is None else RDropLoss(kl_reduction=kl_reduction)
         self.alpha = alpha
 
     def construct(self, logits, labels):
@@ -78,6 +98,36 @@ def test_loss_matches_numpy_reference(ms_mode, dtype, tol, shape):
         want, kl = np_rdrop_loss(logits.astype(np.float32), labels, 4)
         assert kl > 0.1
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize('dtype,tol', [(np.float32, 1e-5), (np.float16, 1e-2)])
+@pytest.mark.parametrize('shape', [(6, 5), (4, 3, 5)])
+def test_reference_reduction_matches_the_reference_code(ms_mode, dtype, tol, shape):
+    rng = np.random.RandomState(4)
+    loss = _Loss(alpha=2, kl_reduction='reference')
+    # The same label for both passes of a sample (as rdrop_repeat makes them), one position ignored in both.
+    labels = np.repeat(rng.randint(0, 5, (shape[0] // 2,) + shape[1:-1]), 2, axis=0).astype(np.int32)
+    labels.reshape(shape[0], -1)[0:2, 0] = -100
+    for seed in (1, 2):
+        logits = np.random.RandomState(seed).randn(*shape).astype(dtype)
+        got = float(loss(Tensor(logits), Tensor(labels)).asnumpy())
+        want = np_reference_rdrop_loss(logits.astype(np.float32), labels, 2)
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+        # The KL term's weight is what tells the two reductions apart: reference alpha=2 is MindPet's alpha=4,
+        # and the same alpha gives the reference twice MindPet's KL term.
+        mindpet_same_alpha, kl = np_rdrop_loss(logits.astype(np.float32), labels, 2)
+        assert kl > 0.1
+        np.testing.assert_allclose(want - mindpet_same_alpha, kl / 2, rtol=1e-6)
+        np.testing.assert_allclose(got, float(_Loss(alpha=4)(Tensor(logits), Tensor(labels)).asnumpy()),
+                                   rtol=tol, atol=tol)
+
+
+def test_kl_reduction_is_checked():
+    assert RDropLoss().kl_reduction == 'mindpet'
+    with pytest.raises(ValueError, match=r"'kl_reduction' must be one of \['mindpet', 'reference'\], but got 'mean'"):
+        RDropLoss(kl_reduction='mean')
+    with pytest.raises(TypeError, match="'kl_reduction'"):
+        RDropLoss(kl_reduction=0.5)
 
 
 def test_odd_batch_is_rejected(ms_mode):

@@ -9,7 +9,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _script():

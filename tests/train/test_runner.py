@@ -20,7 +20,7 @@ from mindpet.utils.io_utils import load_checkpoint_file
 # The loss curve is drawn only when matplotlib is installed (the 'plot' extra).
 PLOT = ['loss.png'] if importlib.util.find_spec('matplotlib') else []
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MLP_CONFIG = os.path.join(ROOT, 'configs', 'mlp_lora_tiny.yaml')
 try:
     import matplotlib  # noqa: F401  pylint: disable=unused-import

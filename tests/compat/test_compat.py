@@ -12,7 +12,7 @@ from mindspore.train import Model
 from mindspore.train.callback import CheckpointConfig
 import mindspore.dataset as ds
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_tk_is_the_same_objects():

@@ -23,7 +23,7 @@ import mindspore as ms
 from mindpet.graph import list_checkpoints
 from mindpet.utils.io_utils import load_checkpoint_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, 'examples', 'distributed')
 MSRUN = shutil.which('msrun') or os.path.join(os.path.dirname(sys.executable), 'msrun')
 JOB_TIMEOUT_S = 50

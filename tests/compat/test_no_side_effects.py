@@ -19,7 +19,7 @@ import tempfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHILD = os.path.join(ROOT, 'tests', 'helpers', 'side_effect_child.py')
 NOBODY = 65534
 # Root without these capabilities is bound by permission bits like any user.

@@ -45,7 +45,7 @@ def test_block_matches_numpy_and_the_gate_masks_the_prefix_after_compilation(gra
     attn = pet.pet_layers['blocks.0.attention']
     x = np.random.RandomState(3).uniform(-1, 1, (8, 8, 16)).astype(np.float32)
     mask = causal_mask(8, 8)
-    pk, pv = attn.prefix.prefix_numpy()       # (checked against the formula in tests/test_prefix.py)
+    pk, pv = attn.prefix.prefix_numpy()       # (checked against the formula in tests/delta/test_prefix_tuning.py)
     weights = dense_weights(attn)
     np.testing.assert_allclose(attn(Tensor(x), mask).asnumpy(), np_attention(x, mask.asnumpy(), weights, 2, pk, pv),
                                rtol=1e-5, atol=1e-5)
