@@ -9,6 +9,7 @@ carry a CRC that is verified on load.
 import os
 import re
 import time
+import zlib
 from collections import namedtuple
 
 import mindspore as ms
@@ -237,6 +238,10 @@ class TrainableParamsCheckPoint(Callback):
         append.update({META_PREFIX + 'epoch': epoch, META_PREFIX + 'step_in_epoch': step_in_epoch,
                        META_PREFIX + 'step': step, META_PREFIX + 'batch_num': batch_num,
                        META_PREFIX + 'optimizer_state': int(self.save_optimizer_state)})
+        batch = cb_params.get('train_dataset_element') if isinstance(cb_params, dict) else None
+        if batch is not None:
+            # Lets a resumed run check that replaying the data pipeline gives the batches this run saw.
+            append[META_PREFIX + 'batch_crc'] = batch_checksum(batch)
         with checkpoint_write_errors(path):
             atomic_save_checkpoint(params, path, ckpt_format=self.format, append_dict=append,
                                    integrated_save=self.config.integrated_save)
@@ -271,6 +276,23 @@ class TrainableParamsCheckPoint(Callback):
                 self.saved_files.remove(path)
 
 
+def batch_checksum(batch):
+    """CRC-32 of a training batch (a Tensor/array or a sequence of them): the bytes, shapes and dtypes.
+
+    Example:
+        >>> batch_checksum([np.zeros((2, 3), np.float32)])  # doctest: +SKIP
+        1781943285
+    """
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    items = batch if isinstance(batch, (list, tuple)) else [batch]
+    crc = 0
+    for item in items:
+        array = np.ascontiguousarray(item.asnumpy() if hasattr(item, 'asnumpy') else np.asarray(item))
+        crc = zlib.crc32(f"{array.dtype}{array.shape}".encode(), crc)
+        crc = zlib.crc32(array.tobytes(), crc)
+    return crc
+
+
 def _optimizer_state_names(network):
     """Names of the optimizer-owned state (moments, step, learning rate) inside ``network``."""
     names = set()
@@ -282,7 +304,8 @@ def _optimizer_state_names(network):
 
 
 class ResumeState(namedtuple('ResumeState', ['path', 'epoch', 'step_in_epoch', 'step', 'batch_num',
-                                             'adapter_loaded', 'optimizer_loaded', 'skipped'])):
+                                             'adapter_loaded', 'optimizer_loaded', 'skipped', 'batch_crc'],
+                             defaults=(None,))):
     """What :func:`resume_from_checkpoint` restored.
 
     Attributes:
@@ -293,6 +316,8 @@ class ResumeState(namedtuple('ResumeState', ['path', 'epoch', 'step_in_epoch', '
         adapter_loaded (list[str]): network parameter names loaded.
         optimizer_loaded (list[str]): training-state names loaded into ``optimizer`` (empty when the file has none).
         skipped (list[tuple[str, str]]): newer files that could not be read, with the reason.
+        batch_crc (int | None): :func:`batch_checksum` of the last batch trained before the file was written (None
+            when the writer did not see the batch).
     """
     __slots__ = ()
 
@@ -395,7 +420,8 @@ def resume_from_checkpoint(directory, network, optimizer=None, prefix="DELTA_CKP
                                                require=sorted(opt_names - net_names))
     match = _name_re(prefix).match(os.path.basename(path))
     return ResumeState(path, meta.get('epoch', int(match.group(1))), meta.get('step_in_epoch', int(match.group(2))),
-                       meta.get('step'), meta.get('batch_num'), adapter_loaded, optimizer_loaded, skipped)
+                       meta.get('step'), meta.get('batch_num'), adapter_loaded, optimizer_loaded, skipped,
+                       meta.get('batch_crc'))
 
 
 LoadReport = namedtuple('LoadReport', ['base_loaded', 'delta_loaded', 'base_ignored', 'delta_ignored'],
