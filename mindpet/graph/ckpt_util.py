@@ -17,7 +17,7 @@ from mindspore import nn
 from mindspore.train.callback import Callback, CheckpointConfig
 
 from mindpet.utils.constants import DELTA_PREFIX, META_PREFIX
-from mindpet.utils.exceptions import CheckpointError, MakeDirError
+from mindpet.utils.exceptions import CheckpointError
 from mindpet.utils.io_utils import (atomic_save_checkpoint, ensure_dir, load_checkpoint_file, check_params_fit,
                                     load_params_checked, is_state_param, checkpoint_format, CKPT_FORMATS,
                                     remove_stale_temp_files, checkpoint_write_errors)
@@ -175,10 +175,7 @@ class TrainableParamsCheckPoint(Callback):
             self.save_dir = self.directory
             self.is_writer = self.rank == 0
         if self.is_writer:
-            try:
-                ensure_dir(self.save_dir, what='checkpoint directory')
-            except MakeDirError as ex:
-                raise CheckpointError(str(ex)) from ex
+            ensure_dir(self.save_dir, what='checkpoint directory')
             remove_stale_temp_files(self.save_dir, self.prefix + '-')
         self._last_saved_time = time.time()
 

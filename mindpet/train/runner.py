@@ -35,7 +35,7 @@ from mindpet.train.schema import RUNNER_FIELDS, MAX_EPOCHS, MAX_STEPS, check_sec
 from mindpet.train.task import KeyValueError, load_task_class
 from mindpet.tuners.config import config_from_dict, available_methods, get_method
 from mindpet.utils.exceptions import CheckpointError, MindPetError
-from mindpet.utils.validation import check_bool
+from mindpet.utils.validation import check_bool, memory_shortfall
 from mindpet.utils.io_utils import (is_state_param, ensure_dir, atomic_save_checkpoint, load_checkpoint_file,
                                     load_params_checked)
 
@@ -334,6 +334,32 @@ def build(plan, lazy=False):
     return Built(network, pet_model)
 
 
+def check_memory(plan):
+    """Refuse, before any weight is allocated, a base model whose parameters (with gradients and optimizer moments
+    under full fine-tuning) would not fit into the memory available, e.g. a hidden size of 10**9 in
+    ``model.overrides``. The network is built once without weights to count them; the seed is set again
+    afterwards, so the real build draws the same numbers. (Adapters are bounded by their layers: a rank above a
+    layer's size is refused by the method.)
+
+    Raises:
+        ModelConfigParamsInfoError: naming ``model.overrides`` (or ``model.size``), with the estimate.
+    """
+    with no_init_parameters():
+        try:
+            network = plan.task.build_network()
+        except (TypeError, ValueError) as ex:
+            raise plan.source.value_error('model', str(ex)) from None
+    total = sum(int(np.prod(p.shape, dtype=object)) * p.itemsize for p in network.get_parameters())
+    needed = total * (4 if plan.pet_config is None else 1)
+    problem = memory_shortfall(needed)
+    if problem:
+        key = 'model.overrides' if plan.model.get('overrides') else 'model.size'
+        state = ", gradients and optimizer moments" if plan.pet_config is None else ""
+        raise plan.source.value_error(key, f"the model's parameters{state} need {problem}; choose smaller "
+                                      f"dimensions")
+    ms.set_seed(plan.context['seed'])
+
+
 # ----- training --------------------------------------------------------------------------------------------------
 def _optimizer(plan, params, rates):
     opt = plan.optimizer
@@ -468,6 +494,7 @@ def finetune(path, overrides=(), dry_run=False, out=print, resume=False, overwri
     rank, group_size = _init_parallel(plan)
     writer = rank == 0
     output_dir = plan.training['output_dir']
+    check_memory(plan)
     built = build(plan)
     loaded = plan.task.load_base(built.network, plan.model['base_checkpoint'])
     dataset = plan.task.train_dataset(plan.training['batch_size'], rank, group_size)
