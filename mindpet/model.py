@@ -18,9 +18,8 @@ import re
 import numpy as np
 from mindspore import nn, Tensor
 
-from mindpet import __version__
-from mindpet.adapter_store import (FORMAT, is_delta_or_state, model_fingerprint, check_fingerprint, read_adapter,
-                                   save_adapter)
+from mindpet.adapter_store import (StoredAdapter, check_adapter_fits, check_format, is_delta_or_state,
+                                   load_adapter_dir, model_fingerprint, save_adapter_dir)
 from mindpet.tuners.base import walk, matches_any, replace_cell, invalidate_compiled_graph
 from mindpet.tuners.config import PetConfig, make_tuner
 from mindpet.utils.exceptions import AdapterConfigError
@@ -74,7 +73,8 @@ class PetModel(nn.Cell):
 
     Args:
         model (nn.Cell): the network, adapted in place (``pet.base_model`` is ``model``).
-        config (PetConfig): the method's config, e.g. :class:`mindpet.LoraConfig`.
+        config (PetConfig | None): the first adapter's config, e.g. :class:`mindpet.LoraConfig`; None: start
+            without adapters (the base model's parameters are frozen; add or load one next). Default None.
         adapter_name (str): name of the first adapter. Default 'default'.
 
     Example:
@@ -82,15 +82,15 @@ class PetModel(nn.Cell):
         >>> logits = pet(input_ids)  # doctest: +SKIP
     """
 
-    def __init__(self, model, config, adapter_name='default'):
+    def __init__(self, model, config=None, adapter_name='default'):
         super().__init__(auto_prefix=False)
         owner = 'PetModel'
         check_cell('model', model, owner)
         if isinstance(model, PetModel):
             raise TypeError(f"For '{owner}', the 'model' is already a PetModel; add adapters with add_adapter() "
                             f"or load_adapter().")
-        if not isinstance(config, PetConfig):
-            raise TypeError(f"For '{owner}', the 'config' must be a PetConfig (e.g. LoraConfig), but got "
+        if config is not None and not isinstance(config, PetConfig):
+            raise TypeError(f"For '{owner}', the 'config' must be a PetConfig (e.g. LoraConfig) or None, but got "
                             f"{config!r} ({type(config).__name__}).")
         _check_name(owner, 'adapter_name', adapter_name)
         added = [p.name for p in model.get_parameters() if is_delta_or_state(p.name)]
@@ -98,12 +98,13 @@ class PetModel(nn.Cell):
             raise ValueError(f"For '{owner}', the 'model' already has PET parameters (e.g. '{added[0]}'); inject "
                              f"into the unmodified network, or use the PetModel that adapted it.")
         self.base_model = model
-        self._state = _State(make_tuner(config.method))
+        self._state = _State(None)   # the first adapter added or loaded fixes the method (and so the tuner)
         for param in model.get_parameters():
             self._state.requires_grad[param.name] = param.requires_grad
             param.requires_grad = False
-        self.add_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
 
     def construct(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)
@@ -186,38 +187,34 @@ class PetModel(nn.Cell):
         self._check_usable(owner)
         self._check_new_name(owner, adapter_name)
         check_bool('is_trainable', is_trainable, owner)
-        files = read_adapter(directory)
-        self._check_method(files.config, owner, source=directory)
-        check_fingerprint(files.meta['base_model']['params'], model_fingerprint(self.base_model), directory)
+        adapter = load_adapter_dir(directory)
+        self._check_method(adapter.config, owner, source=directory)
+        check_adapter_fits(adapter, model_fingerprint(self.base_model), directory)
         self._sync()
-        self._add_loaded(adapter_name, files, is_trainable, directory)
+        self._add_loaded(adapter_name, adapter, is_trainable, directory)
         return self
 
-    def _add_loaded(self, adapter_name, files, trainable, source):
+    def _add_loaded(self, adapter_name, adapter, trainable, source):
         state = self._state
-        config, meta = files.config, files.meta
-        targets, changed = state.tuner.inject(self.base_model, config, state.layers)
-        if sorted(targets) != sorted(meta['target_layers']):
+        targets, changed = state.tuner.inject(self.base_model, adapter.config, state.layers)
+        if sorted(targets) != sorted(adapter.targets):
             self._after_structure_change(changed)   # layers injected on the way stay switched off and frozen
-            missing = sorted(set(meta['target_layers']) - set(targets))
-            extra = sorted(set(targets) - set(meta['target_layers']))
-            raise AdapterConfigError(f"The adapter in '{source}' adapts {meta['target_layers'][:4]}..., but its "
+            missing = sorted(set(adapter.targets) - set(targets))
+            extra = sorted(set(targets) - set(adapter.targets))
+            raise AdapterConfigError(f"The adapter in '{source}' adapts {adapter.targets[:4]}..., but its "
                                      f"target_modules select other layers in this model (first difference: "
                                      f"{(missing or extra)[0]!r}).")
-        tensors = {}
-        for key in targets:
-            prefix = key + '.'
-            tensors[key] = {name[len(prefix):]: value for name, value in files.tensors.items()
-                            if name.startswith(prefix) and is_delta_or_state(name[len(prefix):])}
-        for name in meta['modules_to_save_params']:
+        for name in adapter.modules:
             self._register_module_param(name, source)
-        modules = {name: files.tensors[name] for name in meta['modules_to_save_params']}
-        state.adapters[adapter_name] = _Adapter(config, targets, tensors, modules, trainable)
+        layers = {key: dict(adapter.layers[key]) for key in targets}
+        state.adapters[adapter_name] = _Adapter(adapter.config, targets, layers, dict(adapter.modules), trainable)
         self._after_structure_change(changed)
 
     @classmethod
     def from_pretrained(cls, model, directory, adapter_name='default', is_trainable=False):
         """Adapt ``model`` with the adapter saved in ``directory`` and make it active.
+
+        On failure ``model`` is left as it was (layers and trainability).
 
         Example:
             >>> pet = PetModel.from_pretrained(build_base_net(), 'out/adapter')  # doctest: +SKIP
@@ -229,14 +226,63 @@ class PetModel(nn.Cell):
         check_cell('model', model, owner)
         _check_name(owner, 'adapter_name', adapter_name)
         check_bool('is_trainable', is_trainable, owner)
-        files = read_adapter(directory)
-        check_fingerprint(files.meta['base_model']['params'], model_fingerprint(model), directory)
-        pet = cls(model, files.config, adapter_name)
-        del pet._state.adapters[adapter_name]  # pylint: disable=protected-access
-        pet._add_loaded(adapter_name, files, is_trainable, directory)  # pylint: disable=protected-access
-        pet._state.active = None  # pylint: disable=protected-access
-        pet.set_adapter(adapter_name)
-        return pet
+        pet = cls(model)
+        try:
+            pet.load_adapter(directory, adapter_name, is_trainable)
+        except BaseException:
+            pet.unload()
+            raise
+        return pet.set_adapter(adapter_name)
+
+    def reinit_from_base(self, adapter_name=None):
+        """Recompute, from the base weights now in the network, the adapter tensors a method derives from them
+        (DoRA's magnitude ``m``: the row norms of the weight).
+
+        The injection computes them from the weights the network holds at that moment. Load the pretrained base
+        weights first and inject afterwards (what ``mindpet finetune`` does); when the base is loaded into an
+        already-adapted model instead, call this right after loading, before training: the adapted model then
+        computes exactly the loaded base model again. Methods whose initial state does not depend on the base
+        weights (LoRA, IA3, ...) are unchanged by it.
+
+        Args:
+            adapter_name (str | None): the adapter to re-initialise. Default None: every adapter.
+
+        Returns:
+            PetModel: ``self``.
+
+        Raises:
+            ValueError: no such adapter.
+            RuntimeError: the model is merged (the weights are not the base weights then), or inside
+                :meth:`disable_adapter`.
+
+        Example:
+            >>> pet = get_pet_model(net, LoraConfig(target_modules=['q_proj'], use_dora=True))  # doctest: +SKIP
+            >>> ms.load_param_into_net(net, ms.load_checkpoint('base.ckpt'))  # doctest: +SKIP
+            >>> pet.reinit_from_base()  # doctest: +SKIP
+        """
+        owner = 'reinit_from_base'
+        self._check_usable(owner)
+        state = self._state
+        if adapter_name is not None:
+            self._record(adapter_name, owner)
+        names = self.adapters if adapter_name is None else [adapter_name]
+        if state.merged:
+            raise RuntimeError(f"For '{owner}', the adapter {state.active!r} is merged into the weights; call "
+                               f"unmerge() first.")
+        if state.disabled:
+            raise RuntimeError(f"For '{owner}', cannot re-initialise inside 'with disable_adapter()'.")
+        self._sync()
+        # Compute everything first, then store: a failure leaves every adapter as it was.
+        updates = {name: {key: state.tuner.base_derived(state.layers[key], state.adapters[name].config,
+                                                        state.adapters[name].tensors[key])
+                          for key in state.adapters[name].targets}
+                   for name in names}
+        for name, per_layer in updates.items():
+            for key, derived in per_layer.items():
+                state.adapters[name].tensors[key].update(derived)
+        if state.active in updates and self._apply(state.adapters[state.active]):
+            self._recompile()
+        return self
 
     # ----- switching -----------------------------------------------------------------------------------------
     def set_adapter(self, adapter_name):
@@ -445,9 +491,15 @@ class PetModel(nn.Cell):
         return self.base_model
 
     # ----- saving --------------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory, adapter_name=None):
-        """Write ``adapter_name`` (default: the active adapter) to ``save_directory``: ``adapter_config.yaml`` and
-        ``adapter_model.safetensors`` (adapter tensors only, no optimizer state), atomically.
+    def save_pretrained(self, save_directory, adapter_name=None, format='mindpet'):  # pylint: disable=W0622
+        """Write ``adapter_name`` (default: the active adapter) to ``save_directory`` as one unit (see
+        ``doc/checkpoints.md``): adapter tensors only, no optimizer state.
+
+        Args:
+            save_directory (str): the adapter directory (created if needed).
+            adapter_name (str | None): the adapter to save; None: the active one.
+            format (str): 'mindpet' (``adapter_config.yaml`` + the safetensors file) or 'peft' (Hugging Face PEFT's
+                ``adapter_config.json`` + ``adapter_model.safetensors``). Default 'mindpet'.
 
         Returns:
             str: ``save_directory``.
@@ -461,26 +513,13 @@ class PetModel(nn.Cell):
             raise TypeError(f"For '{owner}', the 'save_directory' must be a non-empty str path, but got "
                             f"{save_directory!r} ({type(save_directory).__name__}).")
         record = self._record(adapter_name, owner)
+        check_format(format, owner)
         name = adapter_name or self._state.active
         self._sync()
-        tensors = {}
-        for key in record.targets:
-            for suffix, value in record.tensors[key].items():
-                tensors[f'{key}.{suffix}'] = value
-        tensors.update(record.modules)
-        fingerprint = model_fingerprint(self.base_model)
-        meta = {
-            'format': FORMAT,
-            'mindpet_version': __version__,
-            'adapter_name': name,
-            'pet': self._state.tuner.saved_config(record.config, record.tensors).to_dict(),
-            'target_layers': list(record.targets),
-            'modules_to_save_params': list(record.modules),
-            'base_model': {'num_parameters': int(sum(int(np.prod(s)) for s in fingerprint.values())),
-                           'params': fingerprint},
-        }
-        save_adapter(os.fspath(save_directory), meta, tensors)
-        return os.fspath(save_directory)
+        adapter = StoredAdapter(name, self._state.tuner.saved_config(record.config, record.tensors),
+                                list(record.targets), record.tensors, record.modules,
+                                model_fingerprint(self.base_model))
+        return save_adapter_dir(save_directory, adapter, format)
 
     # ----- combining -----------------------------------------------------------------------------------------
     def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type='svd', rank=None):
@@ -592,7 +631,11 @@ class PetModel(nn.Cell):
         if not isinstance(config, PetConfig):
             raise TypeError(f"For '{owner}', the 'config' must be a PetConfig (e.g. LoraConfig), but got "
                             f"{config!r} ({type(config).__name__}).")
-        if config.method != self._state.tuner.method:
+        state = self._state
+        if state.tuner is None or not (state.layers or state.adapters):
+            # Nothing adapted yet (a PetModel started empty): the first adapter fixes the method.
+            state.tuner = make_tuner(config.method)
+        if config.method != state.tuner.method:
             where = f"The adapter in '{source}'" if source else f"For '{owner}', the config"
             raise AdapterConfigError(f"{where} is a '{config.method}' adapter; this PetModel holds "
                                      f"'{self._state.tuner.method}' adapters.")

@@ -11,7 +11,11 @@ updates::
 layer equals its base Dense at initialisation. ``A`` is ``mindpet_delta_dora_a`` ``[r, in]``, ``B`` is
 ``mindpet_delta_dora_b`` ``[out, r]``. Dropout (LoRA branch input only) gives
 ``h = m / ||W'||_row * (W0 x + s B A dropout(x)) + b``, which is the formula above when the rate is 0.
-The norm is differentiated through (the paper's exact gradient; PEFT detaches it to save memory).
+
+``dora_detach_norm`` chooses the gradient. True (the default, as Hugging Face PEFT and section 4.3 of the DoRA
+paper): ``||W'||_row`` is treated as a constant in the backward pass, so no gradient flows through the norm to
+``A`` and ``B`` and the backward pass keeps nothing of the ``(out, in)`` norm computation. False: the exact
+gradient, differentiated through the norm. The forward pass (and so merging) is the same.
 """
 import math
 
@@ -23,7 +27,7 @@ from mindspore.common.initializer import HeUniform
 from mindpet.delta.base import DeltaDense, host_f32
 from mindpet.delta.sharding import apply_dense_strategies
 from mindpet.delta.lora import init_param, _check_init_shape
-from mindpet.utils.validation import check_int, check_real, check_rate
+from mindpet.utils.validation import check_int, check_real, check_rate, check_bool
 
 
 class DoRADense(DeltaDense):
@@ -35,6 +39,8 @@ class DoRADense(DeltaDense):
         lora_rank (int): rank ``r`` of the direction update, > 0.
         lora_alpha (int | float): non-zero; the update is scaled by ``lora_alpha / lora_rank``.
         lora_dropout (float): dropout rate in [0, 1) on the LoRA branch input. Default 0.
+        dora_detach_norm (bool): True (default, as PEFT): the row norms ``||W'||_row`` are constants in the backward
+            pass; False: the exact gradient through them. The forward pass is the same.
         lora_a_init: initializer (or Tensor ``[r, in]``) for A. Default Kaiming-uniform(a=sqrt 5).
         lora_b_init: initializer (or Tensor ``[out, r]``) for B. Default 'zeros'.
         param_init_type (mindspore.dtype): dtype of A, B and m. Default float32.
@@ -58,11 +64,13 @@ class DoRADense(DeltaDense):
 
     def __init__(self, in_channels, out_channels, lora_rank, lora_alpha, lora_dropout=0.,
                  lora_a_init=HeUniform(negative_slope=math.sqrt(5)), lora_b_init='zeros',
-                 param_init_type=mstype.float32, compute_dtype=mstype.float16, **kwargs):
+                 param_init_type=mstype.float32, compute_dtype=mstype.float16, dora_detach_norm=True, **kwargs):
         owner = type(self).__name__
         self.lora_rank = check_int('lora_rank', lora_rank, owner)
         self.lora_alpha = check_real('lora_alpha', lora_alpha, owner, nonzero=True)
         self.lora_dropout_rate = check_rate('lora_dropout', lora_dropout, owner)
+        # A Python constant of the compiled graph: changing it afterwards needs a recompilation.
+        self.dora_detach_norm = check_bool('dora_detach_norm', dora_detach_norm, owner)
         check_int('in_channels', in_channels, owner)
         check_int('out_channels', out_channels, owner)
         _check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, in_channels))
@@ -111,6 +119,8 @@ class DoRADense(DeltaDense):
         lora_b = self.cast(self.mindpet_delta_dora_b, mstype.float32)
         direction = self.cast(self.weight, mstype.float32) + scaling * self.delta_matmul(lora_b, lora_a)
         norm = ops.sqrt(ops.reduce_sum(ops.square(direction), 1))
+        if self.dora_detach_norm:
+            norm = ops.stop_gradient(norm)
         magnitude = self.cast(self.mindpet_delta_dora_magnitude, mstype.float32)
         factor = gate * magnitude / norm + (1.0 - gate)
 
@@ -185,7 +195,8 @@ class DoRADense(DeltaDense):
 
     def extend_repr(self):
         return (super().extend_repr() + f', lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, '
-                f'lora_dropout={self.lora_dropout_rate}, merged={self.merged}')
+                f'lora_dropout={self.lora_dropout_rate}, dora_detach_norm={self.dora_detach_norm}, '
+                f'merged={self.merged}')
 
 
 def dora_weight(weight, lora_a, lora_b, magnitude, scaling):

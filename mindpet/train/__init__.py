@@ -6,8 +6,8 @@ the run config when they are called.
 """
 from mindpet.train.schema import Field, REQUIRED
 from mindpet.train.schedule import learning_rates
-from mindpet.train.task import Task, KeyValueError, register_task, task_names, shard_rows
+from mindpet.train.task import Task, KeyValueError, load_task_class, shard_rows
 from mindpet.train.runner import load_plan, build, finetune, evaluate
 
-__all__ = ['Field', 'REQUIRED', 'learning_rates', 'Task', 'KeyValueError', 'register_task', 'task_names',
+__all__ = ['Field', 'REQUIRED', 'learning_rates', 'Task', 'KeyValueError', 'load_task_class',
            'shard_rows', 'load_plan', 'build', 'finetune', 'evaluate']

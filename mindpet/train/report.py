@@ -74,8 +74,8 @@ def _method_text(plan):
 def header(plan, loaded, trainable, total, total_steps, epochs, steps_per_epoch, group_size, dry_run=False):
     """The lines printed before training: model, method, parameters, data and steps."""
     model = plan.model
-    lines = [f"[model] {plan.task.name} ({model['size']}); base weights: "
-             f"{loaded or (model['base_checkpoint'] if dry_run else None) or 'initial (random) weights'}",
+    lines = [f"[model] {plan.task.label()}; base weights: "
+             f"{loaded or (model.get('base_checkpoint') if dry_run else None) or 'initial (random) weights'}",
              f"[pet] {_method_text(plan)}; trainable {trainable:,} of {total:,} parameters "
              f"({100.0 * trainable / max(total, 1):.3f}%)"]
     if total_steps is not None:
@@ -105,7 +105,7 @@ def summary(plan, built, losses, step_times, results, files, output_dir, peak_me
     """The run's facts as a dict (what ``metrics.json`` holds under ``summary`` and the table shows)."""
     trainable, total = built.counts()
     out = OrderedDict()
-    out['model'] = f"{plan.task.name} ({plan.model['size']})"
+    out['model'] = plan.task.label()
     out['method'] = _method_text(plan)
     out['trainable_params'] = trainable
     out['total_params'] = total

@@ -1,9 +1,10 @@
 """YAML-driven fine-tuning: ``mindpet finetune`` and ``mindpet evaluate`` (see doc/cli.md).
 
 :func:`load_plan` reads and checks the whole run config before anything runs (unknown keys, types, ranges,
-missing files, the PET method's own config); :func:`build` builds the network and applies the PET method (a
-target pattern that matches nothing fails here); only then does :func:`finetune` create the output directory,
-load the pretrained weights, train and write the results. A config that fails leaves the output directory as it
+missing files, the PET method's own config); :func:`build` builds the network, loads the pretrained weights and
+only then applies the PET method (load first, then adapt: base-dependent state such as DoRA's magnitude comes from
+the loaded weights; a target pattern that matches nothing fails here); only then does :func:`finetune` create the
+output directory, train and write the results. A config that fails leaves the output directory as it
 was. A dry run (``finetune(..., dry_run=True)``) builds the model without allocating its weights
 (``no_init_parameters``), so a full-size config validates on a laptop.
 
@@ -31,8 +32,10 @@ from mindpet.graph.ckpt_util import (TrainableParamsCheckPoint, batch_checksum, 
 from mindpet.model import PetModel, get_pet_model
 from mindpet.train import report
 from mindpet.train.schedule import WarmupDecayLR, learning_rate_at
-from mindpet.train.schema import RUNNER_FIELDS, MAX_EPOCHS, MAX_STEPS, check_section, read_run_config, did_you_mean
-from mindpet.train.task import KeyValueError, load_task_class
+from mindpet.train.schema import (CODE_FIELDS, RUNNER_FIELDS, MAX_EPOCHS, MAX_STEPS, check_section, read_run_config,
+                                  did_you_mean)
+from mindpet.train.imports import CodeImportError
+from mindpet.train.task import GENERIC_TASK, KeyValueError, load_task_class
 from mindpet.tuners.config import config_from_dict, available_methods, get_method
 from mindpet.utils.exceptions import CheckpointError, MindPetError
 from mindpet.utils.validation import check_bool, memory_shortfall
@@ -102,13 +105,9 @@ def load_plan(path, overrides=(), missing_ok=False):
     sections = {}
     model_raw = raw.get('model')
     if not isinstance(model_raw, dict):
-        raise source.value_error('model', f"must be a mapping with at least 'name', but got {model_raw!r}")
-    if 'name' not in model_raw:
-        raise source.key_error('model.name', "missing (the model to fine-tune, e.g. bert)")
-    try:
-        task_class = load_task_class(model_raw['name'])
-    except (ValueError, ImportError) as ex:
-        raise source.value_error('model.name', str(ex)) from None
+        raise source.value_error('model', f"must be a mapping with 'task' (a task module) or 'class'/'factory' "
+                                 f"(a model), but got {model_raw!r}")
+    task_class, model_raw = _task_class(source, model_raw)
     sections['model'] = check_section(source, 'model', model_raw, task_class.all_model_fields())
     sections['data'] = check_section(source, 'data', raw.get('data'), task_class.data_fields)
     for name, fields in RUNNER_FIELDS.items():
@@ -122,7 +121,7 @@ def load_plan(path, overrides=(), missing_ok=False):
         raise source.value_error(ex.key, str(ex)) from None
     except (TypeError, ValueError) as ex:
         raise source.value_error('model.overrides', str(ex)) from None
-    if task.base_checkpoint_required() and sections['model']['base_checkpoint'] is None:
+    if task.base_checkpoint_required() and sections['model'].get('base_checkpoint') is None:
         raise source.key_error('model.base_checkpoint', f"missing: the '{sections['model']['size']}' size of "
                                f"'{task.name}' is fine-tuned from pretrained weights; give their path")
     pet = sections['pet']
@@ -135,6 +134,44 @@ def load_plan(path, overrides=(), missing_ok=False):
         except KeyValueError as ex:
             raise source.value_error(ex.key, str(ex)) from None
     return RunPlan(os.fspath(path), source, sections, task, pet_config)
+
+
+def _task_class(source, model_raw):
+    """The task class the ``model`` section names, and the section with ``code_dir`` made absolute.
+
+    ``model.task`` names it; without it, a section naming a ``class`` or ``factory`` gets the built-in task.
+    ``model.code_dir`` is taken relative to the config file (the shipped configs say ``..``, the repository root).
+    """
+    code = {}
+    for key, field in CODE_FIELDS.items():
+        value = model_raw.get(key, field.default)
+        if key == 'code_dir' and isinstance(value, str) and value:
+            value = os.path.join(os.path.dirname(os.path.abspath(source.path)), os.path.expanduser(value))
+        try:
+            code[key] = field.check(value)
+        except ValueError as ex:
+            raise source.value_error(f'model.{key}', str(ex)) from None
+        if not field.exists(code[key]):
+            raise source.value_error(f'model.{key}', f"the directory '{code[key]}' does not exist")
+    task = code['task']
+    if task is None:
+        if 'class' in model_raw or 'factory' in model_raw:
+            task = GENERIC_TASK
+        elif 'name' in model_raw:
+            raise source.key_error('model.name', "replaced by 'model.task', the task module 'package.module' "
+                                   "(the shipped tasks: examples.<name>.pet_task, with code_dir and trust_code as "
+                                   "in configs/; see doc/cli.md)")
+        else:
+            raise source.key_error('model.task', "missing: name the task module ('package.module' defining TASK) or "
+                                   "the model ('class: package.module:ClassName' or 'factory: "
+                                   "package.module:function')")
+    try:
+        task_class = load_task_class(task, code['trust_code'], code['code_dir'])
+    except CodeImportError as ex:
+        raise source.value_error('model.task' if code['task'] else 'model', str(ex)) from None
+    if code['code_dir'] is not None:
+        model_raw = dict(model_raw, code_dir=code['code_dir'])
+    return task_class, model_raw
 
 
 def _check_runner_rules(source, sections, task_class):
@@ -257,9 +294,10 @@ def _listed_entries(output_dir):
 class Built:
     """The network, the PET wrapper around it (None for full fine-tuning) and parameter counts."""
 
-    def __init__(self, network, pet_model):
+    def __init__(self, network, pet_model, loaded=None):
         self.network = network
         self.pet_model = pet_model
+        self.loaded = loaded          # what the task loaded into the base (a description), None: nothing
         self.checkpoint_dir = None
 
     @property
@@ -306,15 +344,24 @@ def set_context(plan, dry_run=False):
 
 
 def build(plan, lazy=False):
-    """Build the task's network and apply the PET method; nothing is loaded or written.
+    """Build the task's network, load its pretrained weights, then apply the PET method; nothing is written.
+
+    The order is the one every entry point uses (load first, then adapt): a method whose initial state derives
+    from the base weights (DoRA's magnitude: the row norms of the weight) computes it from the loaded weights, so
+    the adapted model starts out computing exactly the loaded base model.
 
     Args:
         plan (RunPlan): from :func:`load_plan`.
-        lazy (bool): build under ``mindspore.nn.utils.no_init_parameters`` (no weight memory; a dry run).
+        lazy (bool): build under ``mindspore.nn.utils.no_init_parameters`` (no weight memory, nothing loaded; a
+            dry run).
+
+    Returns:
+        Built: ``loaded`` holds the task's description of what was loaded (None: nothing).
 
     Raises:
         ModelConfigParamsInfoError: the method's config does not fit the model (e.g. target patterns matching
             nothing), or the model dimensions are invalid; the message names the key and the file.
+        CheckpointError: the base checkpoint does not fit the model.
     """
     scope = no_init_parameters() if lazy else contextlib.nullcontext()
     with scope:
@@ -322,8 +369,9 @@ def build(plan, lazy=False):
             network = plan.task.build_network()
         except (TypeError, ValueError) as ex:
             raise plan.source.value_error('model', str(ex)) from None
+        loaded = None if lazy else plan.task.load_base(network, plan.model.get('base_checkpoint'))
         if plan.pet_config is None:
-            return Built(network, None)
+            return Built(network, None, loaded)
         try:
             pet_model = get_pet_model(network, plan.pet_config)
         except (MindPetError, TypeError, ValueError) as ex:
@@ -331,7 +379,7 @@ def build(plan, lazy=False):
             key = 'pet.modules_to_save' if 'modules_to_save' in message and 'target_modules' not in message \
                 else 'pet.target_modules'
             raise plan.source.value_error(key, message) from None
-    return Built(network, pet_model)
+    return Built(network, pet_model, loaded)
 
 
 def check_memory(plan):
@@ -496,7 +544,7 @@ def finetune(path, overrides=(), dry_run=False, out=print, resume=False, overwri
     output_dir = plan.training['output_dir']
     check_memory(plan)
     built = build(plan)
-    loaded = plan.task.load_base(built.network, plan.model['base_checkpoint'])
+    loaded = built.loaded
     dataset = plan.task.train_dataset(plan.training['batch_size'], rank, group_size)
     steps_per_epoch = dataset.get_dataset_size()
     if steps_per_epoch < 1:
@@ -730,7 +778,7 @@ def evaluate(path, adapter=None, overrides=(), out=print):
     plan = load_plan(path, overrides)
     set_context(plan)
     network = plan.task.build_network()
-    loaded = plan.task.load_base(network, plan.model['base_checkpoint'])
+    loaded = plan.task.load_base(network, plan.model.get('base_checkpoint'))
     model, what = network, 'the base model'
     if adapter is not None:
         adapter = os.fspath(adapter)
@@ -742,7 +790,7 @@ def evaluate(path, adapter=None, overrides=(), out=print):
             load_params_checked(network, params, source=adapter,
                                 require=[p.name for p in network.get_parameters()])
             what = f"fine-tuned checkpoint {adapter}"
-    out(f"[evaluate] {plan.task.name} ({plan.model['size']}), base: {loaded or 'initial weights'}; with {what}")
+    out(f"[evaluate] {plan.task.label()}, base: {loaded or 'initial weights'}; with {what}")
     metrics = plan.task.evaluate(model)
     out(f"[evaluate] {report.format_metrics(metrics)}")
     lines = plan.task.demo(model)

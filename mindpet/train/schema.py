@@ -150,12 +150,21 @@ CONTEXT_FIELDS = {
     'seed': Field('int', 0, min_value=0, doc='seed of the initial weights, data order and dropout'),
 }
 
-MODEL_FIELDS = {
-    'name': Field('str', doc='the model (task) to fine-tune: bert, pangu_alpha, wukong_huahua or mlp'),
+#: the ``model`` keys of every config: where the task's code comes from
+CODE_FIELDS = {
+    'task': Field('str', None, doc="the task module 'package.module' defining TASK (e.g. examples.mlp.pet_task); "
+                                   "null with class/factory: the built-in task (no code)"),
+    'trust_code': Field('bool', False, doc="allow importing modules outside the allow-list (mindpet, mindone, "
+                                           "mindformers) named in this section"),
+    'code_dir': Field('dir', None, doc="directory holding the named modules' top-level package, relative to the "
+                                       "config file (not added to sys.path)"),
+}
+
+MODEL_FIELDS = dict(CODE_FIELDS, **{
     'size': Field('str', 'tiny', doc="a size preset of the model (e.g. tiny, full); the task lists its presets"),
     'base_checkpoint': Field('path', None, doc='pretrained weights to load before fine-tuning (.ckpt/.safetensors)'),
     'overrides': Field('dict', None, doc='model dimensions replacing the preset\'s (e.g. {num_layers: 2})'),
-}
+})
 
 OPTIMIZER_FIELDS = {
     'type': Field('str', 'adamw', choices=('adamw', 'adam', 'momentum', 'sgd'), doc='optimizer'),

@@ -1,72 +1,41 @@
-"""What the runner needs from a model to fine-tune it: the :class:`Task` interface and the task registry.
+"""What the runner needs from a model to fine-tune it: the :class:`Task` interface, and loading a task module.
 
 A task knows one model family: its size presets, how to build the network, load pretrained weights, make the
 training data, the loss, the evaluation metric and (optionally) a demonstration of its outputs. The runner
 (:mod:`mindpet.train.runner`) does the rest the same way for every task: validation, the PET method, the optimizer
 and schedule, the training loop, checkpoints, the adapter, the summary.
 
-The shipped tasks live beside their example models (``examples/<name>/pet_task.py``); ``model.name`` in a run
-config picks one. A task outside this repository plugs in with ``model.name: my_package.my_module`` (a module
-defining ``TASK``, a :class:`Task` subclass) or with :func:`register_task`.
+A run config names its task explicitly: ``model.task: package.module``, a module defining ``TASK`` (a
+:class:`Task` subclass). Nothing is looked up by a built-in name: the shipped example tasks are
+``examples.<name>.pet_task`` modules of the source tree, named like any other (their configs set
+``model.code_dir`` and ``model.trust_code``; see :mod:`mindpet.train.imports`). A config with ``model.class`` or
+``model.factory`` and no ``task`` uses the built-in :mod:`mindpet.train.generic` task (no code to write).
 """
-import importlib
-import os
-import sys
-
 import numpy as np
 
-from mindpet.train.schema import Field, one_line
+from mindpet.train.imports import CodeImportError, import_module
+from mindpet.train.schema import Field
 from mindpet.utils.validation import check_int
 
-#: model name -> module defining ``TASK``
-_TASK_MODULES = {
-    'bert': 'examples.bert.pet_task',
-    'pangu_alpha': 'examples.pangu_alpha.pet_task',
-    'wukong_huahua': 'examples.wukong_huahua.pet_task',
-    'mlp': 'examples.mlp.pet_task',
-}
+#: the task of configs that name a model class or factory instead of a task module
+GENERIC_TASK = 'mindpet.train.generic'
 
 
-def register_task(name, module):
-    """Make ``model.name: <name>`` load the task defined as ``TASK`` in ``module`` (a dotted module path)."""
-    if not isinstance(name, str) or not name or not isinstance(module, str) or not module:
-        raise ValueError(f"For 'register_task', the 'name' and 'module' must be non-empty str, but got {name!r}, "
-                         f"{module!r}.")
-    _TASK_MODULES[name] = module
+def load_task_class(path, trust_code=False, code_dir=None):
+    """The :class:`Task` subclass ``TASK`` of the module ``path`` (``model.task``).
 
-
-def task_names():
-    """The registered model names."""
-    return sorted(_TASK_MODULES)
-
-
-def load_task_class(name):
-    """The :class:`Task` subclass for ``model.name``.
-
-    The shipped tasks import from the ``examples`` package of the source tree; when the ``mindpet`` command runs
-    from the repository root, that directory is put on ``sys.path`` (an installed wheel does not ship examples).
+    Args:
+        path (str): ``package.module``.
+        trust_code (bool): ``model.trust_code`` (needed unless the package is allow-listed).
+        code_dir (str | None): ``model.code_dir``, the directory holding the module's top-level package.
 
     Raises:
-        ValueError: an unknown name (the message suggests the closest), or a module without ``TASK``.
-        ImportError: the module cannot be imported (the message says from where to run).
+        CodeImportError: a malformed path, an untrusted module, an import failure, or a module without ``TASK``.
     """
-    module_name = _TASK_MODULES.get(name, name if '.' in str(name) else None)
-    if module_name is None:
-        from mindpet.train.schema import did_you_mean  # pylint: disable=import-outside-toplevel
-        raise ValueError(f"unknown model {name!r}{did_you_mean(name, task_names())} (or a module path "
-                         f"'package.module' defining TASK)")
-    if module_name.startswith('examples.') and os.path.isdir(os.path.join(os.getcwd(), 'examples')):
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as ex:
-        raise ImportError(one_line(f"the model {name!r} needs the module '{module_name}', which cannot be imported "
-                                   f"({ex}); the shipped example models are in the source tree: run from the "
-                                   f"repository root")) from ex
+    module = import_module(path, trust_code, code_dir)
     task = getattr(module, 'TASK', None)
     if not (isinstance(task, type) and issubclass(task, Task)):
-        raise ValueError(f"the module '{module_name}' does not define TASK (a mindpet.train.Task subclass)")
+        raise CodeImportError(f"the module '{path}' does not define TASK (a mindpet.train.Task subclass)")
     return task
 
 
@@ -74,7 +43,7 @@ class Task:
     """Base class of a fine-tuning task. Subclasses set the class attributes and implement the methods.
 
     Attributes:
-        name (str): the ``model.name`` of the task.
+        name (str): the task's name in messages and the summary.
         sizes (dict): size preset name -> model config dict (``model.size``).
         model_fields (dict): extra ``model.*`` keys (:class:`mindpet.train.schema.Field`).
         data_fields (dict): the ``data.*`` keys.
@@ -101,12 +70,18 @@ class Task:
     # ----- configuration ---------------------------------------------------------------------------------------
     @classmethod
     def all_model_fields(cls):
+        """Every key of the ``model`` section: the common ones, the size-preset ones, the task's own."""
         from mindpet.train.schema import MODEL_FIELDS  # pylint: disable=import-outside-toplevel
         fields = dict(MODEL_FIELDS)
         fields['size'] = Field('str', next(iter(cls.sizes)), choices=tuple(cls.sizes),
                                doc=MODEL_FIELDS['size'].doc)
         fields.update(cls.model_fields)
         return fields
+
+    def label(self):
+        """``'bert (minilm)'``: the task and its size, for messages and the summary."""
+        size = self.model.get('size')
+        return f"{self.name} ({size})" if size else self.name
 
     def model_config(self):
         """The model dimensions: the size preset with ``model.overrides`` applied. Raise ValueError naming a bad
@@ -253,5 +228,5 @@ def softmax_cross_entropy(logits, labels):
     return float(-log_probs[np.arange(len(labels)), np.asarray(labels)].mean())
 
 
-__all__ = ['Task', 'KeyValueError', 'register_task', 'task_names', 'load_task_class', 'shard_rows', 'train_base',
+__all__ = ['Task', 'KeyValueError', 'GENERIC_TASK', 'load_task_class', 'shard_rows', 'train_base',
            'predict_batches', 'softmax_cross_entropy']

@@ -243,6 +243,13 @@ class BaseTuner:
         """Fresh tensors for a new, untrained adapter on ``layer`` (the base function at init)."""
         raise NotImplementedError
 
+    def base_derived(self, layer, config, tensors):
+        """The adapter tensors on ``layer`` that a new adapter computes from the base weights, recomputed from the
+        layer's current base weights (``tensors``: the adapter's stored tensors, which the result may depend on).
+        Used by :meth:`mindpet.PetModel.reinit_from_base` when the base weights were loaded after injection.
+        Default: none (the method's initial state does not depend on the base weights)."""
+        return {}
+
     def saved_params(self, model, config):
         """Names of base parameters of ``model`` that make up the adapter itself (BitFit's biases). They are
         trained, stored with the adapter, switched and restored exactly like the parameters of

@@ -32,6 +32,7 @@ def create_layer(cell, config, compute_dtype):
     # 'zeros' avoids drawing a random weight that is replaced at once by the base layer's own Parameter.
     layer = DoRADense(cell.in_channels, cell.out_channels, lora_rank=config.lora_rank,
                       lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, compute_dtype=compute_dtype,
+                      dora_detach_norm=config.dora_detach_norm,
                       weight_init='zeros', bias_init='zeros', has_bias=cell.has_bias, activation=cell.activation,
                       dtype=cell.weight.dtype)
     adopt_dense_params(layer, cell)
@@ -74,14 +75,34 @@ def init_adapter(layer, config):
             M_NAME: np.linalg.norm(weight, axis=1).astype(np.float32)}
 
 
+def base_derived(layer, config, tensors):
+    """``m`` recomputed from the layer's current base weight: the row norms of ``W0 + s B A`` (``A``, ``B`` from
+    ``tensors``), PEFT's initialisation, which is the row norms of ``W0`` for an untrained adapter (``B = 0``).
+
+    Raises:
+        RuntimeError: the layer is merged (its weight is not the base weight then).
+    """
+    if layer.merged:
+        raise RuntimeError("For 'reinit_from_base', DoRA's magnitude needs the base weight's row norms; call "
+                           "unmerge() first.")
+    weight = layer.weight.asnumpy().astype(np.float32)
+    lora_a = np.asarray(tensors[A_NAME], np.float32)
+    lora_b = np.asarray(tensors[B_NAME], np.float32)
+    adapted = weight + config.scaling * (lora_b @ lora_a)
+    return {M_NAME: np.linalg.norm(adapted, axis=1).astype(np.float32)}
+
+
 def activate(layer, config):
-    """Scaling ``s`` and gate 1 (unless merged: the merged weight already holds the adapter)."""
+    """Scaling ``s`` and gate 1 (unless merged: the merged weight already holds the adapter). Returns True (the
+    caller recompiles) when the adapter's ``dora_detach_norm`` differs from the layer's: it is a graph constant."""
     layer.scaling = config.scaling
     layer.lora_alpha = config.lora_alpha
     if not layer.merged:
         layer.mindpet_state_dora_scaling.set_data(Tensor(config.scaling, mstype.float32))
         layer.mindpet_state_dora_gate.set_data(Tensor(1.0, mstype.float32))
-    return False
+    regraph = layer.dora_detach_norm != config.dora_detach_norm
+    layer.dora_detach_norm = config.dora_detach_norm
+    return regraph
 
 
 def deactivate(layer):

@@ -47,6 +47,8 @@ class LoraConfig(PetConfig):
             computes in the base weight's dtype, so the adapted model equals the base model exactly at init.
         use_dora (bool): DoRA (:class:`mindpet.delta.dora.DoRADense`): a trainable per-row magnitude times the
             LoRA-updated direction. Default False. A layer keeps the variant of the first adapter that adapted it.
+        dora_detach_norm (bool): DoRA only: True (default, as PEFT) treats the row norms as constants in the
+            backward pass; False differentiates through them (the exact gradient). Same forward pass and merge.
         exclude_modules, modules_to_save: see :class:`PetConfig`.
 
     Example:
@@ -59,6 +61,7 @@ class LoraConfig(PetConfig):
     lora_dropout: float = 0.0
     compute_dtype: Optional[str] = None
     use_dora: bool = False
+    dora_detach_norm: bool = True
     targets_required = TARGETS_REQUIRED
 
     def validate(self):
@@ -71,6 +74,7 @@ class LoraConfig(PetConfig):
         check_rate('lora_dropout', self.lora_dropout, owner)
         check_compute_dtype(owner, self.compute_dtype)
         check_bool('use_dora', self.use_dora, owner)
+        check_bool('dora_detach_norm', self.dora_detach_norm, owner)
 
     @property
     def scaling(self):
@@ -134,6 +138,11 @@ class LoraTuner(DenseLayerTuner):
         lora_a = initializer(HeUniform(negative_slope=math.sqrt(5)), [rank, layer.in_channels], mstype.float32)
         return {A_NAME: lora_a.init_data().asnumpy(),
                 B_NAME: np.zeros((layer.out_channels, rank), np.float32)}
+
+    def base_derived(self, layer, config, tensors):
+        if isinstance(layer, DoRADense):
+            return dora.base_derived(layer, config, tensors)
+        return {}
 
     def activate(self, layer, config):
         if isinstance(layer, DoRADense):

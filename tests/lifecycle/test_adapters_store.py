@@ -95,7 +95,7 @@ def test_save_load_round_trip_is_exact_and_holds_only_adapter_tensors(trained, t
     meta = yaml.safe_load(open(os.path.join(trained.dir_a, ADAPTER_CONFIG_NAME), encoding='utf-8'))
     assert meta['pet'] == {'type': 'lora', 'target_modules': ['q_proj', 'v_proj'], 'exclude_modules': None,
                            'modules_to_save': None, 'lora_rank': 4, 'lora_alpha': 8, 'lora_dropout': 0.0,
-                           'compute_dtype': None, 'use_dora': False}
+                           'compute_dtype': None, 'use_dora': False, 'dora_detach_norm': True}
     assert meta['adapter_name'] == 'shift'
     assert meta['target_layers'] == ['blocks.0.attn.q_proj', 'blocks.0.attn.v_proj', 'blocks.1.attn.q_proj',
                                      'blocks.1.attn.v_proj']

@@ -1,4 +1,4 @@
-"""Variants of the ``mlp`` task for the resume tests (``model.name: tests.train.resume_tasks``).
+"""Variants of the ``mlp`` task for the resume tests (``model.task: tests.train.resume_tasks``).
 
 ``data.order`` picks how the training rows are ordered: ``seeded`` (the shipped task's order), or ``unseeded``
 (a fresh permutation from OS entropy on every build: what a dataset shuffled without a seed does, so a resumed run

@@ -34,7 +34,7 @@ def _pynative_afterwards():
 def _config(tmp_path, name, **data):
     with open(MLP_CONFIG, encoding='utf-8') as handle:
         cfg = yaml.safe_load(handle)
-    cfg['model'].update(name='tests.train.resume_tasks', pretrain_epochs=1)
+    cfg['model'].update(task='tests.train.resume_tasks', code_dir=ROOT, trust_code=True, pretrain_epochs=1)
     cfg['data'].update(num_samples=160, eval_fraction=0.2, **data)
     cfg['schedule']['warmup_steps'] = 2
     cfg['training'] = dict(epochs=EPOCHS, batch_size=16, log_interval=1, checkpoint_interval=3, keep_checkpoint_max=2,

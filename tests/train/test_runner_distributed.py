@@ -16,7 +16,8 @@ from mindpet.utils.io_utils import load_checkpoint_file
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MSRUN = shutil.which('msrun') or os.path.join(os.path.dirname(sys.executable), 'msrun')
 CONFIG = {'context': {'mode': 'GRAPH', 'device_target': 'CPU', 'seed': 0},
-          'model': {'name': 'mlp', 'size': 'tiny', 'pretrain_epochs': 1},
+          'model': {'task': 'examples.mlp.pet_task', 'code_dir': ROOT, 'trust_code': True, 'size': 'tiny',
+                    'pretrain_epochs': 1},
           'pet': {'type': 'lora', 'target_modules': [r'layers\.\d+'], 'lora_rank': 4, 'lora_alpha': 8,
                   'modules_to_save': ['head']},
           'data': {'num_samples': 320},
