@@ -5,14 +5,23 @@ tensor ``dT`` of shape ``(out, in, L)`` and parametrised as a tensor SVD::
 
     dT = U * S * V^T      U: (out, k, L)   S: f-diagonal, stored as k tubes (k, L)   V: (in, k, L)
 
+where U and V may keep only their first ``P = tsvd_factor_slices`` frontal slices (the others are zero; default
+``P = L``, full tensors). ``P = 1`` gives every layer the same singular vectors with its own singular values,
+``dT[:, :, l] = U_0 diag(S[:, l]) V_0^T``: the layers share structure instead of each holding its own factors.
+
 ``*`` is the t-product, a circular convolution along the third (layer) mode::
 
     (A * B)[:, :, l] = sum_j A[:, :, j] @ B[:, :, (l - j) mod L]
 
 and ``V^T`` the t-transpose (each frontal slice transposed, slices 1..L-1 in reverse order). Layer ``l`` adds
 ``s * dT[:, :, l]`` (``s = tsvd_alpha / tsvd_rank``) to its frozen weight. The forward pass never forms ``dT``: with
-``US = U * S``, ``dT[:, :, l] = [US_0 .. US_{L-1}] @ [V_{(0-l)} .. V_{(L-1-l)}]^T``, so a layer costs one rank-``kL``
-LoRA-like product, built from gathers and matmuls only (runs in GRAPH_MODE on CPU and Ascend; no FFT needed).
+``US = U * S``, ``dT[:, :, l] = sum_{q < P} US_{(l + q) mod L} V_q^T``, so a layer costs one rank-``kP`` LoRA-like
+product, built from gathers and matmuls only (runs in GRAPH_MODE on CPU and Ascend; no FFT needed).
+
+Cost, per group of ``L`` layers ``(out, in)`` (counted by ``tests/delta/test_tsvd_cost.py``): trainable values
+``k P (out + in) + k L`` (full factors: ``k L (out + in + 1)``, what LoRA of rank ``k`` trains on each of the ``L``
+layers, plus ``k L``); forward multiply-adds per layer and ``N`` input rows: ``N k P (in + out)`` for the increment
+(LoRA of rank ``r``: ``N r (in + out)``) plus ``k out P^2`` for this layer's slices of ``U * S``.
 
 Training adds the orthogonality regulariser ``||U^T * U - I||^2 + ||V^T * V - I||^2`` (``I`` the identity tensor:
 first frontal slice the identity matrix, the others zero) and, after each batch, :class:`TSVDAllocator` tracks the
@@ -36,7 +45,7 @@ from mindpet.delta.rank_allocation import RankAllocator, find_cells
 from mindpet.utils.validation import check_int, check_real, check_dtype
 
 __all__ = ['TSVDGroup', 'TSVDDense', 'TSVDAllocator', 't_product', 't_transpose', 't_svd', 'f_diag', 't_identity',
-           't_orthogonal', 'orthogonal_init', 'tsvd_increments']
+           't_orthogonal', 'orthogonal_init', 'tsvd_increments', 'pad_slices']
 
 
 # ----- NumPy reference maths --------------------------------------------------------------------------------------
@@ -137,17 +146,38 @@ def t_orthogonal(sample):
     return np.real(np.fft.ifft(fq, axis=2))
 
 
-def orthogonal_init(rows, rank, length, std=1.0):
+def orthogonal_init(rows, rank, length, std=1.0, slices=None):
     """A random orthogonal tensor ``(rows, rank, length)`` (float32): :func:`t_orthogonal` of a Normal(``std``)
-    sample drawn with MindSpore's RNG (``mindspore.set_seed`` makes it reproducible)."""
-    sample = initializer(Normal(std), (rows, rank, length), mstype.float32).init_data().asnumpy()
-    return t_orthogonal(sample).astype(np.float32)
+    sample drawn with MindSpore's RNG (``mindspore.set_seed`` makes it reproducible).
+
+    With ``slices < length``: the first ``slices`` frontal slices of a ``length``-slice orthogonal tensor whose other
+    slices are zero (returned shape ``(rows, rank, slices)``): slice 0 has orthonormal columns (QR of the sample),
+    the others start at zero."""
+    slices = length if slices is None else slices
+    sample = initializer(Normal(std), (rows, rank, slices if slices == length else 1), mstype.float32)
+    sample = sample.init_data().asnumpy()
+    if slices == length:
+        return t_orthogonal(sample).astype(np.float32)
+    out = np.zeros((rows, rank, slices), np.float32)
+    out[:, :, 0] = t_orthogonal(sample)[:, :, 0]
+    return out
+
+
+def pad_slices(factor, length):
+    """``(n, k, P)`` -> ``(n, k, length)``: the frontal slices ``P..length-1`` zero."""
+    factor = np.asarray(factor)
+    if factor.shape[2] == length:
+        return factor
+    return np.concatenate([factor, np.zeros(factor.shape[:2] + (length - factor.shape[2],), factor.dtype)], 2)
 
 
 def tsvd_increments(u, s, v, scaling):
-    """``scaling * U * f_diag(S) * V^T`` (float32 numpy ``(out, in, L)``) from the factors ``U (out, k, L)``,
-    ``S (k, L)``, ``V (in, k, L)``: slice ``l`` is layer ``l``'s increment, to add to its weight."""
-    u, s, v = (np.asarray(a, np.float64) for a in (u, s, v))
+    """``scaling * U * f_diag(S) * V^T`` (float32 numpy ``(out, in, L)``) from the factors ``U (out, k, P)``,
+    ``S (k, L)``, ``V (in, k, P)`` (``P <= L`` frontal slices, the rest zero): slice ``l`` is layer ``l``'s
+    increment, to add to its weight."""
+    length = np.shape(s)[1]
+    u, v = (pad_slices(np.asarray(a, np.float64), length) for a in (u, v))
+    s = np.asarray(s, np.float64)
     return (scaling * t_product(t_product(u, f_diag(s)), t_transpose(v))).astype(np.float32)
 
 
@@ -166,15 +196,20 @@ class TSVDGroup(nn.Cell):
         tsvd_init_std (float): std of the Gaussian sample that U and V are orthogonalised from (MindSpore's RNG,
             so ``mindspore.set_seed`` makes it reproducible). Default 1.0. ``S`` starts at zero (``dT = 0``).
         param_init_type (mindspore.dtype): dtype of U, S, V. Default float32.
+        tsvd_factor_slices (int | None): ``P``, the frontal slices U and V keep, in ``[1, num_layers]`` (the others
+            are zero); None (default): ``num_layers``. ``1``: every layer gets the shared singular vectors ``U_0``,
+            ``V_0`` and its own singular values ``S[:, l]``.
 
     Example:
         >>> group = TSVDGroup(16, 16, num_layers=4, tsvd_rank=2)
         >>> [tuple(p.shape) for p in group.get_parameters()]
         [(16, 2, 4), (2, 4), (16, 2, 4)]
+        >>> [tuple(p.shape) for p in TSVDGroup(16, 16, 4, tsvd_rank=2, tsvd_factor_slices=1).get_parameters()]
+        [(16, 2, 1), (2, 4), (16, 2, 1)]
     """
 
     def __init__(self, in_channels, out_channels, num_layers, tsvd_rank=8, tsvd_alpha=8, tsvd_init_std=1.0,
-                 param_init_type=mstype.float32):
+                 param_init_type=mstype.float32, tsvd_factor_slices=None):
         super().__init__()
         owner = type(self).__name__
         self.in_channels = check_int('in_channels', in_channels, owner)
@@ -184,11 +219,13 @@ class TSVDGroup(nn.Cell):
         self.tsvd_alpha = check_real('tsvd_alpha', tsvd_alpha, owner, nonzero=True)
         check_real('tsvd_init_std', tsvd_init_std, owner, min_value=0, min_inclusive=False)
         check_dtype('param_init_type', param_init_type, owner)
+        self.tsvd_factor_slices = (num_layers if tsvd_factor_slices is None else
+                                   check_int('tsvd_factor_slices', tsvd_factor_slices, owner, max_value=num_layers))
         self.scaling = self.tsvd_alpha / self.tsvd_rank
-        k, length = self.tsvd_rank, self.num_layers
+        k, length, kept = self.tsvd_rank, self.num_layers, self.tsvd_factor_slices
 
         def orthogonal(rows, name):
-            value = orthogonal_init(rows, k, length, tsvd_init_std)
+            value = orthogonal_init(rows, k, length, tsvd_init_std, slices=kept)
             return Parameter(Tensor(value).astype(param_init_type), name=name)
 
         self.mindpet_delta_tsvd_u = orthogonal(out_channels, 'mindpet_delta_tsvd_u')
@@ -196,40 +233,40 @@ class TSVDGroup(nn.Cell):
                                               name='mindpet_delta_tsvd_s')
         self.mindpet_delta_tsvd_v = orthogonal(in_channels, 'mindpet_delta_tsvd_v')
 
-        slices = np.arange(length)
-        # circ[j, l] = (l - j) mod L: gathers S into the circulant matrices of its tubes.
-        self._circ_index = Tensor((slices[None, :] - slices[:, None]) % length, mstype.int32)
-        # For the regulariser: pairs (m, (m + l) mod L) summed over m give slice l of U^T * U.
-        pairs = np.stack(np.broadcast_arrays(slices[None, :], (slices[None, :] + slices[:, None]) % length), -1)
-        self._gram_index = Tensor(pairs, mstype.int32)  # (L, L, 2): [l, m] -> (m, (m + l) mod L)
+        # For the regulariser: slice l of F^T * F sums the blocks F_m^T F_n with n - m = l (mod L); with only P
+        # slices stored, the pairs (m, n) run over [0, P)^2. lag[l, m * P + n] is 1 for those pairs.
+        pair_m, pair_n = (a.ravel() for a in np.meshgrid(np.arange(kept), np.arange(kept), indexing='ij'))
+        lag = (np.arange(length)[:, None] == (pair_n - pair_m)[None, :] % length).astype(np.float32)
+        self._lag = Tensor(lag)                                        # (L, P*P)
         self._identity = Tensor(np.transpose(t_identity(k, length), (2, 0, 1)).astype(np.float32))
 
-    def us_unfolded(self):
-        """``U * S`` unfolded to ``(out, k*L)``, column ``i*L + j`` = slice ``j`` of column ``i`` (float32)."""
+    def circ_index(self, index):
+        """The constant gather index of layer ``index`` for :meth:`us_unfolded`: ``[p, q] = (index + q - p) mod L``
+        (``(P, P)``), so that ``S`` gathered by it gives the slices of ``U * S`` the layer needs."""
+        kept = np.arange(self.tsvd_factor_slices)
+        return Tensor((index + kept[None, :] - kept[:, None]) % self.num_layers, mstype.int32)
+
+    def us_unfolded(self, circ):
+        """Slices ``(index + q) mod L`` (``q < P``) of ``U * S`` for a layer, unfolded to ``(out, k*P)``: column
+        ``i*P + q`` = ``sum_p U[:, i, p] S[i, (index + q - p) mod L]``, ``circ`` from :meth:`circ_index` (float32)."""
         u = ops.cast(self.mindpet_delta_tsvd_u, mstype.float32)
         s = ops.cast(self.mindpet_delta_tsvd_s, mstype.float32)
-        circ = ops.gather(s, self._circ_index, 1)                       # (k, L, L): [i, j, l] = s_i[(l - j) mod L]
-        us = ops.bmm(ops.transpose(u, (1, 0, 2)), circ)                 # (k, out, L)
-        return ops.reshape(ops.transpose(us, (1, 0, 2)), (self.out_channels, self.tsvd_rank * self.num_layers))
+        circ = ops.gather(s, circ, 1)                                   # (k, P, P): [i, p, q]
+        us = ops.bmm(ops.transpose(u, (1, 0, 2)), circ)                 # (k, out, P)
+        return ops.reshape(ops.transpose(us, (1, 0, 2)), (self.out_channels, self.tsvd_rank * self.tsvd_factor_slices))
 
-    def roll_index(self, index):
-        """The constant gather index of layer ``index`` for :meth:`v_unfolded`: ``(j - index) mod L``."""
-        return Tensor((np.arange(self.num_layers) - index) % self.num_layers, mstype.int32)
-
-    def v_unfolded(self, roll):
-        """V rolled for a layer, ``(in, k*L)``: column ``i*L + j`` = ``V[:, i, roll[j]]`` with ``roll`` from
-        :meth:`roll_index` (``V[:, i, (j - index) mod L]``)."""
-        v = ops.gather(ops.cast(self.mindpet_delta_tsvd_v, mstype.float32), roll, 2)
-        return ops.reshape(v, (self.in_channels, self.tsvd_rank * self.num_layers))
+    def v_unfolded(self):
+        """V unfolded to ``(in, k*P)``: column ``i*P + q`` = ``V[:, i, q]`` (float32)."""
+        v = ops.cast(self.mindpet_delta_tsvd_v, mstype.float32)
+        return ops.reshape(v, (self.in_channels, self.tsvd_rank * self.tsvd_factor_slices))
 
     def _orth_term(self, factor):
-        rows = factor.shape[0]
-        unfolded = ops.reshape(ops.transpose(factor, (0, 2, 1)), (rows, self.num_layers * self.tsvd_rank))
-        gram = ops.matmul(ops.transpose(unfolded, (1, 0)), unfolded)    # (L*k, L*k): blocks U_m^T U_n
-        gram = ops.transpose(ops.reshape(gram, (self.num_layers, self.tsvd_rank, self.num_layers, self.tsvd_rank)),
-                             (0, 2, 1, 3))                              # (L, L, k, k): [m, n]
-        slices = ops.reduce_sum(ops.gather_nd(gram, self._gram_index), 1)  # (L, k, k): slice l of F^T * F
-        return ops.reduce_sum(ops.square(slices - self._identity))
+        rows, k, kept = factor.shape[0], self.tsvd_rank, self.tsvd_factor_slices
+        unfolded = ops.reshape(ops.transpose(factor, (0, 2, 1)), (rows, kept * k))
+        gram = ops.matmul(ops.transpose(unfolded, (1, 0)), unfolded)    # (P*k, P*k): blocks F_m^T F_n
+        gram = ops.transpose(ops.reshape(gram, (kept, k, kept, k)), (0, 2, 1, 3))  # (P, P, k, k): [m, n]
+        slices = ops.matmul(self._lag, ops.reshape(gram, (kept * kept, k * k)))    # (L, k*k): slice l of F^T * F
+        return ops.reduce_sum(ops.square(ops.reshape(slices, (self.num_layers, k, k)) - self._identity))
 
     def orth_regularization(self):
         """``||U^T * U - I||_F^2 + ||V^T * V - I||_F^2`` (float32 scalar; usable in a compiled graph)."""
@@ -248,7 +285,8 @@ class TSVDGroup(nn.Cell):
 
     def extend_repr(self):
         return (f'in_channels={self.in_channels}, out_channels={self.out_channels}, num_layers={self.num_layers}, '
-                f'tsvd_rank={self.tsvd_rank}, tsvd_alpha={self.tsvd_alpha}')
+                f'tsvd_rank={self.tsvd_rank}, tsvd_alpha={self.tsvd_alpha}, '
+                f'tsvd_factor_slices={self.tsvd_factor_slices}')
 
 
 class TSVDDense(DeltaDense):
@@ -279,7 +317,7 @@ class TSVDDense(DeltaDense):
         self.tsvd_index = check_int('tsvd_index', tsvd_index, owner, min_value=0,
                                     max_value=tsvd_group.num_layers - 1)
         self.tsvd_group = tsvd_group
-        self._roll = tsvd_group.roll_index(self.tsvd_index)
+        self._circ = tsvd_group.circ_index(self.tsvd_index)
         self.scaling = tsvd_group.scaling
         self.mindpet_state_tsvd_scaling = Parameter(Tensor(self.scaling, mstype.float32),
                                                     name='mindpet_state_tsvd_scaling', requires_grad=False)
@@ -292,9 +330,9 @@ class TSVDDense(DeltaDense):
         x_shape = x.shape
         x = self._to_2d(x)
         out = self._base(x, self.weight)
-        v_rolled = self.tsvd_group.v_unfolded(self._roll)
-        us = self.tsvd_group.us_unfolded() * self.mindpet_state_tsvd_scaling
-        delta = self.v_matmul(x, self.cast(v_rolled, self.compute_dtype))
+        v_unfolded = self.tsvd_group.v_unfolded()
+        us = self.tsvd_group.us_unfolded(self._circ) * self.mindpet_state_tsvd_scaling
+        delta = self.v_matmul(x, self.cast(v_unfolded, self.compute_dtype))
         delta = self.us_matmul(delta, self.cast(us, self.compute_dtype))
         out = self._add_bias(self.add(out, delta))
         return self._finish(out, x_shape, ori_dtype)

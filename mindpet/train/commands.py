@@ -39,7 +39,35 @@ def _evaluate_run(args):
     return 0
 
 
+def _generate_arguments(parser):
+    parser.add_argument('--config', required=True, metavar='RUN.yaml', help='the run config of the causal LM')
+    parser.add_argument('--adapter', metavar='PATH', default=None,
+                        help='an adapter directory (output_dir/adapter) or a full fine-tuned checkpoint; omitted: '
+                             'the base model')
+    parser.add_argument('--prompt', required=True, action='append', metavar='TEXT',
+                        help='the prompt (formatted by data.prompt_template; repeatable)')
+    parser.add_argument('--max-new-tokens', type=int, default=None, metavar='N',
+                        help='tokens to generate (default: data.max_new_tokens)')
+    parser.add_argument('--top-k', type=int, default=0, metavar='K',
+                        help='sample from the K most likely tokens (default 0: greedy)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the top-k sampling')
+    parser.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
+                        help='override a config value by its dotted key (repeatable)')
+
+
+def _generate_run(args):
+    from mindpet.train.runner import generate  # pylint: disable=import-outside-toplevel
+    if args.top_k < 0 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
+        raise ValueError(f"--top-k must be >= 0 and --max-new-tokens >= 1, but got {args.top_k} and "
+                         f"{args.max_new_tokens}")
+    generate(args.config, args.prompt, args.adapter, args.overrides, max_new_tokens=args.max_new_tokens,
+             top_k=args.top_k, seed=args.seed)
+    return 0
+
+
 register_command('finetune', 'fine-tune a model from a YAML run config (mindpet finetune --config RUN.yaml '
                              '[--set key=value ...] [--dry-run] [--resume | --overwrite])', _finetune_arguments, _finetune_run)
 register_command('evaluate', 'evaluate a model with an adapter or fine-tuned checkpoint (mindpet evaluate --config '
                              'RUN.yaml --adapter DIR)', _evaluate_arguments, _evaluate_run)
+register_command('generate', 'write text with a causal LM and its adapter (mindpet generate --config RUN.yaml '
+                             '--adapter DIR --prompt TEXT [--top-k K])', _generate_arguments, _generate_run)

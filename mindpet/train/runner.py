@@ -562,6 +562,9 @@ def finetune(path, overrides=(), dry_run=False, out=print, resume=False, overwri
         report.write_yaml(os.path.join(output_dir, 'config.yaml'), plan.to_dict())
     trainable, total = built.counts()
     say(report.header(plan, loaded, trainable, total, total_steps, epochs, steps_per_epoch, group_size))
+    data_notes = plan.task.notes()
+    for line in data_notes:
+        say(f"[data] {line}")
 
     model = built.model
     results = OrderedDict()
@@ -597,7 +600,7 @@ def finetune(path, overrides=(), dry_run=False, out=print, resume=False, overwri
     summary['resumed_from_step'] = first_step
     report.write_json(os.path.join(output_dir, METRICS),
                       dict(summary=summary, losses=losses, step_times=step_times, learning_rates=rates,
-                           eval=results))
+                           eval=results, data=data_notes))
     out('')
     out(report.summary_table(summary))
     return summary
@@ -765,18 +768,9 @@ def _dry_run(plan, out):
 
 
 # ----- evaluation ------------------------------------------------------------------------------------------------
-def evaluate(path, adapter=None, overrides=(), out=print):
-    """Evaluate the config's model with an adapter directory or a full fine-tuned checkpoint (``mindpet
-    evaluate``). Without ``adapter``, the base model is evaluated.
-
-    Returns:
-        dict: the task's metrics.
-
-    Raises:
-        MindPetError, TypeError, ValueError: a bad config, adapter or checkpoint.
-    """
-    plan = load_plan(path, overrides)
-    set_context(plan)
+def _trained_model(plan, adapter):
+    """The config's network with its base weights, then the adapter directory or fine-tuned checkpoint
+    ``adapter`` (None: the base model). Returns ``(model, what was loaded as base, what was added)``."""
     network = plan.task.build_network()
     loaded = plan.task.load_base(network, plan.model.get('base_checkpoint'))
     model, what = network, 'the base model'
@@ -790,6 +784,44 @@ def evaluate(path, adapter=None, overrides=(), out=print):
             load_params_checked(network, params, source=adapter,
                                 require=[p.name for p in network.get_parameters()])
             what = f"fine-tuned checkpoint {adapter}"
+    return model, loaded, what
+
+
+def generate(path, prompts, adapter=None, overrides=(), max_new_tokens=None, top_k=0, seed=0, out=print):
+    """Write text after each prompt with the config's causal LM, its base weights and ``adapter`` (``mindpet
+    generate``): greedy decoding, or top-k sampling when ``top_k`` > 0.
+
+    Returns:
+        list[str]: the generated texts.
+
+    Raises:
+        MindPetError, TypeError, ValueError: a bad config or adapter, or a model that does not generate text.
+    """
+    plan = load_plan(path, overrides)
+    set_context(plan)
+    model, _, what = _trained_model(plan, adapter)
+    texts = []
+    for prompt in prompts:
+        text = plan.task.generate(model, prompt, max_new_tokens=max_new_tokens, top_k=top_k, seed=seed)
+        texts.append(text)
+        out(f"[generate] {plan.task.label()} with {what}")
+        out(f"{prompt}{text}" if prompt.endswith((' ', '\n')) else f"{prompt} {text}")
+    return texts
+
+
+def evaluate(path, adapter=None, overrides=(), out=print):
+    """Evaluate the config's model with an adapter directory or a full fine-tuned checkpoint (``mindpet
+    evaluate``). Without ``adapter``, the base model is evaluated.
+
+    Returns:
+        dict: the task's metrics.
+
+    Raises:
+        MindPetError, TypeError, ValueError: a bad config, adapter or checkpoint.
+    """
+    plan = load_plan(path, overrides)
+    set_context(plan)
+    model, loaded, what = _trained_model(plan, adapter)
     out(f"[evaluate] {plan.task.label()}, base: {loaded or 'initial weights'}; with {what}")
     metrics = plan.task.evaluate(model)
     out(f"[evaluate] {report.format_metrics(metrics)}")
@@ -799,4 +831,4 @@ def evaluate(path, adapter=None, overrides=(), out=print):
     return metrics
 
 
-__all__ = ['RunPlan', 'Built', 'load_plan', 'build', 'finetune', 'evaluate', 'plan_steps', 'peak_memory_mb', 'FULL']
+__all__ = ['RunPlan', 'Built', 'load_plan', 'build', 'finetune', 'evaluate', 'generate', 'plan_steps', 'peak_memory_mb', 'FULL']

@@ -141,6 +141,19 @@ class Task:
         """Lines showing the model's behaviour (e.g. generated text), printed before and after training; None."""
         return None
 
+    def notes(self):
+        """Lines about the data (e.g. bad rows skipped), printed after the run's header and kept in
+        ``metrics.json``. Default: none."""
+        return []
+
+    def generate(self, network, prompt, max_new_tokens=None, top_k=0, seed=0):
+        """The text the model writes after ``prompt`` (``mindpet generate``); greedy when ``top_k`` is 0.
+
+        Raises:
+            ValueError: the task does not generate text (the default).
+        """
+        raise ValueError(f"the '{self.name}' task does not generate text (mindpet generate needs a causal LM)")
+
     def write_artifacts(self, network, output_dir):
         """Write task-specific outputs (e.g. sample images) into ``output_dir``; returns the paths written."""
         return []

@@ -17,7 +17,7 @@ Merging adds ``(tsvd_alpha / tsvd_rank) * dT[:, :, l]`` to layer ``l``'s weight,
 """
 import dataclasses
 import re
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from mindspore import Tensor
@@ -40,6 +40,7 @@ class _TensorSVDRankFields(PetConfig):
     tsvd_alpha: Union[int, float] = 8
     target_rank: int = 4
     group_by: str = 'name'
+    tsvd_factor_slices: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -53,6 +54,10 @@ class TensorSVDConfig(RankScheduleFields, _TensorSVDRankFields):
         target_rank (int): mean number of tubes per group kept at the end. Default 4.
         group_by (str): 'name' (default): same-shaped layers whose names differ only in block indices share a
             tensor; 'shape': all same-shaped matched layers share one.
+        tsvd_factor_slices (int | None): ``P``, the frontal slices U and V keep (the others zero), at most the
+            layers of every group; None (default): all ``L``. ``1``: the group's layers share their singular
+            vectors and each has its own singular values (``k (out + in) + k L`` trainable values per group
+            instead of ``k L (out + in + 1)``).
         t_init, t_final, delta_t (int): the budget schedule (see :class:`AdaLoraConfig`). Defaults 0, 0, 1 (a
             decision after every batch).
         beta1, beta2 (float): smoothing of the gradient smoothness and uncertainty, in [0, 1). Default 0.85.
@@ -78,7 +83,22 @@ class TensorSVDConfig(RankScheduleFields, _TensorSVDRankFields):
         check_real('tsvd_alpha', self.tsvd_alpha, owner, nonzero=True)
         check_int('target_rank', self.target_rank, owner, min_value=0, max_value=self.tsvd_rank)
         check_choice('group_by', self.group_by, owner, GROUP_BY)
+        if self.tsvd_factor_slices is not None:
+            check_int('tsvd_factor_slices', self.tsvd_factor_slices, owner)
         self.check_schedule(owner)
+
+    def factor_slices(self, num_layers):
+        """``P`` for a group of ``num_layers`` layers.
+
+        Raises:
+            ValueError: ``tsvd_factor_slices`` exceeds ``num_layers``.
+        """
+        if self.tsvd_factor_slices is None:
+            return num_layers
+        if self.tsvd_factor_slices > num_layers:
+            raise ValueError(f"For '{type(self).__name__}', the 'tsvd_factor_slices' must not exceed the number of "
+                             f"layers of a t-SVD group ({num_layers}), but got {self.tsvd_factor_slices}.")
+        return self.tsvd_factor_slices
 
     @property
     def scaling(self):
@@ -135,7 +155,7 @@ class TensorSVDTuner(DenseLayerTuner):
                                  f"model must group the same layers.")
             first = cells[members[0]]
             group = TSVDGroup(first.in_channels, first.out_channels, len(members), tsvd_rank=config.tsvd_rank,
-                              tsvd_alpha=config.tsvd_alpha)
+                              tsvd_alpha=config.tsvd_alpha, tsvd_factor_slices=config.factor_slices(len(members)))
             created.append((members, group, [self.build_layer(TSVDDense, cells[key], config.compute_dtype,
                                                              tsvd_group=group, tsvd_index=index)
                                             for index, key in enumerate(members)]))
@@ -155,10 +175,12 @@ class TensorSVDTuner(DenseLayerTuner):
         if live != members:
             raise ValueError(f"For 'get_pet_model', the t-SVD config groups the adapted layers as {members}, but "
                              f"they share a tensor with {live}; adapters on one model must group the same layers.")
-        if group.tsvd_rank != config.tsvd_rank:
-            raise ValueError(f"For 'get_pet_model', the t-SVD group of {members[0]!r} holds adapters of tsvd_rank="
-                             f"{group.tsvd_rank}; a t-SVD adapter on it must use the same tsvd_rank, but got "
-                             f"{config.tsvd_rank}.")
+        for field, live, wanted in (('tsvd_rank', group.tsvd_rank, config.tsvd_rank),
+                                    ('tsvd_factor_slices', group.tsvd_factor_slices,
+                                     config.factor_slices(len(members)))):
+            if live != wanted:
+                raise ValueError(f"For 'get_pet_model', the t-SVD group of {members[0]!r} holds adapters of {field}="
+                                 f"{live}; a t-SVD adapter on it must use the same {field}, but got {wanted}.")
 
     def adapter_tensor_shapes(self, targets, fingerprint, config, source):
         weight_shapes = {key: tuple(fingerprint_param(fingerprint, key, 'weight', source)) for key in targets}
@@ -166,7 +188,8 @@ class TensorSVDTuner(DenseLayerTuner):
         for members in layer_groups(targets, weight_shapes, config.group_by):
             out_channels, in_channels = weight_shapes[members[0]]
             k, length = config.tsvd_rank, len(members)
-            shapes[members[0]] = {U: (out_channels, k, length), S: (k, length), V: (in_channels, k, length)}
+            kept = config.factor_slices(length)
+            shapes[members[0]] = {U: (out_channels, k, kept), S: (k, length), V: (in_channels, k, kept)}
         return shapes
 
     @staticmethod
@@ -190,9 +213,9 @@ class TensorSVDTuner(DenseLayerTuner):
         if not self._owns_group(layer):
             return {}
         group = layer.tsvd_group
-        k, length = config.tsvd_rank, group.num_layers
-        return {U: orthogonal_init(group.out_channels, k, length), S: np.zeros((k, length), np.float32),
-                V: orthogonal_init(group.in_channels, k, length)}
+        k, length, kept = config.tsvd_rank, group.num_layers, group.tsvd_factor_slices
+        return {U: orthogonal_init(group.out_channels, k, length, slices=kept), S: np.zeros((k, length), np.float32),
+                V: orthogonal_init(group.in_channels, k, length, slices=kept)}
 
     def sync_scaling(self, layer, config):
         # Host-side copies used by merge()/unmerge() and increments(); the graph reads the Parameter.

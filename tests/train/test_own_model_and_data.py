@@ -1,0 +1,85 @@
+"""`mindpet finetune` with no code written: the user's own Cell (``model.class``) or a mindone BERT on a JSONL
+classification file with a tokenizer.json; a causal LM on instruction rows; `mindpet generate`."""
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+import mindspore as ms
+
+from mindpet.cli import main
+from mindpet.utils.io_utils import load_checkpoint_file
+from tests.train.text_fixtures import (TOPICS, topic_rows, instruction_rows, write_jsonl, train_tokenizer)
+
+
+@pytest.fixture(autouse=True)
+def _pynative_afterwards():
+    yield
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def classification_files(tmp_path):
+    rows = topic_rows(200)
+    train = write_jsonl(tmp_path / 'topics.jsonl', rows)
+    tokenizer, vocab = train_tokenizer(tmp_path / 'tokenizer.json', [r['text'] for r in rows])
+    return train, tokenizer, vocab
+
+
+def write_config(tmp_path, model, data, pet, epochs=6, lr=0.01, batch=16, name='run.yaml'):
+    cfg = {'context': {'mode': 'GRAPH', 'device_target': 'CPU', 'seed': 0},
+           'model': model, 'pet': pet, 'data': data,
+           'optimizer': {'type': 'adam'},
+           'schedule': {'start_learning_rate': lr, 'decay': 'constant'},
+           'training': {'epochs': epochs, 'batch_size': batch, 'log_interval': 20,
+                        'output_dir': str(tmp_path / 'out'), 'plot': False}}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg), encoding='utf-8')
+    return str(path)
+
+
+def check_classification_run(tmp_path, capsys, path):
+    assert main(['finetune', '--config', path]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    out = tmp_path / 'out'
+    metrics = json.loads((out / 'metrics.json').read_text())
+    before, after = metrics['eval']['before'], metrics['eval']['after']
+    assert after['accuracy'] > 0.5 and after['accuracy'] > before['accuracy'], (before, after)  # chance: 0.25
+    assert set(after) == {'accuracy', 'loss', 'macro_f1'} | {f'accuracy[{t}]' for t in TOPICS}
+    assert after['macro_f1'] > 0.4
+    assert metrics['data'][0].startswith('train: 180 rows of classification data from ')
+    assert (out / 'adapter' / 'adapter_config.yaml').is_file()
+    assert (out / 'adapter' / 'adapter_model.safetensors').is_file()
+    assert 'eval accuracy' in printed and 'adapter file' in printed
+    return metrics
+
+
+def test_own_cell_by_class_on_a_jsonl_file(tmp_path, capsys):
+    train, tokenizer, vocab = classification_files(tmp_path)
+    path = write_config(
+        tmp_path,
+        model={'class': 'tests.train.text_models:TinyTextClassifier', 'trust_code': True,
+               'config': {'vocab_size': vocab, 'hidden': 32, 'num_labels': 4}, 'loss': 'cross_entropy'},
+        data={'train': train, 'tokenizer': tokenizer, 'max_length': 12, 'split': 0.1},
+        pet={'type': 'lora', 'target_modules': ['proj'], 'lora_rank': 4, 'lora_alpha': 8,
+             'modules_to_save': ['head', 'embedding']})
+    metrics = check_classification_run(tmp_path, capsys, path)
+    tensors = load_checkpoint_file(str(tmp_path / 'out' / 'adapter' / 'adapter_model.safetensors'))
+    assert sorted(tensors) == ['embedding.embedding_table', 'head.bias', 'head.weight',
+                               'proj.mindpet_delta_lora_a', 'proj.mindpet_delta_lora_b']
+    assert metrics['summary']['model'] == 'tests.train.text_models:TinyTextClassifier'
+
+
+def test_mindone_bert_by_class_on_a_jsonl_file(tmp_path, capsys):
+    pytest.importorskip('mindone')
+    train, tokenizer, _ = classification_files(tmp_path)
+    path = write_config(
+        tmp_path,
+        model={'class': 'mindone.transformers:BertForSequenceClassification',
+               'config': {'hidden_size': 32, 'num_hidden_layers': 2, 'num_attention_heads': 2,
+                          'intermediate_size': 64, 'max_position_embeddings': 32, 'hidden_act': 'gelu'}},
+        data={'train': train, 'tokenizer': tokenizer, 'max_length': 12},
+        pet={'type': 'lora', 'target_modules': ['query', 'value'], 'lora_rank': 8, 'lora_alpha': 16,
+             'modules_to_save': ['classifier']}, epochs=8, lr=0.005)
+    metrics = check_classification_run(tmp_path, capsys, path)
+    assert metrics['summary']['model'] == 'mindone.transformers:BertForSequenceClassification'
