@@ -2,7 +2,7 @@
 
 Importing mindpet prints nothing, writes nothing and leaves the MindSpore context as it was.
 """
-__version__ = '1.1.0'
+from mindpet.version import __version__
 
 from mindpet import delta, graph  # noqa: E402  (public sub-packages)
 
@@ -31,8 +31,9 @@ from mindpet.tuners.prompt_tuning import PromptTuningConfig  # noqa: E402
 
 __all__ += ['PromptTuningConfig']
 from mindpet.tuners.prefix_tuning import PrefixTuningConfig  # noqa: E402
+from mindpet.tuners.ptuning2 import PTuning2Config  # noqa: E402
 
-__all__ += ['PrefixTuningConfig']
+__all__ += ['PrefixTuningConfig', 'PTuning2Config']
 # Sparse training and adaptive-rank methods (PST, AdaLoRA, the tensorised t-SVD adapter).
 from mindpet.tuners.pst import PstConfig  # noqa: E402
 from mindpet.tuners.adalora import AdaLoraConfig  # noqa: E402

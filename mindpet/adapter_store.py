@@ -16,7 +16,8 @@ from collections import OrderedDict, namedtuple
 import numpy as np
 import yaml
 
-from mindpet.utils.constants import DELTA_PREFIX, STATE_PREFIX
+from mindpet.delta.layer_kinds import canonical_arrays, canonical_fingerprint, stored_updates
+from mindpet.naming import is_pet_param
 from mindpet.utils.exceptions import AdapterConfigError, CheckpointError, MindPetError
 from mindpet.utils.io_utils import (atomic_write, atomic_save_checkpoint, load_checkpoint_file, read_yaml_file,
                                     file_sha256)
@@ -25,26 +26,22 @@ ADAPTER_CONFIG_NAME = 'adapter_config.yaml'
 ADAPTER_WEIGHTS_NAME = 'adapter_model.safetensors'
 FORMAT = 'mindpet-adapter/1'
 
-StoredAdapter = namedtuple('StoredAdapter', ['name', 'config', 'targets', 'layers', 'modules', 'fingerprint'])
+StoredAdapter = namedtuple('StoredAdapter', ['name', 'config', 'targets', 'layers', 'modules', 'fingerprint',
+                                             'layer_types'], defaults=(None,))
 StoredAdapter.__doc__ = """One adapter as it goes to and comes from disk, in any format.
 
 Fields: ``name`` (str or None), ``config`` (the method's PetConfig, as saved), ``targets`` (list of adapted layer
 keys, e.g. ``'blocks.0.attn.q_proj'``), ``layers`` (layer key -> {delta parameter suffix: numpy array}),
 ``modules`` (``modules_to_save`` parameter name -> numpy array), ``fingerprint`` (base parameter name -> shape, or
-None when the format records no base model)."""
-
-
-def is_delta_or_state(name):
-    """True for parameters added by a PET method (trainable deltas and run-time state)."""
-    last = name.rsplit('.', 1)[-1]
-    return last.startswith(DELTA_PREFIX) or last.startswith(STATE_PREFIX)
+None when the format records no base model), ``layer_types`` (layer key -> name of its
+:mod:`mindpet.delta.layer_kinds` kind for the adapted layers that are not ``nn.Dense``; None or empty when all are)."""
 
 
 def model_fingerprint(net):
     """``name -> shape`` (lists) of every base parameter of ``net``, in order; PET parameters are left out, so an
     adapted model and its base model have the same fingerprint."""
     return OrderedDict((p.name, [int(d) for d in p.shape]) for p in net.get_parameters()
-                       if not is_delta_or_state(p.name))
+                       if not is_pet_param(p.name))
 
 
 def check_fingerprint(expected, actual, source, what='this model', allow_extra=False):
@@ -111,9 +108,9 @@ def check_tensors(tensors, expected, path):
 def build_meta(adapter):
     """The ``adapter_config.yaml`` mapping of ``adapter`` (a :class:`StoredAdapter`), without ``weights_sha256``
     (added by the writer from the bytes it writes)."""
-    from mindpet import __version__  # pylint: disable=import-outside-toplevel
+    from mindpet.version import __version__  # pylint: disable=import-outside-toplevel
     fingerprint = adapter.fingerprint
-    return {
+    meta = {
         'format': FORMAT,
         'mindpet_version': __version__,
         'adapter_name': adapter.name,
@@ -123,6 +120,10 @@ def build_meta(adapter):
         'base_model': {'num_parameters': int(sum(int(np.prod(s)) for s in fingerprint.values())),
                        'params': OrderedDict((name, [int(d) for d in shape]) for name, shape in fingerprint.items())},
     }
+    if adapter.layer_types:
+        # Absent for Dense-only adapters, whose files stay as before.
+        meta['layer_types'] = dict(adapter.layer_types)
+    return meta
 
 
 def flat_tensors(adapter):
@@ -142,7 +143,7 @@ def group_tensors(flat, targets, module_names):
     for key in targets:
         prefix = key + '.'
         layers[key] = OrderedDict((name[len(prefix):], value) for name, value in flat.items()
-                                  if name.startswith(prefix) and is_delta_or_state(name[len(prefix):]))
+                                  if name.startswith(prefix) and is_pet_param(name[len(prefix):]))
     modules = OrderedDict((name, flat[name]) for name in module_names)
     return layers, modules
 
@@ -208,7 +209,7 @@ def read_adapter_meta(directory):
     Raises:
         AdapterConfigError: the directory or file is missing, a key is missing, or the format is unknown.
     """
-    from mindpet.tuners.config import config_from_dict  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.registry import config_from_dict  # pylint: disable=import-outside-toplevel
     directory = _check_adapter_dir(directory)
     path = os.path.join(directory, ADAPTER_CONFIG_NAME)
     if not os.path.isfile(path):
@@ -255,20 +256,23 @@ def verify_adapter_weights(directory, meta):
 def _load_mindpet_dir(directory):
     """Read a mindpet-format adapter directory, its tensors checked against its YAML (names and shapes) and its
     checksum."""
-    from mindpet.tuners.config import make_tuner  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
     config, meta = read_adapter_meta(directory)
     path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     params = load_checkpoint_file(path, what='adapter weights')
     flat = OrderedDict((name, value.asnumpy()) for name, value in params.items())
     fingerprint = meta['base_model']['params']
+    layer_types = meta.get('layer_types')
+    # The tuners derive adapter shapes from each layer's weight in the (out, in) view of its layer type.
     expected = expected_tensors(make_tuner(config.method), config, meta['target_layers'],
-                                meta['modules_to_save_params'], fingerprint, directory)
+                                meta['modules_to_save_params'],
+                                canonical_fingerprint(fingerprint, layer_types, directory), directory)
     check_tensors(flat, expected, path)
     # After the name/shape checks, whose messages say more; this one catches changed values.
     verify_adapter_weights(directory, meta)
     layers, modules = group_tensors(flat, meta['target_layers'], meta['modules_to_save_params'])
     return StoredAdapter(meta.get('adapter_name'), config, list(meta['target_layers']), layers, modules,
-                         OrderedDict(fingerprint))
+                         OrderedDict(fingerprint), layer_types)
 
 
 # Adapter directory formats: the config file that identifies a directory of that format, and the module that
@@ -358,9 +362,10 @@ def check_adapter_fits(adapter, fingerprint, source, what='this model', allow_ex
     if adapter.fingerprint is not None:
         check_fingerprint(adapter.fingerprint, fingerprint, source, what=what, allow_extra=allow_extra)
         return
-    from mindpet.tuners.config import make_tuner  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
     expected = expected_tensors(make_tuner(adapter.config.method), adapter.config, adapter.targets,
-                                list(adapter.modules), fingerprint, source)
+                                list(adapter.modules),
+                                canonical_fingerprint(fingerprint, adapter.layer_types, source), source)
     check_tensors(flat_tensors(adapter), expected, source)
 
 
@@ -385,7 +390,7 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path):
         >>> merge_into_checkpoint('base.ckpt', 'out/adapter', 'merged.ckpt')  # doctest: +SKIP
     """
     import mindspore as ms  # pylint: disable=import-outside-toplevel
-    from mindpet.tuners.config import make_tuner  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
     from mindpet.utils.io_utils import checkpoint_format  # pylint: disable=import-outside-toplevel
     expected = "a path ending in .ckpt or .safetensors (the format follows the extension)"
     if not isinstance(out_path, (str, os.PathLike)):
@@ -400,7 +405,10 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path):
                        allow_extra=True)
     arrays = OrderedDict((name, value.asnumpy()) for name, value in base.items())
     tuner = make_tuner(adapter.config.method)
-    updates = tuner.merge_adapter_weights(arrays, adapter.targets, adapter.layers, adapter.config)
+    # The tuners merge on each layer's weight in the (out, in) view of its layer type.
+    updates = tuner.merge_adapter_weights(canonical_arrays(arrays, adapter.layer_types, adapter_dir),
+                                          adapter.targets, adapter.layers, adapter.config)
+    updates = stored_updates(updates, arrays, adapter.layer_types, adapter_dir)
     for name, value in adapter.modules.items():
         updates[name] = value.astype(arrays[name].dtype)
     items = [{'name': name, 'data': ms.Tensor(updates.get(name, value))} for name, value in arrays.items()]

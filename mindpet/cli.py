@@ -12,7 +12,7 @@ import os
 import sys
 from collections import OrderedDict, namedtuple
 
-from mindpet import __version__
+from mindpet.version import __version__
 from mindpet.utils.exceptions import MindPetError
 
 Command = namedtuple('Command', ['name', 'help', 'add_arguments', 'run'])

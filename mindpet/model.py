@@ -18,12 +18,14 @@ import re
 import numpy as np
 from mindspore import nn, Tensor
 
-from mindpet.adapter_store import (StoredAdapter, check_adapter_fits, check_format, is_delta_or_state,
-                                   load_adapter_dir, model_fingerprint, save_adapter_dir)
-from mindpet.tuners.base import walk, matches_any, replace_cell, invalidate_compiled_graph
-from mindpet.tuners.config import PetConfig, make_tuner
+from mindpet.adapter_store import (StoredAdapter, check_adapter_fits, check_format, load_adapter_dir,
+                                   model_fingerprint, save_adapter_dir)
+from mindpet.delta.layer_kinds import DeltaLayer
+from mindpet.naming import is_pet_param, is_state
+from mindpet.tuners.config import PetConfig
+from mindpet.tuners.inject import walk, matches_any, replace_cell, invalidate_compiled_graph
+from mindpet.tuners.registry import make_tuner
 from mindpet.utils.exceptions import AdapterConfigError
-from mindpet.utils.io_utils import is_state_param
 from mindpet.utils.validation import check_cell, check_bool, check_int, check_real
 
 _NAME_RE = re.compile(r'^[A-Za-z0-9_.\-]+$')
@@ -101,7 +103,7 @@ class PetModel(nn.Cell):
             raise TypeError(f"For '{owner}', the 'config' must be a PetConfig (e.g. LoraConfig) or None, but got "
                             f"{config!r} ({type(config).__name__}).")
         _check_name(owner, 'adapter_name', adapter_name)
-        added = [p.name for p in model.get_parameters() if is_delta_or_state(p.name)]
+        added = [p.name for p in model.get_parameters() if is_pet_param(p.name)]
         if added:
             raise ValueError(f"For '{owner}', the 'model' already has PET parameters (e.g. '{added[0]}'); inject "
                              f"into the unmodified network, or use the PetModel that adapted it.")
@@ -166,7 +168,7 @@ class PetModel(nn.Cell):
         for key in targets:
             layer = state.layers[key]
             fresh = key not in before
-            tensors[key] = (state.tuner.read_adapter(layer, config) if fresh
+            tensors[key] = (state.tuner.read_live(layer, config) if fresh
                             else state.tuner.init_adapter(layer, config))
         module_names = self._resolve_modules(config)
         # A new adapter starts from the base values (not from another adapter's trained values).
@@ -406,7 +408,7 @@ class PetModel(nn.Cell):
         if not record.trainable:
             return
         for key in record.targets:
-            record.tensors[key] = state.tuner.read_adapter(state.layers[key], record.config)
+            record.tensors[key] = state.tuner.read_live(state.layers[key], record.config)
         for name in record.modules:
             record.modules[name] = state.module_params[name].asnumpy().copy()
 
@@ -418,7 +420,7 @@ class PetModel(nn.Cell):
         for key, layer in state.layers.items():
             covered = record is not None and key in record.tensors
             if covered:
-                grew = state.tuner.write_adapter(layer, record.config, record.tensors[key]) or grew
+                grew = state.tuner.write_live(layer, record.config, record.tensors[key]) or grew
                 grew = state.tuner.activate(layer, record.config) or grew
             else:
                 grew = state.tuner.deactivate(layer) or grew
@@ -554,7 +556,7 @@ class PetModel(nn.Cell):
         self._sync()
         adapter = StoredAdapter(name, self._state.tuner.saved_config(record.config, record.tensors),
                                 list(record.targets), record.tensors, record.modules,
-                                model_fingerprint(self.base_model))
+                                model_fingerprint(self.base_model), self._layer_types(record.targets))
         return save_adapter_dir(save_directory, adapter, format)
 
     # ----- combining -----------------------------------------------------------------------------------------
@@ -611,7 +613,7 @@ class PetModel(nn.Cell):
             total_steps (int | None): training steps of the schedule; None: the config's ``total_step``.
 
         Returns:
-            mindpet.tuners.base.TrainingHook: ``train_network(loss_net, optimizer)``, ``before_step(i)``,
+            mindpet.tuners.hooks.TrainingHook: ``train_network(loss_net, optimizer)``, ``before_step(i)``,
             ``after_step(i, outputs)``; also a ``Model.train`` callback.
 
         Example:
@@ -642,7 +644,7 @@ class PetModel(nn.Cell):
         """
         trainable = total = 0
         for param in self.base_model.get_parameters():
-            if is_state_param(param.name):
+            if is_state(param.name):
                 continue
             size = int(np.prod(param.shape))
             total += size
@@ -652,6 +654,12 @@ class PetModel(nn.Cell):
         return trainable, total, percent
 
     # ----- helpers -------------------------------------------------------------------------------------------
+    def _layer_types(self, keys):
+        """``key -> kind name`` of the layers among ``keys`` that are not ``nn.Dense`` (see
+        :mod:`mindpet.delta.layer_kinds`), recorded with an adapter so its shapes and merges use the right layout."""
+        layers = self._state.layers
+        return {key: layers[key].kind.name for key in keys if isinstance(layers.get(key), DeltaLayer)}
+
     def _check_usable(self, owner):
         if self._state.unloaded:
             raise RuntimeError(f"For '{owner}', this PetModel was unloaded (merge_and_unload/unload); use the "
@@ -698,7 +706,7 @@ class PetModel(nn.Cell):
             if cell_name and matches_any(cell_name, config.modules_to_save):
                 matched = True
                 for param in cell.get_parameters():
-                    if not is_delta_or_state(param.name) and param.name not in names:
+                    if not is_pet_param(param.name) and param.name not in names:
                         names.append(param.name)
         if not matched:
             raise ValueError(f"For 'get_pet_model', the modules_to_save {config.modules_to_save} match no cell "

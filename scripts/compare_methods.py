@@ -374,10 +374,10 @@ def run_method(method, base_path, lr, steps=STEPS, with_test=True, task='new_par
     """Fine-tune on ``task``; returns the measurements."""
     import mindspore as ms
     from mindspore import nn, Tensor
-    from mindpet.utils.io_utils import is_state_param
+    from mindpet.naming import is_state
     ms.set_context(mode=ms.GRAPH_MODE, device_target='CPU')
     model, pet, info = build_method(method, base_path, steps)
-    params = [p for p in model.get_parameters() if not is_state_param(p.name)]
+    params = [p for p in model.get_parameters() if not is_state(p.name)]
     total = sum(int(np.prod(p.shape)) for p in params)
     trainable = sum(int(np.prod(p.shape)) for p in params if p.requires_grad)
     ids, labels = task_data(task, TRAIN_N, seed=20)

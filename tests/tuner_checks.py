@@ -1,8 +1,9 @@
 """The checks every method of :func:`mindpet.get_pet_model` passes, shared by tests/tuners/test_<method>.py.
 
 A test module describes its method with a :class:`Case` (configs, the expected adapted layers, whether the method is
-the identity at init and whether it merges), builds a :func:`trained_pair` once (two adapters trained in GRAPH_MODE
-on two toy tasks and saved) and runs the ``check_*`` functions on it. The network is tests/gpt_like.py's GPTLike,
+the identity at init and whether it merges) and runs its own checks (injection, YAML, what only it does);
+tests/tuners/test_lifecycle_checks.py runs the training, round-trip, switching and merge checks on every Case, each on
+a :func:`trained_pair_once` (two adapters trained in GRAPH_MODE on two toy tasks and saved, built once a session). The network is tests/gpt_like.py's GPTLike,
 a model written without mindpet.
 """
 import dataclasses
@@ -18,7 +19,8 @@ from mindspore import nn
 from safetensors.numpy import load_file
 
 from mindpet import PetModel, get_pet_model, config_from_dict
-from mindpet.adapter_store import ADAPTER_WEIGHTS_NAME, is_delta_or_state, merge_into_checkpoint
+from mindpet.adapter_store import ADAPTER_WEIGHTS_NAME, merge_into_checkpoint
+from mindpet.naming import is_pet_param
 from mindpet.cli import main as mindpet_command
 from mindpet.utils.exceptions import ModelConfigKeysInfoError
 
@@ -110,6 +112,17 @@ def trained_pair(case, root):
                            dir_a=os.path.join(root, 'a'), dir_b=os.path.join(root, 'b'))
 
 
+_TRAINED = {}
+
+
+def trained_pair_once(case, tmp_path_factory):
+    """:func:`trained_pair` of ``case``, built once a test session: the shared checks and the method's own tests
+    use the same pair."""
+    if id(case) not in _TRAINED:
+        _TRAINED[id(case)] = (case, trained_pair(case, str(tmp_path_factory.mktemp('pair'))))
+    return _TRAINED[id(case)][1]
+
+
 # ----- the checks ----------------------------------------------------------------------------------------------
 def check_injection(case, tmp_path):
     """Only the matched layers change type, holding the original Parameter objects under their names; a base
@@ -133,7 +146,7 @@ def check_injection(case, tmp_path):
     live = {p.name: p for p in pet.get_parameters()}
     for name, param in params.items():
         assert live[name] is param, name
-    assert all(is_delta_or_state(name) for name in set(live) - set(params))
+    assert all(is_pet_param(name) for name in set(live) - set(params))
     path = str(tmp_path / 'base.ckpt')
     ms.save_checkpoint(case.make_net(seed=7), path)
     param_not_load, ckpt_not_load = ms.load_param_into_net(pet, ms.load_checkpoint(path), strict_load=True)
@@ -230,7 +243,7 @@ def check_merge(case, pair, tmp_path):
         for name, value in snapshot(pet).items():
             np.testing.assert_allclose(value, weights[name], rtol=1e-5, atol=1e-6, err_msg=name)
         plain = pet.merge_and_unload()
-        assert not any(is_delta_or_state(p.name) for p in plain.get_parameters())
+        assert not any(is_pet_param(p.name) for p in plain.get_parameters())
         if case.layer_class is not None:
             assert not any(isinstance(c, case.layer_class) for _, c in plain.cells_and_names())
         np.testing.assert_allclose(plain(ids).asnumpy(), pair.out_a, rtol=1e-5, atol=1e-5)
@@ -261,7 +274,7 @@ def check_merge(case, pair, tmp_path):
                                 str(tmp_path / 'out.ckpt')]) == 1
         assert not os.path.exists(tmp_path / 'out.ckpt')
         net = pet.unload()
-        assert not any(is_delta_or_state(p.name) for p in net.get_parameters())
+        assert not any(is_pet_param(p.name) for p in net.get_parameters())
         assert_outputs(net(ids).asnumpy(), pair.base_out, 'exact')
     ms.set_context(mode=ms.PYNATIVE_MODE)
 

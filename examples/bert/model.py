@@ -21,9 +21,9 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import TruncatedNormal
 
 from examples.common import ExampleConfig
-from mindpet.utils.constants import DELTA_PREFIX
+from mindpet.naming import is_pet_param
 from mindpet.utils.exceptions import CheckpointError
-from mindpet.utils.io_utils import load_checkpoint_file, load_params_checked, is_state_param
+from mindpet.utils.io_utils import load_checkpoint_file, load_params_checked
 from mindpet.utils.validation import check_int, check_rate, check_real, check_choice
 
 # Tensors Hugging Face stores that are buffers, not weights (recomputed by the model).
@@ -428,8 +428,7 @@ def load_pretrained_bert(net, path=None):
     bert, prefix = _find_bert(net)
     params = load_checkpoint_file(path, what='pretrained BERT checkpoint')
     mapped = {hf_to_mindspore_name(name, prefix): value for name, value in params.items() if name not in HF_BUFFERS}
-    required = [p.name for p in bert.get_parameters()
-                if DELTA_PREFIX not in p.name and not is_state_param(p.name)]
+    required = [p.name for p in bert.get_parameters() if not is_pet_param(p.name)]
     return load_params_checked(net, mapped, source=path, require=required)
 
 

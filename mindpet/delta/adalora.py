@@ -19,7 +19,7 @@ from mindspore.common.initializer import Normal
 
 from mindpet.delta.base import DeltaDense, host_f32
 from mindpet.delta.sharding import apply_dense_strategies
-from mindpet.delta.lora import init_param, _check_init_shape
+from mindpet.delta.base import init_param, check_init_shape
 from mindpet.delta.rank_allocation import (RankAllocator, WithOrthRegularizer, TrainStepWithGrads, find_cells,
                                            cubic_budget)
 from mindpet.utils.validation import check_int, check_real, check_rate
@@ -73,8 +73,8 @@ class AdaLoRADense(DeltaDense):
         self.adalora_alpha = check_real('adalora_alpha', adalora_alpha, owner, nonzero=True)
         self.adalora_dropout_rate = check_rate('adalora_dropout', adalora_dropout, owner)
         super().__init__(in_channels, out_channels, param_init_type, compute_dtype, **kwargs)
-        _check_init_shape(owner, 'adalora_p_init', adalora_p_init, (out_channels, adalora_rank))
-        _check_init_shape(owner, 'adalora_q_init', adalora_q_init, (adalora_rank, in_channels))
+        check_init_shape(owner, 'adalora_p_init', adalora_p_init, (out_channels, adalora_rank))
+        check_init_shape(owner, 'adalora_q_init', adalora_q_init, (adalora_rank, in_channels))
         self.mindpet_delta_adalora_p = init_param(adalora_p_init, (out_channels, adalora_rank), param_init_type,
                                                   'mindpet_delta_adalora_p')
         self.mindpet_delta_adalora_lambda = init_param('zeros', (adalora_rank,), param_init_type,

@@ -17,7 +17,7 @@ from mindspore import nn, ops
 from mindspore import dtype as mstype
 from mindspore.common.initializer import Normal
 
-from mindpet.delta.lora import init_param
+from mindpet.delta.base import init_param
 from mindpet.delta.sharding import apply_strategies, dense_entries, make_activation
 from mindpet.utils.validation import check_bool, check_dtype, check_int, check_initializer
 

@@ -1,13 +1,50 @@
-"""What every delta ``nn.Dense`` subclass shares: argument checks, the ``(*, in) -> (*, out)`` plumbing, and the
-merge bookkeeping (merge refused twice, unmerge refused when nothing is merged, ``to_dense`` from the merged
-weight). Each method module only writes its maths: the forward pass and how its merged weight is formed.
+"""What the delta Cells share: building a delta Parameter from an initializer (:func:`init_param`), checking
+initializer and ``nn.Dense`` keyword arguments, and :class:`DeltaDense`, the base of every delta ``nn.Dense``
+(argument checks, the ``(*, in) -> (*, out)`` plumbing, and the merge bookkeeping: merge refused twice, unmerge
+refused when nothing is merged, ``to_dense`` from the merged weight). Each method module only writes its maths:
+the forward pass and how its merged weight is formed.
 """
 import numpy as np
-from mindspore import nn, ops, Tensor
+from mindspore import nn, ops, Parameter, Tensor
 from mindspore import dtype as mstype
+from mindspore.common.initializer import initializer
 
-from mindpet.delta.lora import check_dense_kwargs
-from mindpet.utils.validation import check_int, check_dtype
+from mindpet.delta.sharding import ACTIVATION_NAMES
+from mindpet.utils.validation import check_int, check_dtype, check_bool, check_choice, check_initializer
+
+_DENSE_KWARGS = ('weight_init', 'bias_init', 'has_bias', 'activation', 'dtype')
+
+
+def check_dense_kwargs(owner, kwargs):
+    """Reject keyword arguments ``nn.Dense`` does not take, naming them (instead of a bare TypeError later)."""
+    unknown = sorted(set(kwargs) - set(_DENSE_KWARGS))
+    if unknown:
+        raise TypeError(f"For '{owner}', got unexpected keyword argument(s) {unknown}; the nn.Dense keywords "
+                        f"accepted are {list(_DENSE_KWARGS)}.")
+    # nn.Dense reports these without the Cell's name or the value (an unknown activation is even a KeyError).
+    if 'has_bias' in kwargs:
+        check_bool('has_bias', kwargs['has_bias'], owner)
+    if isinstance(kwargs.get('activation'), str):
+        check_choice('activation', kwargs['activation'], owner, ACTIVATION_NAMES)
+    for name in ('weight_init', 'bias_init'):
+        if kwargs.get(name) is not None:
+            check_initializer(name, kwargs[name], owner)
+
+
+def init_param(init, shape, dtype, name):
+    """A Parameter of ``shape`` and ``dtype`` from an initializer name/object, a Tensor or a numpy array
+    (tensors are cast to ``dtype``: ``initializer`` would keep the tensor's own dtype)."""
+    if isinstance(init, np.ndarray):
+        init = Tensor(init)
+    if isinstance(init, Tensor):
+        init = init.astype(dtype)
+    return Parameter(initializer(init, list(shape), dtype), name=name)
+
+
+def check_init_shape(owner, name, init, shape):
+    """Check initializer ``init`` of argument ``name`` of ``owner`` can fill ``shape`` (a Tensor/array of exactly
+    that shape, or an initializer name/object)."""
+    check_initializer(name, init, owner, shape)
 
 
 class DeltaDense(nn.Dense):

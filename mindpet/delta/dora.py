@@ -25,9 +25,10 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import HeUniform
 
 from mindpet.delta.base import DeltaDense, host_f32
+from mindpet.delta.layer_kinds import DeltaLayer
 from mindpet.delta.sharding import apply_dense_strategies
-from mindpet.delta.lora import init_param, _check_init_shape
-from mindpet.utils.validation import check_int, check_real, check_rate, check_bool
+from mindpet.delta.base import init_param, check_init_shape
+from mindpet.utils.validation import check_int, check_real, check_rate, check_bool, check_dtype
 
 
 class DoRADense(DeltaDense):
@@ -73,8 +74,8 @@ class DoRADense(DeltaDense):
         self.dora_detach_norm = check_bool('dora_detach_norm', dora_detach_norm, owner)
         check_int('in_channels', in_channels, owner)
         check_int('out_channels', out_channels, owner)
-        _check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, in_channels))
-        _check_init_shape(owner, 'lora_b_init', lora_b_init, (out_channels, lora_rank))
+        check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, in_channels))
+        check_init_shape(owner, 'lora_b_init', lora_b_init, (out_channels, lora_rank))
         super().__init__(in_channels, out_channels, param_init_type, compute_dtype, **kwargs)
         self.lora_dropout = nn.Dropout(p=lora_dropout)
         self.use_lora_dropout = lora_dropout > 0
@@ -219,3 +220,135 @@ def dora_weight(weight, lora_a, lora_b, magnitude, scaling):
         lora_b.astype(np.float32) @ lora_a.astype(np.float32))
     norm = np.linalg.norm(direction, axis=1)
     return (magnitude.astype(np.float32)[:, None] / norm[:, None] * direction).astype(np.float32)
+
+
+class DoraLayer(DeltaLayer):
+    """DoRA on a base layer of a :class:`~mindpet.delta.layer_kinds.LayerKind` (``mint.nn.Linear``, GPT-2
+    ``Conv1D``, ``nn.Conv2d``/``mint.nn.Conv2d``; not embeddings). On the kind's canonical ``(out, in)`` view::
+
+        W' = W0 + s B A,   h = m / ||W'||_row * (W0 x + s B A x) + b
+
+    (for a convolution the row norm runs over ``C_in*kh*kw``, one magnitude per output channel, as PEFT). The
+    base output comes from the base layer itself: ``h = base(x) + (f - 1)(base(x) - b) + f * s B A x`` with
+    ``f = m / ||W'||_row``. Parameters and state are :class:`DoRADense`'s, so the LoRA tuner drives both.
+
+    Args:
+        base_layer (nn.Cell): the layer to adapt; it keeps its Parameter objects and names.
+        kind (LayerKind): ``kind_of(base_layer)``.
+        lora_rank, lora_alpha, lora_dropout, lora_a_init, lora_b_init, param_init_type, compute_dtype,
+            dora_detach_norm: as :class:`DoRADense` (``compute_dtype`` default: the base weight's dtype).
+
+    Example:
+        >>> import numpy as np, mindspore as ms
+        >>> from mindspore import mint
+        >>> from mindpet.delta.layer_kinds import kind_of
+        >>> base = mint.nn.Linear(16, 8)
+        >>> DoraLayer(base, kind_of(base), lora_rank=4, lora_alpha=8)(ms.Tensor(np.ones((2, 16), np.float32))).shape
+        (2, 8)
+    """
+
+    def __init__(self, base_layer, kind, lora_rank, lora_alpha, lora_dropout=0.,
+                 lora_a_init=HeUniform(negative_slope=math.sqrt(5)), lora_b_init='zeros',
+                 param_init_type=mstype.float32, compute_dtype=None, dora_detach_norm=True):
+        owner = type(self).__name__
+        self.dora_detach_norm = check_bool('dora_detach_norm', dora_detach_norm, owner)
+        if not kind.float_features_last:
+            raise ValueError(f"For '{owner}', DoRA cannot adapt a {type(base_layer).__name__} (layer type "
+                             f"'{kind.name}'); use LoRA there, or exclude it with 'exclude_modules'.")
+        rank = check_int('lora_rank', lora_rank, owner)
+        alpha = check_real('lora_alpha', lora_alpha, owner, nonzero=True)
+        check_rate('lora_dropout', lora_dropout, owner)
+        check_dtype('param_init_type', param_init_type, owner)
+        if compute_dtype is None:
+            compute_dtype = base_layer.weight.dtype
+        check_dtype('compute_dtype', compute_dtype, owner)
+        super().__init__(base_layer, kind, compute_dtype)
+        check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, self.in_channels))
+        check_init_shape(owner, 'lora_b_init', lora_b_init, (self.out_channels, lora_rank))
+        self.lora_rank, self.lora_alpha, self.lora_dropout_rate = rank, alpha, lora_dropout
+        self.lora_dropout = nn.Dropout(p=lora_dropout)
+        self.use_lora_dropout = lora_dropout > 0
+        self.mindpet_delta_dora_a = init_param(lora_a_init, (lora_rank, self.in_channels), param_init_type,
+                                               'mindpet_delta_dora_a')
+        self.mindpet_delta_dora_b = init_param(lora_b_init, (self.out_channels, lora_rank), param_init_type,
+                                               'mindpet_delta_dora_b')
+        self.mindpet_delta_dora_magnitude = Parameter(
+            Tensor(np.zeros(self.out_channels, np.float32)).astype(param_init_type),
+            name='mindpet_delta_dora_magnitude')
+        self.scaling = self.lora_alpha / self.lora_rank
+        # As DoRADense: the scaling (0 once merged) and the gate (1: m/||W'|| scaling, 0: plain merged weight).
+        self.mindpet_state_dora_scaling = Parameter(Tensor(self.scaling, mstype.float32),
+                                                    name='mindpet_state_dora_scaling', requires_grad=False)
+        self.mindpet_state_dora_gate = Parameter(Tensor(1.0, mstype.float32), name='mindpet_state_dora_gate',
+                                                 requires_grad=False)
+        self._merge_norm = None
+        self.init_magnitude()
+
+    def init_magnitude(self):
+        """Set ``m`` to the row norms of the current direction ``W0 + s B A``."""
+        norm = np.linalg.norm(self._direction_f32(), axis=1).astype(np.float32)
+        self.mindpet_delta_dora_magnitude.set_data(Tensor(norm).astype(self.mindpet_delta_dora_magnitude.dtype))
+
+    def construct(self, x):
+        out = self.base_layer(x)
+        scaling = self.mindpet_state_dora_scaling
+        gate = self.mindpet_state_dora_gate
+        lora_a = self.cast(self.mindpet_delta_dora_a, mstype.float32)
+        lora_b = self.cast(self.mindpet_delta_dora_b, mstype.float32)
+        direction = self.branch.weight_view(self.cast(self.weight, mstype.float32)) + scaling * ops.matmul(lora_b,
+                                                                                                          lora_a)
+        norm = ops.sqrt(ops.reduce_sum(ops.square(direction), 1))
+        if self.dora_detach_norm:
+            norm = ops.stop_gradient(norm)
+        magnitude = self.cast(self.mindpet_delta_dora_magnitude, mstype.float32)
+        factor = self.branch.per_out(self.cast(gate * magnitude / norm + (1.0 - gate), out.dtype))
+
+        lora_x = self._branch_input(x)
+        if self.use_lora_dropout:
+            lora_x = self.lora_dropout(lora_x)
+        lora_x = self.branch.down(lora_x, self.cast(self.mindpet_delta_dora_a, self.compute_dtype))
+        lora_x = lora_x * self.cast(scaling, self.compute_dtype)
+        lora_x = self.cast(self.branch.up(lora_x, self.cast(self.mindpet_delta_dora_b, self.compute_dtype)),
+                           out.dtype)
+        base_x = out
+        if self.has_bias:
+            base_x = out - self.branch.per_out(self.cast(self.bias, out.dtype))
+        return out + (factor - 1.0) * base_x + factor * lora_x
+
+    # ----- merge --------------------------------------------------------------------------------------------------
+    def _direction_f32(self):
+        scaling = float(self.mindpet_state_dora_scaling.asnumpy())
+        lora_b, lora_a = host_f32(self.mindpet_delta_dora_b), host_f32(self.mindpet_delta_dora_a)
+        return self.canonical_weight_f32() + np.float32(scaling) * (lora_b @ lora_a)
+
+    def delta_weight(self):
+        """``W - W0`` (canonical view, float32 NumPy)."""
+        if self.merged:
+            raise RuntimeError("For 'DoraLayer', delta_weight() needs the unmerged base weight; call unmerge() first.")
+        weight = self.canonical_weight_f32()
+        return dora_weight(weight, host_f32(self.mindpet_delta_dora_a), host_f32(self.mindpet_delta_dora_b),
+                           host_f32(self.mindpet_delta_dora_magnitude), self.scaling) - weight
+
+    def _merge_weights(self):
+        magnitude = host_f32(self.mindpet_delta_dora_magnitude)
+        if np.any(magnitude == 0):
+            raise RuntimeError("For 'DoraLayer', a magnitude entry is exactly 0, so the merge could not be undone.")
+        direction = self._direction_f32()
+        norm = np.linalg.norm(direction, axis=1).astype(np.float32)
+        self._merge_norm = norm
+        self._set_canonical_weight(magnitude[:, None] / norm[:, None] * direction)
+        self.mindpet_state_dora_scaling.set_data(Tensor(0.0, mstype.float32))
+        self.mindpet_state_dora_gate.set_data(Tensor(0.0, mstype.float32))
+
+    def _unmerge_weights(self):
+        magnitude = host_f32(self.mindpet_delta_dora_magnitude)
+        direction = self.canonical_weight_f32() * (self._merge_norm / magnitude)[:, None]
+        lora_b, lora_a = host_f32(self.mindpet_delta_dora_b), host_f32(self.mindpet_delta_dora_a)
+        self._set_canonical_weight(direction - np.float32(self.scaling) * (lora_b @ lora_a))
+        self._merge_norm = None
+        self.mindpet_state_dora_scaling.set_data(Tensor(self.scaling, mstype.float32))
+        self.mindpet_state_dora_gate.set_data(Tensor(1.0, mstype.float32))
+
+    def extend_repr(self):
+        return (super().extend_repr() + f', lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, '
+                f'lora_dropout={self.lora_dropout_rate}, dora_detach_norm={self.dora_detach_norm}')

@@ -14,8 +14,9 @@ from mindspore import ops, Parameter, Tensor
 from mindspore import dtype as mstype
 
 from mindpet.delta.base import DeltaDense, host_f32
+from mindpet.delta.layer_kinds import DeltaLayer
 from mindpet.delta.sharding import apply_dense_strategies
-from mindpet.delta.lora import init_param, _check_init_shape
+from mindpet.delta.base import init_param, check_init_shape
 from mindpet.utils.validation import check_bool
 
 
@@ -53,7 +54,7 @@ class IA3Dense(DeltaDense):
         self.ia3_feedforward = check_bool('ia3_feedforward', ia3_feedforward, owner)
         super().__init__(in_channels, out_channels, param_init_type, compute_dtype, **kwargs)
         size = in_channels if ia3_feedforward else out_channels
-        _check_init_shape(owner, 'ia3_init', ia3_init, (size,))
+        check_init_shape(owner, 'ia3_init', ia3_init, (size,))
         self.mindpet_delta_ia3_vector = init_param(ia3_init, (size,), param_init_type, 'mindpet_delta_ia3_vector')
         # 1 while the vector acts in the forward pass, 0 once merged into the weight (Parameter data, so a
         # compiled graph sees merge()/unmerge()).
@@ -129,3 +130,71 @@ def ia3_bias(bias, vector, feedforward):
     """The plain bias equal to an IA3 layer: unchanged (feed-forward) or ``l * b``."""
     bias = bias.astype(np.float32)
     return bias if feedforward else vector.astype(np.float32) * bias
+
+
+class IA3Layer(DeltaLayer):
+    """IA3 on a base layer of a :class:`~mindpet.delta.layer_kinds.LayerKind`: ``h = l * base(x)`` (``l`` per output
+    feature or channel; every kind) or, with ``ia3_feedforward``, ``h = base(l * x)`` (``l`` per input feature;
+    layers whose inputs are features on the last axis: ``mint.nn.Linear``, GPT-2 ``Conv1D``). Merging folds ``l``
+    into the canonical ``(out, in)`` view of the weight (and the bias when the output is scaled). Parameters and
+    state are :class:`IA3Dense`'s, so the IA3 tuner drives both.
+
+    Args:
+        base_layer (nn.Cell): the layer to adapt; it keeps its Parameter objects and names.
+        kind (LayerKind): ``kind_of(base_layer)``.
+        ia3_feedforward (bool): scale the input instead of the output. Default False.
+        ia3_init, param_init_type: as :class:`IA3Dense`.
+
+    Example:
+        >>> import numpy as np, mindspore as ms
+        >>> from mindspore import mint
+        >>> from mindpet.delta.layer_kinds import kind_of
+        >>> base = mint.nn.Linear(16, 8)
+        >>> IA3Layer(base, kind_of(base)).mindpet_delta_ia3_vector.shape
+        (8,)
+    """
+
+    def __init__(self, base_layer, kind, ia3_feedforward=False, ia3_init='ones', param_init_type=mstype.float32,
+                 compute_dtype=None):
+        owner = type(self).__name__
+        self.ia3_feedforward = check_bool('ia3_feedforward', ia3_feedforward, owner)
+        if ia3_feedforward and (not kind.float_features_last or kind.name == 'conv2d'):
+            raise ValueError(f"For '{owner}', ia3_feedforward=True scales input features on the last axis, which "
+                             f"a {type(base_layer).__name__} (layer type '{kind.name}') does not take; remove it "
+                             f"from 'feedforward_modules'.")
+        weight = getattr(base_layer, kind.weight_attr)
+        super().__init__(base_layer, kind, weight.dtype if compute_dtype is None else compute_dtype)
+        size = self.in_channels if ia3_feedforward else self.out_channels
+        check_init_shape(owner, 'ia3_init', ia3_init, (size,))
+        self.mindpet_delta_ia3_vector = init_param(ia3_init, (size,), param_init_type, 'mindpet_delta_ia3_vector')
+        self.mindpet_state_ia3_gate = Parameter(Tensor(1.0, mstype.float32), name='mindpet_state_ia3_gate',
+                                                requires_grad=False)
+
+    def construct(self, x):
+        gate = self.mindpet_state_ia3_gate
+        vector = gate * self.cast(self.mindpet_delta_ia3_vector, mstype.float32) + (1.0 - gate)
+        if self.ia3_feedforward:
+            return self.base_layer(x * self.cast(self.branch.per_in(vector), x.dtype))
+        out = self.base_layer(x)
+        return out * self.cast(self.branch.per_out(vector), out.dtype)
+
+    def _merge_weights(self):
+        vector = host_f32(self.mindpet_delta_ia3_vector)
+        if np.any(vector == 0):
+            raise RuntimeError("For 'IA3Layer', an entry of the IA3 vector is exactly 0, so the merge could not be "
+                               "undone.")
+        self._set_canonical_weight(ia3_weight(self.canonical_weight_f32(), vector, self.ia3_feedforward))
+        if self.has_bias and not self.ia3_feedforward:
+            self._set_bias(ia3_bias(host_f32(self.bias), vector, False))
+        self.mindpet_state_ia3_gate.set_data(Tensor(0.0, mstype.float32))
+
+    def _unmerge_weights(self):
+        vector = host_f32(self.mindpet_delta_ia3_vector)
+        weight = self.canonical_weight_f32()
+        self._set_canonical_weight(weight / vector[None, :] if self.ia3_feedforward else weight / vector[:, None])
+        if self.has_bias and not self.ia3_feedforward:
+            self._set_bias(host_f32(self.bias) / vector)
+        self.mindpet_state_ia3_gate.set_data(Tensor(1.0, mstype.float32))
+
+    def extend_repr(self):
+        return super().extend_repr() + f', ia3_feedforward={self.ia3_feedforward}'

@@ -13,29 +13,12 @@ import math
 import numpy as np
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore import dtype as mstype
-from mindspore.common.initializer import initializer, HeUniform
+from mindspore.common.initializer import HeUniform
 
-from mindpet.delta.sharding import ACTIVATION_NAMES, apply_dense_strategies
-from mindpet.utils.validation import (check_int, check_real, check_rate, check_dtype, check_bool,
-                                      check_choice, check_initializer)
-
-_DENSE_KWARGS = ('weight_init', 'bias_init', 'has_bias', 'activation', 'dtype')
-
-
-def check_dense_kwargs(owner, kwargs):
-    """Reject keyword arguments ``nn.Dense`` does not take, naming them (instead of a bare TypeError later)."""
-    unknown = sorted(set(kwargs) - set(_DENSE_KWARGS))
-    if unknown:
-        raise TypeError(f"For '{owner}', got unexpected keyword argument(s) {unknown}; the nn.Dense keywords "
-                        f"accepted are {list(_DENSE_KWARGS)}.")
-    # nn.Dense reports these without the Cell's name or the value (an unknown activation is even a KeyError).
-    if 'has_bias' in kwargs:
-        check_bool('has_bias', kwargs['has_bias'], owner)
-    if isinstance(kwargs.get('activation'), str):
-        check_choice('activation', kwargs['activation'], owner, ACTIVATION_NAMES)
-    for name in ('weight_init', 'bias_init'):
-        if kwargs.get(name) is not None:
-            check_initializer(name, kwargs[name], owner)
+from mindpet.delta.base import init_param, check_init_shape, check_dense_kwargs
+from mindpet.delta.layer_kinds import DeltaLayer
+from mindpet.delta.sharding import apply_dense_strategies
+from mindpet.utils.validation import check_int, check_real, check_rate, check_dtype
 
 
 class LoRADense(nn.Dense):
@@ -80,8 +63,8 @@ class LoRADense(nn.Dense):
         check_dtype('param_init_type', param_init_type, owner)
         check_dtype('compute_dtype', compute_dtype, owner)
         check_dense_kwargs(owner, kwargs)
-        _check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, in_channels))
-        _check_init_shape(owner, 'lora_b_init', lora_b_init, (out_channels, lora_rank))
+        check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, in_channels))
+        check_init_shape(owner, 'lora_b_init', lora_b_init, (out_channels, lora_rank))
         super().__init__(in_channels, out_channels, **kwargs)
 
         self.lora_dropout_rate = lora_dropout
@@ -219,15 +202,88 @@ def lora_increment(lora_a, lora_b, scaling):
     return np.float32(scaling) * (np.asarray(lora_b, np.float32) @ np.asarray(lora_a, np.float32))
 
 
-def init_param(init, shape, dtype, name):
-    """A Parameter of ``shape`` and ``dtype`` from an initializer name/object, a Tensor or a numpy array
-    (tensors are cast to ``dtype``: ``initializer`` would keep the tensor's own dtype)."""
-    if isinstance(init, np.ndarray):
-        init = Tensor(init)
-    if isinstance(init, Tensor):
-        init = init.astype(dtype)
-    return Parameter(initializer(init, list(shape), dtype), name=name)
+class LoraLayer(DeltaLayer):
+    """LoRA on a base layer of a :class:`~mindpet.delta.layer_kinds.LayerKind` (``mint.nn.Linear``, GPT-2
+    ``Conv1D``, ``nn.Conv2d``/``mint.nn.Conv2d``, ``nn.Embedding``/``mint.nn.Embedding``): ``h = base(x) + s B A x``
+    with ``A`` ``(r, in)`` and ``B`` ``(out, r)`` on the kind's canonical ``(out, in)`` view of the weight
+    (``in = C_in*kh*kw`` for a convolution, whose ``A`` acts as a convolution with the base kernel geometry and
+    ``B`` as a 1x1 convolution; ``in = num_embeddings`` for an embedding, whose ``A^T`` rows are looked up).
 
+    The parameters and hooks are :class:`LoRADense`'s (``mindpet_delta_lora_a``/``_b``, the scaling Parameter),
+    so the LoRA tuner drives both. Dropout acts on float inputs only (an embedding's ids are not dropped, as PEFT).
 
-def _check_init_shape(owner, name, init, shape):
-    check_initializer(name, init, owner, shape)
+    Args:
+        base_layer (nn.Cell): the layer to adapt; it keeps its Parameter objects and names.
+        kind (LayerKind): ``kind_of(base_layer)``.
+        lora_rank, lora_alpha, lora_dropout, lora_a_init, lora_b_init, param_init_type, compute_dtype: as
+            :class:`LoRADense` (``compute_dtype`` default: the base weight's dtype).
+
+    Inputs:
+        x (Tensor): the base layer's input.
+
+    Outputs:
+        Tensor: the base layer's output plus the increment, in its dtype.
+
+    Example:
+        >>> import numpy as np, mindspore as ms
+        >>> from mindspore import mint
+        >>> from mindpet.delta.layer_kinds import kind_of
+        >>> base = mint.nn.Linear(16, 8)
+        >>> layer = LoraLayer(base, kind_of(base), lora_rank=4, lora_alpha=8)
+        >>> layer(ms.Tensor(np.ones((2, 16), np.float32))).shape
+        (2, 8)
+    """
+
+    def __init__(self, base_layer, kind, lora_rank, lora_alpha, lora_dropout=0.,
+                 lora_a_init=HeUniform(negative_slope=math.sqrt(5)), lora_b_init='zeros',
+                 param_init_type=mstype.float32, compute_dtype=None):
+        owner = type(self).__name__
+        rank = check_int('lora_rank', lora_rank, owner)
+        alpha = check_real('lora_alpha', lora_alpha, owner, nonzero=True)
+        check_rate('lora_dropout', lora_dropout, owner)
+        check_dtype('param_init_type', param_init_type, owner)
+        weight = getattr(base_layer, kind.weight_attr)
+        compute_dtype = weight.dtype if compute_dtype is None else check_dtype('compute_dtype', compute_dtype, owner)
+        super().__init__(base_layer, kind, compute_dtype)
+        check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, self.in_channels))
+        check_init_shape(owner, 'lora_b_init', lora_b_init, (self.out_channels, lora_rank))
+        self.lora_rank = rank
+        self.lora_alpha = alpha
+        self.lora_dropout_rate = lora_dropout
+        self.lora_dropout = nn.Dropout(p=lora_dropout)
+        self.use_lora_dropout = lora_dropout > 0 and kind.float_features_last
+        self.mindpet_delta_lora_a = init_param(lora_a_init, (lora_rank, self.in_channels), param_init_type,
+                                               'mindpet_delta_lora_a')
+        self.mindpet_delta_lora_b = init_param(lora_b_init, (self.out_channels, lora_rank), param_init_type,
+                                               'mindpet_delta_lora_b')
+        self.scaling = self.lora_alpha / self.lora_rank
+        # Parameter data, not a Python float: merge/switching change it in an already-compiled graph.
+        self.mindpet_state_lora_scaling = Parameter(Tensor(self.scaling, mstype.float32),
+                                                    name='mindpet_state_lora_scaling', requires_grad=False)
+
+    def construct(self, x):
+        out = self.base_layer(x)
+        lora_x = self._branch_input(x)
+        if self.use_lora_dropout:
+            lora_x = self.lora_dropout(lora_x)
+        lora_x = self.branch.down(lora_x, self.cast(self.mindpet_delta_lora_a, self.compute_dtype))
+        lora_x = lora_x * self.cast(self.mindpet_state_lora_scaling, self.compute_dtype)
+        lora_x = self.branch.up(lora_x, self.cast(self.mindpet_delta_lora_b, self.compute_dtype))
+        return out + self.cast(lora_x, out.dtype)
+
+    def delta_weight(self):
+        """``s B A`` as float32 NumPy ``(out, in)`` (the canonical view)."""
+        return lora_increment(self.mindpet_delta_lora_a.asnumpy(), self.mindpet_delta_lora_b.asnumpy(),
+                              self.scaling)
+
+    def _merge_weights(self):
+        self._set_canonical_weight(self.canonical_weight_f32() + self.delta_weight())
+        self.mindpet_state_lora_scaling.set_data(Tensor(0.0, mstype.float32))
+
+    def _unmerge_weights(self):
+        self._set_canonical_weight(self.canonical_weight_f32() - self.delta_weight())
+        self.mindpet_state_lora_scaling.set_data(Tensor(self.scaling, mstype.float32))
+
+    def extend_repr(self):
+        return (super().extend_repr() + f', lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, '
+                f'lora_dropout={self.lora_dropout_rate}')

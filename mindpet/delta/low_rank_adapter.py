@@ -14,7 +14,7 @@ from mindspore import ops
 from mindspore import dtype as mstype
 
 from mindpet.delta.adapter import BottleneckAdapter, DenseWithAdapter
-from mindpet.delta.lora import init_param
+from mindpet.delta.base import init_param
 from mindpet.delta.sharding import apply_strategies, make_activation
 from mindpet.utils.validation import check_dtype, check_int, check_initializer
 

@@ -27,7 +27,7 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import HeUniform, Normal
 
-from mindpet.delta.lora import init_param
+from mindpet.delta.base import init_param
 from mindpet.delta.sharding import apply_strategies
 from mindpet.utils.validation import check_cell, check_dtype, check_int, check_rate
 

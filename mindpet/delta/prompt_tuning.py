@@ -12,7 +12,7 @@ from mindspore import nn, ops, Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import Normal
 
-from mindpet.delta.lora import init_param, _check_init_shape
+from mindpet.delta.base import init_param, check_init_shape
 from mindpet.utils.validation import check_int, check_dtype
 
 
@@ -49,7 +49,7 @@ class PromptTuningEmbedding(nn.Cell):
         self.num_virtual_tokens = check_int('num_virtual_tokens', num_virtual_tokens, owner)
         self.token_dim = check_int('token_dim', token_dim, owner)
         check_dtype('param_init_type', param_init_type, owner)
-        _check_init_shape(owner, 'prompt_init', prompt_init, (num_virtual_tokens, token_dim))
+        check_init_shape(owner, 'prompt_init', prompt_init, (num_virtual_tokens, token_dim))
         self.mindpet_delta_prompt_tuning_embedding = init_param(
             prompt_init, (num_virtual_tokens, token_dim), param_init_type, 'mindpet_delta_prompt_tuning_embedding')
         self.concat = ops.Concat(axis=1)

@@ -27,7 +27,7 @@ from mindspore.train import Callback
 
 from mindpet.delta.base import DeltaDense
 from mindpet.delta.sharding import apply_dense_strategies
-from mindpet.delta.lora import init_param, _check_init_shape
+from mindpet.delta.base import init_param, check_init_shape
 from mindpet.utils.validation import check_int, check_real, check_cell
 
 
@@ -101,7 +101,7 @@ class PSTDense(DeltaDense):
                   'a': (out_channels, pst_rank_m), 'b': (pst_rank_m, in_channels)}
         inits = {'u': pst_u_init, 'v': pst_v_init, 'a': pst_a_init, 'b': pst_b_init}
         for key, shape in shapes.items():
-            _check_init_shape(owner, f'pst_{key}_init', inits[key], shape)
+            check_init_shape(owner, f'pst_{key}_init', inits[key], shape)
         self.mindpet_delta_pst_u = init_param(pst_u_init, shapes['u'], param_init_type, 'mindpet_delta_pst_u')
         self.mindpet_delta_pst_v = init_param(pst_v_init, shapes['v'], param_init_type, 'mindpet_delta_pst_v')
         self.mindpet_delta_pst_a = init_param(pst_a_init, shapes['a'], param_init_type, 'mindpet_delta_pst_a')

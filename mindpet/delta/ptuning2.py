@@ -19,7 +19,7 @@ from mindspore import nn, ops
 from mindspore import dtype as mstype
 from mindspore.common.initializer import HeUniform, Normal
 
-from mindpet.delta.lora import init_param
+from mindpet.delta.base import init_param
 from mindpet.delta.sharding import apply_strategies
 from mindpet.utils.validation import check_bool, check_int, check_rate
 

@@ -15,14 +15,7 @@ scores computed from gradients on the host after each step. This module has the 
 import numpy as np
 from mindspore import nn, ops
 
-from mindpet.utils.validation import check_int, check_real, check_cell
-
-
-def _check_beta(name, value, owner):
-    check_real(name, value, owner)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"For '{owner}', the '{name}' must be in [0.0, 1.0), but got {value!r}.")
-    return float(value)
+from mindpet.utils.validation import check_int, check_real, check_cell, check_beta
 
 
 def check_schedule(owner, total_steps, t_init, t_final, delta_t):
@@ -79,8 +72,8 @@ class ImportanceTracker:
     """
 
     def __init__(self, beta1=0.85, beta2=0.85):
-        self.beta1 = _check_beta('beta1', beta1, type(self).__name__)
-        self.beta2 = _check_beta('beta2', beta2, type(self).__name__)
+        self.beta1 = check_beta('beta1', beta1, type(self).__name__)
+        self.beta2 = check_beta('beta2', beta2, type(self).__name__)
         self.sensitivity = {}
         self.uncertainty = {}
 

@@ -16,10 +16,11 @@ import mindspore as ms
 from mindspore import nn
 from mindspore.train.callback import Callback, CheckpointConfig
 
-from mindpet.utils.constants import DELTA_PREFIX, META_PREFIX
+from mindpet.naming import is_delta, is_state
+from mindpet.utils.constants import META_PREFIX
 from mindpet.utils.exceptions import CheckpointError
 from mindpet.utils.io_utils import (atomic_save_checkpoint, ensure_dir, load_checkpoint_file, check_params_fit,
-                                    load_params_checked, is_state_param, checkpoint_format, CKPT_FORMATS,
+                                    load_params_checked, checkpoint_format, CKPT_FORMATS,
                                     remove_stale_temp_files, checkpoint_write_errors)
 from mindpet.utils.validation import check_cell, check_bool
 
@@ -456,13 +457,13 @@ def load_base_and_delta(net, base_ckpt, delta_ckpt, strict_base=False):
     base = load_checkpoint_file(base_ckpt, what='base checkpoint')
     delta, meta = split_meta(load_checkpoint_file(delta_ckpt, what='delta checkpoint'))
     net_names = [p.name for p in net.get_parameters()]
-    delta_required = [n for n in net_names if DELTA_PREFIX in n.rsplit('.', 1)[-1]]
+    delta_required = [n for n in net_names if is_delta(n)]
     # Files from the callback carry metadata; only those may hold training state next to the adapter.
     delta_ignored = sorted(n for n in delta if n not in set(net_names)) if meta else []
     delta = {k: v for k, v in delta.items() if k not in set(delta_ignored)}
     check_params_fit(net, delta, delta_ckpt, require=delta_required)
     check_params_fit(net, base, base_ckpt, allow_unexpected=not strict_base)
-    missing = [n for n in net_names if n not in base and n not in delta and not is_state_param(n)]
+    missing = [n for n in net_names if n not in base and n not in delta and not is_state(n)]
     if missing:
         raise CheckpointError(f"Neither '{base_ckpt}' nor '{delta_ckpt}' holds {len(missing)} parameter(s) of the "
                               f"network, first: {missing[:5]}.")

@@ -7,9 +7,10 @@ not silently train nothing (or everything).
 """
 from fnmatch import fnmatchcase
 
-from mindpet.utils.constants import DELTA_LIST, DELTA_PREFIX
+from mindpet.naming import METHOD_ALIASES, VARIANTS, canonical_method, delta_marker, is_state
+from mindpet.tuners.registry import available_methods
 from mindpet.utils.exceptions import ModelConfigFreezeInfoError
-from mindpet.utils.io_utils import read_yaml_file, is_state_param
+from mindpet.utils.io_utils import read_yaml_file
 from mindpet.utils.validation import check_cell, check_str_list, check_choice
 
 
@@ -27,7 +28,7 @@ def _check_patterns_match(owner, arg, patterns, names):
 
 def _set_requires_grad(param, value):
     # Run-time state (LoRA scaling etc.) must never become trainable, whatever the patterns say.
-    if value and is_state_param(param.name):
+    if value and is_state(param.name):
         return
     param.requires_grad = value
 
@@ -65,12 +66,19 @@ def freeze_modules(model, include=None, exclude=None):
             _set_requires_grad(param, True)
 
 
+def freeze_modes():
+    """The modes :func:`freeze_delta` accepts: every registered method, the variants with parameters of their own
+    (``dora``) and MindPet 1.0.4's spellings (``prefixtuning``)."""
+    return sorted(set(available_methods()) | set(VARIANTS) | set(METHOD_ALIASES))
+
+
 def delta_param_names(model, mode):
-    """Names of the parameters that ``mode`` trains: ``*mindpet_delta_<mode>_*``, or ``*bias`` for bitfit."""
+    """Names of the parameters that ``mode`` (a registered method or variant) trains: ``*mindpet_delta_<mode>_*``
+    (see :func:`mindpet.naming.delta_marker`), or ``*bias`` for bitfit."""
     if mode == 'bitfit':
         return [name for name, _ in model.parameters_and_names() if name.endswith('bias')]
-    marker = f'{DELTA_PREFIX}{mode}_'
-    return [name for name, _ in model.parameters_and_names() if marker in name.rsplit('.', 1)[-1]]
+    marker = delta_marker(mode)
+    return [name for name, _ in model.parameters_and_names() if name.rsplit('.', 1)[-1].startswith(marker)]
 
 
 def freeze_delta(model, mode, include=None, exclude=None):
@@ -80,7 +88,9 @@ def freeze_delta(model, mode, include=None, exclude=None):
 
     Args:
         model (nn.Cell): the network.
-        mode (str): one of ``lora, prefixtuning, adapter, low_rank_adapter, bitfit, ptuning2`` (any case).
+        mode (str): a method name (``lora``, ``prefix_tuning``, ``adapter``, ``low_rank_adapter``, ``bitfit``,
+            ``ptuning2``, ``ia3``, ...; see :func:`freeze_modes`), ``dora``, or MindPet 1.0.4's ``prefixtuning``
+            (any case).
         include (list[str] | None): extra globs to freeze afterwards.
         exclude (list[str] | None): extra globs to keep trainable (e.g. the task head).
 
@@ -92,12 +102,12 @@ def freeze_delta(model, mode, include=None, exclude=None):
     """
     owner = 'freeze_delta'
     check_cell('model', model, owner)
-    mode = check_choice('mode', mode, owner, DELTA_LIST, case_insensitive=True)
+    mode = canonical_method(check_choice('mode', mode, owner, freeze_modes(), case_insensitive=True))
     include = check_str_list('include', include, owner)
     exclude = check_str_list('exclude', exclude, owner)
     trained = set(delta_param_names(model, mode))
     if not trained:
-        what = "'*bias'" if mode == 'bitfit' else f"'*{DELTA_PREFIX}{mode}_*'"
+        what = "'*bias'" if mode == 'bitfit' else f"'*{delta_marker(mode)}*'"
         raise ValueError(f"For '{owner}', mode {mode!r} found no parameter named {what} in the model; "
                          f"was the delta Cell added to it?")
     # Check the extra patterns before touching anything, so a bad call leaves the model as it was.

@@ -171,7 +171,7 @@ def _cpu_fallback(cell):
 
 def apply_cpu_fallbacks(network):
     """Replace, in place, the cells without a CPU kernel (see the module docstring); returns how many."""
-    from mindpet.tuners.base import walk, replace_cell  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners.inject import walk, replace_cell  # pylint: disable=import-outside-toplevel
     _, holders = walk(network)
     count = 0
     for name, cell in list(network.cells_and_names()):
@@ -240,8 +240,8 @@ def load_weights(network, path, weights_map='auto', prefix=None):
         CheckpointError: an unreadable file, a shape mismatch, or no tensor matching the network at all.
     """
     from mindpet.utils.io_utils import load_checkpoint_file  # pylint: disable=import-outside-toplevel
-    from mindpet.adapter_store import is_delta_or_state  # pylint: disable=import-outside-toplevel
-    params = {p.name: p for p in network.get_parameters() if not is_delta_or_state(p.name)}
+    from mindpet.naming import is_pet_param  # pylint: disable=import-outside-toplevel
+    params = {p.name: p for p in network.get_parameters() if not is_pet_param(p.name)}
     loaded = {}
     unused = 0
     for file in weight_files(path):
@@ -479,31 +479,33 @@ class GenericTask(Task):
         except DataError as ex:
             raise self._data_error(ex) from None
         train_rows, train_bad = self._read('train')
-        if data['eval'] is not None:
-            eval_rows, eval_bad = self._read('eval')
-        else:
-            train_rows, eval_rows = text_data.split_rows(train_rows, data['split'] or 0.1, self.seed)
-            eval_bad = []
         if self.kind == CLASSIFICATION:
-            self.labels = data['labels'] or sorted({str(r.fields[data['label_column']]) for r in train_rows
-                                                    if isinstance(r.fields.get(data['label_column']), (str, int))
-                                                    and str(r.fields[data['label_column']]).strip()})
+            column = data['label_column']
+            self.labels = data['labels'] or sorted({str(r.fields[column]) for r in train_rows
+                                                    if isinstance(r.fields.get(column), (str, int))
+                                                    and str(r.fields[column]).strip()})
             if len(self.labels) < 2:
                 raise KeyValueError('data.labels', f"a classification needs at least 2 labels, but the training "
                                                    f"data has {self.labels}")
-        splits = {}
-        for key, rows, bad in (('train', train_rows, train_bad), ('eval', eval_rows, eval_bad)):
-            encoded = self._encode(rows)
-            encoded.bad = bad + encoded.bad
-            if encoded.bad and data['on_bad_rows'] == 'error':
-                raise KeyValueError(f'data.{key}', f"{len(encoded.bad)} bad row(s) of {len(rows) + len(bad)}: "
-                                                   f"{text_data.bad_rows_text(encoded.bad)} (on_bad_rows: skip "
-                                                   f"drops them)")
-            if not len(encoded):
-                raise KeyValueError(f'data.{key}', f"no usable row (of {len(rows) + len(bad)})")
-            self.bad_rows += encoded.bad
-            splits[key] = encoded
+        splits = {'train': self._encode_checked('train', train_rows, train_bad)}
+        if data['eval'] is not None:
+            splits['eval'] = self._encode_checked('eval', *self._read('eval'))
+        else:
+            splits['train'], splits['eval'] = _split(splits['train'], data['split'] or 0.1, self.seed)
         self._splits = splits
+
+    def _encode_checked(self, key, rows, bad):
+        """The rows of ``data.<key>`` encoded; bad rows refused (``on_bad_rows: error``) or recorded."""
+        encoded = self._encode(rows)
+        encoded.bad = bad + encoded.bad
+        if encoded.bad and self.data['on_bad_rows'] == 'error':
+            raise KeyValueError(f'data.{key}', f"{len(encoded.bad)} bad row(s) of {len(rows) + len(bad)}: "
+                                               f"{text_data.bad_rows_text(encoded.bad)} (on_bad_rows: skip drops "
+                                               f"them)")
+        if len(encoded) < (2 if key == 'train' and self.data['eval'] is None else 1):
+            raise KeyValueError(f'data.{key}', f"no usable rows (of {len(rows) + len(bad)})")
+        self.bad_rows += encoded.bad
+        return encoded
 
     def _encode(self, rows):
         data, tokenizer = self.data, self._tokenizer
@@ -552,15 +554,19 @@ class GenericTask(Task):
 
     def build_network(self):
         kwargs = dict(self.model['kwargs'] or {})
-        if self.model['factory'] is not None:
-            network = self._class(**kwargs)
-            what = self.model['factory']
-        else:
-            config, values = self._class_config()
-            network = self._class(config, **kwargs) if config is not None else self._class(**values, **kwargs)
-            what = self.model['class']
+        try:
+            if self.model['factory'] is not None:
+                key, what = 'model.kwargs', self.model['factory']
+                network = self._class(**kwargs)
+            else:
+                key, what = 'model.config', self.model['class']
+                config, values = self._class_config()
+                network = self._class(config, **kwargs) if config is not None else self._class(**values, **kwargs)
+        except (TypeError, ValueError) as ex:
+            raise KeyValueError(key, f"'{what}' could not be built from it: {ex}") from None
         if not isinstance(network, nn.Cell):
-            raise TypeError(f"'{what}' gave {type(network).__name__}, not a mindspore.nn.Cell")
+            raise KeyValueError('model.factory' if self.model['factory'] else 'model.class',
+                                f"'{what}' gave {type(network).__name__}, not a mindspore.nn.Cell")
         if self.model['cpu_fallbacks'] and ms.get_context('device_target') == 'CPU':
             apply_cpu_fallbacks(network)
         return network
@@ -638,6 +644,15 @@ class GenericTask(Task):
             answer = self._tokenizer.decode(self.generate_ids(network, ids)).replace('\n', ' ')
             lines.append(f"{prompt!r} -> {answer!r}")
         return lines or None
+
+
+def _split(encoded, fraction, seed):
+    """``(train, eval)`` Encoded: a seeded random ``fraction`` of the rows held out (at least one each)."""
+    order = np.random.default_rng(seed).permutation(len(encoded))
+    held = min(max(1, int(round(len(encoded) * fraction))), len(encoded) - 1)
+    keep, hold = np.sort(order[held:]), np.sort(order[:held])
+    return (text_data.Encoded([c[keep] for c in encoded.columns], encoded.names, encoded.bad, encoded.rows_read),
+            text_data.Encoded([c[hold] for c in encoded.columns], encoded.names, [], 0))
 
 
 def classification_metrics(logits, labels, names):

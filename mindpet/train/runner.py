@@ -26,20 +26,20 @@ from mindspore import nn
 from mindspore.nn.utils import no_init_parameters
 from mindspore.train.callback import Callback, CheckpointConfig, RunContext
 
-from mindpet.adapter_store import is_delta_or_state
 from mindpet.graph.ckpt_util import (TrainableParamsCheckPoint, batch_checksum, distributed_rank,
                                      resume_from_checkpoint)
 from mindpet.model import PetModel, get_pet_model
+from mindpet.naming import is_pet_param, is_state
 from mindpet.train import report
 from mindpet.train.schedule import WarmupDecayLR, learning_rate_at
 from mindpet.train.schema import (CODE_FIELDS, RUNNER_FIELDS, MAX_EPOCHS, MAX_STEPS, check_section, read_run_config,
                                   did_you_mean)
 from mindpet.train.imports import CodeImportError
 from mindpet.train.task import GENERIC_TASK, KeyValueError, load_task_class
-from mindpet.tuners.config import config_from_dict, available_methods, get_method
+from mindpet.tuners.registry import config_from_dict, available_methods, get_method
 from mindpet.utils.exceptions import CheckpointError, MindPetError
 from mindpet.utils.validation import check_bool, memory_shortfall
-from mindpet.utils.io_utils import (is_state_param, ensure_dir, atomic_save_checkpoint, load_checkpoint_file,
+from mindpet.utils.io_utils import (ensure_dir, atomic_save_checkpoint, load_checkpoint_file,
                                     load_params_checked)
 
 FULL = 'full'      # pet type: train every parameter (no adapter)
@@ -309,7 +309,7 @@ class Built:
         """``(trainable, total)`` parameter counts (run-time state excluded)."""
         trainable = total = 0
         for param in self.network.get_parameters():
-            if is_state_param(param.name):
+            if is_state(param.name):
                 continue
             size = int(np.prod(param.shape))
             total += size
@@ -319,7 +319,7 @@ class Built:
     def base_bytes(self):
         """Bytes of the base model's parameters (what a full checkpoint of it holds)."""
         return sum(int(np.prod(p.shape)) * p.itemsize for p in self.network.get_parameters()
-                   if not is_delta_or_state(p.name))
+                   if not is_pet_param(p.name))
 
 
 def set_context(plan, dry_run=False):
@@ -368,7 +368,7 @@ def build(plan, lazy=False):
         try:
             network = plan.task.build_network()
         except (TypeError, ValueError) as ex:
-            raise plan.source.value_error('model', str(ex)) from None
+            raise plan.source.value_error(getattr(ex, 'key', 'model'), str(ex)) from None
         loaded = None if lazy else plan.task.load_base(network, plan.model.get('base_checkpoint'))
         if plan.pet_config is None:
             return Built(network, None, loaded)
@@ -743,7 +743,7 @@ def _save_results(plan, built, output_dir):
         built.pet_model.save_pretrained(adapter_dir)
         files.append(adapter_dir)
     if built.pet_model is None or plan.training['save_full_checkpoint']:
-        params = [p for p in built.network.get_parameters() if not is_delta_or_state(p.name)]
+        params = [p for p in built.network.get_parameters() if not is_pet_param(p.name)]
         path = os.path.join(output_dir, FULL_CHECKPOINT)
         atomic_save_checkpoint(params, path)
         files.append(path)

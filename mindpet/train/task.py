@@ -13,6 +13,7 @@ A run config names its task explicitly: ``model.task: package.module``, a module
 """
 import numpy as np
 
+from mindpet.naming import is_pet_param
 from mindpet.train.imports import CodeImportError, import_module
 from mindpet.train.schema import Field
 from mindpet.utils.validation import check_int
@@ -169,8 +170,7 @@ class KeyValueError(ValueError):
 
 def _base_names(network):
     """Names a base checkpoint must provide: every parameter except delta/state ones."""
-    from mindpet.adapter_store import is_delta_or_state  # pylint: disable=import-outside-toplevel
-    return [p.name for p in network.get_parameters() if not is_delta_or_state(p.name)]
+    return [p.name for p in network.get_parameters() if not is_pet_param(p.name)]
 
 
 def shard_rows(arrays, rank, group_size):
@@ -193,8 +193,7 @@ def train_base(network, loss_net, batches, learning_rate):
         list[float]: the losses.
     """
     from mindspore import nn, Tensor  # pylint: disable=import-outside-toplevel
-    from mindpet.adapter_store import is_delta_or_state  # pylint: disable=import-outside-toplevel
-    base = [p for p in network.get_parameters() if not is_delta_or_state(p.name)]
+    base = [p for p in network.get_parameters() if not is_pet_param(p.name)]
     saved = [p.requires_grad for p in base]
     for param in base:
         param.requires_grad = True

@@ -285,14 +285,6 @@ def packed_text_arrays(rows, tokenizer, max_length, eos_id, text_column='text'):
                    len(rows))
 
 
-def split_rows(rows, fraction, seed):
-    """``(train, eval)``: a seeded random ``fraction`` of the rows held out (at least one row each)."""
-    order = np.random.default_rng(seed).permutation(len(rows))
-    held = min(max(1, int(round(len(rows) * fraction))), len(rows) - 1)
-    held_set = set(order[:held].tolist())
-    return ([r for i, r in enumerate(rows) if i not in held_set], [r for i, r in enumerate(rows) if i in held_set])
-
-
 def bad_rows_text(bad, limit=3):
     """``'train.jsonl:5: missing field 'label'; train.jsonl:9: ...'`` for the first ``limit`` bad rows."""
     shown = '; '.join(f"{b.path}:{b.line}: {b.reason}" for b in bad[:limit])
@@ -312,4 +304,4 @@ def dataset(encoded, batch_size, shuffle=True, seed=0, drop_remainder=True):
 
 __all__ = ['Row', 'BadRow', 'DataError', 'Encoded', 'FORMATS', 'KINDS', 'file_format', 'read_rows', 'field_text',
            'special_id', 'load_tokenizer', 'classification_arrays', 'prompt_and_response', 'instruction_ids',
-           'instruction_arrays', 'packed_text_arrays', 'split_rows', 'bad_rows_text', 'dataset']
+           'instruction_arrays', 'packed_text_arrays', 'bad_rows_text', 'dataset']

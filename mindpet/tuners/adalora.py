@@ -15,8 +15,10 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, Normal
 
 from mindpet.delta.adalora import AdaLoRADense, AdaLoRAAllocator, adalora_increment
-from mindpet.tuners.base import DenseLayerTuner, RankAllocationHook, schedule_steps
-from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, RankScheduleFields, register_method
+from mindpet.tuners.base import DenseLayerTuner
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, RankScheduleFields
+from mindpet.tuners.hooks import RankAllocationHook, schedule_steps
+from mindpet.tuners.registry import register_method
 from mindpet.utils.validation import check_int, check_real, check_rate
 
 P, LAMBDA, Q = 'mindpet_delta_adalora_p', 'mindpet_delta_adalora_lambda', 'mindpet_delta_adalora_q'
@@ -96,10 +98,10 @@ class AdaLoraTuner(DenseLayerTuner):
         out_channels, in_channels = weight_shape
         return {P: (out_channels, config.init_r), LAMBDA: (config.init_r,), Q: (config.init_r, in_channels)}
 
-    def read_adapter(self, layer, config):
+    def read_live(self, layer, config):
         return {name: getattr(layer, name).asnumpy().copy() for name in (P, LAMBDA, Q)}
 
-    def write_adapter(self, layer, config, tensors):
+    def write_live(self, layer, config, tensors):
         for name, value in tensors.items():
             param = getattr(layer, name)
             param.set_data(Tensor(value, param.dtype))

@@ -19,8 +19,8 @@ from mindspore.common.initializer import initializer, Normal
 from mindpet.delta.adapter import AdapterDense, ADAPTER_INIT_SIGMA
 from mindpet.delta.sharding import make_activation
 from mindpet.tuners.base import BaseTuner, adopt_dense_params, plain_dense, read_corner, write_padded, live_params
-from mindpet.tuners.config import (PetConfig, TARGETS_REQUIRED, register_method, check_compute_dtype,
-                                   resolve_compute_dtype)
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_compute_dtype, resolve_compute_dtype
+from mindpet.tuners.registry import register_method
 from mindpet.utils.validation import check_int
 
 _PREFIX = 'adapter.mindpet_delta_adapter_'
@@ -94,10 +94,10 @@ class AdapterTuner(BaseTuner):
         return {_PREFIX + 'down_weight': (size, hidden), _PREFIX + 'down_bias': (size,),
                 _PREFIX + 'up_weight': (hidden, size), _PREFIX + 'up_bias': (hidden,)}
 
-    def read_adapter(self, layer, config):
+    def read_live(self, layer, config):
         return read_corner(layer, self.adapter_shapes(layer.weight.shape, config))
 
-    def write_adapter(self, layer, config, tensors):
+    def write_live(self, layer, config, tensors):
         grew = write_padded(layer, tensors)
         self.note_sizes(layer, config)
         return grew
@@ -116,7 +116,7 @@ class AdapterTuner(BaseTuner):
         return fresh
 
     def activate(self, layer, config):
-        return False        # write_adapter has put the up-projection back
+        return False        # write_live has put the up-projection back
 
     def deactivate(self, layer):
         live = live_params(layer)

@@ -1,4 +1,6 @@
-"""What every method's tuner provides, and the one injection walk they share.
+"""What every method's tuner provides (:class:`BaseTuner`), the shared plumbing of tuners whose delta Cell
+replaces an ``nn.Dense`` (:class:`DenseLayerTuner`), and the helpers that move an adapter's tensors in and out of
+live layers.
 
 A tuner is stateless: :class:`mindpet.PetModel` owns the network, the adapters and the state, and calls the
 tuner's hooks for everything method-specific. The hooks work on one adapted layer (the method's delta Cell) and
@@ -7,88 +9,18 @@ need no method-specific code.
 
 A method whose delta Cell replaces an ``nn.Dense`` implements :meth:`BaseTuner.create_layer` and the per-layer
 hooks; a method that adds Cells elsewhere (prefix tuning, prompt tuning, cross-layer tensors) overrides
-:meth:`BaseTuner.inject` as well.
+:meth:`BaseTuner.inject` as well. The walk, matching and replacement live in :mod:`mindpet.tuners.inject`;
+the training hooks in :mod:`mindpet.tuners.hooks`.
 """
-import re
-import time
-
 import numpy as np
 from mindspore import nn, Tensor
-from mindspore.train import Callback
 
-from mindpet.delta.rank_allocation import TrainStepWithGrads, WithOrthRegularizer
+from mindpet.delta.layer_kinds import DeltaLayer, kind_of
+from mindpet.naming import is_delta
 from mindpet.tuners.config import resolve_compute_dtype
-from mindpet.utils.constants import DELTA_PREFIX
+from mindpet.tuners.hooks import TrainingHook
+from mindpet.tuners.inject import walk, matches_any, layer_key, replace_cell
 from mindpet.utils.exceptions import AdapterConfigError
-
-
-def name_matches(name, pattern):
-    """True when ``pattern`` is ``name``, a dot-separated suffix of it, or a regular expression matching all of it.
-
-    Example:
-        >>> name_matches('blocks.0.attn.q_proj', 'q_proj'), name_matches('blocks.0.attn.q_proj', r'.*\\.[qv]_proj')
-        (True, True)
-    """
-    if name == pattern or name.endswith('.' + pattern):
-        return True
-    return re.fullmatch(pattern, name) is not None
-
-
-def matches_any(name, patterns):
-    """True when any of ``patterns`` (or None) matches ``name`` (see :func:`name_matches`)."""
-    return bool(patterns) and any(name_matches(name, p) for p in patterns)
-
-
-def walk(model):
-    """One walk of ``model``: ``(cells, holders)`` where ``cells`` is the ordered list of ``(name, cell)`` from
-    ``cells_and_names()`` and ``holders`` maps ``id(cell)`` to every ``(parent, key)`` holding it (a Cell shared
-    by two parents must be replaced in both)."""
-    cells = list(model.cells_and_names())
-    holders = {}
-    for _, parent in cells:
-        # _cells, not name_cells(): the latter lists a Cell held under two names only once.
-        for key, child in parent._cells.items():  # pylint: disable=protected-access
-            if child is not None:
-                holders.setdefault(id(child), []).append((parent, key))
-    return cells, holders
-
-
-def layer_key(cell, cell_name, attr='weight'):
-    """The name prefix of ``cell``'s parameters as checkpoints see them (``'a.b'`` for ``a.b.weight``); the cell
-    name when the parameter carries no prefix. Usually both are the same string."""
-    name = getattr(getattr(cell, attr, None), 'name', '') or ''
-    if name.endswith('.' + attr):
-        return name[:-len(attr) - 1]
-    return cell_name
-
-
-def replace_cell(holders, old, new, prefix):
-    """Put ``new`` wherever ``old`` is held and give ``new``'s parameters the names ``prefix + attr``.
-
-    MindSpore's own ``setattr`` only prefixes the attribute name (``q.weight`` instead of ``blocks.0.q.weight``),
-    so names are set explicitly from ``prefix``; ``SequentialCell`` also keeps its own list of children.
-    """
-    for parent, key in holders.get(id(old), ()):
-        parent.insert_child_to_cell(key, new)
-        if isinstance(parent, nn.SequentialCell):
-            parent.cell_list = list(parent._cells.values())  # pylint: disable=protected-access
-    new.update_parameters_name(prefix)
-    return new
-
-
-def invalidate_compiled_graph(cell):
-    """Make ``cell``'s next call compile a new graph (after its sub-Cells or a Parameter's shape changed).
-
-    A compiled top-level Cell keeps running its old graph after its sub-Cells are swapped. MindSpore keys the
-    compiled graphs of a Cell by its creation time, so a new creation time forces a recompilation; the old graphs
-    are released.
-    """
-    from mindspore.graph.api import _cell_graph_executor  # pylint: disable=import-outside-toplevel
-    cache = getattr(cell, '_compile_cache', None)
-    if cache:
-        _cell_graph_executor.del_net_res(cell, set(cache))
-        cache.clear()
-    object.__setattr__(cell, '_create_time', time.time_ns())
 
 
 class BaseTuner:
@@ -215,11 +147,11 @@ class BaseTuner:
         """
         return {key: self.expected_shapes(key, fingerprint, config, source) for key in targets}
 
-    def read_adapter(self, layer, config):
+    def read_live(self, layer, config):
         """The live adapter tensors of ``layer`` (copies), in the adapter's own shapes."""
         raise NotImplementedError
 
-    def write_adapter(self, layer, config, tensors):
+    def write_live(self, layer, config, tensors):
         """Put an adapter's tensors into ``layer``'s live Parameters. Returns True when a Parameter's shape had to
         change (the caller then recompiles)."""
         raise NotImplementedError
@@ -237,7 +169,7 @@ class BaseTuner:
 
     def delta_params(self, layer):
         """The trainable delta Parameters of ``layer``."""
-        return [p for name, p in layer.parameters_and_names() if name.rsplit('.', 1)[-1].startswith(DELTA_PREFIX)]
+        return [p for name, p in layer.parameters_and_names() if is_delta(name)]
 
     def init_adapter(self, layer, config):
         """Fresh tensors for a new, untrained adapter on ``layer`` (the base function at init)."""
@@ -344,8 +276,7 @@ def plain_dense(layer):
 def live_params(layer):
     """``suffix -> Parameter`` of ``layer``'s delta Parameters, suffixes relative to ``layer``
     (``mindpet_delta_lora_a``, ``adapter.mindpet_delta_adapter_down_weight``)."""
-    return {name: param for name, param in layer.parameters_and_names()
-            if name.rsplit('.', 1)[-1].startswith(DELTA_PREFIX)}
+    return {name: param for name, param in layer.parameters_and_names() if is_delta(name)}
 
 
 def read_corner(layer, shapes):
@@ -398,7 +329,19 @@ class DenseLayerTuner(BaseTuner):
     """Shared plumbing of tuners whose delta Cell replaces an ``nn.Dense`` (LoRA/DoRA, IA3, PST, AdaLoRA, t-SVD):
     building it around the Dense's own Parameters, merging through the Cell's ``merge()``/``unmerge()`` (after
     :meth:`sync_scaling` has given the layer the adapter's host-side scaling), and unloading to a plain
-    ``nn.Dense``."""
+    ``nn.Dense``.
+
+    A tuner that sets :attr:`adapts_layer_kinds` also adapts the layer types of
+    :mod:`mindpet.delta.layer_kinds` (``mint.nn.Linear``, GPT-2 ``Conv1D``, ``Conv2d``, ``Embedding``): there its
+    :class:`~mindpet.delta.layer_kinds.DeltaLayer` wraps the base layer, and unloading returns that layer itself.
+    """
+    #: whether the layer types of :mod:`mindpet.delta.layer_kinds` are adapted besides ``nn.Dense``
+    adapts_layer_kinds = False
+
+    def is_target(self, cell):
+        if type(cell) is nn.Dense:  # pylint: disable=unidiomatic-typecheck
+            return True
+        return self.adapts_layer_kinds and kind_of(cell) is not None
 
     @staticmethod
     def build_layer(layer_class, cell, compute_dtype, **kwargs):
@@ -411,6 +354,24 @@ class DenseLayerTuner(BaseTuner):
                             bias_init='zeros', has_bias=cell.has_bias, activation=cell.activation, dtype=dtype,
                             **kwargs)
         return adopt_dense_params(layer, cell)
+
+    @classmethod
+    def build_delta(cls, cell, key, dense_class, layer_class, compute_dtype, **kwargs):
+        """The delta Cell for ``cell`` (layer key ``key``): ``dense_class`` around an ``nn.Dense`` (see
+        :meth:`build_layer`), ``layer_class(cell, kind, ...)`` around a layer of a
+        :class:`~mindpet.delta.layer_kinds.LayerKind`.
+
+        Raises:
+            ValueError: the layer's configuration cannot be adapted (naming the layer and the setting).
+        """
+        kind = kind_of(cell)
+        if type(cell) is nn.Dense or kind is None:  # pylint: disable=unidiomatic-typecheck
+            return cls.build_layer(dense_class, cell, compute_dtype, **kwargs)
+        compute = resolve_compute_dtype(compute_dtype, getattr(cell, kind.weight_attr).dtype)
+        try:
+            return layer_class(cell, kind, compute_dtype=compute, **kwargs)
+        except ValueError as ex:
+            raise ValueError(f"For 'get_pet_model', the layer '{key}' cannot be adapted: {ex}") from ex
 
     def sync_scaling(self, layer, config):
         """Give ``layer`` the host-side scaling of ``config`` that its merge()/unmerge() use (several adapters of
@@ -425,111 +386,7 @@ class DenseLayerTuner(BaseTuner):
         layer.unmerge()
 
     def unload_layer(self, layer):
-        # The delta branch is off (merged, or not covered by the active adapter): a plain Dense computes the same.
+        # The delta branch is off (merged, or not covered by the active adapter): the base layer computes the same.
+        if isinstance(layer, DeltaLayer):
+            return layer.unload()
         return plain_dense(layer)
-
-
-class TrainingHook(Callback):
-    """Drives a method's per-step schedule while a :class:`mindpet.PetModel` trains (PST's sparsity, AdaLoRA's
-    and t-SVD's rank budgets); methods without one get this do-nothing base. Obtain it with
-    ``pet.training_hook(total_steps)``.
-
-    In a custom loop::
-
-        hook = pet.training_hook(total_steps=T)
-        step = hook.train_network(loss_net, optimizer)     # the step Cell the method needs
-        for i in range(T):
-            hook.before_step(i)
-            outputs = step(*batch)
-            hook.after_step(i, outputs)
-            loss = hook.loss(outputs)
-
-    With ``Model.train`` the hook is the callback (non-sink mode: it acts at every step)::
-
-        model = Model(hook.train_network(loss_net, optimizer))
-        model.train(epochs, dataset, callbacks=[hook], dataset_sink_mode=False)
-
-    Args:
-        pet (PetModel): the model being trained.
-    """
-
-    def __init__(self, pet):
-        super().__init__()
-        self.pet = pet
-        self.train_net = None
-
-    def train_network(self, loss_net, optimizer):
-        """The training-step Cell around ``loss_net`` (a Cell returning the scalar loss) and ``optimizer``.
-        Default: ``nn.TrainOneStepCell``."""
-        self.train_net = nn.TrainOneStepCell(loss_net, optimizer)
-        return self.train_net
-
-    @staticmethod
-    def loss(outputs):
-        """The loss Tensor in a training step's outputs."""
-        return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
-
-    def before_step(self, step):
-        """Call before training step ``step`` (0-based)."""
-
-    def after_step(self, step, outputs):
-        """Call after training step ``step`` (0-based) with the step Cell's outputs."""
-
-    def on_train_step_begin(self, run_context):
-        self.before_step(run_context.original_args().cur_step_num - 1)
-
-    def on_train_step_end(self, run_context):
-        args = run_context.original_args()
-        self.after_step(args.cur_step_num - 1, args.net_outputs)
-
-
-class RankAllocationHook(TrainingHook):
-    """For methods whose rank falls during training (AdaLoRA, t-SVD): the loss gets the orthogonality regulariser,
-    the step also returns its gradients, and after each step the allocator re-decides which singular values stay.
-
-    Args:
-        pet (PetModel): the model being trained.
-        allocator (mindpet.delta.rank_allocation.RankAllocator): the method's allocator over ``pet``'s layers.
-        orth_reg_weight (float): weight of the orthogonality regulariser (0: none).
-    """
-
-    def __init__(self, pet, allocator, orth_reg_weight):
-        super().__init__(pet)
-        self.allocator = allocator
-        self.orth_reg_weight = orth_reg_weight
-        self.budget = allocator.init_budget
-
-    def train_network(self, loss_net, optimizer):
-        """``TrainStepWithGrads(WithOrthRegularizer(loss_net, orth_reg_weight), optimizer)``: returns
-        ``(loss, grads)``."""
-        if self.orth_reg_weight > 0:
-            loss_net = WithOrthRegularizer(loss_net, self.orth_reg_weight)
-        self.train_net = TrainStepWithGrads(loss_net, optimizer)
-        return self.train_net
-
-    def after_step(self, step, outputs):
-        """``outputs``: the ``(loss, grads)`` of :meth:`train_network`'s Cell, or a dict ``parameter name ->
-        gradient`` (from a step Cell of your own)."""
-        if isinstance(outputs, dict):
-            grads = outputs
-        elif isinstance(outputs, (tuple, list)) and len(outputs) == 2 and self.train_net is not None:
-            grads = self.train_net.grad_dict(outputs[1])
-        else:
-            raise TypeError(f"For '{type(self).__name__}.after_step', the 'outputs' must be the (loss, grads) of "
-                            f"the Cell from train_network(), or a dict of parameter name -> gradient, but got "
-                            f"{type(outputs).__name__}.")
-        self.budget = self.allocator.update_and_allocate(step, grads)
-
-    def rank_pattern(self):
-        """``{layer or group name: kept rank}`` decided so far."""
-        return self.allocator.rank_pattern()
-
-
-def schedule_steps(method, config, total_steps):
-    """The number of training steps a schedule runs over: ``total_steps`` if given, else the config's
-    ``total_step``; ValueError naming both when neither is set."""
-    steps = total_steps if total_steps is not None else config.total_step
-    if steps is None:
-        raise ValueError(f"For 'training_hook', the '{method}' schedule needs the number of training steps: pass "
-                         f"'total_steps' or set 'total_step' in the config, but both are None.")
-    return steps

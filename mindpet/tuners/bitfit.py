@@ -10,9 +10,11 @@ the network holding the active adapter's biases.
 import dataclasses
 import fnmatch
 
-from mindpet.adapter_store import is_delta_or_state
-from mindpet.tuners.base import BaseTuner, matches_any
-from mindpet.tuners.config import PetConfig, register_method
+from mindpet.naming import is_pet_param
+from mindpet.tuners.base import BaseTuner
+from mindpet.tuners.config import PetConfig
+from mindpet.tuners.inject import matches_any
+from mindpet.tuners.registry import register_method
 
 BIAS_PATTERN = '*bias'
 
@@ -44,7 +46,7 @@ class BitFitConfig(PetConfig):
         """
         names, holders = [], []
         for param in model.get_parameters():
-            if is_delta_or_state(param.name) or not fnmatch.fnmatch(param.name, BIAS_PATTERN):
+            if is_pet_param(param.name) or not fnmatch.fnmatch(param.name, BIAS_PATTERN):
                 continue
             owner = param.name.rsplit('.', 1)[0] if '.' in param.name else ''
             holders.append(owner)

@@ -18,24 +18,27 @@ from mindspore import Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, HeUniform
 
-from mindpet.delta.dora import DoRADense, dora_weight
-from mindpet.tuners.base import adopt_dense_params, read_corner, write_padded
+from mindpet.delta.dora import DoRADense, DoraLayer, dora_weight
+from mindpet.delta.layer_kinds import canonical_weight_f32
+from mindpet.tuners.base import DenseLayerTuner, read_corner, write_padded
 
 A_NAME = 'mindpet_delta_dora_a'
 B_NAME = 'mindpet_delta_dora_b'
 M_NAME = 'mindpet_delta_dora_magnitude'
 
 
-def create_layer(cell, config, compute_dtype):
-    """A DoRADense holding ``cell``'s weight/bias Parameters, its magnitude set to their row norms (the layer then
-    equals ``cell``)."""
-    # 'zeros' avoids drawing a random weight that is replaced at once by the base layer's own Parameter.
-    layer = DoRADense(cell.in_channels, cell.out_channels, lora_rank=config.lora_rank,
-                      lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, compute_dtype=compute_dtype,
-                      dora_detach_norm=config.dora_detach_norm,
-                      weight_init='zeros', bias_init='zeros', has_bias=cell.has_bias, activation=cell.activation,
-                      dtype=cell.weight.dtype)
-    adopt_dense_params(layer, cell)
+def is_dora_layer(layer):
+    """Whether ``layer`` is a DoRA delta Cell (of any layer type)."""
+    return isinstance(layer, (DoRADense, DoraLayer))
+
+
+def create_layer(cell, config, key):
+    """A DoRADense (``nn.Dense``) or DoraLayer (other layer types) holding ``cell``'s weight/bias Parameters, its
+    magnitude set to their row norms (the layer then equals ``cell``)."""
+    layer = DenseLayerTuner.build_delta(cell, key, DoRADense, DoraLayer, config.compute_dtype,
+                                        lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                                        lora_dropout=config.lora_dropout,
+                                        dora_detach_norm=config.dora_detach_norm)
     layer.init_magnitude()
     return layer
 
@@ -47,12 +50,12 @@ def adapter_shapes(weight_shape, config):
             M_NAME: (out_channels,)}
 
 
-def read_adapter(layer, config):
+def read_live(layer, config):
     """The live tensors of ``layer`` cut to ``config``'s rank (copies)."""
-    return read_corner(layer, adapter_shapes(layer.weight.shape, config))
+    return read_corner(layer, adapter_shapes((layer.out_channels, layer.in_channels), config))
 
 
-def write_adapter(layer, config, tensors):
+def write_live(layer, config, tensors):
     """Write an adapter's tensors (zero-padded to the live rank); True when the live rank grew."""
     grew = write_padded(layer, tensors)
     layer.lora_rank = max(layer.lora_rank, config.lora_rank)
@@ -70,7 +73,7 @@ def init_adapter(layer, config):
                            "first.")
     rank = config.lora_rank
     lora_a = initializer(HeUniform(negative_slope=math.sqrt(5)), [rank, layer.in_channels], mstype.float32)
-    weight = layer.weight.asnumpy().astype(np.float32)
+    weight = canonical_weight_f32(layer)
     return {A_NAME: lora_a.init_data().asnumpy(), B_NAME: np.zeros((layer.out_channels, rank), np.float32),
             M_NAME: np.linalg.norm(weight, axis=1).astype(np.float32)}
 
@@ -85,7 +88,7 @@ def base_derived(layer, config, tensors):
     if layer.merged:
         raise RuntimeError("For 'reinit_from_base', DoRA's magnitude needs the base weight's row norms; call "
                            "unmerge() first.")
-    weight = layer.weight.asnumpy().astype(np.float32)
+    weight = canonical_weight_f32(layer)
     lora_a = np.asarray(tensors[A_NAME], np.float32)
     lora_b = np.asarray(tensors[B_NAME], np.float32)
     adapted = weight + config.scaling * (lora_b @ lora_a)

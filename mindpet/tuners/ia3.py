@@ -12,10 +12,11 @@ import numpy as np
 from mindspore import Tensor
 from mindspore import dtype as mstype
 
-from mindpet.delta.ia3 import IA3Dense, ia3_weight, ia3_bias
-from mindpet.tuners.base import (DenseLayerTuner, matches_any, fingerprint_param,
-                                 write_exact)
-from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, register_method, check_patterns, check_compute_dtype
+from mindpet.delta.ia3 import IA3Dense, IA3Layer, ia3_weight, ia3_bias
+from mindpet.tuners.base import DenseLayerTuner, fingerprint_param, write_exact
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_patterns, check_compute_dtype
+from mindpet.tuners.inject import matches_any
+from mindpet.tuners.registry import register_method
 
 VECTOR_NAME = 'mindpet_delta_ia3_vector'
 
@@ -25,8 +26,9 @@ class IA3Config(PetConfig):
     """IA3 hyper-parameters for :func:`mindpet.get_pet_model`.
 
     Args:
-        target_modules (list[str] | str): ``nn.Dense`` cells to rescale (regex full-match or name suffix), e.g. the
-            key and value projections and the feed-forward output projection.
+        target_modules (list[str] | str): cells to rescale (regex full-match or name suffix), e.g. the key and
+            value projections and the feed-forward output projection: ``nn.Dense``, ``mint.nn.Linear``, GPT-2
+            ``Conv1D``, ``nn.Conv2d``/``mint.nn.Conv2d`` and embeddings (output scaling only).
         feedforward_modules (list[str] | str | None): the targets whose input is scaled (the feed-forward output
             projections); every pattern must match a target. Default None: every target scales its output.
         compute_dtype (str | None): 'float32', 'float16' or 'bfloat16' for the layer's matmul; None (default) the
@@ -55,8 +57,11 @@ class IA3Config(PetConfig):
 
 class IA3Tuner(DenseLayerTuner):
     """Injects :class:`mindpet.delta.IA3Dense` in place of ``nn.Dense`` layers (keeping their weight and bias
-    Parameter objects); switching, merging and storing for it."""
-    layer_class = IA3Dense
+    Parameter objects), and :class:`mindpet.delta.ia3.IA3Layer` around the other layer types of
+    :mod:`mindpet.delta.layer_kinds` (feed-forward targets: linear-like layers only); switching, merging and
+    storing for them."""
+    layer_class = (IA3Dense, IA3Layer)
+    adapts_layer_kinds = True
 
     def inject(self, model, config, layers):
         if config.feedforward_modules:
@@ -77,17 +82,17 @@ class IA3Tuner(DenseLayerTuner):
                              f"('feedforward_modules').")
 
     def create_layer(self, cell, config, key=None):
-        return self.build_layer(IA3Dense, cell, config.compute_dtype,
-                                           ia3_feedforward=config.is_feedforward(key))
+        return self.build_delta(cell, key, IA3Dense, IA3Layer, config.compute_dtype,
+                                ia3_feedforward=config.is_feedforward(key))
 
     def expected_shapes(self, key, fingerprint, config, source):
         out_channels, in_channels = fingerprint_param(fingerprint, key, 'weight', source)
         return {VECTOR_NAME: (in_channels if config.is_feedforward(key) else out_channels,)}
 
-    def read_adapter(self, layer, config):
+    def read_live(self, layer, config):
         return {VECTOR_NAME: layer.mindpet_delta_ia3_vector.asnumpy().copy()}
 
-    def write_adapter(self, layer, config, tensors):
+    def write_live(self, layer, config, tensors):
         return write_exact(layer, tensors)
 
     def init_adapter(self, layer, config):

@@ -19,12 +19,12 @@ from mindspore import Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, HeUniform
 
-from mindpet.delta.dora import DoRADense
-from mindpet.delta.lora import LoRADense, lora_increment
+from mindpet.delta.dora import DoRADense, DoraLayer
+from mindpet.delta.lora import LoRADense, LoraLayer, lora_increment
 from mindpet.tuners import dora
 from mindpet.tuners.base import DenseLayerTuner
-from mindpet.tuners.config import (PetConfig, TARGETS_REQUIRED, register_method, check_compute_dtype,
-                                   resolve_compute_dtype)
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_compute_dtype
+from mindpet.tuners.registry import register_method
 from mindpet.utils.validation import check_int, check_real, check_rate, check_choice, check_bool
 
 A_NAME = 'mindpet_delta_lora_a'
@@ -38,7 +38,9 @@ class LoraConfig(PetConfig):
     """LoRA hyper-parameters for :func:`mindpet.get_pet_model`.
 
     Args:
-        target_modules (list[str] | str): cells to adapt (plain ``nn.Dense``), by regex full-match or name suffix.
+        target_modules (list[str] | str): cells to adapt, by regex full-match or name suffix: ``nn.Dense``,
+            ``mint.nn.Linear``, GPT-2 ``Conv1D``, ``nn.Conv2d``/``mint.nn.Conv2d``, ``nn.Embedding``/
+            ``mint.nn.Embedding`` (DoRA: not embeddings).
         lora_rank (int): rank ``r`` > 0. Default 8.
         lora_alpha (int | float): non-zero; the increment is scaled by ``lora_alpha / lora_rank``. Default 16.
         lora_dropout (float): dropout on the LoRA branch input, in [0, 1). Default 0.0. Fixed per layer when the
@@ -82,40 +84,29 @@ class LoraConfig(PetConfig):
         return self.lora_alpha / self.lora_rank
 
 
-class LoraTuner(DenseLayerTuner):
-    """Injects :class:`mindpet.delta.LoRADense` (or, with ``use_dora``, :class:`mindpet.delta.dora.DoRADense`) in
-    place of ``nn.Dense`` layers (keeping their weight and bias Parameter objects) and implements switching,
-    merging, storing and combining for it. The DoRA specifics live in :mod:`mindpet.tuners.dora`."""
-    layer_class = (LoRADense, DoRADense)
+class _PlainLora:
+    """The per-layer hooks of plain LoRA (:class:`LoRADense`, :class:`LoraLayer`); :mod:`mindpet.tuners.dora`
+    provides the same functions for DoRA. :class:`LoraTuner` picks one of the two in :meth:`LoraTuner.variant`."""
 
-    def check_reuse(self, key, layer, config):
-        if isinstance(layer, DoRADense) != config.use_dora:
-            raise ValueError(f"For the 'lora' config with use_dora={config.use_dora}, the layer '{key}' was adapted "
-                             f"as {type(layer).__name__} by an earlier adapter; one layer holds one variant "
-                             f"(exclude it with 'exclude_modules', or adapt another model).")
+    @staticmethod
+    def create_layer(cell, config, key):
+        return DenseLayerTuner.build_delta(cell, key, LoRADense, LoraLayer, config.compute_dtype,
+                                           lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                                           lora_dropout=config.lora_dropout)
 
-    def create_layer(self, cell, config, key=None):
-        if config.use_dora:
-            return dora.create_layer(cell, config, resolve_compute_dtype(config.compute_dtype, cell.weight.dtype))
-        return self.build_layer(LoRADense, cell, config.compute_dtype, lora_rank=config.lora_rank,
-                                           lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout)
-
-    def adapter_shapes(self, weight_shape, config):
-        if config.use_dora:
-            return dora.adapter_shapes(weight_shape, config)
+    @staticmethod
+    def adapter_shapes(weight_shape, config):
         out_channels, in_channels = weight_shape
         return {A_NAME: (config.lora_rank, in_channels), B_NAME: (out_channels, config.lora_rank)}
 
-    def read_adapter(self, layer, config):
-        if isinstance(layer, DoRADense):
-            return dora.read_adapter(layer, config)
+    @staticmethod
+    def read_live(layer, config):
         rank = config.lora_rank
         return {A_NAME: layer.mindpet_delta_lora_a.asnumpy()[:rank].copy(),
                 B_NAME: layer.mindpet_delta_lora_b.asnumpy()[:, :rank].copy()}
 
-    def write_adapter(self, layer, config, tensors):
-        if isinstance(layer, DoRADense):
-            return dora.write_adapter(layer, config, tensors)
+    @staticmethod
+    def write_live(layer, config, tensors):
         lora_a, lora_b = tensors[A_NAME], tensors[B_NAME]
         rank, live = lora_a.shape[0], layer.mindpet_delta_lora_a.shape[0]
         width = max(rank, live)
@@ -131,43 +122,92 @@ class LoraTuner(DenseLayerTuner):
             return True
         return False
 
-    def init_adapter(self, layer, config):
-        if isinstance(layer, DoRADense):
-            return dora.init_adapter(layer, config)
+    @staticmethod
+    def init_adapter(layer, config):
         rank = config.lora_rank
         lora_a = initializer(HeUniform(negative_slope=math.sqrt(5)), [rank, layer.in_channels], mstype.float32)
         return {A_NAME: lora_a.init_data().asnumpy(),
                 B_NAME: np.zeros((layer.out_channels, rank), np.float32)}
 
-    def base_derived(self, layer, config, tensors):
-        if isinstance(layer, DoRADense):
-            return dora.base_derived(layer, config, tensors)
+    @staticmethod
+    def base_derived(layer, config, tensors):
         return {}
 
-    def activate(self, layer, config):
-        if isinstance(layer, DoRADense):
-            return dora.activate(layer, config)
+    @staticmethod
+    def activate(layer, config):
         layer.scaling = config.scaling
         layer.lora_alpha = config.lora_alpha
         if not layer.merged:
             layer.mindpet_state_lora_scaling.set_data(Tensor(config.scaling, mstype.float32))
+        return False
 
-    def deactivate(self, layer):
-        if isinstance(layer, DoRADense):
-            return dora.deactivate(layer)
+    @staticmethod
+    def deactivate(layer):
         layer.mindpet_state_lora_scaling.set_data(Tensor(0.0, mstype.float32))
         return False
+
+    @staticmethod
+    def merge_weights(params, key, tensors, config):
+        name = f'{key}.weight'
+        weight = params[name]
+        merged = weight.astype(np.float32) + lora_increment(tensors[A_NAME], tensors[B_NAME], config.scaling)
+        return {name: merged.astype(weight.dtype)}
+
+
+class LoraTuner(DenseLayerTuner):
+    """Injects :class:`mindpet.delta.LoRADense` (or, with ``use_dora``, :class:`mindpet.delta.dora.DoRADense`) in
+    place of ``nn.Dense`` layers (keeping their weight and bias Parameter objects), and
+    :class:`~mindpet.delta.lora.LoraLayer` / :class:`~mindpet.delta.dora.DoraLayer` around the other layer types of
+    :mod:`mindpet.delta.layer_kinds`; implements switching, merging, storing and combining for them.
+
+    Every per-layer hook goes through :meth:`variant`: plain LoRA (:class:`_PlainLora`) or DoRA
+    (:mod:`mindpet.tuners.dora`), chosen by the config (new layers) or by the layer (existing ones)."""
+    layer_class = (LoRADense, DoRADense, LoraLayer, DoraLayer)
+    adapts_layer_kinds = True
+
+    @staticmethod
+    def variant(use_dora):
+        """The hooks of the plain LoRA (False) or DoRA (True) variant."""
+        return dora if use_dora else _PlainLora
+
+    def _of_layer(self, layer):
+        return self.variant(dora.is_dora_layer(layer))
+
+    def check_reuse(self, key, layer, config):
+        if dora.is_dora_layer(layer) != config.use_dora:
+            raise ValueError(f"For the 'lora' config with use_dora={config.use_dora}, the layer '{key}' was adapted "
+                             f"as {type(layer).__name__} by an earlier adapter; one layer holds one variant "
+                             f"(exclude it with 'exclude_modules', or adapt another model).")
+
+    def create_layer(self, cell, config, key=None):
+        return self.variant(config.use_dora).create_layer(cell, config, key)
+
+    def adapter_shapes(self, weight_shape, config):
+        return self.variant(config.use_dora).adapter_shapes(weight_shape, config)
+
+    def read_live(self, layer, config):
+        return self._of_layer(layer).read_live(layer, config)
+
+    def write_live(self, layer, config, tensors):
+        return self._of_layer(layer).write_live(layer, config, tensors)
+
+    def init_adapter(self, layer, config):
+        return self._of_layer(layer).init_adapter(layer, config)
+
+    def base_derived(self, layer, config, tensors):
+        return self._of_layer(layer).base_derived(layer, config, tensors)
+
+    def activate(self, layer, config):
+        return self._of_layer(layer).activate(layer, config)
+
+    def deactivate(self, layer):
+        return self._of_layer(layer).deactivate(layer)
 
     def sync_scaling(self, layer, config):
         layer.scaling = config.scaling
 
     def merge_weights(self, params, key, tensors, config):
-        if config.use_dora:
-            return dora.merge_weights(params, key, tensors, config)
-        name = f'{key}.weight'
-        weight = params[name]
-        merged = weight.astype(np.float32) + lora_increment(tensors[A_NAME], tensors[B_NAME], config.scaling)
-        return {name: merged.astype(weight.dtype)}
+        return self.variant(config.use_dora).merge_weights(params, key, tensors, config)
 
     def combine(self, adapters, weights, combination_type, rank):
         """``svd``: the weighted sum of the increments, re-factorised to ``rank`` (default: the largest input

@@ -15,7 +15,8 @@ from mindspore.common.initializer import initializer
 from mindpet.delta.low_rank_adapter import LowRankAdapterDense
 from mindpet.tuners.adapter import AdapterTuner, check_adapter_fields
 from mindpet.tuners.base import adopt_dense_params, live_params
-from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, register_method
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED
+from mindpet.tuners.registry import register_method
 from mindpet.utils.validation import check_int, check_initializer
 
 _PREFIX = 'adapter.mindpet_delta_low_rank_adapter_'

@@ -20,7 +20,8 @@ from mindspore import dtype as mstype
 
 from mindpet.delta.prefix_layer import PrefixAttention, PrefixLayer, GatedPrefixAttention
 from mindpet.tuners.base import BaseTuner, fingerprint_param, live_params, write_exact
-from mindpet.tuners.config import PetConfig, register_method
+from mindpet.tuners.config import PetConfig
+from mindpet.tuners.registry import register_method
 from mindpet.utils.validation import check_int, check_rate
 
 _PREFIX = 'prefix.mindpet_delta_prefixtuning_'
@@ -91,10 +92,10 @@ class PrefixTuningTuner(BaseTuner):
     def expected_shapes(self, key, fingerprint, config, source):
         return config.shapes(fingerprint_param(fingerprint, key, 'dense1.weight', source)[0])
 
-    def read_adapter(self, layer, config):
+    def read_live(self, layer, config):
         return {suffix: param.asnumpy().copy() for suffix, param in live_params(layer).items()}
 
-    def write_adapter(self, layer, config, tensors):
+    def write_live(self, layer, config, tensors):
         changed = write_exact(layer, tensors)
         prefix = layer.prefix
         prefix.prefix_token_num = config.num_virtual_tokens

@@ -27,7 +27,8 @@ from mindspore.common.initializer import initializer, Normal
 
 from mindpet.delta.prompt_tuning import EmbeddingWithPrompt, vocab_rows
 from mindpet.tuners.base import BaseTuner, fingerprint_param, write_exact
-from mindpet.tuners.config import PetConfig, register_method
+from mindpet.tuners.config import PetConfig
+from mindpet.tuners.registry import register_method
 from mindpet.utils.validation import check_int, check_choice
 
 PROMPT_NAME = 'prompt.mindpet_delta_prompt_tuning_embedding'
@@ -98,10 +99,10 @@ class PromptTuningTuner(BaseTuner):
         _, dim = fingerprint_param(fingerprint, key, 'embedding_table', source)
         return {PROMPT_NAME: (config.num_virtual_tokens, dim)}
 
-    def read_adapter(self, layer, config):
+    def read_live(self, layer, config):
         return {PROMPT_NAME: layer.prompt.mindpet_delta_prompt_tuning_embedding.asnumpy().copy()}
 
-    def write_adapter(self, layer, config, tensors):
+    def write_live(self, layer, config, tensors):
         changed = write_exact(layer, tensors)
         layer.prompt.num_virtual_tokens = config.num_virtual_tokens
         return changed

@@ -20,8 +20,10 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, HeUniform, Normal
 
 from mindpet.delta.pst import PSTDense, PSTSparsityScheduler, sparse_export, _check_sparsity
-from mindpet.tuners.base import DenseLayerTuner, TrainingHook, schedule_steps
-from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, register_method, check_compute_dtype, check_total_step
+from mindpet.tuners.base import DenseLayerTuner
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_compute_dtype, check_total_step
+from mindpet.tuners.hooks import TrainingHook, schedule_steps
+from mindpet.tuners.registry import register_method
 from mindpet.utils.validation import check_int
 
 U, V, A, B, R, C = (f'mindpet_delta_pst_{k}' for k in 'uvabrc')
@@ -120,13 +122,13 @@ class PstTuner(DenseLayerTuner):
         return {U: (out_channels, config.r_w), V: (config.r_w, in_channels), A: (out_channels, config.r_m),
                 B: (config.r_m, in_channels), R: (out_channels,), C: (in_channels,), SPARSITY: ()}
 
-    def read_adapter(self, layer, config):
+    def read_live(self, layer, config):
         tensors = {name: getattr(layer, name).asnumpy().copy() for name in (U, V, A, B, R, C)}
         # A scalar Parameter may come back from a compiled graph as shape (1,); the adapter keeps it 0-d.
         tensors[SPARSITY] = np.array(layer.sparsity, np.float32)
         return tensors
 
-    def write_adapter(self, layer, config, tensors):
+    def write_live(self, layer, config, tensors):
         for name, value in tensors.items():
             param = getattr(layer, name)
             param.set_data(Tensor(np.reshape(value, param.shape), param.dtype))

@@ -15,7 +15,8 @@ import dataclasses
 
 from mindpet.delta.ptuning2 import PrefixEncoder, PrefixKeyValueModel, prefix_argument_index
 from mindpet.tuners.base import BaseTuner, live_params, write_exact
-from mindpet.tuners.config import PetConfig, register_method
+from mindpet.tuners.config import PetConfig
+from mindpet.tuners.registry import register_method
 from mindpet.utils.exceptions import AdapterConfigError
 from mindpet.utils.validation import check_int, check_bool, check_rate
 
@@ -130,10 +131,10 @@ class PTuning2Tuner(BaseTuner):
                                      f"parameter under '{key}.'.")
         return config.shapes()
 
-    def read_adapter(self, layer, config):
+    def read_live(self, layer, config):
         return {suffix: param.asnumpy().copy() for suffix, param in live_params(layer).items()}
 
-    def write_adapter(self, layer, config, tensors):
+    def write_live(self, layer, config, tensors):
         changed = write_exact(layer, tensors)
         encoder = layer.prefix_encoder
         changed = changed or encoder.pre_seq_len != config.num_virtual_tokens

@@ -24,8 +24,11 @@ from mindspore import Tensor
 from mindspore import dtype as mstype
 
 from mindpet.delta.tsvd import TSVDGroup, TSVDDense, TSVDAllocator, orthogonal_init, tsvd_increments
-from mindpet.tuners.base import DenseLayerTuner, RankAllocationHook, fingerprint_param, replace_cell, schedule_steps
-from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, RankScheduleFields, register_method
+from mindpet.tuners.base import DenseLayerTuner, fingerprint_param
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, RankScheduleFields
+from mindpet.tuners.hooks import RankAllocationHook, schedule_steps
+from mindpet.tuners.inject import replace_cell
+from mindpet.tuners.registry import register_method
 from mindpet.utils.validation import check_int, check_real, check_choice
 
 GROUP = 'tsvd_group'
@@ -196,14 +199,14 @@ class TensorSVDTuner(DenseLayerTuner):
     def _owns_group(layer):
         return layer.tsvd_index == 0
 
-    def read_adapter(self, layer, config):
+    def read_live(self, layer, config):
         if not self._owns_group(layer):
             return {}
         group = layer.tsvd_group
         return {U: group.mindpet_delta_tsvd_u.asnumpy().copy(), S: group.mindpet_delta_tsvd_s.asnumpy().copy(),
                 V: group.mindpet_delta_tsvd_v.asnumpy().copy()}
 
-    def write_adapter(self, layer, config, tensors):
+    def write_live(self, layer, config, tensors):
         for name, value in tensors.items():
             param = getattr(layer.tsvd_group, name.rsplit('.', 1)[-1])
             param.set_data(Tensor(value, param.dtype))

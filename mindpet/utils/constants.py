@@ -8,18 +8,7 @@ EMPTY_STRING = ''
 DEFAULT_FLAGS = os.O_RDWR | os.O_CREAT
 DEFAULT_MODES = stat.S_IWUSR | stat.S_IRUSR
 
-# Every trainable delta parameter is named ``mindpet_delta_<mode>_...``: freezing, checkpointing and the
-# adapter store find them by this prefix without knowing the method.
-DELTA_PREFIX = 'mindpet_delta_'
-# Non-trainable run-time state of delta Cells (e.g. the LoRA scaling that merge() sets to 0). It lives in
-# Parameters because compiled graphs only see Parameter data changes; it is never trained and never required
-# in a checkpoint.
-STATE_PREFIX = 'mindpet_state_'
-
-# The delta methods freeze_delta knows. Each mode's parameters carry ``mindpet_delta_<mode>_`` in their names,
-# except bitfit, which trains the existing bias terms.
-DELTA_LIST = ['lora', 'prefixtuning', 'adapter', 'low_rank_adapter', 'bitfit', 'ptuning2']
-DELTA_LIST += ['dora', 'ia3', 'prompt_tuning', 'pst', 'adalora', 'tsvd']
+# The PET parameter prefixes and the method names live in mindpet.naming.
 
 MB_SIZE = 1024 * 1024
 # Configuration files are small; anything larger is almost certainly the wrong file.

@@ -12,7 +12,7 @@ import tempfile
 
 import yaml
 
-from mindpet.utils.constants import MAX_YAML_MB_SIZE, MAX_YAML_DEPTH, MB_SIZE, STATE_PREFIX
+from mindpet.utils.constants import MAX_YAML_MB_SIZE, MAX_YAML_DEPTH, MB_SIZE
 from mindpet.utils.exceptions import (CheckpointError, LinkPathError, ReadYamlFileError, FileOversizeError,
                                       MakeDirError, MindPetError)
 
@@ -331,11 +331,6 @@ def file_sha256(path, chunk_size=1 << 20):
         for block in iter(lambda: handle.read(chunk_size), b''):
             digest.update(block)
     return digest.hexdigest()
-
-
-def is_state_param(name):
-    """True for non-trainable run-time state of delta Cells (never required from a checkpoint)."""
-    return STATE_PREFIX in name.rsplit('.', 1)[-1]
 
 
 class _CheckedYamlLoader(yaml.SafeLoader):  # pylint: disable=too-many-ancestors

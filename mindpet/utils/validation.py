@@ -76,6 +76,14 @@ def check_rate(name, value, owner):
     return value
 
 
+def check_beta(name, value, owner):
+    """Check an exponential-moving-average factor: a finite int or float in [0, 1). Returns it as a float."""
+    check_real(name, value, owner)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"For '{owner}', the '{name}' must be in [0.0, 1.0), but got {value!r}.")
+    return float(value)
+
+
 def check_bool(name, value, owner):
     """Check ``value`` is a bool. Returns it."""
     if not isinstance(value, bool):

@@ -1,5 +1,5 @@
-"""scripts/benchmark.py: its report logic (ratios, targets, the doc block) and, marked slow, a tiny real run."""
-import importlib.util
+"""scripts/benchmark.py (the package scripts/benchmark/): its report logic (ratios, targets, the doc block) and,
+marked slow, a tiny real run."""
 import json
 import os
 import subprocess
@@ -8,25 +8,15 @@ import sys
 import numpy as np
 import pytest
 
+from scripts.benchmark import models, orchestrate, report
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, 'scripts', 'benchmark.py')
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location('mindpet_benchmark_script', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    # Graph compilation looks the module of a construct up by name.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
-
-
 def test_paired_ratio_pairs_rounds():
     runs = {'lora': [{'t': 1.0}, {'t': 3.0}, {'t': 2.0}], 'full': [{'t': 2.0}, {'t': 4.0}, {'t': 5.0}]}
-    ratio = bench._paired_ratio(runs, 'lora', 'full', 't')  # pylint: disable=protected-access
+    ratio = orchestrate._paired_ratio(runs, 'lora', 'full', 't')  # pylint: disable=protected-access
     assert ratio == {'median': 0.5, 'min': 0.4, 'max': 0.75, 'n': 3}
 
 
@@ -41,7 +31,7 @@ def _results(lora_cpu_ratio, peft_ratio):
 
 
 def test_targets_judged_on_cpu_time_and_relative_to_peers():
-    rows = {r['what']: r for r in bench.evaluate_targets(_results(0.55, 0.60))}
+    rows = {r['what']: r for r in report.evaluate_targets(_results(0.55, 0.60))}
     step = rows['LoRA step time / full fine-tuning (one process each)']
     assert step['met'] and step['value'] == 0.55 and step['wall'] == 0.7
     assert rows['LoRA peak memory (ru_maxrss) / full fine-tuning']['met']
@@ -51,7 +41,7 @@ def test_targets_judged_on_cpu_time_and_relative_to_peers():
     assert not rows['LoRA/full peak anonymous memory ratio: ours vs PyTorch+PEFT']['met']
     # Parts that did not run produce no row.
     assert not any('MindPet' in what for what in rows)
-    rows = {r['what']: r for r in bench.evaluate_targets(_results(0.62, 0.60))}
+    rows = {r['what']: r for r in report.evaluate_targets(_results(0.62, 0.60))}
     assert not rows['LoRA step time / full fine-tuning (one process each)']['met']
     assert not rows['LoRA/full step ratio: ours vs PyTorch+PEFT']['met']
 
@@ -61,7 +51,7 @@ def test_new_parts_have_target_rows():
                                       'prefix': {'cpu_ratio': 1.05, 'ratio': 1.1}}},
                'switch': {'ops': {'set_adapter_trainable': {'cpu_ms': 9.0, 'median_ms': 12.0},
                                   'set_adapter_inference': {'cpu_ms': 60.0, 'median_ms': 70.0}}}}
-    rows = {r['what']: r for r in bench.evaluate_targets(results)}
+    rows = {r['what']: r for r in report.evaluate_targets(results)}
     assert rows['Adapter step time / full fine-tuning (same process, interleaved)']['met']
     assert not rows['prefix tuning step time / full fine-tuning (same process, interleaved)']['met']
     trainable = rows['set_adapter between trainable LoRA adapters, GPT-2 small (ms)']
@@ -70,15 +60,15 @@ def test_new_parts_have_target_rows():
 
 
 def test_variants_option_selects_variants_and_keeps_each_base():
-    args = bench.parse_args(['--variants', 'adapter,prefix'])
+    args = orchestrate.parse_args(['--variants', 'adapter,prefix'])
     assert args.variants == ['adapter', 'prefix']
-    assert bench._group_variants(bench.TRAIN_AB_GROUPS, 'train', args) == ['full', 'adapter', 'prefix']
-    assert bench._group_variants(bench.TRAIN_AB_GROUPS, 'reference', args) == []   # nothing to compare
-    everything = bench.parse_args([])
-    assert bench._group_variants(bench.FORWARD_GROUPS, 'train', everything) == \
-        bench.FORWARD_GROUPS['train']['variants']
+    assert orchestrate._group_variants(orchestrate.TRAIN_AB_GROUPS, 'train', args) == ['full', 'adapter', 'prefix']
+    assert orchestrate._group_variants(orchestrate.TRAIN_AB_GROUPS, 'reference', args) == []   # nothing to compare
+    everything = orchestrate.parse_args([])
+    assert orchestrate._group_variants(orchestrate.FORWARD_GROUPS, 'train', everything) == \
+        orchestrate.FORWARD_GROUPS['train']['variants']
     with pytest.raises(SystemExit):
-        bench.parse_args(['--variants', 'adapter,nonsense'])
+        orchestrate.parse_args(['--variants', 'adapter,nonsense'])
 
 
 def _attention_numpy(attn, x, mask, prefix=None):
@@ -102,8 +92,8 @@ def test_prefix_variant_attention_matches_numpy_in_compiled_graph(graph_mode):
     """The prefix wiring of the benchmark's attention: keys/values [P_k; K], [P_v; V], prefix columns visible to
     every query; checked again after the prefix changes by set_data in the already-compiled graph."""
     import mindspore as ms
-    cfg = dict(model=dict(bench.QUICK['gpt'], layers=1, hidden=16, heads=2, vocab=50, batch=2, seq=5))
-    net = bench.apply_prefix(bench.build_gpt(cfg['model']), cfg)
+    cfg = dict(model=dict(models.QUICK['gpt'], layers=1, hidden=16, heads=2, vocab=50, batch=2, seq=5))
+    net = models.apply_prefix(models.build_gpt(cfg['model']), cfg)
     attn = net.blocks[0].attn
     assert sorted(p.name for p in net.trainable_params()) == sorted(
         f'blocks.0.attn.prefix.mindpet_delta_prefixtuning_{w}'
@@ -123,32 +113,32 @@ def test_prefix_variant_attention_matches_numpy_in_compiled_graph(graph_mode):
 
 def test_update_doc_replaces_only_the_results_block(tmp_path):
     page = tmp_path / 'doc' / 'benchmarks.md'
-    bench.update_doc(str(page), 'first table')
+    report.update_doc(str(page), 'first table')
     text = page.read_text(encoding='utf-8')
     assert text.startswith('# Benchmarks') and 'first table' in text
     page.write_text(text.replace('# Benchmarks\n', '# Benchmarks\n\nintro by hand\n') + '\nanalysis by hand\n',
                     encoding='utf-8')
-    bench.update_doc(str(page), 'second table')
+    report.update_doc(str(page), 'second table')
     text = page.read_text(encoding='utf-8')
     assert 'first table' not in text and 'second table' in text
-    assert text.index('intro by hand') < text.index(bench.DOC_BEGIN) < text.index('second table') \
-        < text.index(bench.DOC_END) < text.index('analysis by hand')
+    assert text.index('intro by hand') < text.index(report.DOC_BEGIN) < text.index('second table') \
+        < text.index(report.DOC_END) < text.index('analysis by hand')
 
 
 def test_every_variant_names_an_existing_function_and_env():
-    for name, spec in bench.TRAIN_VARIANTS.items():
-        assert callable(getattr(bench, spec['apply'])), name
-        assert spec['env'] == 'main' or spec['env'] in bench.VENVS, name
-        assert spec['base'] in bench.TRAIN_VARIANTS, name
-    for group in bench.FORWARD_GROUPS.values():
-        assert all(v in bench.TRAIN_VARIANTS for v in group['variants'])
+    for name, spec in models.TRAIN_VARIANTS.items():
+        assert callable(getattr(models, spec['apply'])), name
+        assert spec['env'] == 'main' or spec['env'] in orchestrate.VENVS, name
+        assert spec['base'] in models.TRAIN_VARIANTS, name
+    for group in orchestrate.FORWARD_GROUPS.values():
+        assert all(v in models.TRAIN_VARIANTS for v in group['variants'])
 
 
 def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
-        bench.parse_args(['--parts', 'train,nonsense'])
+        orchestrate.parse_args(['--parts', 'train,nonsense'])
     with pytest.raises(SystemExit):
-        bench.parse_args(['--repeats', '0'])
+        orchestrate.parse_args(['--repeats', '0'])
 
 
 @pytest.mark.slow
@@ -157,7 +147,8 @@ def test_quick_run_of_layer_and_ckpt_parts(tmp_path):
     out_json, page = tmp_path / 'b.json', tmp_path / 'b.md'
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, SCRIPT, '--quick', '--parts', 'layer,ckpt', '--layer-repeats', '1',
-                           '--iterations', '2', '--json', str(out_json), '--doc', str(page)],
+                           '--iterations', '2', '--json', str(out_json), '--doc', str(page),
+                           '--log-dir', str(tmp_path / 'logs')],
                           capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out_json.read_text(encoding='utf-8'))
@@ -170,7 +161,7 @@ def test_quick_run_of_layer_and_ckpt_parts(tmp_path):
     assert results['layer']['merge_max_abs_diff'] < 1e-4
     assert 0.3 < results['layer']['fwd_to_dense']['cpu_ratio'] < 3.0
     text = page.read_text(encoding='utf-8')
-    assert bench.DOC_BEGIN in text and '### 2. Layer overhead' in text and '### 3. Checkpoint size' in text
+    assert report.DOC_BEGIN in text and '### 2. Layer overhead' in text and '### 3. Checkpoint size' in text
 
 
 @pytest.mark.slow
@@ -181,7 +172,8 @@ def test_quick_run_of_adapter_prefix_and_switch(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run([sys.executable, SCRIPT, '--quick', '--parts', 'train,train_ab,forward,switch',
                            '--variants', 'adapter,prefix', '--repeats', '1', '--steps', '1', '--warmup', '0',
-                           '--iterations', '2', '--json', str(out_json), '--doc', str(page)],
+                           '--iterations', '2', '--json', str(out_json), '--doc', str(page),
+                           '--log-dir', str(tmp_path / 'logs')],
                           capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out_json.read_text(encoding='utf-8'))

@@ -145,3 +145,10 @@ def test_readme_and_cli_doc_match_the_code():
             assert f'| `data.{key}` |' in doc, f'{name}: data.{key}'
     for name in CONFIGS:
         assert f'{name}.yaml' in doc, name
+    from mindpet.train.generic import GenericTask
+    assert '## Your own model and your own data: no code' in doc
+    for key in GenericTask.model_fields:
+        assert f'| `model.{key}` |' in doc, f'model.{key} of the built-in task'
+    for key in GenericTask.data_fields:
+        assert f'| `data.{key}` |' in doc, f'data.{key} of the built-in task'
+    assert 'mindpet generate --config' in doc

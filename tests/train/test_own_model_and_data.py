@@ -68,6 +68,12 @@ def test_own_cell_by_class_on_a_jsonl_file(tmp_path, capsys):
     assert sorted(tensors) == ['embedding.embedding_table', 'head.bias', 'head.weight',
                                'proj.mindpet_delta_lora_a', 'proj.mindpet_delta_lora_b']
     assert metrics['summary']['model'] == 'tests.train.text_models:TinyTextClassifier'
+    # The same config evaluates the saved adapter (same held-out rows, same numbers) and validates dry.
+    assert main(['evaluate', '--config', path, '--adapter', str(tmp_path / 'out' / 'adapter')]) == 0
+    printed = capsys.readouterr().out
+    assert f"accuracy {metrics['eval']['after']['accuracy']:.4f}" in printed
+    assert main(['finetune', '--config', path, '--dry-run', '--set', f'training.output_dir={tmp_path / "dry"}']) == 0
+    assert f'{path}: valid' in capsys.readouterr().out and not (tmp_path / 'dry').exists()
 
 
 def test_mindone_bert_by_class_on_a_jsonl_file(tmp_path, capsys):
@@ -80,6 +86,6 @@ def test_mindone_bert_by_class_on_a_jsonl_file(tmp_path, capsys):
                           'intermediate_size': 64, 'max_position_embeddings': 32, 'hidden_act': 'gelu'}},
         data={'train': train, 'tokenizer': tokenizer, 'max_length': 12},
         pet={'type': 'lora', 'target_modules': ['query', 'value'], 'lora_rank': 8, 'lora_alpha': 16,
-             'modules_to_save': ['classifier']}, epochs=8, lr=0.005)
+             'modules_to_save': ['classifier']}, epochs=20, lr=0.005)
     metrics = check_classification_run(tmp_path, capsys, path)
     assert metrics['summary']['model'] == 'mindone.transformers:BertForSequenceClassification'

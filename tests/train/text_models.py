@@ -48,3 +48,18 @@ class TinyDecoder(nn.Cell):
 def build_classifier(vocab_size, hidden=32, num_labels=4):
     """A factory (``model.factory``) of :class:`TinyTextClassifier`."""
     return TinyTextClassifier(vocab_size, hidden, num_labels)
+
+
+class NormedClassifier(TinyTextClassifier):
+    """A classifier with a classic ``nn.LayerNorm`` (``gamma``/``beta``) and a Hugging Face-style
+    ``base_model_prefix``, for the built-in weight-name map."""
+    base_model_prefix = 'encoder_model'
+
+    def __init__(self, vocab_size, hidden=32, num_labels=4):
+        super().__init__(vocab_size, hidden, num_labels)
+        self.norm = nn.LayerNorm((hidden,))
+
+    def construct(self, input_ids, attention_mask):
+        mask = attention_mask.astype(ms.float32)[:, :, None]
+        pooled = (self.embedding(input_ids) * mask).sum(axis=1) / ops.maximum(mask.sum(axis=1), 1.0)
+        return self.head(self.proj(self.norm(pooled)))

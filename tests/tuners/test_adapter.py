@@ -25,12 +25,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope='module', params=sorted(CASES))
-def case_pair(request, tmp_path_factory):
-    case = CASES[request.param]
-    return case, checks.trained_pair(case, str(tmp_path_factory.mktemp(request.param)))
-
-
 @pytest.mark.parametrize('method', sorted(CASES))
 def test_injection(method, tmp_path):
     pet = checks.check_injection(CASES[method], tmp_path)
@@ -52,22 +46,6 @@ def test_adapter_forward_matches_numpy_after_compilation(graph_mode):
     inner = np.maximum(h @ a.mindpet_delta_adapter_down_weight.asnumpy().T + a.mindpet_delta_adapter_down_bias.asnumpy(), 0)
     ref = h + inner @ a.mindpet_delta_adapter_up_weight.asnumpy().T + a.mindpet_delta_adapter_up_bias.asnumpy()
     np.testing.assert_allclose(layer(Tensor(x)).asnumpy(), ref, rtol=1e-5, atol=1e-5)
-
-
-def test_training(case_pair):
-    checks.check_training(*case_pair)
-
-
-def test_round_trip(case_pair, tmp_path):
-    checks.check_round_trip(*case_pair, tmp_path)
-
-
-def test_switching(case_pair):
-    checks.check_switching(*case_pair)
-
-
-def test_merge_is_refused_clearly(case_pair, tmp_path):
-    checks.check_merge(*case_pair, tmp_path)
 
 
 @pytest.mark.parametrize('config,typo,bad', [

@@ -17,11 +17,6 @@ CASE = checks.Case(config_a=IA3Config(target_modules=['k_proj', 'v_proj', 'fc_ou
                    keys_a=KVF, layer_class=IA3Dense, identity='exact', lr=0.05)
 
 
-@pytest.fixture(scope='module')
-def pair(tmp_path_factory):
-    return checks.trained_pair(CASE, str(tmp_path_factory.mktemp('ia3')))
-
-
 def test_injection(tmp_path):
     pet = checks.check_injection(CASE, tmp_path)
     layers = pet.pet_layers
@@ -45,20 +40,8 @@ def test_forward_matches_numpy_after_compilation(graph_mode, key, feedforward):
     np.testing.assert_allclose(layer(Tensor(x)).asnumpy(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_training(pair):
-    checks.check_training(CASE, pair)
 
 
-def test_round_trip(pair, tmp_path):
-    checks.check_round_trip(CASE, pair, tmp_path)
-
-
-def test_switching(pair):
-    checks.check_switching(CASE, pair)
-
-
-def test_merge(pair, tmp_path):
-    checks.check_merge(CASE, pair, tmp_path)
 
 
 def test_yaml():

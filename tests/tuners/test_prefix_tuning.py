@@ -28,7 +28,7 @@ CASE = checks.Case(config_a=PrefixTuningConfig(target_modules=['attention'], num
 
 @pytest.fixture(scope='module')
 def pair(tmp_path_factory):
-    return checks.trained_pair(CASE, str(tmp_path_factory.mktemp('prefix')))
+    return checks.trained_pair_once(CASE, tmp_path_factory)
 
 
 def test_injection(tmp_path):
@@ -54,16 +54,7 @@ def test_block_matches_numpy_and_the_gate_masks_the_prefix_after_compilation(gra
                                rtol=1e-5, atol=1e-5)
 
 
-def test_training(pair):
-    checks.check_training(CASE, pair)
 
-
-def test_round_trip(pair, tmp_path):
-    checks.check_round_trip(CASE, pair, tmp_path)
-
-
-def test_switching(pair):
-    checks.check_switching(CASE, pair)
 
 
 def test_an_adapter_of_other_sizes_on_fewer_blocks_switches_with_a_recompilation(pair, graph_mode):
@@ -83,9 +74,6 @@ def test_an_adapter_of_other_sizes_on_fewer_blocks_switches_with_a_recompilation
     pet.set_adapter('a')
     np.testing.assert_array_equal(pet(pair.ids).asnumpy(), pair.out_a)
 
-
-def test_merge_is_refused_clearly(pair, tmp_path):
-    checks.check_merge(CASE, pair, tmp_path)
 
 
 def test_yaml():

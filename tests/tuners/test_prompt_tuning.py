@@ -2,7 +2,6 @@
 shared checks in tests/tuner_checks.py (labels extended with extend_labels; disabling recompiles)."""
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import nn, ops, Tensor
 
 from mindpet import PromptTuningConfig, PetModel, get_pet_model
@@ -49,7 +48,7 @@ CASE = checks.Case(config_a=PromptTuningConfig(target_modules=['embed'], num_vir
 
 @pytest.fixture(scope='module')
 def pair(tmp_path_factory):
-    return checks.trained_pair(CASE, str(tmp_path_factory.mktemp('prompt')))
+    return checks.trained_pair_once(CASE, tmp_path_factory)
 
 
 def test_injection_and_the_prompt_is_prepended(graph_mode, tmp_path):
@@ -83,16 +82,7 @@ def test_vocab_initialisation_copies_word_embeddings():
                                                            prompt_init_token_ids=[64]))
 
 
-def test_training(pair):
-    checks.check_training(CASE, pair)
 
-
-def test_round_trip(pair, tmp_path):
-    checks.check_round_trip(CASE, pair, tmp_path)
-
-
-def test_switching(pair):
-    checks.check_switching(CASE, pair)
 
 
 def test_another_prompt_length_switches_exactly_with_a_recompilation(pair, tmp_path, graph_mode):
@@ -104,9 +94,6 @@ def test_another_prompt_length_switches_exactly_with_a_recompilation(pair, tmp_p
     pet.set_adapter('a')
     np.testing.assert_array_equal(pet(pair.ids).asnumpy(), pair.out_a)
 
-
-def test_merge_is_refused_clearly(pair, tmp_path):
-    checks.check_merge(CASE, pair, tmp_path)
 
 
 def test_yaml():

@@ -1,7 +1,6 @@
 """PST through the lifecycle: PstConfig (defaults, YAML, errors), injection of PSTDense by name into
 tests/gpt_like.py, GRAPH_MODE training through PetModel with the training hook driving the sparsity schedule,
 save/load, switching and merging into the sparse export (shared checks in tests/hook_tuner_checks.py)."""
-import numpy as np
 import pytest
 
 from mindpet import PstConfig

@@ -1,0 +1,1 @@
+"""The benchmark suite behind scripts/benchmark.py (run that file; its docstring describes the command)."""

@@ -1,0 +1,377 @@
+"""The benchmark's command line and orchestration: starts every measurement in its own worker process
+(``scripts/benchmark.py --worker KIND``), interleaves variants over rounds, turns the workers' figures into paired
+ratios, and writes the JSON and the results block of the markdown page (the rendering is in report.py)."""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from .measure import median
+from .models import ADAPTER, GPT, GPT2_SMALL, LAYER, LORA, PREFIX, QUICK, SWITCH_INPUT, TRAIN_VARIANTS
+from .report import evaluate_targets, render_markdown, update_doc
+from .workers_ms import (worker_ckpt, worker_forward, worker_layer, worker_reference, worker_switch, worker_train,
+                         worker_train_ab)
+from .workers_torch import worker_torch_forward, worker_torch_train, worker_torch_train_ab
+
+
+DESCRIPTION = ('Benchmark suite for mindpet: what parameter-efficient tuning promises (step time, memory, checkpoint '
+               'size, switching time, inference overhead), measured side by side in one run and reported as ratios.')
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The command every worker process runs (with --worker KIND).
+SCRIPT = os.path.join(ROOT, 'scripts', 'benchmark.py')
+BENCH_DIR = os.path.join(ROOT, '.bench')
+RESULT_TAG = '@@BENCH_RESULT '
+
+
+# Virtualenvs: 'main' is the interpreter running this script; the others are created under .bench/ when needed.
+MINDSPORE_PIN = 'mindspore==2.10.0'
+VENVS = {
+    'mindpet104': ['numpy<2', MINDSPORE_PIN, 'pyyaml', '--no-deps mindpet==1.0.4'],
+    'peft': ['torch==2.13.0', 'numpy<2', 'peft'],
+}
+
+
+# One forward worker per group: its variants are built in one process and timed interleaved; the first is the base.
+FORWARD_GROUPS = {
+    'train': dict(env='main', variants=['full', 'lora', 'adapter', 'bitfit', 'prefix']),
+    'reference': dict(env='mindpet104', variants=['full', 'lora', 'lora_mindpet104']),
+    'peers': dict(env='peft', variants=['peft_full', 'peft_lora']),
+}
+# Training steps of several variants built in one process and stepped in turn: each round's ratio compares steps
+# taken seconds apart under the same load, which per-process runs cannot (their memory figures need them, though).
+TRAIN_AB_GROUPS = {
+    'train': dict(env='main', variants=['full', 'lora', 'adapter', 'bitfit', 'prefix', 'floor']),
+    'reference': dict(env='mindpet104', variants=['lora_mindpet104', 'lora', 'floor']),
+    'peers': dict(env='peft', variants=['peft_full', 'peft_lora']),
+}
+PARTS = ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'reference')
+
+
+WORKERS = {'train': worker_train, 'train_ab': worker_train_ab, 'torch_train_ab': worker_torch_train_ab,
+           'forward': worker_forward, 'layer': worker_layer, 'ckpt': worker_ckpt, 'switch': worker_switch,
+           'reference': worker_reference, 'torch_train': worker_torch_train, 'torch_forward': worker_torch_forward}
+
+
+def run_as_worker(kind, cfg_json):
+    cfg = json.loads(cfg_json)
+    load = os.getloadavg()[0]
+    result = WORKERS[kind](cfg)
+    result['loadavg_start'] = load
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def venv_python(env, log):
+    """The interpreter of virtualenv ``env``, created under .bench/ (and its packages installed) when missing."""
+    if env == 'main':
+        return sys.executable
+    path = os.path.join(BENCH_DIR, f'venv-{env}')
+    python = os.path.join(path, 'bin', 'python')
+    stamp = os.path.join(path, '.installed')
+    if not os.path.isfile(stamp):
+        log(f'[setup] creating {path} ({", ".join(VENVS[env])}); this downloads packages once')
+        subprocess.run([sys.executable, '-m', 'venv', path], check=True)
+        for spec in VENVS[env]:
+            subprocess.run([python, '-m', 'pip', 'install', '-q', *spec.split()], check=True)
+        with open(stamp, 'w', encoding='utf-8') as fh:
+            fh.write('\n'.join(VENVS[env]) + '\n')
+    return python
+
+
+class Runner:
+    """Starts worker processes and collects their JSON results; stderr of each goes to a log file."""
+
+    def __init__(self, args):
+        self.args = args
+        self.log_dir = args.log_dir or os.path.join(ROOT, 'outputs', 'benchmark-logs')
+        os.makedirs(self.log_dir, exist_ok=True)
+        self.count = 0
+        self.loads = []
+
+    def log(self, message):
+        print(message, file=sys.stderr, flush=True)
+
+    def run(self, env, kind, cfg):
+        cfg = dict(cfg, device=self.args.device)
+        python = venv_python(env, self.log)
+        child_env = dict(os.environ, PYTHONPATH=ROOT, GLOG_v='3', MS_COMPILER_CACHE_ENABLE='0',
+                         PYTHONUNBUFFERED='1')
+        self.count += 1
+        log_path = os.path.join(self.log_dir, f'{self.count:03d}-{kind}-{cfg.get("variant", env)}.log')
+        self.log(f'[run {self.count}] {kind} {cfg.get("variant", "")} ({env}) load={os.getloadavg()[0]:.2f}')
+        start = time.perf_counter()
+        proc = subprocess.run([python, SCRIPT, '--worker', kind, '--args', json.dumps(cfg)],
+                              capture_output=True, text=True, env=child_env, cwd=ROOT,
+                              timeout=self.args.timeout, check=False)
+        with open(log_path, 'w', encoding='utf-8') as fh:
+            fh.write(proc.stdout + '\n--- stderr ---\n' + proc.stderr)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+        if proc.returncode != 0 or not lines:
+            tail = '\n'.join(proc.stderr.strip().splitlines()[-15:])
+            raise RuntimeError(f'worker {kind} {cfg.get("variant", "")} failed (exit {proc.returncode}); '
+                               f'log {log_path}:\n{tail}')
+        result = json.loads(lines[-1][len(RESULT_TAG):])
+        result['wall_s'] = time.perf_counter() - start
+        self.loads.append(result['loadavg_start'])
+        return result
+
+
+def _paired_ratio(results, name, base, key):
+    """Median and range over repeats of results[name][r][key] / results[base][r][key] (same round)."""
+    ratios = [a[key] / b[key] for a, b in zip(results[name], results[base]) if a.get(key) and b.get(key)]
+    if not ratios:
+        return None
+    return dict(median=median(ratios), min=min(ratios), max=max(ratios), n=len(ratios))
+
+
+def _group_variants(table, group, args):
+    """The variants of ``table[group]`` selected by ``--variants`` (its first, the base, always kept), or [] when
+    the selection leaves nothing to compare with the base."""
+    names = table[group]['variants']
+    chosen = [v for i, v in enumerate(names) if i == 0 or args.variants is None or v in args.variants]
+    return chosen if len(chosen) > 1 or args.variants is None else []
+
+
+def _run_groups(runner, table, groups, args, kind, payload):
+    """Run every selected group of ``table`` (its variants built in one worker process and timed in turn)
+    ``args.repeats`` times, groups interleaved within a round: ``{group: (variants, [worker result per round])}``.
+    PyTorch groups use the ``torch_<kind>`` worker."""
+    results = {}
+    for _ in range(args.repeats):
+        for group in sorted(groups):
+            chosen = _group_variants(table, group, args)
+            if not chosen:
+                continue
+            env = table[group]['env']
+            result = runner.run(env, f'torch_{kind}' if env == 'peft' else kind, dict(payload, variants=chosen))
+            results.setdefault(group, (chosen, []))[1].append(result)
+    return results
+
+
+def _ratios_to_first(chosen, runs, keys, range_tag):
+    """Per variant: for each ``(key, tag)`` the median of ``run[key][variant]`` over the rounds and its ratio to
+    the group's first variant (median, min and max over the rounds, named ``<tag>ratio`` and
+    ``<tag><range_tag>min/max``)."""
+    base = chosen[0]
+    rows = {}
+    for name in chosen:
+        row = dict(base=base)
+        for key, tag in keys:
+            ratios = [r[key][name] / r[key][base] for r in runs]
+            row.update({key: median([r[key][name] for r in runs]), f'{tag}ratio': median(ratios),
+                        f'{tag}{range_tag}min': min(ratios), f'{tag}{range_tag}max': max(ratios)})
+        rows[name] = row
+    return rows
+
+
+def run_benchmarks(args):
+    runner = Runner(args)
+    sizes = QUICK if args.quick else dict(gpt=GPT, gpt2=GPT2_SMALL, layer=LAYER, switch_input=SWITCH_INPUT)
+    parts = set(args.parts)
+    groups = {'train'} | ({'reference'} if 'reference' in parts else set()) | ({'peers'} if args.peers else set())
+    common = dict(warmup=args.warmup, steps=args.steps)
+    out = dict(parts=sorted(parts), peers=args.peers, repeats=args.repeats, layer_repeats=args.layer_repeats,
+               sizes=sizes, lora=dict(LORA), adapter=dict(ADAPTER), prefix=dict(PREFIX), variants=args.variants,
+               device=args.device)
+
+    if 'train' in parts:
+        wanted = set(TRAIN_VARIANTS) if args.variants is None else set(args.variants)
+        wanted |= {TRAIN_VARIANTS[v]['base'] for v in wanted}
+        variants = [v for v, spec in TRAIN_VARIANTS.items() if spec['group'] in groups and v in wanted]
+        train = {v: [] for v in variants}
+        for _ in range(args.repeats):
+            for name in variants:
+                spec = TRAIN_VARIANTS[name]
+                kind = 'torch_train' if spec['apply'].startswith('torch_') else 'train'
+                train[name].append(runner.run(spec['env'], kind, dict(common, variant=name, model=sizes['gpt'])))
+        summary = {}
+        for name in variants:
+            base = TRAIN_VARIANTS[name]['base']
+            runs = train[name]
+            summary[name] = dict(label=TRAIN_VARIANTS[name]['label'], base=base,
+                                 compile_s=median([r['compile_s'] for r in runs]),
+                                 trainable=runs[0]['trainable'], total=runs[0]['total'],
+                                 loss_first=runs[0]['loss_first'], loss_last=runs[0]['loss_last'])
+            for key in ('step_s', 'step_cpu_s', 'peak_mb', 'peak_anon_mb'):
+                summary[name][key] = median([r[key] for r in runs if r.get(key)])
+                summary[name][key.replace('_s', '').replace('_mb', '') + '_ratio'] = \
+                    _paired_ratio(train, name, base, key)
+            summary[name]['rss_phases'] = runs[0].get('rss_phases')
+        out['train'] = dict(summary=summary, runs=train)
+
+    if 'train_ab' in parts:
+        out['train_ab'] = {}
+        for group, (chosen, runs) in _run_groups(runner, TRAIN_AB_GROUPS, groups, args, 'train_ab',
+                                                 dict(common, model=sizes['gpt'])).items():
+            rows = _ratios_to_first(chosen, runs, (('time_s', ''), ('cpu_s', 'cpu_')), range_tag='')
+            for name, row in rows.items():
+                paired = [r['paired_cpu'][name] for r in runs]
+                row.update(paired_ratio=median(paired), paired_min=min(paired), paired_max=max(paired))
+            out['train_ab'][group] = rows
+
+    if 'forward' in parts:
+        out['forward'] = {}
+        for group, (chosen, runs) in _run_groups(runner, FORWARD_GROUPS, groups, args, 'forward',
+                                                 dict(model=sizes['gpt'], iterations=args.iterations)).items():
+            out['forward'][group] = _ratios_to_first(chosen, runs, (('forward_s', ''), ('forward_cpu_s', 'cpu_')),
+                                                     range_tag='ratio_')
+
+    if 'layer' in parts:
+        runs = [runner.run('main', 'layer', dict(layer=sizes['layer'], iterations=args.iterations * 2))
+                for _ in range(args.layer_repeats)]
+        out['layer'] = _ratio_table(runs, {
+            'fwd_unmerged': ('fwd:lora', 'fwd:dense'),
+            'fwd_merged_in_place': ('fwd:lora_merged_in_place', 'fwd:dense'),
+            'fwd_to_dense': ('fwd:lora_to_dense', 'fwd:dense'),
+            'fwdbwd_vs_dense_full': ('fwdbwd:lora_grad', 'fwdbwd:dense_full_grad'),
+            'fwdbwd_vs_dense_input_only': ('fwdbwd:lora_grad', 'fwdbwd:dense_input_grad')})
+        out['layer']['merge_max_abs_diff'] = max(r['merge_max_abs_diff'] for r in runs)
+
+    if 'ckpt' in parts:
+        out['ckpt'] = runner.run('main', 'ckpt', dict(model=sizes['gpt2']))
+
+    if 'switch' in parts:
+        out['switch'] = runner.run('main', 'switch', dict(model=dict(sizes['gpt2'], **sizes['switch_input']),
+                                                          iterations=args.iterations))
+
+    if 'reference' in parts:
+        dtypes = ['float32', 'float16']
+        runs = [runner.run('mindpet104', 'reference', dict(layer=sizes['layer'], iterations=args.iterations * 2,
+                                                             dtypes=dtypes))
+                for _ in range(args.layer_repeats)]
+        pairs = {}
+        for d in dtypes:
+            for kind in ('fwd', 'fwdbwd'):
+                pairs[f'{kind}_{d}'] = (f'{kind}:{d}:ours', f'{kind}:{d}:mindpet104')
+        out['reference'] = _ratio_table(runs, pairs)
+        out['reference']['max_abs_diff'] = runs[0]['max_abs_diff']
+
+    out['machine'] = machine_info()
+    out['load'] = dict(min=min(runner.loads, default=None), max=max(runner.loads, default=None),
+                       median=median(runner.loads) if runner.loads else None)
+    return out
+
+
+def _ratio_table(runs, pairs):
+    """name -> median/min/max over runs of wall (ratio) and CPU (cpu_ratio) time of a / b, and median times."""
+    table = {}
+    for name, (num, den) in pairs.items():
+        row = dict(of=num, vs=den)
+        for key, tag in (('time_s', ''), ('cpu_s', 'cpu_')):
+            ratios = [r[key][num] / r[key][den] for r in runs]
+            row.update({f'{tag}ratio': median(ratios), f'{tag}min': min(ratios), f'{tag}max': max(ratios),
+                        key: median([r[key][num] for r in runs]),
+                        f'{tag}base_s': median([r[key][den] for r in runs])})
+        table[name] = row
+    return table
+
+
+def machine_info():
+    info = dict(python=platform.python_version(), platform=platform.platform(), cores=os.cpu_count())
+    try:
+        with open('/proc/cpuinfo', encoding='utf-8') as fh:
+            info['cpu'] = next((ln.split(':', 1)[1].strip() for ln in fh if ln.startswith('model name')), '?')
+        with open('/proc/meminfo', encoding='utf-8') as fh:
+            info['memory_gb'] = round(int(fh.readline().split()[1]) / 2 ** 20, 1)
+    except OSError:
+        pass
+    try:
+        from importlib.metadata import version
+        info['mindspore'] = version('mindspore')
+        info['numpy'] = version('numpy')
+    except Exception:  # pylint: disable=broad-except
+        pass
+    peft_python = os.path.join(BENCH_DIR, 'venv-peft', 'bin', 'python')
+    if os.path.isfile(peft_python):
+        proc = subprocess.run([peft_python, '-c', 'import torch, peft; print(torch.__version__, peft.__version__)'],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode == 0:
+            info['torch'], info['peft'] = proc.stdout.split()
+    return info
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='CPU', choices=['CPU', 'Ascend', 'GPU'],
+                        help='MindSpore device for the MindSpore parts (PyTorch peers always run on CPU).')
+    parser.add_argument('--parts', default=','.join(PARTS),
+                        help=f'comma-separated subset of {",".join(PARTS)} (default: all).')
+    parser.add_argument('--peers', action='store_true', help='also run Hugging Face PEFT on PyTorch (own venv).')
+    parser.add_argument('--variants', default=None,
+                        help=f'comma-separated subset of the part-1 variants {",".join(TRAIN_VARIANTS)} (default: '
+                             f'all of the selected groups; each one\'s base is always run).')
+    parser.add_argument('--repeats', type=int, default=3, help='rounds of every measurement (default 3).')
+    parser.add_argument('--layer-repeats', type=int, default=5,
+                        help='processes for the layer and reference parts (cheap, so more of them; default 5).')
+    parser.add_argument('--steps', type=int, default=8, help='timed training steps per process (default 8).')
+    parser.add_argument('--warmup', type=int, default=2, help='untimed steps after the compiling one (default 2).')
+    parser.add_argument('--iterations', type=int, default=10,
+                        help='timed calls per candidate in forward/layer workers (layer/reference: twice this).')
+    parser.add_argument('--quick', action='store_true', help='tiny shapes, to check the script itself.')
+    parser.add_argument('--json', default=None, help='where to write the JSON (default doc/benchmarks.json; '
+                                                     'outputs/benchmark-quick.json with --quick).')
+    parser.add_argument('--doc', default=None, help='markdown page to update (default doc/benchmarks.md; '
+                                                    'none with --quick).')
+    parser.add_argument('--no-doc', action='store_true', help='do not update the markdown page.')
+    parser.add_argument('--reuse', default=None,
+                        help='JSON of an earlier run: keep its parts that this run does not measure.')
+    parser.add_argument('--log-dir', default=None,
+                        help='where each worker\'s output goes (default outputs/benchmark-logs).')
+    parser.add_argument('--timeout', type=int, default=3600, help='seconds allowed per worker process.')
+    parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
+    parser.add_argument('--args', default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.parts = [p.strip() for p in args.parts.split(',') if p.strip()]
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown:
+        parser.error(f'unknown part(s) {unknown}; choose from {list(PARTS)}')
+    if args.variants is not None:
+        args.variants = [v.strip() for v in args.variants.split(',') if v.strip()]
+        unknown = sorted(set(args.variants) - set(TRAIN_VARIANTS))
+        if unknown or not args.variants:
+            parser.error(f'unknown variant(s) {unknown or args.variants}; choose from {list(TRAIN_VARIANTS)}')
+    if args.repeats < 1 or args.steps < 1 or args.iterations < 1 or args.warmup < 0:
+        parser.error('--repeats, --steps and --iterations must be >= 1 and --warmup >= 0')
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.worker:
+        run_as_worker(args.worker, args.args)
+        return 0
+    command = 'PYTHONPATH=. python scripts/benchmark.py' + (' ' + ' '.join(argv) if argv else '')
+    started = time.time()
+    results = run_benchmarks(args)
+    if args.reuse:
+        with open(args.reuse, encoding='utf-8') as fh:
+            earlier = json.load(fh)
+        for key in PARTS:
+            if key not in results and key in earlier:
+                results[key] = earlier[key]
+        results['reused'] = dict(path=args.reuse, date=earlier.get('date'), command=earlier.get('command'),
+                                 load=earlier.get('load'),
+                                 parts=sorted(k for k in earlier if k in PARTS and k not in args.parts))
+        if 'train' in earlier and 'train' not in args.parts:
+            results['sizes'] = earlier.get('sizes', results['sizes'])
+    results['date'] = datetime.datetime.now().strftime('%Y-%m-%d %H:%M')
+    results['command'] = command
+    results['duration_s'] = time.time() - started
+    results['targets'] = evaluate_targets(results)
+    json_path = args.json or os.path.join(ROOT, 'outputs/benchmark-quick.json' if args.quick
+                                          else 'doc/benchmarks.json')
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, 'w', encoding='utf-8') as fh:
+        json.dump(results, fh, indent=1)
+    block = render_markdown(results, command)
+    print(block)
+    doc = args.doc or (None if args.quick else os.path.join(ROOT, 'doc', 'benchmarks.md'))
+    if doc and not args.no_doc:
+        update_doc(doc, block)
+        print(f'\n(updated {doc}; JSON in {json_path})', file=sys.stderr)
+    return 0
