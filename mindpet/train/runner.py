@@ -378,6 +378,10 @@ def build(plan, lazy=False):
             message = str(ex)
             key = 'pet.modules_to_save' if 'modules_to_save' in message and 'target_modules' not in message \
                 else 'pet.target_modules'
+            # A layer that cannot take a value of the config (a rank above its size) names that value's key.
+            quoted = [name for name in plan.pet_config.field_names() if f"'{name}'" in message]
+            if quoted:
+                key = f'pet.{max(quoted, key=len)}'
             raise plan.source.value_error(key, message) from None
     return Built(network, pet_model, loaded)
 

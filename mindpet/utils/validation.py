@@ -241,6 +241,6 @@ def check_allocation(owner, what, shape, itemsize):
         nbytes *= int(dim)
     problem = memory_shortfall(nbytes)
     if problem:
-        raise ValueError(f"For '{owner}', {what} give a tensor of shape {tuple(int(d) for d in shape)} that "
+        raise ValueError(f"For '{owner}', {what} would be a tensor of shape {tuple(int(d) for d in shape)}, which "
                          f"needs {problem}.")
     return nbytes

@@ -59,6 +59,10 @@ ROWS = [
         ["'training.output_dir'", 'is not empty (keep.txt)', '--overwrite', '--resume']),
     Row('hidden-1e9-overrides', ['model.overrides={hidden: 1000000000}'], None, ModelConfigParamsInfoError,
         ["'model.overrides'", 'more than the', 'of memory available here']),
+    Row('lora-rank-above-layer', ['pet.lora_rank=300'], None, ModelConfigParamsInfoError,
+        ["'pet.lora_rank'", "'layers.0'", 'min(in_channels, out_channels) = 32']),
+    Row('lora-rank-1e9', [f'pet.lora_rank={10 ** 9}'], None, ModelConfigParamsInfoError,
+        ["'pet.lora_rank'", "'layers.0'", 'but got 1000000000']),
 ]
 
 
