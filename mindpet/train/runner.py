@@ -31,6 +31,7 @@ from mindpet.graph.ckpt_util import (TrainableParamsCheckPoint, batch_checksum, 
 from mindpet.model import PetModel, get_pet_model
 from mindpet.naming import is_pet_param, is_state
 from mindpet.train import report
+from mindpet.train.peers import PeerWatch
 from mindpet.train.schedule import WarmupDecayLR, learning_rate_at
 from mindpet.train.schema import (CODE_FIELDS, RUNNER_FIELDS, MAX_EPOCHS, MAX_STEPS, check_section, read_run_config,
                                   did_you_mean)
@@ -544,6 +545,7 @@ def finetune(path, overrides=(), dry_run=False, out=print, resume=False, overwri
     if dry_run:
         return _dry_run(plan, out)
     rank, group_size = _init_parallel(plan)
+    watch = PeerWatch(rank, group_size).start()      # a lost worker ends the others with one line
     writer = rank == 0
     output_dir = plan.training['output_dir']
     check_memory(plan)
@@ -584,6 +586,7 @@ def finetune(path, overrides=(), dry_run=False, out=print, resume=False, overwri
         results['after'] = plan.task.evaluate(model)
         say(f"[eval] after: {report.format_metrics(results['after'])}")
     demo_after = _demo(plan, model, 'after', say)
+    watch.finish()
     if not writer:
         return {}
     files = _save_results(plan, built, output_dir)
