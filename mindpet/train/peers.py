@@ -1,21 +1,33 @@
 """Noticing a lost worker of a data-parallel run (``mindpet finetune`` under msrun).
 
-When one worker process dies (killed, out of memory, a crash), the others block in their next collective operation
-until MindSpore's cluster timeout and then end with long tracebacks that do not say what happened. Each worker of a
-run therefore registers itself in a small shared directory (its rank, host and process id) and watches the others
-from a daemon thread: when a worker on the same host has gone without having finished, the survivors print one line
-naming the lost rank and end with exit code 1 within about a second. Workers on other hosts cannot be watched this
-way; there MindSpore's own timeout (msrun ``--cluster_time_out``) applies.
+When one worker process dies (killed, out of memory, a crash), msrun kills the other workers within a second and
+then waits for its scheduler, which ends after the cluster timeout with tracebacks; no line says which worker was
+lost (without msrun the survivors block in their next collective operation until that timeout). Each worker of a
+run therefore registers itself in a small shared directory (rank, host, process id) and starts a watcher process
+(this file run as a script: standard library only, in its own session so that msrun's kill of the worker's process
+group spares it) that looks at its worker and the others ten times a second:
+
+* when its own worker has ended without finishing while every other worker still ran, that worker is the lost one:
+  the watcher records it (``lost.json``, first writer wins);
+* when another worker is recorded as lost, or is seen gone without having finished, the watcher prints one line
+  naming the lost rank on its worker's stderr (the worker's log) and ends its worker if it still runs (SIGTERM,
+  then SIGKILL): survivors end within about a second, by msrun's kill or by this one.
+
+A thread would not do: while the worker runs a compiled graph or waits in a collective, MindSpore holds the
+interpreter lock. Workers on other hosts cannot be watched this way; there the cluster timeout (msrun
+``--cluster_time_out``) still applies.
 
 The registry directory is keyed by the job (the scheduler port msrun sets, ``MS_SCHED_PORT``, and the msrun process
 that started the workers), under the system's temporary directory, and removed by the last worker that finishes.
 """
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
-import threading
+import time
 
 RUNNING, DONE = 'running', 'done'
 
@@ -36,10 +48,8 @@ class PeerWatch:
     Args:
         rank (int): this worker's rank.
         group_size (int): number of workers.
-        job (str): a name unique to the job (default: from ``MS_SCHED_HOST``/``MS_SCHED_PORT``).
-        interval (float): seconds between two looks at the other workers.
-        on_lost (callable | None): called with the message instead of printing it and ending the process
-            (for tests).
+        job (str | None): a name unique to the job (default: from ``MS_SCHED_PORT`` and the parent process).
+        interval (float): seconds between two looks of the watcher.
 
     Example:
         >>> watch = PeerWatch(rank, group_size).start()  # doctest: +SKIP
@@ -47,7 +57,7 @@ class PeerWatch:
         >>> watch.finish()  # doctest: +SKIP
     """
 
-    def __init__(self, rank, group_size, job=None, interval=0.5, on_lost=None):
+    def __init__(self, rank, group_size, job=None, interval=0.1):
         self.rank = int(rank)
         self.group_size = int(group_size)
         if job is None:
@@ -55,20 +65,19 @@ class PeerWatch:
             # that names this job (a later job reusing the port has another parent).
             job = f"{os.environ.get('MS_SCHED_PORT', 'local')}-{os.getppid()}"
         self.directory = os.path.join(tempfile.gettempdir(), f"mindpet-workers-{job}")
-        self.interval = interval
-        self.on_lost = on_lost
+        self.interval = float(interval)
         self.host = socket.gethostname()
-        self._stop = threading.Event()
-        self._thread = None
+        self.watcher = None
 
     def _path(self, rank):
         return os.path.join(self.directory, f"rank_{rank}.json")
 
-    def _write(self, state):
+    def register(self, state, pid=None):
+        """Write this worker's entry (``state``: 'running' or 'done'; ``pid`` defaults to this process)."""
         os.makedirs(self.directory, exist_ok=True)
         tmp = self._path(self.rank) + f".{os.getpid()}.tmp"
         with open(tmp, 'w', encoding='utf-8') as handle:
-            json.dump({'rank': self.rank, 'pid': os.getpid(), 'host': self.host, 'state': state}, handle)
+            json.dump({'rank': self.rank, 'pid': pid or os.getpid(), 'host': self.host, 'state': state}, handle)
         os.replace(tmp, self._path(self.rank))
 
     def _read(self, rank):
@@ -91,41 +100,55 @@ class PeerWatch:
                 return rank, int(entry['pid'])
         return None
 
+    def message(self, rank, pid):
+        """The one line a survivor prints."""
+        return (f"mindpet finetune: error: worker rank {rank} (pid {pid}) was lost: its process ended before the run "
+                f"finished; rank {self.rank} stops too")
+
+    def record_lost(self, rank, pid):
+        """Record worker ``rank`` as the lost one unless another was recorded first. Returns the record."""
+        path = os.path.join(self.directory, 'lost.json')
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return self.recorded_lost()
+        with os.fdopen(fd, 'w', encoding='utf-8') as handle:
+            json.dump({'rank': rank, 'pid': pid}, handle)
+        return {'rank': rank, 'pid': pid}
+
+    def recorded_lost(self):
+        """``{'rank', 'pid'}`` of the worker recorded as lost, or None."""
+        try:
+            with open(os.path.join(self.directory, 'lost.json'), encoding='utf-8') as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            return None
+
     def start(self):
-        """Register this worker and start watching the others. Returns ``self``."""
+        """Register this worker and start its watcher process (nothing for a single worker). Returns ``self``."""
         if self.group_size < 2:
             return self
-        self._write(RUNNING)
-        self._thread = threading.Thread(target=self._watch, name='mindpet-peer-watch', daemon=True)
-        self._thread.start()
+        self.register(RUNNING)
+        args = json.dumps({'rank': self.rank, 'group_size': self.group_size, 'directory': self.directory,
+                           'interval': self.interval, 'target': os.getpid()})
+        self.watcher = subprocess.Popen([sys.executable, '-S', os.path.abspath(__file__), args],  # pylint: disable=R1732
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, close_fds=True,
+                                        start_new_session=True)
         return self
 
-    def _watch(self):
-        while not self._stop.wait(self.interval):
-            found = self.lost()
-            if found is None:
-                continue
-            rank, pid = found
-            message = (f"mindpet finetune: error: worker rank {rank} (pid {pid}) was lost: its process ended "
-                       f"before the run finished; rank {self.rank} stops too")
-            if self.on_lost is not None:
-                self.on_lost(message)
-                return
-            print(message, file=sys.stderr, flush=True)
-            # The main thread is blocked inside a collective operation that never returns: end the process.
-            os._exit(1)  # pylint: disable=protected-access
-
     def finish(self):
-        """Stop watching and mark this worker finished (so its normal exit is not taken for a loss)."""
-        self._stop.set()
+        """Mark this worker finished (its normal exit is then not taken for a loss) and stop its watcher."""
         if self.group_size < 2:
             return
-        self._write(DONE)
+        self.register(DONE)
+        if self.watcher is not None and self.watcher.poll() is None:
+            self.watcher.terminate()
+            self.watcher.wait()
         entries = [self._read(rank) for rank in range(self.group_size)]
         if all(entry and entry.get('state') == DONE for entry in entries):
-            for rank in range(self.group_size):
+            for name in [f"rank_{rank}.json" for rank in range(self.group_size)] + ['lost.json']:
                 try:
-                    os.remove(self._path(rank))
+                    os.remove(os.path.join(self.directory, name))
                 except OSError:
                     pass
             try:
@@ -134,4 +157,43 @@ class PeerWatch:
                 pass
 
 
+def _end(pid):
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(20):
+        time.sleep(0.1)
+        if not _alive(pid):
+            return
+    os.kill(pid, signal.SIGKILL)
+
+
+def _watch(rank, group_size, directory, interval, target):
+    """The watcher process of worker ``target`` (rank ``rank``); see the module docstring."""
+    watch = PeerWatch(rank, group_size, job='unused', interval=interval)
+    watch.directory = directory
+    while True:
+        entry = watch._read(rank)  # pylint: disable=protected-access
+        if entry is None or entry.get('state') != RUNNING:
+            return                                    # finished (or the registry is gone)
+        target_alive = _alive(target)
+        recorded = watch.recorded_lost()
+        if recorded is None:
+            found = watch.lost()
+            if not target_alive and found is None:
+                watch.record_lost(rank, target)       # this worker ended first: it is the lost one
+                return
+            if found is not None:
+                recorded = watch.record_lost(*found)
+        if recorded is not None and recorded.get('rank') != rank:
+            print(watch.message(recorded['rank'], recorded['pid']), file=sys.stderr, flush=True)
+            if _alive(target):
+                _end(target)
+            return
+        if recorded is not None or not target_alive:
+            return
+        time.sleep(interval)
+
+
 __all__ = ['PeerWatch']
+
+if __name__ == '__main__':
+    _watch(**json.loads(sys.argv[1]))
