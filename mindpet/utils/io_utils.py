@@ -323,16 +323,6 @@ def load_params_checked(net, param_dict, source, require=None, allow_unexpected=
     return sorted(to_load)
 
 
-def file_sha256(path, chunk_size=1 << 20):
-    """Hex SHA-256 of a file's bytes (for formats without a checksum of their own, e.g. safetensors)."""
-    import hashlib  # pylint: disable=import-outside-toplevel
-    digest = hashlib.sha256()
-    with open(path, 'rb') as handle:
-        for block in iter(lambda: handle.read(chunk_size), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class _CheckedYamlLoader(yaml.SafeLoader):  # pylint: disable=too-many-ancestors
     """``yaml.SafeLoader`` that refuses duplicate mapping keys (PyYAML keeps the last one silently) and nesting
     deeper than :data:`MAX_YAML_DEPTH` (PyYAML's composer recurses once per level, so a deep file would otherwise end
