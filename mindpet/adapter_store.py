@@ -38,7 +38,7 @@ from mindpet.tuners.registry import config_from_dict, make_tuner
 from mindpet.utils.dir_commit import directory_lock, remove_temp_files, write_file
 from mindpet.utils.exceptions import AdapterConfigError, CheckpointError, LinkPathError, MindPetError
 from mindpet.utils.io_utils import (atomic_save_checkpoint, checkpoint_format, ensure_dir, load_checkpoint_file,
-                                    read_yaml_file)
+                                    read_yaml_file, remove_stale_temp_files)
 from mindpet.version import __version__
 
 ADAPTER_CONFIG_NAME = 'adapter_config.yaml'
@@ -429,6 +429,14 @@ def save_adapter_dir(directory, adapter, fmt='mindpet'):
     directory = ensure_dir(os.fspath(directory), what='adapter directory')
     # Every format's writers are serialised; the format's writer runs with the lock held.
     with directory_lock(directory):
+        for other, (config_name, _) in _FORMATS.items():
+            if other != fmt and os.path.isfile(os.path.join(directory, config_name)):
+                # Two configs in one directory: a reader would take the other format's (stale) adapter.
+                raise AdapterConfigError(f"The directory '{directory}' holds a {other!r} adapter ({config_name}); "
+                                         f"saving a {fmt!r} adapter beside it would leave two. Save into another "
+                                         f"directory, or remove that adapter first.")
+        # Formats written with io_utils.atomic_write (PEFT's) leave its temporary files when killed.
+        remove_stale_temp_files(directory, 'adapter_')
         return save(directory, adapter)
 
 
@@ -481,13 +489,17 @@ MergeReport.__doc__ = """What merge_into_checkpoint did: output path, layers mer
 replaced, entries copied unchanged, entries written."""
 
 
-def merge_into_checkpoint(base_path, adapter_dir, out_path):
+def merge_into_checkpoint(base_path, adapter_dir, out_path, base_params=None):
     """Write ``out_path``: the base checkpoint with the adapter merged into its weights (the ``mindpet merge``
     command). No network code is needed: the adapter's YAML names the layers and the method.
 
     The base checkpoint must hold every parameter of the adapter's base-model fingerprint with the same shape;
     other entries (e.g. optimizer state) are copied unchanged. The format follows ``out_path``'s extension
     (``.safetensors`` or ``.ckpt``); the file is written atomically.
+
+    ``base_params`` (name -> numpy array) replaces reading ``base_path`` (which then only names the base in
+    messages): the parameters of a network into which a model's own loader read a checkpoint of another naming,
+    e.g. Hugging Face's (``mindpet merge --config``).
 
     Raises:
         AdapterConfigError: the adapter does not fit the base checkpoint (first differing parameter named).
@@ -504,11 +516,15 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path):
     if os.path.splitext(os.fspath(out_path))[1] not in ('.ckpt', '.safetensors'):
         raise ValueError(f"For 'merge_into_checkpoint', the 'out_path' must be {expected}, but got {out_path!r}.")
     adapter = load_adapter_dir(adapter_dir)
-    base = load_checkpoint_file(base_path, what='base checkpoint')
+    if base_params is None:
+        base = OrderedDict((name, value.asnumpy())
+                           for name, value in load_checkpoint_file(base_path, what='base checkpoint').items())
+    else:
+        base = OrderedDict(base_params)
     base_shapes = OrderedDict((name, list(value.shape)) for name, value in base.items())
     check_adapter_fits(adapter, base_shapes, adapter_dir, what=f"the base checkpoint '{base_path}'",
                        allow_extra=True)
-    arrays = OrderedDict((name, value.asnumpy()) for name, value in base.items())
+    arrays = base
     tuner = make_tuner(adapter.config.method)
     # The tuners merge on each layer's weight in the (out, in) view of its layer type.
     updates = tuner.merge_adapter_weights(canonical_arrays(arrays, adapter.layer_types, adapter_dir),

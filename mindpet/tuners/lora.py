@@ -34,6 +34,7 @@ from mindspore import Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, HeUniform
 
+from mindpet.delta.base import check_rank_fits
 from mindpet.delta.dora import DoRADense, DoraLayer
 from mindpet.delta.lora import LoRADense, LoraLayer, lora_increment, lora_init_factors, LORA_INITS
 from mindpet.tuners import dora
@@ -343,6 +344,10 @@ class LoraTuner(DenseLayerTuner):
             raise ValueError(f"For the 'lora' config with use_dora={config.use_dora}, the layer '{key}' was adapted "
                              f"as {type(layer).__name__} by an earlier adapter; one layer holds one variant "
                              f"(exclude it with 'exclude_modules', or adapt another model).")
+        try:
+            check_rank_fits(type(layer).__name__, config.lora_rank, layer.in_channels, layer.out_channels)
+        except ValueError as ex:
+            raise ValueError(f"For 'get_pet_model', the layer '{key}' cannot be adapted: {ex}") from None
 
     def create_layer(self, cell, config, key=None):
         layer = self.variant(config.use_dora).create_layer(cell, config.for_layer(key), key)

@@ -3,6 +3,8 @@ and from_pretrained without a throwaway adapter."""
 import os
 import re
 import stat
+import subprocess
+import sys
 from unittest import mock
 
 import numpy as np
@@ -229,3 +231,30 @@ def test_a_second_writer_waits_for_the_lock_and_gives_up_with_a_clear_error(tmp_
                     pet.save_pretrained(directory, format=fmt)
     assert _config_text(directory) == before and len(os.listdir(directory)) == 2
     pet.save_pretrained(directory)   # the lock is free again
+
+
+def test_a_peft_save_removes_what_a_killed_peft_save_left(tmp_path):
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])   # a process id that no longer runs
+    dead.wait()
+    directory = tmp_path / 'p'
+    directory.mkdir()
+    left = [f'.adapter_model.safetensors.{dead.pid}.k2j4h5g6.tmp.safetensors',
+            f'.adapter_config.json.{dead.pid}.a1b2c3d4.tmp']
+    alive = f'.adapter_config.json.{os.getppid()}.e5f6a7b8.tmp'         # its writer still runs: kept
+    for name in left + [alive]:
+        (directory / name).write_bytes(b'partial')
+    _trained_pet().save_pretrained(str(directory), format='peft')
+    assert sorted(os.listdir(directory)) == sorted([alive, 'adapter_config.json', 'adapter_model.safetensors'])
+
+
+def test_a_directory_holds_one_format(tmp_path):
+    pet = _trained_pet()
+    mine = pet.save_pretrained(str(tmp_path / 'm'))
+    peft = pet.save_pretrained(str(tmp_path / 'p'), format='peft')
+    before = {d: sorted(os.listdir(d)) for d in (mine, peft)}
+    with pytest.raises(AdapterConfigError, match=f"'{mine}' holds a 'mindpet' adapter .*adapter_config.yaml.*'peft'"):
+        pet.save_pretrained(mine, format='peft')
+    with pytest.raises(AdapterConfigError, match=f"'{peft}' holds a 'peft' adapter .*adapter_config.json"):
+        pet.save_pretrained(peft)
+    assert {d: sorted(os.listdir(d)) for d in (mine, peft)} == before
+    assert detect_format(mine) == 'mindpet' and detect_format(peft) == 'peft'

@@ -1,4 +1,5 @@
 """An adapter directory is one unit: SIGKILLed saves, two concurrent writers and a reader, leftovers of killed saves.
+Every wait has a generous timeout so that a hang fails the test; nothing asserts on wall-clock time.
 
 The writers are processes forked by tests/helpers/adapter_writer.py that call ``PetModel.save_pretrained`` into one
 directory in a loop (PyNative, no graph compiled); each save is recognisable from its name, its ``lora_alpha`` and
@@ -31,7 +32,7 @@ def _leftovers(directory):
 def _kill(server, pid):
     os.kill(pid, signal.SIGKILL)
     server.send(f'wait {pid}')
-    status = int(server.expect('EXIT', 30))
+    status = int(server.expect('EXIT', 60))
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"the writer ended by itself: {status}"
 
 
@@ -43,14 +44,14 @@ def test_sigkill_during_save_pretrained_leaves_the_old_or_the_new_adapter(tmp_pa
     server = ForkServerClient(SERVER, str(tmp_path / 'server.log'))
     newest, torn = 0, 0
     try:
-        server.expect('READY', 60)
+        server.expect('READY', 300)
         for kill in range(KILLS):
             server.send(f'loop {directory} 0 {newest + 1}')
-            pid = int(server.expect('PID', 30))
+            pid = int(server.expect('PID', 60))
             if kill % 4 == 0:     # at any moment, start-up included
                 time.sleep(rng.uniform(0.0, 0.5))
             else:                 # once this writer has saved, at a random moment of its loop
-                server.expect('SAVED', 60)
+                server.expect('SAVED', 300)
                 time.sleep(rng.uniform(0.0, 0.05))
             _kill(server, pid)
             adapter = load_adapter_dir(directory)          # loads, checksums and all
@@ -79,12 +80,13 @@ def test_two_writers_and_a_reader_never_see_a_mixed_adapter(tmp_path):
     server = ForkServerClient(SERVER, str(tmp_path / 'server.log'))
     seen, pids = {}, []
     try:
-        server.expect('READY', 60)
+        server.expect('READY', 300)
         for writer in (1, 2):
             server.send(f'loop {directory} {writer} 1')
-            pids.append(int(server.expect('PID', 30)))
-        for writer in (1, 2):
-            server.expect('SAVED', 60)                 # both are writing
+            pids.append(int(server.expect('PID', 60)))
+        started = set()
+        while started != {1, 2}:                       # until both have saved once
+            started.add(int(server.expect('SAVED', 300).split()[0]))
         for _ in range(LOADS):
             writer, n = identify(load_adapter_dir(directory))
             seen.setdefault(writer, set()).add(n)

@@ -14,7 +14,6 @@ import sys
 
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import nn, Tensor
 
 from mindpet import LoraConfig, PetModel, cli, get_pet_model
