@@ -117,10 +117,9 @@ class _PlainLora:
         padded_b[:, :rank] = lora_b
         layer.mindpet_delta_lora_a.set_data(Tensor(padded_a, dtype))
         layer.mindpet_delta_lora_b.set_data(Tensor(padded_b, dtype))
-        if rank > live:
-            layer.lora_rank = width
-            return True
-        return False
+        # The live width (A's rows) may now exceed any one adapter's rank; layer.lora_rank stays the active
+        # adapter's rank (set by activate), so layer.scaling == layer.lora_alpha / layer.lora_rank always holds.
+        return rank > live
 
     @staticmethod
     def init_adapter(layer, config):
@@ -135,8 +134,7 @@ class _PlainLora:
 
     @staticmethod
     def activate(layer, config):
-        layer.scaling = config.scaling
-        layer.lora_alpha = config.lora_alpha
+        layer.lora_rank, layer.lora_alpha, layer.scaling = config.lora_rank, config.lora_alpha, config.scaling
         if not layer.merged:
             layer.mindpet_state_lora_scaling.set_data(Tensor(config.scaling, mstype.float32))
         return False
