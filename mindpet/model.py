@@ -20,7 +20,7 @@ from mindspore import nn, Tensor
 
 from mindpet.adapter_store import (StoredAdapter, check_adapter_fits, check_format, load_adapter_dir,
                                    model_fingerprint, save_adapter_dir)
-from mindpet.delta.layer_kinds import DeltaLayer
+from mindpet.delta.layer_kinds import DeltaLayer, model_layer_types
 from mindpet.naming import is_pet_param, is_state
 from mindpet.tuners.config import PetConfig
 from mindpet.tuners.inject import walk, matches_any, replace_cell, invalidate_compiled_graph
@@ -191,7 +191,8 @@ class PetModel(nn.Cell):
         check_bool('is_trainable', is_trainable, owner)
         adapter = load_adapter_dir(directory)
         self._check_method(adapter.config, owner, source=directory)
-        check_adapter_fits(adapter, model_fingerprint(self.base_model), directory)
+        check_adapter_fits(adapter, model_fingerprint(self.base_model), directory,
+                           layer_types=model_layer_types(self.base_model))
         self._sync()
         self._add_loaded(adapter_name, adapter, is_trainable, directory)
         return self

@@ -80,11 +80,15 @@ class BertTopicTask(Task):
         return BertForSequenceClassification(self.config, num_labels=len(LABELS), pooling=self.model['pooling'],
                                              classifier_dropout=self.model['classifier_dropout'])
 
+    def base_weights_source(self, path):
+        if path is None and self.model['size'] == 'minilm':
+            return os.path.join(self._package_dir, 'model.safetensors')
+        return path
+
     def load_base(self, network, path):
+        path = self.base_weights_source(path)
         if path is None:
-            if self.model['size'] != 'minilm':
-                return None
-            path = os.path.join(self._package_dir, 'model.safetensors')
+            return None
         if path.endswith('.safetensors'):
             # A Hugging Face BERT file (names mapped); the classifier head is new.
             count = len(load_pretrained_bert(network, path))

@@ -56,6 +56,11 @@ class MLPTask(Task):
     def build_network(self):
         return Classifier(self.config)
 
+    def base_weights_source(self, path):
+        if path is None and self.model['pretrain_epochs']:
+            return f"pre-trained on task A for {self.model['pretrain_epochs']} epochs at the start of the run"
+        return path
+
     def load_base(self, network, path):
         if path is not None:
             return super().load_base(network, path)

@@ -97,6 +97,12 @@ class WukongTask(Task):
         return DiffusionWithLoss(getattr(network, 'base_model', network))
 
     # ----- base model --------------------------------------------------------------------------------------------
+    def base_weights_source(self, path):
+        if path is None and self.model['pretrain_steps']:
+            return (f"pre-trained here on the 'base' style for {self.model['pretrain_steps']} steps at the start of "
+                    f"the run")
+        return path
+
     def load_base(self, network, path):
         if path is not None:
             return super().load_base(network, path)

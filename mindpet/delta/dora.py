@@ -31,7 +31,61 @@ from mindpet.delta.base import init_param, check_init_shape
 from mindpet.utils.validation import check_int, check_real, check_rate, check_bool, check_dtype
 
 
-class DoRADense(DeltaDense):
+class _DoraWeights:
+    """DoRA's host-side maths, shared by :class:`DoRADense` and :class:`DoraLayer`: the magnitude's initialisation,
+    merging and unmerging on the ``(out, in)`` weight that the class gives through ``_view_f32()`` and
+    ``_store_view(matrix)``."""
+
+    def init_magnitude(self):
+        """Set ``m`` to the row norms of the current direction ``W0 + s B A`` (the layer then equals that weight).
+
+        Called by the constructor; call it again after replacing ``weight`` (e.g. with a pretrained Parameter).
+        """
+        norm = np.linalg.norm(self._direction_f32(), axis=1).astype(np.float32)
+        self.mindpet_delta_dora_magnitude.set_data(Tensor(norm).astype(self.mindpet_delta_dora_magnitude.dtype))
+
+    def _direction_f32(self):
+        """``W0 + s B A`` (float32 numpy), with the scaling in effect (0 once merged)."""
+        scaling = float(self.mindpet_state_dora_scaling.asnumpy())
+        lora_b, lora_a = host_f32(self.mindpet_delta_dora_b), host_f32(self.mindpet_delta_dora_a)
+        return self._view_f32() + np.float32(scaling) * (lora_b @ lora_a)
+
+    def delta_weight(self):
+        """``W - W0`` as float32 numpy ``(out, in)``: the change the adapter makes to the base weight."""
+        if self.merged:
+            raise RuntimeError(f"For '{type(self).__name__}', delta_weight() needs the unmerged base weight; call "
+                               f"unmerge() first.")
+        return self._merged_weight_f32() - self._view_f32()
+
+    def _merged_weight_f32(self):
+        return dora_weight(self._view_f32(), host_f32(self.mindpet_delta_dora_a),
+                           host_f32(self.mindpet_delta_dora_b), host_f32(self.mindpet_delta_dora_magnitude),
+                           self.scaling)
+
+    def _merge_weights(self):
+        magnitude = host_f32(self.mindpet_delta_dora_magnitude)
+        if np.any(magnitude == 0):
+            raise RuntimeError(f"For '{type(self).__name__}', a magnitude entry is exactly 0, so the merge could not "
+                               f"be undone; use to_dense() (nn.Dense) or merge_and_unload() on a copy instead.")
+        direction = self._direction_f32()
+        norm = np.linalg.norm(direction, axis=1).astype(np.float32)
+        # The norm is all unmerge() needs besides m, B and A to rebuild W0 (the merged rows have norm |m|).
+        self._merge_norm = norm
+        self._store_view(magnitude[:, None] / norm[:, None] * direction)
+        self.mindpet_state_dora_scaling.set_data(Tensor(0.0, mstype.float32))
+        self.mindpet_state_dora_gate.set_data(Tensor(0.0, mstype.float32))
+
+    def _unmerge_weights(self):
+        magnitude = host_f32(self.mindpet_delta_dora_magnitude)
+        direction = self._view_f32() * (self._merge_norm / magnitude)[:, None]
+        lora_b, lora_a = host_f32(self.mindpet_delta_dora_b), host_f32(self.mindpet_delta_dora_a)
+        self._store_view(direction - np.float32(self.scaling) * (lora_b @ lora_a))
+        self._merge_norm = None
+        self.mindpet_state_dora_scaling.set_data(Tensor(self.scaling, mstype.float32))
+        self.mindpet_state_dora_gate.set_data(Tensor(1.0, mstype.float32))
+
+
+class DoRADense(_DoraWeights, DeltaDense):
     """A ``nn.Dense`` whose weight is re-parametrised as magnitude times (LoRA-updated) direction.
 
     Args:
@@ -102,14 +156,6 @@ class DoRADense(DeltaDense):
         self.add = ops.Add()
         self.scale_mul = ops.Mul()
 
-    def init_magnitude(self):
-        """Set ``m`` to the row norms of the current direction ``W0 + s B A`` (the layer then equals that weight).
-
-        Called by the constructor; call it again after replacing ``weight`` (e.g. with a pretrained Parameter).
-        """
-        norm = np.linalg.norm(self._direction_f32(), axis=1).astype(np.float32)
-        self.mindpet_delta_dora_magnitude.set_data(Tensor(norm).astype(self.mindpet_delta_dora_magnitude.dtype))
-
     def construct(self, x):
         ori_dtype = x.dtype
         x_shape = x.shape
@@ -137,46 +183,12 @@ class DoRADense(DeltaDense):
         out = self._add_bias(out)
         return self._finish(out, x_shape, ori_dtype)
 
-    # ----- merge / export --------------------------------------------------------------------------------------
-    def _direction_f32(self):
-        """``W0 + s B A`` (float32 numpy), with the scaling in effect (0 once merged)."""
-        scaling = float(self.mindpet_state_dora_scaling.asnumpy())
-        lora_b, lora_a = host_f32(self.mindpet_delta_dora_b), host_f32(self.mindpet_delta_dora_a)
-        return host_f32(self.weight) + np.float32(scaling) * (lora_b @ lora_a)
+    # ----- merge / export (the maths is _DoraWeights'; these give it the (out, in) weight) ------------------------
+    def _view_f32(self):
+        return host_f32(self.weight)
 
-    def delta_weight(self):
-        """``W - W0`` as float32 numpy ``(out, in)``: the change the adapter makes to the base weight."""
-        if self.merged:
-            raise RuntimeError("For 'DoRADense', delta_weight() needs the unmerged base weight; call unmerge() "
-                               "first.")
-        return self._merged_weight_f32() - host_f32(self.weight)
-
-    def _merged_weight_f32(self):
-        return dora_weight(host_f32(self.weight), host_f32(self.mindpet_delta_dora_a),
-                           host_f32(self.mindpet_delta_dora_b), host_f32(self.mindpet_delta_dora_magnitude),
-                           self.scaling)
-
-    def _merge_weights(self):
-        magnitude = host_f32(self.mindpet_delta_dora_magnitude)
-        if np.any(magnitude == 0):
-            raise RuntimeError("For 'DoRADense', a magnitude entry is exactly 0, so the merge could not be undone; "
-                               "use to_dense() for a merged copy instead.")
-        direction = self._direction_f32()
-        norm = np.linalg.norm(direction, axis=1).astype(np.float32)
-        # The norm is all unmerge() needs besides m, B and A to rebuild W0 (the merged rows have norm |m|).
-        self._merge_norm = norm
-        self._set_weight(magnitude[:, None] / norm[:, None] * direction)
-        self.mindpet_state_dora_scaling.set_data(Tensor(0.0, mstype.float32))
-        self.mindpet_state_dora_gate.set_data(Tensor(0.0, mstype.float32))
-
-    def _unmerge_weights(self):
-        magnitude = host_f32(self.mindpet_delta_dora_magnitude)
-        direction = host_f32(self.weight) * (self._merge_norm / magnitude)[:, None]
-        lora_b, lora_a = host_f32(self.mindpet_delta_dora_b), host_f32(self.mindpet_delta_dora_a)
-        self._set_weight(direction - np.float32(self.scaling) * (lora_b @ lora_a))
-        self._merge_norm = None
-        self.mindpet_state_dora_scaling.set_data(Tensor(self.scaling, mstype.float32))
-        self.mindpet_state_dora_gate.set_data(Tensor(1.0, mstype.float32))
+    def _store_view(self, matrix):
+        self._set_weight(matrix)
 
     def shard(self, strategy_org_dense_matmul=None, strategy_org_bias_add=None, strategy_lora_dropout=None,
               strategy_lora_a_matmul=None, strategy_lora_b_matmul=None, strategy_lora_mul=None,
@@ -222,7 +234,7 @@ def dora_weight(weight, lora_a, lora_b, magnitude, scaling):
     return (magnitude.astype(np.float32)[:, None] / norm[:, None] * direction).astype(np.float32)
 
 
-class DoraLayer(DeltaLayer):
+class DoraLayer(_DoraWeights, DeltaLayer):
     """DoRA on a base layer of a :class:`~mindpet.delta.layer_kinds.LayerKind` (``mint.nn.Linear``, GPT-2
     ``Conv1D``, ``nn.Conv2d``/``mint.nn.Conv2d``; not embeddings). On the kind's canonical ``(out, in)`` view::
 
@@ -284,11 +296,6 @@ class DoraLayer(DeltaLayer):
         self._merge_norm = None
         self.init_magnitude()
 
-    def init_magnitude(self):
-        """Set ``m`` to the row norms of the current direction ``W0 + s B A``."""
-        norm = np.linalg.norm(self._direction_f32(), axis=1).astype(np.float32)
-        self.mindpet_delta_dora_magnitude.set_data(Tensor(norm).astype(self.mindpet_delta_dora_magnitude.dtype))
-
     def construct(self, x):
         out = self.base_layer(x)
         scaling = self.mindpet_state_dora_scaling
@@ -315,39 +322,12 @@ class DoraLayer(DeltaLayer):
             base_x = out - self.branch.per_out(self.cast(self.bias, out.dtype))
         return out + (factor - 1.0) * base_x + factor * lora_x
 
-    # ----- merge --------------------------------------------------------------------------------------------------
-    def _direction_f32(self):
-        scaling = float(self.mindpet_state_dora_scaling.asnumpy())
-        lora_b, lora_a = host_f32(self.mindpet_delta_dora_b), host_f32(self.mindpet_delta_dora_a)
-        return self.canonical_weight_f32() + np.float32(scaling) * (lora_b @ lora_a)
+    # ----- merge (the maths is _DoraWeights'; these give it the (out, in) view of the weight) ---------------------
+    def _view_f32(self):
+        return self.canonical_weight_f32()
 
-    def delta_weight(self):
-        """``W - W0`` (canonical view, float32 NumPy)."""
-        if self.merged:
-            raise RuntimeError("For 'DoraLayer', delta_weight() needs the unmerged base weight; call unmerge() first.")
-        weight = self.canonical_weight_f32()
-        return dora_weight(weight, host_f32(self.mindpet_delta_dora_a), host_f32(self.mindpet_delta_dora_b),
-                           host_f32(self.mindpet_delta_dora_magnitude), self.scaling) - weight
-
-    def _merge_weights(self):
-        magnitude = host_f32(self.mindpet_delta_dora_magnitude)
-        if np.any(magnitude == 0):
-            raise RuntimeError("For 'DoraLayer', a magnitude entry is exactly 0, so the merge could not be undone.")
-        direction = self._direction_f32()
-        norm = np.linalg.norm(direction, axis=1).astype(np.float32)
-        self._merge_norm = norm
-        self._set_canonical_weight(magnitude[:, None] / norm[:, None] * direction)
-        self.mindpet_state_dora_scaling.set_data(Tensor(0.0, mstype.float32))
-        self.mindpet_state_dora_gate.set_data(Tensor(0.0, mstype.float32))
-
-    def _unmerge_weights(self):
-        magnitude = host_f32(self.mindpet_delta_dora_magnitude)
-        direction = self.canonical_weight_f32() * (self._merge_norm / magnitude)[:, None]
-        lora_b, lora_a = host_f32(self.mindpet_delta_dora_b), host_f32(self.mindpet_delta_dora_a)
-        self._set_canonical_weight(direction - np.float32(self.scaling) * (lora_b @ lora_a))
-        self._merge_norm = None
-        self.mindpet_state_dora_scaling.set_data(Tensor(self.scaling, mstype.float32))
-        self.mindpet_state_dora_gate.set_data(Tensor(1.0, mstype.float32))
+    def _store_view(self, matrix):
+        self._set_canonical_weight(matrix)
 
     def extend_repr(self):
         return (super().extend_repr() + f', lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, '

@@ -320,6 +320,21 @@ def kind_named(name, source):
     return KINDS_BY_NAME[name]
 
 
+def model_layer_types(model):
+    """``layer key -> kind name`` of every layer of ``model`` that has a kind, adapted (a :class:`DeltaLayer`) or not;
+    the key is the name prefix of the layer's weight Parameter. For adapters that record no layer types (other
+    formats), so their shapes are checked on the right view."""
+    types = {}
+    for name, cell in model.cells_and_names():
+        kind = cell.kind if isinstance(cell, DeltaLayer) else kind_of(cell)
+        if kind is None or not name:
+            continue
+        param_name = getattr(getattr(cell, kind.weight_attr, None), 'name', '') or ''
+        suffix = '.' + kind.weight_attr
+        types[param_name[:-len(suffix)] if param_name.endswith(suffix) else name] = kind.name
+    return types
+
+
 # ----- the adapter store's view: fingerprints and checkpoint arrays in the canonical layout ------------------------
 def canonical_fingerprint(fingerprint, layer_types, source):
     """A copy of a base-model fingerprint (name -> shape) in which each adapted layer of ``layer_types``

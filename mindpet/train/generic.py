@@ -40,7 +40,7 @@ from mindspore import nn, ops, Tensor
 from mindpet.train import text_data
 from mindpet.train.imports import CodeImportError, import_object
 from mindpet.train.schema import CODE_FIELDS, Field
-from mindpet.train.task import KeyValueError, Task, shard_rows
+from mindpet.train.task import KeyValueError, Task, predict_batches, shard_rows, softmax_cross_entropy
 from mindpet.train.text_data import DataError
 from mindpet.utils.exceptions import CheckpointError
 
@@ -133,7 +133,9 @@ class NextTokenLoss(nn.Cell):
 
 # ----- CPU fallbacks -----------------------------------------------------------------------------------------------
 class GatherEmbedding(nn.Cell):
-    """``mint.nn.Embedding`` (no ``max_norm``) as a gather of the same weight Parameter."""
+    """``mint.nn.Embedding`` (no ``max_norm``) as a gather of the same weight Parameter. The forward pass is the
+    same; ``padding_idx``'s zero gradient for the padding row is not reproduced, which matters only when the
+    embedding itself trains (PET methods freeze it)."""
 
     def __init__(self, cell):
         super().__init__()
@@ -273,11 +275,28 @@ def load_weights(network, path, weights_map='auto', prefix=None):
 
 
 # ----- decoding ----------------------------------------------------------------------------------------------------
-def decode(call, prompt_ids, max_length, max_new_tokens, eos_id, pad_id, top_k=0, seed=0):
-    """Greedy (``top_k`` 0) or top-k sampling from a causal LM, one token at a time.
+def has_kv_cache(network):
+    """Whether ``network`` follows the Hugging Face cache convention: ``construct`` takes ``past_key_values`` and
+    ``use_cache``, and with ``use_cache=True, return_dict=False`` returns ``(logits, past_key_values, ...)``."""
+    network = getattr(network, 'base_model', network)
+    params = inspect.signature(network.construct).parameters
+    return 'past_key_values' in params and 'use_cache' in params
 
-    Every step runs the whole fixed-size window ``(1, max_length)`` (one compiled graph for all steps; the model
-    is not asked for a KV cache) and reads the logits at the last real position.
+
+def _pick(logits, top_k, rng):
+    logits = np.asarray(logits, np.float64)
+    if not top_k:
+        return int(np.argmax(logits))
+    top = np.argsort(logits)[-top_k:]
+    probs = np.exp(logits[top] - logits[top].max())
+    return int(top[rng.choice(len(top), p=probs / probs.sum())])
+
+
+def decode(call, prompt_ids, max_length, max_new_tokens, eos_id, pad_id, top_k=0, seed=0):
+    """Greedy (``top_k`` 0) or top-k sampling from a causal LM, one token at a time, without a cache.
+
+    Every step runs the whole fixed-size window ``(1, max_length)`` (one compiled graph for all steps) and reads
+    the logits at the last real position.
 
     Returns:
         list[int]: the new token ids (without the prompt; up to and excluding eos).
@@ -292,18 +311,53 @@ def decode(call, prompt_ids, max_length, max_new_tokens, eos_id, pad_id, top_k=0
         window[0, :len(ids)] = ids
         mask = np.zeros((1, max_length), np.int32)
         mask[0, :len(ids)] = 1
-        logits = call(Tensor(window), Tensor(mask)).asnumpy()[0, len(ids) - 1].astype(np.float64)
-        if top_k:
-            top = np.argsort(logits)[-top_k:]
-            probs = np.exp(logits[top] - logits[top].max())
-            token = int(top[rng.choice(len(top), p=probs / probs.sum())])
-        else:
-            token = int(np.argmax(logits))
+        token = _pick(call(Tensor(window), Tensor(mask)).asnumpy()[0, len(ids) - 1], top_k, rng)
         if eos_id is not None and token == eos_id:
             break
         ids.append(token)
         new.append(token)
     return new
+
+
+def decode_cached(network, prompt_ids, max_length, max_new_tokens, eos_id, top_k=0, seed=0):
+    """:func:`decode` for a model with a KV cache (:func:`has_kv_cache`): the prompt runs once, then each step
+    feeds only the new token with the returned ``past_key_values``. The inputs grow by one token per step, so
+    this runs in PyNative mode (a graph would be compiled for every length); the mode is restored afterwards.
+
+    Returns:
+        list[int]: the new token ids.
+    """
+    network = getattr(network, 'base_model', network)
+    params = inspect.signature(network.construct).parameters
+    kwargs = {'use_cache': True}
+    if 'return_dict' in params:
+        kwargs['return_dict'] = False
+    rng = np.random.default_rng(seed)
+    mode = ms.get_context('mode')
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        network.set_train(False)
+        ids = list(prompt_ids)
+        feed, past, new = ids, None, []
+        for _ in range(max_new_tokens):
+            if len(ids) >= max_length:
+                break
+            step = dict(kwargs)
+            if past is not None:
+                step['past_key_values'] = past
+            if 'attention_mask' in params:
+                step['attention_mask'] = Tensor(np.ones((1, len(ids)), np.int32))
+            out = network(Tensor(np.asarray([feed], np.int32)), **step)
+            logits, past = out[0], out[1]
+            token = _pick(logits.asnumpy()[0, -1], top_k, rng)
+            if eos_id is not None and token == eos_id:
+                break
+            ids.append(token)
+            new.append(token)
+            feed = [token]
+        return new
+    finally:
+        ms.set_context(mode=mode)
 
 
 # ----- the task ----------------------------------------------------------------------------------------------------
@@ -340,7 +394,8 @@ class GenericTask(Task):
         'max_length': Field('int', 128, min_value=2, doc='tokens per row; longer rows are bad rows (text: block size)'),
         'text_column': Field('str', 'text', doc='the text field (classification, text)'),
         'label_column': Field('str', 'label', doc='the label field (classification)'),
-        'labels': Field('str_list', None, doc='label names in index order (null: the sorted labels of train)'),
+        'labels': Field('any', None, doc='label names (or int labels) in index order (null: the sorted labels of '
+                                         'train)'),
         'prompt_column': Field('str', 'prompt', doc="the prompt field (instruction; Alpaca's instruction/input "
                                                     "are read when it is absent)"),
         'response_column': Field('str', 'response', doc="the response field (instruction; Alpaca: output)"),
@@ -428,11 +483,25 @@ class GenericTask(Task):
         self.kind = kind
         if data['eval'] is not None and data['split'] is not None:
             raise KeyValueError('data.split', "give either an eval file or a split of train, not both")
+        labels = data['labels']
+        if labels is not None:
+            if (not isinstance(labels, list) or not labels
+                    or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in labels)):
+                raise KeyValueError('data.labels', f"must be a list of label names (str or int), but got {labels!r}")
+            data['labels'] = [str(v) for v in labels]
+            if len(set(data['labels'])) != len(labels):
+                raise KeyValueError('data.labels', f"lists a label twice: {labels!r}")
         if '{prompt}' not in data['prompt_template']:
             raise KeyValueError('data.prompt_template', f"must contain '{{prompt}}', but got "
                                                         f"{data['prompt_template']!r}")
         self.metric = 'accuracy' if self.classifies else 'perplexity'
         self.metric_higher_is_better = self.classifies
+        missing = [key for key in ('train', 'eval', 'tokenizer')
+                   if data[key] is not None and not os.path.isfile(data[key])]
+        if missing:
+            # Only a dry run gets here (it lists the files missing on this machine): nothing to read.
+            self.labels = list(data['labels'] or [])
+            return
         self._prepare_data()
 
     @staticmethod
@@ -520,6 +589,8 @@ class GenericTask(Task):
 
     def notes(self):
         lines = []
+        if self._splits is None:
+            return lines
         for key in ('train', 'eval'):
             encoded = self._splits[key]
             lines.append(f"{key}: {len(encoded)} {'blocks' if self.kind == 'text' else 'rows'} of {self.kind} data "
@@ -543,9 +614,10 @@ class GenericTask(Task):
         with ``num_labels`` (classification) and ``vocab_size`` filled in when not given; or a plain dict."""
         values = dict(self._config_file or self.model['config'] or {})
         config_class = getattr(self._class, 'config_class', None)
-        if self.head == 'sequence_classification' and 'num_labels' not in values and 'id2label' not in values:
+        if (self.head == 'sequence_classification' and self.labels and 'num_labels' not in values
+                and 'id2label' not in values):
             values['num_labels'] = len(self.labels)
-        if config_class is not None and 'vocab_size' not in values:
+        if config_class is not None and 'vocab_size' not in values and self._tokenizer is not None:
             values['vocab_size'] = self._tokenizer.get_vocab_size()
         if config_class is None:
             return None, values
@@ -571,6 +643,9 @@ class GenericTask(Task):
             apply_cpu_fallbacks(network)
         return network
 
+    def base_weights_source(self, path):
+        return self.model['weights']
+
     def load_base(self, network, path):
         if self.model['weights'] is None:
             return None
@@ -581,29 +656,13 @@ class GenericTask(Task):
         return ClassificationLoss(network) if self.classifies else NextTokenLoss(network)
 
     # ----- results ---------------------------------------------------------------------------------------------
-    def _batches(self, encoded, cell):
-        """``cell(*batch)`` over every row, the last batch padded with copies of its last row (one graph)."""
-        size = self.data['eval_batch_size']
-        rows = len(encoded)
-        outputs = []
-        for start in range(0, rows, size):
-            chunk = [c[start:start + size] for c in encoded.columns]
-            real = len(chunk[0])
-            if real < size:
-                chunk = [np.concatenate([c, np.repeat(c[-1:], size - real, axis=0)]) for c in chunk]
-            outputs.append(cell(*[Tensor(c) for c in chunk]).asnumpy()[:real])
-        return np.concatenate(outputs)
-
     def evaluate(self, network):
         encoded = self._splits['eval']
+        size = self.data['eval_batch_size']
         if self.classifies:
-            call = ModelCall(network)
-            call.set_train(False)
-            logits = self._batches(text_data.Encoded(encoded.columns[:2], encoded.names[:2], [], 0), call)
+            logits = predict_batches(ModelCall(network), encoded.columns[:2], size)
             return classification_metrics(logits, encoded.columns[2], self.labels)
-        loss_cell = NextTokenLoss(network, reduce=False)
-        loss_cell.set_train(False)
-        weighted = self._batches(encoded, loss_cell)
+        weighted = predict_batches(NextTokenLoss(network, reduce=False), encoded.columns, size)
         loss = float(weighted.sum() / max(encoded.columns[2][:, 1:].sum(), 1.0))
         return {'perplexity': math.exp(min(loss, 700.0)), 'loss': loss}
 
@@ -621,7 +680,11 @@ class GenericTask(Task):
         return prompts
 
     def generate_ids(self, network, prompt_ids, max_new_tokens=None, top_k=0, seed=0):
-        """New token ids after ``prompt_ids`` (see :func:`decode`)."""
+        """New token ids after ``prompt_ids``: :func:`decode_cached` when the model has a KV cache, else
+        :func:`decode`."""
+        if has_kv_cache(network):
+            return decode_cached(network, prompt_ids, self.data['max_length'],
+                                 max_new_tokens or self.data['max_new_tokens'], self.eos_id, top_k, seed)
         call = ModelCall(network)
         call.set_train(False)
         return decode(call, prompt_ids, self.data['max_length'], max_new_tokens or self.data['max_new_tokens'],
@@ -670,10 +733,7 @@ def classification_metrics(logits, labels, names):
         raise ValueError(f"the model gives logits of shape {logits.shape}, but the data has {len(names)} labels "
                          f"{names}: set the model's number of classes to {len(names)}")
     predicted = logits.argmax(axis=1)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    metrics = {'accuracy': float((predicted == labels).mean()),
-               'loss': float(-log_probs[np.arange(len(labels)), labels].mean())}
+    metrics = {'accuracy': float((predicted == labels).mean()), 'loss': softmax_cross_entropy(logits, labels)}
     f1_scores = []
     per_class = {}
     for index, name in enumerate(names):
@@ -693,4 +753,5 @@ TASK = GenericTask
 
 __all__ = ['GenericTask', 'TASK', 'ModelCall', 'ClassificationLoss', 'NextTokenLoss', 'GatherEmbedding',
            'ClassicLayerNorm', 'apply_cpu_fallbacks', 'weight_files', 'map_names', 'load_weights', 'decode',
+           'decode_cached', 'has_kv_cache',
            'classification_metrics', 'HEADS', 'LOSSES']

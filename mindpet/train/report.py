@@ -6,7 +6,7 @@ from collections import OrderedDict
 import numpy as np
 import yaml
 
-from mindpet.adapter_store import ADAPTER_WEIGHTS_NAME
+from mindpet.adapter_store import ADAPTER_CONFIG_NAME, adapter_weights_path
 from mindpet.utils.io_utils import atomic_write
 
 
@@ -74,8 +74,9 @@ def _method_text(plan):
 def header(plan, loaded, trainable, total, total_steps, epochs, steps_per_epoch, group_size, dry_run=False):
     """The lines printed before training: model, method, parameters, data and steps."""
     model = plan.model
-    lines = [f"[model] {plan.task.label()}; base weights: "
-             f"{loaded or (model.get('base_checkpoint') if dry_run else None) or 'initial (random) weights'}",
+    # A dry run reads no weights: it says what a real run would load.
+    source = plan.task.base_weights_source(model.get('base_checkpoint')) if dry_run else loaded
+    lines = [f"[model] {plan.task.label()}; base weights: {source or 'initial (random) weights'}",
              f"[pet] {_method_text(plan)}; trainable {trainable:,} of {total:,} parameters "
              f"({100.0 * trainable / max(total, 1):.3f}%)"]
     if total_steps is not None:
@@ -125,8 +126,9 @@ def summary(plan, built, losses, step_times, results, files, output_dir, peak_me
     out['first_step_s'] = step_times[0] if step_times else None
     out['peak_memory_mb'] = peak_memory_mb
     adapter_dir = os.path.join(output_dir, 'adapter')
-    weights = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
-    out['adapter_bytes'] = os.path.getsize(weights) if os.path.isfile(weights) else None
+    weights = (adapter_weights_path(adapter_dir) if os.path.isfile(os.path.join(adapter_dir, ADAPTER_CONFIG_NAME))
+               else None)
+    out['adapter_bytes'] = os.path.getsize(weights) if weights and os.path.isfile(weights) else None
     out['adapter_dir_bytes'] = _dir_bytes(adapter_dir) if os.path.isdir(adapter_dir) else None
     full_path = os.path.join(output_dir, 'model.ckpt')
     out['full_checkpoint_bytes'] = os.path.getsize(full_path) if os.path.isfile(full_path) else built.base_bytes()

@@ -119,6 +119,12 @@ class Task:
         loaded = load_params_checked(network, params, source=path, require=_base_names(network))
         return f"{len(loaded)} tensors from {path}"
 
+    def base_weights_source(self, path):
+        """What :meth:`load_base` would load for ``path`` (``model.base_checkpoint``, possibly None), said without
+        reading anything (``--dry-run`` prints it), or None when the network keeps its initial weights. Tasks
+        whose ``load_base`` finds weights elsewhere override both."""
+        return path
+
     def base_checkpoint_required(self):
         """Whether the size preset needs ``model.base_checkpoint`` (full-size models: no random-init training)."""
         return False

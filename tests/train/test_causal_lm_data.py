@@ -129,3 +129,43 @@ def test_generate_refuses_a_classifier(tmp_path, capsys):
     assert main(['generate', '--config', path, '--prompt', 'hello']) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'generating text needs a causal LM' in err
+
+
+def test_a_model_with_a_kv_cache_decodes_the_same_tokens_feeding_one_token_per_step(tmp_path):
+    from mindpet import LoraConfig, get_pet_model
+    from mindpet.train.generic import ModelCall, decode, decode_cached, has_kv_cache
+    from tests.train.text_models import CachedTinyDecoder
+
+    class Spy(CachedTinyDecoder):
+        fed = []
+
+        def construct(self, input_ids, past_key_values=None, use_cache=False):
+            Spy.fed.append(input_ids.shape[1])
+            return super().construct(input_ids, past_key_values, use_cache)
+
+    ms.set_seed(4)
+    net = CachedTinyDecoder(40, hidden=16, max_length=MAX_LENGTH)
+    rng = np.random.default_rng(2)
+    for param in net.get_parameters():
+        param.set_data(Tensor((rng.standard_normal(param.shape) * 0.8).astype(np.float32)))
+    pet = get_pet_model(net, LoraConfig(target_modules=['query', 'value'], lora_rank=2))
+    for layer in pet.pet_layers.values():        # a trained-looking adapter: B no longer zero
+        layer.mindpet_delta_lora_b.set_data(Tensor(rng.standard_normal(layer.mindpet_delta_lora_b.shape)
+                                                   .astype(np.float32)))
+    assert has_kv_cache(pet) and not has_kv_cache(TinyDecoder(40, 16, MAX_LENGTH))
+    prompt = [3, 7, 1]
+    window = decode(ModelCall(pet), prompt, MAX_LENGTH, 8, None, 0)       # GRAPH_MODE, full window each step
+    cached = decode_cached(pet, prompt, MAX_LENGTH, 8, None)              # PyNative, one token per step
+    assert len(window) == 8 and cached == window
+    assert ms.get_context('mode') == ms.GRAPH_MODE                       # restored
+    # The cache path feeds the prompt once, then one token per step (a spy counts, in PyNative only).
+    weights = {name: Tensor(rng.standard_normal(p.shape).astype(np.float32) * 0.8)
+               for name, p in CachedTinyDecoder(40, 16, MAX_LENGTH).parameters_dict().items()}
+    plain, spy = CachedTinyDecoder(40, 16, MAX_LENGTH), Spy(40, 16, MAX_LENGTH)
+    for model in (plain, spy):
+        for name, param in model.parameters_dict().items():
+            param.set_data(weights[name])
+    expected = decode(ModelCall(plain), prompt, MAX_LENGTH, 5, None, 0)
+    Spy.fed = []
+    assert decode_cached(spy, prompt, MAX_LENGTH, 5, None) == expected
+    assert Spy.fed == [3, 1, 1, 1, 1]

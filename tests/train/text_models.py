@@ -63,3 +63,28 @@ class NormedClassifier(TinyTextClassifier):
         mask = attention_mask.astype(ms.float32)[:, :, None]
         pooled = (self.embedding(input_ids) * mask).sum(axis=1) / ops.maximum(mask.sum(axis=1), 1.0)
         return self.head(self.proj(self.norm(pooled)))
+
+
+class CachedTinyDecoder(TinyDecoder):
+    """:class:`TinyDecoder` with a Hugging Face-style KV cache: ``use_cache=True`` returns ``(logits, (keys,
+    values))``, and ``past_key_values`` continues from them (the new tokens attend to the cached positions)."""
+
+    def construct(self, input_ids, past_key_values=None, use_cache=False):
+        length = input_ids.shape[1]
+        start = 0
+        if past_key_values is not None:
+            start = past_key_values[0].shape[1]
+        x = self.embedding(input_ids) + self.position(self.positions[:, start:start + length])
+        keys, values = self.key(x), self.value(x)
+        if past_key_values is not None:
+            keys = ops.concat((past_key_values[0], keys), 1)
+            values = ops.concat((past_key_values[1], values), 1)
+        total = start + length
+        scores = ops.matmul(self.query(x), keys.transpose(0, 2, 1)) * self.scale
+        attention = ops.softmax(scores + self.causal[start:total, :total], axis=-1)
+        x = x + ops.matmul(attention, values)
+        x = x + self.ffn(x)
+        logits = self.head(x)
+        if use_cache:
+            return logits, (keys, values)
+        return logits

@@ -10,10 +10,10 @@ PAGES = ['dora', 'ia3', 'adapter', 'low_rank_adapter', 'bitfit', 'prompt_tuning'
 HEADING = '## With `get_pet_model`'
 
 
-def _section_snippets(page):
+def _section_snippets(page, heading=HEADING):
     text = open(os.path.join(ROOT, 'doc', page + '.md'), encoding='utf-8').read()
-    assert HEADING in text, page
-    section = text.split(HEADING, 1)[1].split('\n## ', 1)[0]
+    assert heading in text, page
+    section = text.split(heading, 1)[1].split('\n## ', 1)[0]
     blocks = re.findall(r'```python\n(.*?)```', section, flags=re.S)
     assert blocks, page
     return blocks
@@ -31,10 +31,12 @@ def _expected_lines(blocks):
     return expected
 
 
-def test_method_pages_get_pet_model_snippets_run_and_print_what_they_say(tmp_path):
+def check_page_sections(tmp_path, pages, heading=HEADING):
+    """Run the python snippets of section ``heading`` of each page as one script; every '# ...' line after a print
+    must start a printed line ('[...]' ends a prefix). Returns the number of expected lines."""
     scripts, expected = [], []
-    for page in PAGES:
-        blocks = _section_snippets(page)
+    for page in pages:
+        blocks = _section_snippets(page, heading)
         scripts.append(f'# ----- doc/{page}.md\n' + '\n'.join(blocks))
         expected += _expected_lines(blocks)
     script = tmp_path / 'methods.py'
@@ -44,7 +46,11 @@ def test_method_pages_get_pet_model_snippets_run_and_print_what_they_say(tmp_pat
                           timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     printed = [line for line in done.stdout.splitlines() if line.strip()]
-    assert len(expected) >= len(PAGES)
     for want in expected:
         prefix = want.split('[...]')[0]
         assert any(line.startswith(prefix) for line in printed), (want, printed)
+    return len(expected)
+
+
+def test_method_pages_get_pet_model_snippets_run_and_print_what_they_say(tmp_path):
+    assert check_page_sections(tmp_path, PAGES) >= len(PAGES)

@@ -310,3 +310,26 @@ def test_uneven_conv_padding_merges_exactly(graph_mode):
     merged_net = pet.merge_and_unload()
     assert type(merged_net.block.proj) is nn.Conv2d
     np.testing.assert_allclose(run(merged_net, X_IMG), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_type_sections_of_the_method_pages_run_and_print_what_they_say(tmp_path):
+    from tests.tuners.test_docs import check_page_sections  # pylint: disable=import-outside-toplevel
+    assert check_page_sections(tmp_path, ['lora', 'dora', 'ia3'], '## Layer types') == 8
+
+
+def test_adapter_without_recorded_layer_types_is_checked_on_the_models_view():
+    # Formats that record no layer types (e.g. PEFT's): the model's own layer types give the (out, in) view.
+    from mindpet.adapter_store import StoredAdapter, check_adapter_fits, model_fingerprint  # pylint: disable=C0415
+    from mindpet.delta.layer_kinds import model_layer_types  # pylint: disable=import-outside-toplevel
+    from mindpet.utils.exceptions import CheckpointError  # pylint: disable=import-outside-toplevel
+    net = Net(make_conv1d(5, 6))                    # weight stored (in=6, out=5)
+    assert model_layer_types(net) == {'block.proj': 'conv1d'}
+    tensors = {'mindpet_delta_lora_a': np.zeros((2, 6), np.float32), 'mindpet_delta_lora_b': np.zeros((5, 2),
+                                                                                                       np.float32)}
+    adapter = StoredAdapter(None, LoraConfig(target_modules=['proj'], lora_rank=2), ['block.proj'],
+                            {'block.proj': tensors}, {}, None)
+    check_adapter_fits(adapter, model_fingerprint(net), 'peft_dir', layer_types=model_layer_types(net))
+    with pytest.raises(CheckpointError, match='mindpet_delta_lora_a'):
+        check_adapter_fits(adapter, model_fingerprint(net), 'peft_dir')
+    pet = get_pet_model(net, LoraConfig(target_modules=['proj'], lora_rank=2))
+    assert model_layer_types(pet.base_model) == {'block.proj': 'conv1d'}
