@@ -12,7 +12,7 @@ def test_cli_part_records_every_call_and_renders_a_table_and_target():
     assert cli['import_mindspore']['wall_over_import'] == 1.0
     assert cli['help']['command'] == 'python -m mindpet --help'
     page = report.render_markdown({'cli': cli}, 'PYTHONPATH=. python scripts/benchmark.py --parts cli')
-    assert '### 6. Command start-up' in page and '`python -m mindpet --help`' in page
+    assert '### 7. Command start-up' in page and '`python -m mindpet --help`' in page
     assert "`python -c 'import mindspore'`" in page
     row = {r['what']: r for r in report.evaluate_targets({'cli': cli})}['mindpet --help start-up (s)']
     assert row['value'] == cli['help']['cpu_s'] and row['wall'] == cli['help']['wall_s']
