@@ -10,11 +10,17 @@ def _finetune_arguments(parser):
                              '(the value is read as YAML; repeatable)')
     parser.add_argument('--dry-run', action='store_true',
                         help='check the config and build the model without weights; train and write nothing')
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument('--resume', action='store_true',
+                       help='continue the run in training.output_dir from its newest checkpoint (exact: the batches '
+                            'already seen are skipped)')
+    again.add_argument('--overwrite', action='store_true',
+                       help='training.output_dir holds an earlier run: remove what it wrote, then start')
 
 
 def _finetune_run(args):
     from mindpet.train.runner import finetune  # pylint: disable=import-outside-toplevel
-    finetune(args.config, args.overrides, dry_run=args.dry_run)
+    finetune(args.config, args.overrides, dry_run=args.dry_run, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -62,7 +68,7 @@ def _generate_run(args):
 #: ``(name, help, add_arguments, run)`` of each verb, in the order ``mindpet --help`` lists them
 COMMANDS = [
     ('finetune', 'fine-tune a model from a YAML run config (mindpet finetune --config RUN.yaml [--set key=value ...] '
-                 '[--dry-run])', _finetune_arguments, _finetune_run),
+                 '[--dry-run] [--resume | --overwrite])', _finetune_arguments, _finetune_run),
     ('evaluate', 'evaluate a model with an adapter or fine-tuned checkpoint (mindpet evaluate --config RUN.yaml '
                  '--adapter DIR)', _evaluate_arguments, _evaluate_run),
     ('generate', 'write text with a causal LM and its adapter (mindpet generate --config RUN.yaml --adapter DIR '

@@ -366,13 +366,14 @@ class DenseLayerTuner(BaseTuner):
             ValueError: the layer's configuration cannot be adapted (naming the layer and the setting).
         """
         kind = kind_of(cell)
-        if type(cell) is nn.Dense or kind is None:  # pylint: disable=unidiomatic-typecheck
-            return cls.build_layer(dense_class, cell, compute_dtype, **kwargs)
-        compute = resolve_compute_dtype(compute_dtype, getattr(cell, kind.weight_attr).dtype)
         try:
+            if type(cell) is nn.Dense or kind is None:  # pylint: disable=unidiomatic-typecheck
+                return cls.build_layer(dense_class, cell, compute_dtype, **kwargs)
+            compute = resolve_compute_dtype(compute_dtype, getattr(cell, kind.weight_attr).dtype)
             return layer_class(cell, kind, compute_dtype=compute, **kwargs)
         except ValueError as ex:
-            raise ValueError(f"For 'get_pet_model', the layer '{key}' cannot be adapted: {ex}") from ex
+            raise FieldValueError(f"For 'get_pet_model', the layer '{key}' cannot be adapted: {ex}",
+                                  field=getattr(ex, 'field', None)) from ex
 
     def sync_scaling(self, layer, config):
         """Give ``layer`` the host-side scaling of ``config`` that its merge()/unmerge() use (several adapters of

@@ -7,6 +7,7 @@ import difflib
 import re
 from typing import ClassVar, Dict, List, Optional
 
+import numpy as np
 from mindspore import dtype as mstype
 
 from mindpet.utils.exceptions import ModelConfigKeysInfoError, ModelConfigParamsInfoError
@@ -63,6 +64,15 @@ class PetConfig:
     modules_to_save: Optional[List[str]] = None
 
     def __post_init__(self):
+        # numpy scalars (np.int64(4) from an array, a sweep, a shape) become plain Python numbers first: a MindSpore
+        # shape refuses numpy integers, and YAML cannot write them. numpy bools stay as they are (and are refused
+        # where a number is expected, like Python bools).
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, np.integer):
+                setattr(self, field.name, int(value))
+            elif isinstance(value, np.floating):
+                setattr(self, field.name, float(value))
         self.validate()
 
     def validate(self):

@@ -210,3 +210,67 @@ def check_cell(name, value, owner):
     if not isinstance(value, nn.Cell):
         _fail(TypeError, owner, name, "a mindspore.nn.Cell", value)
     return value
+
+
+def available_memory_bytes():
+    """Memory this process can still get: ``MemAvailable`` of ``/proc/meminfo``, lowered to the cgroup's limit
+    (containers) when that is smaller; the physical memory where neither can be read; None when unknown."""
+    import os  # local: keeps this module light to import
+    available = None
+    try:
+        with open('/proc/meminfo', encoding='ascii') as handle:
+            for line in handle:
+                if line.startswith('MemAvailable:'):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+        except (ValueError, OSError, AttributeError):
+            return None
+    for path, usage in (('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory.current'),
+                        ('/sys/fs/cgroup/memory/memory.limit_in_bytes', '/sys/fs/cgroup/memory/memory.usage_in_bytes')):
+        try:
+            with open(path, encoding='ascii') as handle:
+                limit = handle.read().strip()
+            with open(usage, encoding='ascii') as handle:
+                used = int(handle.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():
+            available = min(available, max(int(limit) - used, 0))
+        break
+    return available
+
+
+def size_text(nbytes):
+    """``'1.5 GB'``-style size for messages."""
+    for unit, scale in (('TB', 1 << 40), ('GB', 1 << 30), ('MB', 1 << 20), ('KB', 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
+def memory_shortfall(nbytes):
+    """None when ``nbytes`` fit into the memory available now, else ``'about <estimate>, more than the <available>
+    of memory available here'``. Unknown available memory counts as fitting."""
+    available = available_memory_bytes()
+    if available is None or nbytes <= available:
+        return None
+    return f"about {size_text(nbytes)}, more than the {size_text(available)} of memory available here"
+
+
+def check_allocation(owner, what, shape, itemsize):
+    """Refuse, before allocating, a tensor of ``shape`` (``itemsize`` bytes per element) that would not fit into the
+    available memory: ``ValueError`` naming the owner, ``what`` (the argument(s) that set the size) and the
+    estimate. Returns the byte count."""
+    nbytes = int(itemsize)
+    for dim in shape:
+        nbytes *= int(dim)
+    problem = memory_shortfall(nbytes)
+    if problem:
+        raise ValueError(f"For '{owner}', {what} would be a tensor of shape {tuple(int(d) for d in shape)}, which "
+                         f"needs {problem}.")
+    return nbytes
