@@ -181,6 +181,14 @@ def test_gaussian_init_draws_a_from_n_0_1_over_r(graph_mode):
     assert max(np.abs(layer.mindpet_delta_lora_a.asnumpy()).max() for layer in default.pet_layers.values()) < 0.18
 
 
+def test_gaussian_adapter_merges_saves_and_switches(graph_mode, tmp_path, base):
+    ids, base_out, path = base
+    pet = get_pet_model(GPTLike(), _config(init_lora_weights='gaussian'))
+    np.testing.assert_array_equal(pet(ids).asnumpy(), base_out)       # B = 0: the base model at init
+    directory, _ = _check_lifecycle(pet, tmp_path, ids, base_out, path, dict.fromkeys(QV, 2.0))
+    assert PetModel.from_pretrained(GPTLike(), directory).get_adapter_config().init_lora_weights == 'gaussian'
+
+
 def _np_pissa(w, rank, scaling):
     u, s, vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
     return u[:, :rank] * s[:rank] @ vt[:rank]        # = s * B0 A0: the best rank-r part of W
