@@ -15,8 +15,8 @@ import time
 from .measure import median
 from .models import ADAPTER, GPT, GPT2_SMALL, LAYER, LORA, PREFIX, QUICK, SWITCH_INPUT, TRAIN_VARIANTS
 from .report import evaluate_targets, render_markdown, update_doc
-from .workers_ms import (worker_ckpt, worker_forward, worker_layer, worker_reference, worker_switch, worker_train,
-                         worker_train_ab)
+from .workers_ms import (worker_ckpt, worker_forward, worker_layer, worker_mixed, worker_reference, worker_switch,
+                         worker_train, worker_train_ab)
 from .workers_torch import worker_torch_forward, worker_torch_train, worker_torch_train_ab
 from .workers_mindone import MINDONE_BERT, MINDONE_QUICK, MINDONE_VARIANTS, worker_mindone
 from .race import RACE_SIDES, prepare_race, race_settings, worker_race_mindpet, worker_race_peft
@@ -54,7 +54,7 @@ TRAIN_AB_GROUPS = {
     'reference': dict(env='mindpet104', variants=['lora_mindpet104', 'lora', 'floor']),
     'peers': dict(env='peft', variants=['peft_full', 'peft_lora']),
 }
-PARTS = ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'reference', 'mindone', 'cli', 'race')
+PARTS = ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'mixed', 'reference', 'mindone', 'cli', 'race')
 # 'mindone' needs the optional mindone extra and 'race' (MiniLM LoRA: mindpet vs PEFT on PyTorch, minutes of real
 # training) the bert extra and a PyTorch virtualenv: both are asked for by name (--parts race), not run by default.
 DEFAULT_PARTS = tuple(p for p in PARTS if p not in ('mindone', 'race'))
@@ -66,7 +66,8 @@ CLI_CALLS = {'help': ['-m', 'mindpet', '--help'], 'version': ['-m', 'mindpet', '
 WORKERS = {'train': worker_train, 'train_ab': worker_train_ab, 'torch_train_ab': worker_torch_train_ab,
            'forward': worker_forward, 'layer': worker_layer, 'ckpt': worker_ckpt, 'switch': worker_switch,
            'reference': worker_reference, 'torch_train': worker_torch_train, 'torch_forward': worker_torch_forward,
-           'mindone': worker_mindone, 'race_mindpet': worker_race_mindpet, 'race_peft': worker_race_peft}
+           'mindone': worker_mindone, 'mixed': worker_mixed, 'race_mindpet': worker_race_mindpet,
+           'race_peft': worker_race_peft}
 
 
 def run_as_worker(kind, cfg_json):
@@ -249,6 +250,15 @@ def run_benchmarks(args):
     if 'switch' in parts:
         out['switch'] = runner.run('main', 'switch', dict(model=dict(sizes['gpt2'], **sizes['switch_input']),
                                                           iterations=args.iterations))
+
+    if 'mixed' in parts:
+        # The issue's GPT-like model (vocab 1,000), a batch of 8 rows over 4 adapters.
+        payload = dict(model=dict(sizes['gpt'], vocab=1000, batch=8), iterations=args.iterations)
+        runs = [runner.run('main', 'mixed', payload) for _ in range(args.repeats)]
+        out['mixed'] = dict(model=payload['model'], checks=runs[0]['checks'], mix=runs[0]['mix'],
+                            rows=_ratio_table(runs, {'mixed_vs_petmodel': ('view_mixed', 'petmodel_single'),
+                                                     'mixed_vs_view_single': ('view_mixed', 'view_single'),
+                                                     'view_single_vs_petmodel': ('view_single', 'petmodel_single')}))
 
     if 'reference' in parts:
         dtypes = ['float32', 'float16']
