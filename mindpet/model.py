@@ -27,7 +27,7 @@ from mindpet.tuners.config import PetConfig
 from mindpet.tuners.inject import walk, matches_any, replace_cell, invalidate_compiled_graph
 from mindpet.tuners.registry import make_tuner
 from mindpet.utils.exceptions import AdapterConfigError
-from mindpet.utils.validation import check_cell, check_bool, check_int, check_real
+from mindpet.utils.validation import FieldValueError, check_cell, check_bool, check_int, check_real
 
 _NAME_RE = re.compile(r'^[A-Za-z0-9_.\-]+$')
 
@@ -733,8 +733,8 @@ class PetModel(nn.Cell):
                     if not is_pet_param(param.name) and param.name not in names:
                         names.append(param.name)
         if not matched:
-            raise ValueError(f"For 'get_pet_model', the modules_to_save {config.modules_to_save} match no cell "
-                             f"of the model.")
+            raise FieldValueError(f"For 'get_pet_model', the modules_to_save {config.modules_to_save} match no "
+                                  f"cell of the model.", field='modules_to_save')
         return names
 
     def _register_module_param(self, name, source):

@@ -10,8 +10,8 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer
 
 from mindpet.delta.sharding import ACTIVATION_NAMES
-from mindpet.utils.validation import (check_int, check_dtype, check_bool, check_choice, check_initializer,
-                                      check_allocation)
+from mindpet.utils.validation import (FieldValueError, check_int, check_dtype, check_bool, check_choice,
+                                      check_initializer, check_allocation)
 
 _DENSE_KWARGS = ('weight_init', 'bias_init', 'has_bias', 'activation', 'dtype')
 
@@ -68,8 +68,8 @@ def check_rank_fits(owner, rank, in_channels, out_channels, name='lora_rank'):
     the extra rows only cost memory (and a rank of 10**9 would try to allocate them)."""
     limit = min(int(in_channels), int(out_channels))
     if int(rank) > limit:
-        raise ValueError(f"For '{owner}', the '{name}' must be <= min(in_channels, out_channels) = {limit}, but got "
-                         f"{int(rank)}.")
+        raise FieldValueError(f"For '{owner}', the '{name}' must be <= min(in_channels, out_channels) = {limit}, "
+                              f"but got {int(rank)}.", field=name)
     return int(rank)
 
 

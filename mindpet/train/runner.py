@@ -37,7 +37,7 @@ from mindpet.train.schema import (CODE_FIELDS, RUNNER_FIELDS, MAX_EPOCHS, MAX_ST
                                   did_you_mean)
 from mindpet.train.imports import CodeImportError
 from mindpet.train.task import GENERIC_TASK, KeyValueError, load_task_class
-from mindpet.tuners.registry import config_from_dict, available_methods, get_method
+from mindpet.tuners.registry import available_methods, get_method
 from mindpet.utils.exceptions import CheckpointError, MindPetError
 from mindpet.utils.validation import check_bool, memory_shortfall
 from mindpet.utils.io_utils import (ensure_dir, atomic_save_checkpoint, load_checkpoint_file,
@@ -218,11 +218,13 @@ def _pet_config(source, pet):
             raise source.key_error(f'pet.{key}', f"unknown key of the '{kind}' method"
                                    f"{did_you_mean(key, valid)}") from None
     try:
-        return config_from_dict(pet)
-    except (MindPetError, TypeError, ValueError) as ex:
-        # The method's messages quote the field they are about.
-        key = next((k for k in sorted(pet, key=len, reverse=True) if f"'{k}'" in str(ex)), None)
-        raise source.value_error(f'pet.{key}' if key else 'pet', str(ex)) from None
+        # The keys are checked above and the class looked up once: build it directly.
+        return config_class(**{key: value for key, value in pet.items() if key != 'type'})
+    except (TypeError, ValueError) as ex:
+        # The config's checks name the field in the error (FieldTypeError/FieldValueError; 'rank_pattern[...]'
+        # for an entry of a mapping field).
+        field = (getattr(ex, 'field', None) or '').split('[', 1)[0]
+        raise source.value_error(f'pet.{field}' if field in valid else 'pet', str(ex)) from None
 
 
 def output_dir_problem(path):
@@ -376,14 +378,11 @@ def build(plan, lazy=False):
         try:
             pet_model = get_pet_model(network, plan.pet_config)
         except (MindPetError, TypeError, ValueError) as ex:
-            message = str(ex)
-            key = 'pet.modules_to_save' if 'modules_to_save' in message and 'target_modules' not in message \
-                else 'pet.target_modules'
-            # A layer that cannot take a value of the config (a rank above its size) names that value's key.
-            quoted = [name for name in plan.pet_config.field_names() if f"'{name}'" in message]
-            if quoted:
-                key = f'pet.{max(quoted, key=len)}'
-            raise plan.source.value_error(key, message) from None
+            # An error about a config field names it (FieldValueError); any other refusal is about what the
+            # target_modules selected.
+            field = getattr(ex, 'field', None)
+            key = field if field in plan.pet_config.field_names() else 'target_modules'
+            raise plan.source.value_error(f'pet.{key}', str(ex)) from None
     return Built(network, pet_model, loaded)
 
 

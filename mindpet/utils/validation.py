@@ -4,12 +4,40 @@ Each check raises ``TypeError`` for a value of the wrong type and ``ValueError``
 message naming the owner (Cell or function), the argument, what was expected and what was received::
 
     For 'LoRADense', the 'lora_rank' must be a positive int, but got 0 (int).
+
+The errors are :class:`FieldTypeError` / :class:`FieldValueError`: still a ``TypeError`` / ``ValueError`` for every
+caller, with ``field`` naming the argument (or config field) the error is about, so that a caller can point at
+the YAML key without reading the message.
 """
 import numbers
 
 from mindspore import dtype as mstype
 
 FLOAT_DTYPES = (mstype.float16, mstype.float32, mstype.bfloat16)
+
+
+class FieldTypeError(TypeError):
+    """A ``TypeError`` about one argument or config field, named by ``field`` (None when not known).
+
+    Example:
+        >>> try:
+        ...     check_int('lora_rank', 'eight', 'LoraConfig')
+        ... except TypeError as ex:
+        ...     ex.field
+        'lora_rank'
+    """
+
+    def __init__(self, *args, field=None):
+        super().__init__(*args)
+        self.field = field
+
+
+class FieldValueError(ValueError):
+    """A ``ValueError`` about one argument or config field, named by ``field`` (None when not known)."""
+
+    def __init__(self, *args, field=None):
+        super().__init__(*args)
+        self.field = field
 
 
 def _got(value):
@@ -20,7 +48,8 @@ def _got(value):
 
 
 def _fail(exc_type, owner, name, expected, value):
-    raise exc_type(f"For '{owner}', the '{name}' must be {expected}, but got {_got(value)}.")
+    field_type = FieldTypeError if issubclass(exc_type, TypeError) else FieldValueError
+    raise field_type(f"For '{owner}', the '{name}' must be {expected}, but got {_got(value)}.", field=name)
 
 
 def _is_int(value):
@@ -80,7 +109,7 @@ def check_beta(name, value, owner):
     """Check an exponential-moving-average factor: a finite int or float in [0, 1). Returns it as a float."""
     check_real(name, value, owner)
     if not 0.0 <= value < 1.0:
-        raise ValueError(f"For '{owner}', the '{name}' must be in [0.0, 1.0), but got {value!r}.")
+        raise FieldValueError(f"For '{owner}', the '{name}' must be in [0.0, 1.0), but got {value!r}.", field=name)
     return float(value)
 
 
@@ -122,7 +151,8 @@ def check_str_list(name, value, owner, allow_none=True, allow_empty=False):
         _fail(TypeError, owner, name, "a list of str", value)
     for item in value:
         if not isinstance(item, str):
-            raise TypeError(f"For '{owner}', every item of '{name}' must be a str, but got {_got(item)}.")
+            raise FieldTypeError(f"For '{owner}', every item of '{name}' must be a str, but got {_got(item)}.",
+                                 field=name)
     if not value and not allow_empty:
         _fail(ValueError, owner, name, "a non-empty list of str", value)
     return list(value)
@@ -158,8 +188,8 @@ def check_initializer(name, value, owner, shape=None, named_only=False):
     from mindspore.common.initializer import Initializer, initializer
     if isinstance(value, (Tensor, np.ndarray)) and not named_only:
         if shape is not None and tuple(value.shape) != tuple(shape):
-            raise ValueError(f"For '{owner}', the '{name}' must have shape {tuple(shape)}, "
-                             f"but got a tensor of shape {tuple(value.shape)}.")
+            raise FieldValueError(f"For '{owner}', the '{name}' must have shape {tuple(shape)}, but got a tensor of "
+                                  f"shape {tuple(value.shape)}.", field=name)
         return value
     kinds = ("an initializer name (str) or an Initializer" if named_only
              else "an initializer name (str), an Initializer, a number or a Tensor")
@@ -169,8 +199,8 @@ def check_initializer(name, value, owner, shape=None, named_only=False):
         try:
             initializer(value, [1, 1], mstype.float32)   # lazy: looks the name up, computes nothing
         except (ValueError, KeyError, TypeError) as ex:
-            raise ValueError(f"For '{owner}', the '{name}' must be a MindSpore initializer name such as 'normal', "
-                             f"'zeros' or 'xavier_uniform', but got {_got(value)}.") from ex
+            raise FieldValueError(f"For '{owner}', the '{name}' must be a MindSpore initializer name such as "
+                                  f"'normal', 'zeros' or 'xavier_uniform', but got {_got(value)}.", field=name) from ex
     return value
 
 

@@ -6,6 +6,8 @@ import datetime
 import json
 import os
 import platform
+import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -49,9 +51,12 @@ TRAIN_AB_GROUPS = {
     'reference': dict(env='mindpet104', variants=['lora_mindpet104', 'lora', 'floor']),
     'peers': dict(env='peft', variants=['peft_full', 'peft_lora']),
 }
-PARTS = ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'reference', 'mindone')
+PARTS = ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'reference', 'mindone', 'cli')
 # 'mindone' needs the optional mindone extra: asked for by name (--parts mindone), not part of the default run.
 DEFAULT_PARTS = tuple(p for p in PARTS if p != 'mindone')
+# Start-up of the mindpet command, side by side with what loading MindSpore alone costs (one process per call).
+CLI_CALLS = {'help': ['-m', 'mindpet', '--help'], 'version': ['-m', 'mindpet', '--version'],
+             'finetune_help': ['-m', 'mindpet', 'finetune', '--help'], 'import_mindspore': ['-c', 'import mindspore']}
 
 
 WORKERS = {'train': worker_train, 'train_ab': worker_train_ab, 'torch_train_ab': worker_torch_train_ab,
@@ -264,9 +269,40 @@ def run_benchmarks(args):
             row['trainable'] = runs[0]['trainable'][name]
         out['mindone'] = dict(bert=payload['bert'], rows=rows)
 
+    if 'cli' in parts:
+        out['cli'] = measure_cli(args.repeats, args.timeout)
+
     out['machine'] = machine_info()
     out['load'] = dict(min=min(runner.loads, default=None), max=max(runner.loads, default=None),
                        median=median(runner.loads) if runner.loads else None)
+    return out
+
+
+def measure_cli(repeats, timeout):
+    """Wall and CPU time (the child's user + system seconds) of each :data:`CLI_CALLS` process, the calls of a round
+    run back to back; ``wall_over_import`` is the per-round ratio to ``python -c 'import mindspore'``."""
+    runs = {name: [] for name in CLI_CALLS}
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), GLOG_v='3')
+    for _ in range(repeats):
+        for name, argv in CLI_CALLS.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, env=env,
+                                  timeout=timeout, check=False)
+            wall = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if proc.returncode != 0:
+                raise RuntimeError(f"'python {' '.join(argv)}' failed ({proc.returncode}): {proc.stderr[-500:]}")
+            runs[name].append(dict(wall_s=wall, cpu_s=(after.ru_utime - before.ru_utime)
+                                   + (after.ru_stime - before.ru_stime)))
+    out = {}
+    for name, rows in runs.items():
+        walls = [r['wall_s'] for r in rows]
+        out[name] = dict(command=shlex.join(['python', *CLI_CALLS[name]]), wall_s=median(walls), wall_min=min(walls),
+                         wall_max=max(walls), cpu_s=median([r['cpu_s'] for r in rows]))
+        ratios = [r['wall_s'] / base['wall_s'] for r, base in zip(rows, runs['import_mindspore'])]
+        out[name].update(wall_over_import=median(ratios), wall_over_import_min=min(ratios),
+                         wall_over_import_max=max(ratios))
     return out
 
 
