@@ -15,8 +15,8 @@ import time
 from .measure import median
 from .models import ADAPTER, GPT, GPT2_SMALL, LAYER, LORA, PREFIX, QUICK, SWITCH_INPUT, TRAIN_VARIANTS
 from .report import evaluate_targets, render_markdown, update_doc
-from .workers_ms import (worker_ckpt, worker_forward, worker_layer, worker_reference, worker_switch, worker_train,
-                         worker_train_ab)
+from .workers_ms import (worker_ckpt, worker_forward, worker_layer, worker_mixed, worker_reference, worker_switch,
+                         worker_train, worker_train_ab)
 from .workers_torch import worker_torch_forward, worker_torch_train, worker_torch_train_ab
 from .workers_mindone import MINDONE_BERT, MINDONE_QUICK, MINDONE_VARIANTS, worker_mindone
 
@@ -51,7 +51,7 @@ TRAIN_AB_GROUPS = {
     'reference': dict(env='mindpet104', variants=['lora_mindpet104', 'lora', 'floor']),
     'peers': dict(env='peft', variants=['peft_full', 'peft_lora']),
 }
-PARTS = ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'reference', 'mindone', 'cli')
+PARTS = ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'mixed', 'reference', 'mindone', 'cli')
 # 'mindone' needs the optional mindone extra: asked for by name (--parts mindone), not part of the default run.
 DEFAULT_PARTS = tuple(p for p in PARTS if p != 'mindone')
 # Start-up of the mindpet command, side by side with what loading MindSpore alone costs (one process per call).
@@ -62,7 +62,7 @@ CLI_CALLS = {'help': ['-m', 'mindpet', '--help'], 'version': ['-m', 'mindpet', '
 WORKERS = {'train': worker_train, 'train_ab': worker_train_ab, 'torch_train_ab': worker_torch_train_ab,
            'forward': worker_forward, 'layer': worker_layer, 'ckpt': worker_ckpt, 'switch': worker_switch,
            'reference': worker_reference, 'torch_train': worker_torch_train, 'torch_forward': worker_torch_forward,
-           'mindone': worker_mindone}
+           'mindone': worker_mindone, 'mixed': worker_mixed}
 
 
 def run_as_worker(kind, cfg_json):
@@ -245,6 +245,15 @@ def run_benchmarks(args):
     if 'switch' in parts:
         out['switch'] = runner.run('main', 'switch', dict(model=dict(sizes['gpt2'], **sizes['switch_input']),
                                                           iterations=args.iterations))
+
+    if 'mixed' in parts:
+        # The issue's GPT-like model (vocab 1,000), a batch of 8 rows over 4 adapters.
+        payload = dict(model=dict(sizes['gpt'], vocab=1000, batch=8), iterations=args.iterations)
+        runs = [runner.run('main', 'mixed', payload) for _ in range(args.repeats)]
+        out['mixed'] = dict(model=payload['model'], checks=runs[0]['checks'], mix=runs[0]['mix'],
+                            rows=_ratio_table(runs, {'mixed_vs_petmodel': ('view_mixed', 'petmodel_single'),
+                                                     'mixed_vs_view_single': ('view_mixed', 'view_single'),
+                                                     'view_single_vs_petmodel': ('view_single', 'petmodel_single')}))
 
     if 'reference' in parts:
         dtypes = ['float32', 'float16']
