@@ -219,7 +219,7 @@ def worker_race_peft(cfg):
         loss = torch.nn.functional.cross_entropy(model(ids[rows], mask[rows]), labels[rows])
         loss.backward()
         opt.step(float(inputs['rates'][i]))
-        return float(loss)
+        return loss.item()
     times, loss = _timed_steps(step, inputs)
     model.eval()
     with torch.no_grad():
