@@ -1,26 +1,45 @@
-"""Adapters on disk: a directory holding ``adapter_config.yaml`` and ``adapter_model.safetensors``.
+"""Adapters on disk: the whole schema of an adapter directory, its reading, writing and merging into a checkpoint.
+
+mindpet's own format is a directory holding ``adapter_config.yaml`` and one tensor file,
+``adapter_model.<16 hex digits>.safetensors`` (named by its content's SHA-256; adapters saved by mindpet <= 1.1.0
+have ``adapter_model.safetensors``, which still loads).
 
 ``adapter_config.yaml`` records the method and its hyper-parameters (the ``pet:`` section, readable by
 :func:`mindpet.config_from_dict`), the adapted layers, the parameters of ``modules_to_save`` stored with the
 adapter, a fingerprint of the base model (every base parameter's name and shape) so that an adapter is never
-loaded into a model it was not trained on, and the SHA-256 of the tensor file (``weights_sha256``: safetensors has
-no checksum of its own, so a damaged byte would otherwise load as a wrong number; adapters saved without it load
-unchecked). ``adapter_model.safetensors`` holds the adapter tensors only, in the
-adapter's own shapes, named ``<layer>.<delta parameter>`` (e.g. ``blocks.0.attn.q_proj.mindpet_delta_lora_a``) and
-by their own names for ``modules_to_save`` parameters. No optimizer state is ever written.
+loaded into a model it was not trained on, the tensor file's name and SHA-256 (``weights_file``,
+``weights_sha256``: safetensors has no checksum of its own, so a damaged byte would otherwise load as a wrong
+number), and ``adapter_sha256``, a SHA-256 over all the config's fields, so an edited config is refused.
+The tensor file holds the adapter tensors only, in the adapter's own shapes, named ``<layer>.<delta parameter>``
+(e.g. ``blocks.0.attn.q_proj.mindpet_delta_lora_a``) and by their own names for ``modules_to_save`` parameters.
+No optimizer state is ever written.
+
+A save is one unit (see :mod:`mindpet.utils.dir_commit` and ``doc/checkpoints.md``): the config, renamed into place
+last, is the single commit point; a reader gets the old adapter or the new one, never a mix.
+
+Other formats (Hugging Face PEFT's) plug in through :data:`_FORMATS`: :func:`load_adapter_dir` and
+:func:`save_adapter_dir` dispatch, and every format reads and writes a :class:`StoredAdapter`.
 """
+import contextlib
+import hashlib
 import importlib
+import json
 import os
+import re
 from collections import OrderedDict, namedtuple
 
 import numpy as np
 import yaml
+from safetensors.numpy import load as safetensors_arrays, save as safetensors_bytes
 
 from mindpet.delta.layer_kinds import canonical_arrays, canonical_fingerprint, stored_updates
 from mindpet.naming import is_pet_param
-from mindpet.utils.exceptions import AdapterConfigError, CheckpointError, MindPetError
-from mindpet.utils.io_utils import (atomic_write, atomic_save_checkpoint, load_checkpoint_file, read_yaml_file,
-                                    file_sha256)
+from mindpet.tuners.registry import config_from_dict, make_tuner
+from mindpet.utils.dir_commit import directory_lock, remove_temp_files, write_file
+from mindpet.utils.exceptions import AdapterConfigError, CheckpointError, LinkPathError, MindPetError
+from mindpet.utils.io_utils import (atomic_save_checkpoint, checkpoint_format, ensure_dir, load_checkpoint_file,
+                                    read_yaml_file, remove_stale_temp_files)
+from mindpet.version import __version__
 
 ADAPTER_CONFIG_NAME = 'adapter_config.yaml'
 ADAPTER_WEIGHTS_NAME = 'adapter_model.safetensors'
@@ -108,7 +127,6 @@ def check_tensors(tensors, expected, path):
 def build_meta(adapter):
     """The ``adapter_config.yaml`` mapping of ``adapter`` (a :class:`StoredAdapter`), without ``weights_sha256``
     (added by the writer from the bytes it writes)."""
-    from mindpet.version import __version__  # pylint: disable=import-outside-toplevel
     fingerprint = adapter.fingerprint
     meta = {
         'format': FORMAT,
@@ -148,25 +166,56 @@ def group_tensors(flat, targets, module_names):
     return layers, modules
 
 
+def weights_file_name(data):
+    """The name of a tensor file holding ``data`` (bytes): ``adapter_model.<first 16 hex digits of its
+    SHA-256>.safetensors``. Named by content, a file is never rewritten with other bytes, so a reader that found it
+    through a config reads the bytes that config describes."""
+    return f'adapter_model.{hashlib.sha256(data).hexdigest()[:16]}.safetensors'
+
+
+_WEIGHTS_FILE_RE = re.compile(r'^adapter_model\.[0-9a-f]{16}\.safetensors$')
+
+
+def _meta_sha256(meta):
+    """SHA-256 over every field of an adapter config but ``adapter_sha256`` itself, in a canonical form (the
+    config's ``weights_sha256`` ties the tensor file's bytes in)."""
+    fields = {key: value for key, value in meta.items() if key != 'adapter_sha256'}
+    text = json.dumps(fields, sort_keys=True, separators=(',', ':'), ensure_ascii=True)
+    return hashlib.sha256(text.encode('ascii')).hexdigest()
+
+
 def _save_mindpet_dir(directory, adapter):
-    """Write ``adapter`` in mindpet's own format: the tensor file, then ``adapter_config.yaml``."""
-    import mindspore as ms  # pylint: disable=import-outside-toplevel
-    weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
-    config_path = os.path.join(directory, ADAPTER_CONFIG_NAME)
+    """Write ``adapter`` in mindpet's own format, as one unit, into the existing ``directory`` whose writer lock
+    the caller holds (:func:`save_adapter_dir`).
+
+    Temporary files of killed saves are removed; the tensor file is written under
+    its content name (:func:`weights_file_name`); ``adapter_config.yaml``, written last and renamed into place, is
+    the commit point; tensor files no config names any more are removed. The config records the tensor file's name
+    and SHA-256 and ``adapter_sha256``, a SHA-256 over all its fields, so an edited config is refused on load.
+    """
     # ascontiguousarray turns a 0-d array (a scalar state such as PST's sparsity) into shape (1,): keep the shape.
-    items = [{'name': name, 'data': ms.Tensor(np.ascontiguousarray(value).reshape(np.shape(value)))}
-             for name, value in flat_tensors(adapter).items()]
-    atomic_save_checkpoint(items, weights_path, ckpt_format='safetensors')
-    # Also ties the two files together: a crash between the two renames leaves a config whose checksum does not
-    # match the new tensor file, which load refuses instead of mixing two saves.
-    meta = dict(build_meta(adapter), weights_sha256=file_sha256(weights_path))
+    data = safetensors_bytes({name: np.ascontiguousarray(value).reshape(np.shape(value))
+                              for name, value in flat_tensors(adapter).items()})
+    weights_name = weights_file_name(data)
+    meta = dict(build_meta(adapter), weights_file=weights_name, weights_sha256=hashlib.sha256(data).hexdigest())
     text = yaml.safe_dump(_plain(meta), sort_keys=False, default_flow_style=None, width=120)
-
-    def _write(tmp_path):
-        with open(tmp_path, 'w', encoding='utf-8') as handle:
-            handle.write(text)
-
-    atomic_write(config_path, _write)
+    # Hash what a reader will parse, so that the YAML round trip cannot make the two sides differ.
+    text += yaml.safe_dump({'adapter_sha256': _meta_sha256(yaml.safe_load(text))})
+    weights_path = os.path.join(directory, weights_name)
+    remove_temp_files(directory, [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, _WEIGHTS_FILE_RE])
+    existed = os.path.exists(weights_path)
+    write_file(weights_path, data, what='adapter weights file')
+    try:
+        write_file(os.path.join(directory, ADAPTER_CONFIG_NAME), text.encode('utf-8'), what='adapter config')
+    except BaseException:
+        if not existed:   # no config names it: a failed save leaves the directory as it was
+            with contextlib.suppress(OSError):
+                os.remove(weights_path)
+        raise
+    for entry in os.listdir(directory):
+        if entry != weights_name and (entry == ADAPTER_WEIGHTS_NAME or _WEIGHTS_FILE_RE.match(entry)):
+            with contextlib.suppress(OSError):   # e.g. open by a reader on Windows: removed by the next save
+                os.remove(os.path.join(directory, entry))
     return directory
 
 
@@ -209,7 +258,6 @@ def read_adapter_meta(directory):
     Raises:
         AdapterConfigError: the directory or file is missing, a key is missing, or the format is unknown.
     """
-    from mindpet.tuners.registry import config_from_dict  # pylint: disable=import-outside-toplevel
     directory = _check_adapter_dir(directory)
     path = os.path.join(directory, ADAPTER_CONFIG_NAME)
     if not os.path.isfile(path):
@@ -234,33 +282,74 @@ def read_adapter_meta(directory):
         raise AdapterConfigError(f"'{path}': the 'pet' section is invalid: {ex}") from ex
     except MindPetError as ex:  # e.g. an unknown key: keep the type callers catch, name the file
         raise type(ex)(f"'{path}': the 'pet' section is invalid: {ex}") from ex
-    if not isinstance(meta.get('weights_sha256', ''), str):
-        raise AdapterConfigError(f"'{path}': 'weights_sha256' must be a str, but got {meta['weights_sha256']!r}.")
+    for key in ('weights_sha256', 'adapter_sha256'):
+        if not isinstance(meta.get(key, ''), str):
+            raise AdapterConfigError(f"'{path}': '{key}' must be a str, but got {meta[key]!r}.")
+    if 'weights_file' in meta:
+        if not isinstance(meta['weights_file'], str) or not _WEIGHTS_FILE_RE.match(meta['weights_file']):
+            raise AdapterConfigError(f"'{path}': 'weights_file' must be a name like "
+                                     f"'adapter_model.0123456789abcdef.safetensors', but got {meta['weights_file']!r}.")
+        if 'adapter_sha256' not in meta:
+            raise AdapterConfigError(f"'{path}' lacks 'adapter_sha256' (the SHA-256 over its fields that every "
+                                     f"adapter with a 'weights_file' records).")
     return config, meta
 
 
-def verify_adapter_weights(directory, meta):
-    """Check ``adapter_model.safetensors`` of ``directory`` against the ``weights_sha256`` recorded in ``meta``
-    (adapters saved without one pass unchecked).
+def adapter_weights_path(directory):
+    """Path of the tensor file the ``adapter_config.yaml`` of ``directory`` names (``adapter_model.safetensors``
+    for adapters saved before tensor files were named by content)."""
+    _, meta = read_adapter_meta(directory)
+    return os.path.join(os.fspath(directory), meta.get('weights_file', ADAPTER_WEIGHTS_NAME))
 
-    Raises:
-        CheckpointError: the file's bytes differ from the recorded checksum.
-    """
-    path = os.path.join(os.fspath(directory), ADAPTER_WEIGHTS_NAME)
-    expected = meta.get('weights_sha256')
-    if expected and file_sha256(path) != expected:
-        raise CheckpointError(f"The adapter weights file '{path}' does not match the SHA-256 recorded in "
-                              f"{ADAPTER_CONFIG_NAME}: it was damaged or replaced after saving.")
+
+def _read_bytes(path, what):
+    if os.path.islink(path):
+        raise LinkPathError(f"The {what} file '{path}' is a symbolic link; give the real path.")
+    try:
+        with open(path, 'rb') as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise
+    except IsADirectoryError as ex:
+        raise CheckpointError(f"The {what} file '{path}' is a directory, not a file.") from ex
+    except OSError as ex:
+        raise CheckpointError(f"The {what} file '{path}' cannot be read: {ex.strerror or ex}.") from ex
+    if not data:
+        raise CheckpointError(f"The {what} file '{path}' is empty.")
+    return data
+
+
+# A writer commits between a reader's reading the config and opening the tensor file it names (which that writer
+# then removes): the reader reads the new config and tries again. Each retry needs another complete save.
+_READ_ATTEMPTS = 100
+
+
+def _read_committed(directory):
+    """``(config, meta, path, data)`` of one committed save: the config and the bytes of the tensor file it
+    names."""
+    for attempt in range(_READ_ATTEMPTS):
+        config, meta = read_adapter_meta(directory)
+        path = os.path.join(directory, meta.get('weights_file', ADAPTER_WEIGHTS_NAME))
+        try:
+            return config, meta, path, _read_bytes(path, 'adapter weights')
+        except FileNotFoundError as ex:
+            if attempt + 1 < _READ_ATTEMPTS and read_adapter_meta(directory)[1] != meta:
+                continue
+            raise CheckpointError(f"The adapter weights file '{path}' does not exist.") from ex
+    raise CheckpointError(f"The adapter in '{directory}' was saved again {_READ_ATTEMPTS} times while being "
+                          f"read; try again when the writers pause.")
 
 
 def _load_mindpet_dir(directory):
-    """Read a mindpet-format adapter directory, its tensors checked against its YAML (names and shapes) and its
-    checksum."""
-    from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
-    config, meta = read_adapter_meta(directory)
-    path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
-    params = load_checkpoint_file(path, what='adapter weights')
-    flat = OrderedDict((name, value.asnumpy()) for name, value in params.items())
+    """Read a mindpet-format adapter directory, its tensors checked against its YAML (names and shapes) and both
+    files against the SHA-256 values its config records."""
+    config, meta, path, data = _read_committed(directory)
+    try:
+        flat = safetensors_arrays(data)
+    except Exception as ex:  # safetensors raises its own SafetensorError for torn or foreign files
+        first = str(ex).strip().splitlines()[0] if str(ex).strip() else type(ex).__name__
+        raise CheckpointError(f"The adapter weights file '{path}' could not be read (truncated or corrupt?): "
+                              f"{first}") from ex
     fingerprint = meta['base_model']['params']
     layer_types = meta.get('layer_types')
     # The tuners derive adapter shapes from each layer's weight in the (out, in) view of its layer type.
@@ -268,8 +357,14 @@ def _load_mindpet_dir(directory):
                                 meta['modules_to_save_params'],
                                 canonical_fingerprint(fingerprint, layer_types, directory), directory)
     check_tensors(flat, expected, path)
-    # After the name/shape checks, whose messages say more; this one catches changed values.
-    verify_adapter_weights(directory, meta)
+    # After the name/shape checks, whose messages say more; these catch changed values.
+    if meta.get('weights_sha256') and hashlib.sha256(data).hexdigest() != meta['weights_sha256']:
+        raise CheckpointError(f"The adapter weights file '{path}' does not match the SHA-256 recorded in "
+                              f"{ADAPTER_CONFIG_NAME}: it was damaged or replaced after saving.")
+    if 'adapter_sha256' in meta and _meta_sha256(meta) != meta['adapter_sha256']:
+        raise AdapterConfigError(f"'{os.path.join(directory, ADAPTER_CONFIG_NAME)}' was edited after saving: its "
+                                 f"fields no longer match its SHA-256 ('adapter_sha256'). Change an adapter by "
+                                 f"loading it and saving it again.")
     layers, modules = group_tensors(flat, meta['target_layers'], meta['modules_to_save_params'])
     return StoredAdapter(meta.get('adapter_name'), config, list(meta['target_layers']), layers, modules,
                          OrderedDict(fingerprint), layer_types)
@@ -277,7 +372,7 @@ def _load_mindpet_dir(directory):
 
 # Adapter directory formats: the config file that identifies a directory of that format, and the module that
 # reads and writes it (None: this module). A format module has ``save_adapter_dir(directory, adapter)`` (writes a
-# StoredAdapter, returns the directory) and ``load_adapter_dir(directory)`` (returns a StoredAdapter whose
+# StoredAdapter into the existing directory, whose writer lock the caller holds; returns the directory) and ``load_adapter_dir(directory)`` (returns a StoredAdapter whose
 # ``fingerprint`` may be None when the format records no base model). 'peft' is Hugging Face PEFT's layout
 # (``adapter_config.json`` + ``adapter_model.safetensors``), imported only when used.
 _FORMATS = OrderedDict([
@@ -322,15 +417,27 @@ def detect_format(directory):
 
 
 def save_adapter_dir(directory, adapter, fmt='mindpet'):
-    """Write ``adapter`` (a :class:`StoredAdapter`) to ``directory`` in format ``fmt`` ('mindpet':
-    ``adapter_config.yaml`` + the tensor file; 'peft': Hugging Face PEFT's layout). Returns the directory (str).
+    """Write ``adapter`` (a :class:`StoredAdapter`) to ``directory`` (created if needed) in format ``fmt``
+    ('mindpet': ``adapter_config.yaml`` + the tensor file, as one unit; 'peft': Hugging Face PEFT's layout), holding
+    the directory's writer lock (:func:`mindpet.utils.dir_commit.directory_lock`). Returns the directory (str).
 
     Example:
         >>> save_adapter_dir('out/task_a', adapter)  # doctest: +SKIP
     """
     check_format(fmt, 'save_adapter_dir')
     save, _ = _format_io(fmt)
-    return save(os.fspath(directory), adapter)
+    directory = ensure_dir(os.fspath(directory), what='adapter directory')
+    # Every format's writers are serialised; the format's writer runs with the lock held.
+    with directory_lock(directory):
+        for other, (config_name, _) in _FORMATS.items():
+            if other != fmt and os.path.isfile(os.path.join(directory, config_name)):
+                # Two configs in one directory: a reader would take the other format's (stale) adapter.
+                raise AdapterConfigError(f"The directory '{directory}' holds a {other!r} adapter ({config_name}); "
+                                         f"saving a {fmt!r} adapter beside it would leave two. Save into another "
+                                         f"directory, or remove that adapter first.")
+        # Formats written with io_utils.atomic_write (PEFT's) leave its temporary files when killed.
+        remove_stale_temp_files(directory, 'adapter_')
+        return save(directory, adapter)
 
 
 def load_adapter_dir(directory):
@@ -363,7 +470,6 @@ def check_adapter_fits(adapter, fingerprint, source, what='this model', allow_ex
     if adapter.fingerprint is not None:
         check_fingerprint(adapter.fingerprint, fingerprint, source, what=what, allow_extra=allow_extra)
         return
-    from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
     expected = expected_tensors(make_tuner(adapter.config.method), adapter.config, adapter.targets,
                                 list(adapter.modules),
                                 canonical_fingerprint(fingerprint, _target_types(adapter, layer_types), source),
@@ -383,13 +489,17 @@ MergeReport.__doc__ = """What merge_into_checkpoint did: output path, layers mer
 replaced, entries copied unchanged, entries written."""
 
 
-def merge_into_checkpoint(base_path, adapter_dir, out_path):
+def merge_into_checkpoint(base_path, adapter_dir, out_path, base_params=None):
     """Write ``out_path``: the base checkpoint with the adapter merged into its weights (the ``mindpet merge``
     command). No network code is needed: the adapter's YAML names the layers and the method.
 
     The base checkpoint must hold every parameter of the adapter's base-model fingerprint with the same shape;
     other entries (e.g. optimizer state) are copied unchanged. The format follows ``out_path``'s extension
     (``.safetensors`` or ``.ckpt``); the file is written atomically.
+
+    ``base_params`` (name -> numpy array) replaces reading ``base_path`` (which then only names the base in
+    messages): the parameters of a network into which a model's own loader read a checkpoint of another naming,
+    e.g. Hugging Face's (``mindpet merge --config``).
 
     Raises:
         AdapterConfigError: the adapter does not fit the base checkpoint (first differing parameter named).
@@ -399,8 +509,6 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path):
         >>> merge_into_checkpoint('base.ckpt', 'out/adapter', 'merged.ckpt')  # doctest: +SKIP
     """
     import mindspore as ms  # pylint: disable=import-outside-toplevel
-    from mindpet.tuners.registry import make_tuner  # pylint: disable=import-outside-toplevel
-    from mindpet.utils.io_utils import checkpoint_format  # pylint: disable=import-outside-toplevel
     expected = "a path ending in .ckpt or .safetensors (the format follows the extension)"
     if not isinstance(out_path, (str, os.PathLike)):
         raise TypeError(f"For 'merge_into_checkpoint', the 'out_path' must be {expected}, but got {out_path!r} "
@@ -408,11 +516,15 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path):
     if os.path.splitext(os.fspath(out_path))[1] not in ('.ckpt', '.safetensors'):
         raise ValueError(f"For 'merge_into_checkpoint', the 'out_path' must be {expected}, but got {out_path!r}.")
     adapter = load_adapter_dir(adapter_dir)
-    base = load_checkpoint_file(base_path, what='base checkpoint')
+    if base_params is None:
+        base = OrderedDict((name, value.asnumpy())
+                           for name, value in load_checkpoint_file(base_path, what='base checkpoint').items())
+    else:
+        base = OrderedDict(base_params)
     base_shapes = OrderedDict((name, list(value.shape)) for name, value in base.items())
     check_adapter_fits(adapter, base_shapes, adapter_dir, what=f"the base checkpoint '{base_path}'",
                        allow_extra=True)
-    arrays = OrderedDict((name, value.asnumpy()) for name, value in base.items())
+    arrays = base
     tuner = make_tuner(adapter.config.method)
     # The tuners merge on each layer's weight in the (out, in) view of its layer type.
     updates = tuner.merge_adapter_weights(canonical_arrays(arrays, adapter.layer_types, adapter_dir),

@@ -73,8 +73,15 @@ def _one_line(error):
 
 # ----- merge -------------------------------------------------------------------------------------------------
 def _merge_arguments(parser):
-    parser.add_argument('--base', required=True, metavar='BASE.ckpt',
-                        help='base-model checkpoint (.ckpt or .safetensors)')
+    parser.add_argument('--base', metavar='BASE.ckpt',
+                        help='base-model checkpoint (.ckpt or .safetensors); with --config it may use the naming '
+                             "the model's loader maps (e.g. a Hugging Face model.safetensors), and defaults to the "
+                             "config's model.base_checkpoint")
+    parser.add_argument('--config', metavar='RUN.yaml',
+                        help="run config whose model reads the base checkpoint (its own name map); the output then "
+                             "holds the whole network under its own names")
+    parser.add_argument('--set', dest='overrides', action='append', default=[], metavar='SECTION.KEY=VALUE',
+                        help='override a run-config value (with --config; repeatable)')
     parser.add_argument('--adapter', required=True, metavar='DIR', help='adapter directory (save_pretrained)')
     parser.add_argument('--out', required=True, metavar='MERGED.ckpt',
                         help='output checkpoint; .safetensors or .ckpt by extension')
@@ -82,7 +89,22 @@ def _merge_arguments(parser):
 
 def _merge_run(args):
     from mindpet.adapter_store import merge_into_checkpoint  # pylint: disable=import-outside-toplevel
-    report = merge_into_checkpoint(args.base, args.adapter, args.out)
+    if args.config is not None:
+        from mindpet.train.runner import merge  # pylint: disable=import-outside-toplevel
+        report, _ = merge(args.config, args.adapter, args.out, base=args.base, overrides=args.overrides)
+    elif args.base is None:
+        raise ValueError("mindpet merge needs --base BASE.ckpt, or --config RUN.yaml (whose model reads its base "
+                         "checkpoint)")
+    elif args.overrides:
+        raise ValueError("--set overrides a run config: give --config RUN.yaml too")
+    else:
+        from mindpet.utils.exceptions import AdapterConfigError  # pylint: disable=import-outside-toplevel
+        try:
+            report = merge_into_checkpoint(args.base, args.adapter, args.out)
+        except AdapterConfigError as ex:
+            raise AdapterConfigError(f"{ex} If the base checkpoint uses another naming (e.g. Hugging Face's "
+                                     f"model.safetensors), give --config RUN.yaml: its model's loader maps the "
+                                     f"names.") from ex
     extra = f", {report.copied} other entries copied unchanged" if report.copied else ""
     print(f"merged {report.layers} layer(s) and {report.module_params} saved module parameter(s) into "
           f"{report.out_path} ({report.total_params} tensors, {os.path.getsize(report.out_path):,} bytes{extra})")

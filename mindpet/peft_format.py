@@ -12,6 +12,10 @@ PEFT tensor            shape                                       mindpet tenso
 ``ia3_l``              ``(out, 1)``; ``(1, in)`` for feed-forward  ``mindpet_delta_ia3_vector`` ``(out,)`` / ``(in,)``
 =====================  ==========================================  ==========================================
 
+On a ``Conv2d`` layer (LoRA only) PEFT's ``lora_A`` is a kernel ``(r, in, kh, kw)`` and ``lora_B`` a 1x1 kernel
+``(out, r, 1, 1)``; mindpet holds them as ``(r, in*kh*kw)`` and ``(out, r)`` (its Conv2d layer kind). Other layer
+kinds (GPT-2 ``Conv1D``, embeddings) are written only in mindpet's own format.
+
 PyTorch's ``nn.Linear``, MindSpore's ``nn.Dense`` and ``mint.nn.Linear`` all store weights ``(out, in)``, so the LoRA
 factors are the same arrays in both formats; IA3's vector is a column or a row in PEFT and flat here. Parameters of
 ``modules_to_save`` are stored under ``base_model.model.<parameter name>``. The module paths are the MindSpore cell
@@ -51,6 +55,8 @@ _SUFFIXES = {
     ('IA3', False): {'ia3_l': IA3_VECTOR},
 }
 PEFT_TYPES = ('LORA', 'IA3')
+# Layer kinds (mindpet.delta.layer_kinds) PEFT's format is written for: None is nn.Dense.
+PEFT_KINDS = (None, 'linear', 'conv2d')
 
 # Keys that describe the adapter but do not change what it computes.
 _INFORMATIONAL = {'peft_type', 'task_type', 'base_model_name_or_path', 'revision', 'inference_mode', 'auto_mapping',
@@ -171,12 +177,18 @@ def _lora_config(path, data, layers, modules):
     rank = data.get('r')
     alpha = data.get('lora_alpha', rank)
     use_dora = bool(data.get('use_dora', False))
-    a_name = DORA_A if use_dora else LORA_A
+    a_name, b_name = (DORA_A, DORA_B) if use_dora else (LORA_A, LORA_B)
+    layer_types = OrderedDict()
     for layer, tensors in layers.items():
-        lora_a, lora_b = tensors[a_name], tensors[DORA_B if use_dora else LORA_B]
+        lora_a, lora_b = tensors[a_name], tensors[b_name]
+        if lora_a.ndim == 4 and lora_b.ndim == 4 and lora_b.shape[2:] == (1, 1):
+            # Conv2d: A is a (r, in, kh, kw) kernel, B a 1x1 (out, r, 1, 1) one; mindpet's view is (r, in*kh*kw).
+            lora_a, lora_b = lora_a.reshape(lora_a.shape[0], -1), lora_b.reshape(lora_b.shape[0], -1)
+            tensors[a_name], tensors[b_name] = lora_a, lora_b
+            layer_types[layer] = 'conv2d'
         if lora_a.ndim != 2 or lora_b.ndim != 2:
             raise CheckpointError(f"The PEFT adapter file '{path}' has LoRA factors of shapes {lora_a.shape} and "
-                                  f"{lora_b.shape} for '{layer}'; mindpet reads the 2-D factors of linear layers.")
+                                  f"{lora_b.shape} for '{layer}'; mindpet reads those of linear and Conv2d layers.")
         if lora_b.shape[1] != lora_a.shape[0]:
             raise CheckpointError(f"The PEFT adapter file '{path}' has lora_B {lora_b.shape} that does not multiply "
                                   f"lora_A {lora_a.shape} for '{layer}'.")
@@ -195,7 +207,7 @@ def _lora_config(path, data, layers, modules):
         if not _is_unset(data.get(option)):
             kwargs[option] = data[option]
     try:
-        return LoraConfig(**kwargs)
+        return LoraConfig(**kwargs), layer_types
     except (TypeError, ValueError) as ex:
         raise AdapterConfigError(f"The PEFT adapter config '{path}' does not give a valid LoRA config: {ex}") from ex
 
@@ -215,7 +227,7 @@ def _ia3_config(path, data, layers, modules):
         tensors[IA3_VECTOR] = vector.reshape(-1)
     try:
         return IA3Config(target_modules=_exact(layers), feedforward_modules=_exact(feedforward) or None,
-                         modules_to_save=_module_cells(modules))
+                         modules_to_save=_module_cells(modules)), OrderedDict()
     except (TypeError, ValueError) as ex:
         raise AdapterConfigError(f"The PEFT adapter config '{path}' does not give a valid IA3 config: {ex}") from ex
 
@@ -267,13 +279,13 @@ def load_adapter_dir(directory):
         modules_to_save = [modules_to_save]
     layers, modules = _layer_tensors(weights, arrays, _SUFFIXES[(data['peft_type'], use_dora)], modules_to_save)
     if data['peft_type'] == 'LORA':
-        config = _lora_config(path, data, layers, modules)
+        config, layer_types = _lora_config(path, data, layers, modules)
     else:
-        config = _ia3_config(path, data, layers, modules)
+        config, layer_types = _ia3_config(path, data, layers, modules)
     layers = OrderedDict((key, {name: np.ascontiguousarray(value, np.float32) for name, value in tensors.items()})
                          for key, tensors in layers.items())
     modules = OrderedDict((name, np.ascontiguousarray(value)) for name, value in modules.items())
-    return StoredAdapter(None, config, list(layers), layers, modules, None)
+    return StoredAdapter(None, config, list(layers), layers, modules, None, dict(layer_types) or None)
 
 
 def peft_config_dict(adapter):
@@ -311,19 +323,41 @@ def peft_config_dict(adapter):
                      f"is '{config.method}' (save it with format='mindpet').")
 
 
+def _layer_kind(adapter, key):
+    kind = (adapter.layer_types or {}).get(key)
+    if kind not in PEFT_KINDS:
+        raise ValueError(f"For 'save_pretrained', the format 'peft' holds adapters of linear layers (nn.Dense, "
+                         f"mint.nn.Linear) and, for LoRA, Conv2d layers, but layer '{key}' is of kind {kind!r} "
+                         f"(save it with format='mindpet').")
+    return kind
+
+
 def peft_tensors(adapter):
-    """``PEFT key -> numpy array`` for ``adapter`` (see the module's table)."""
+    """``PEFT key -> numpy array`` for ``adapter`` (see the module's table; a Conv2d layer's factors become PEFT's
+    ``(r, in, kh, kw)`` and ``(out, r, 1, 1)`` kernels)."""
     config = adapter.config
     out = OrderedDict()
     for key in adapter.targets:
         tensors = adapter.layers[key]
+        kind = _layer_kind(adapter, key)
         if config.method == 'lora':
             use_dora = bool(config.use_dora)
-            out[f'{KEY_PREFIX}{key}.lora_A.weight'] = tensors[DORA_A if use_dora else LORA_A]
-            out[f'{KEY_PREFIX}{key}.lora_B.weight'] = tensors[DORA_B if use_dora else LORA_B]
+            lora_a, lora_b = tensors[DORA_A if use_dora else LORA_A], tensors[DORA_B if use_dora else LORA_B]
+            if kind == 'conv2d':
+                if use_dora or adapter.fingerprint is None:
+                    raise ValueError(f"For 'save_pretrained', the format 'peft' holds LoRA (not DoRA) on Conv2d "
+                                     f"layers, with the layer's kernel shape known; layer '{key}' cannot be written.")
+                _, in_channels, kh, kw = adapter.fingerprint[f'{key}.weight']
+                lora_a = lora_a.reshape(lora_a.shape[0], in_channels, kh, kw)
+                lora_b = lora_b.reshape(lora_b.shape[0], lora_b.shape[1], 1, 1)
+            out[f'{KEY_PREFIX}{key}.lora_A.weight'] = lora_a
+            out[f'{KEY_PREFIX}{key}.lora_B.weight'] = lora_b
             if use_dora:
                 out[f'{KEY_PREFIX}{key}.lora_magnitude_vector'] = tensors[DORA_M]
         else:
+            if kind not in (None, 'linear'):
+                raise ValueError(f"For 'save_pretrained', the format 'peft' holds IA3 on linear layers; layer "
+                                 f"'{key}' is of kind {kind!r} (save it with format='mindpet').")
             vector = tensors[IA3_VECTOR].reshape(-1)
             shape = (1, -1) if config.is_feedforward(key) else (-1, 1)
             out[f'{KEY_PREFIX}{key}.ia3_l'] = vector.reshape(shape)

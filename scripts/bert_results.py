@@ -93,7 +93,7 @@ batch 16, 3 epochs (75 steps), AdamW, seed 0 for every method; the learning rate
   CPU, batch 16 x 32 tokens. R-Drop runs every batch twice (in one call), so its step is about twice as long.
 - **peak memory**: the maximum resident memory of the whole `mindpet finetune` process (MindSpore itself, the
   dataset, the model, the optimizer state), from `ru_maxrss`.
-- **saved file**: what the method has to store per task: the adapter's `adapter_model.safetensors` (adapter tensors
+- **saved file**: what the method has to store per task: the adapter's tensor file (adapter tensors
   and the head), or the whole model's `model.ckpt` for full fine-tuning.
 - One run per method (seed 0). Runs are not bit-reproducible on the CPU (multi-threaded kernels sum in varying
   order: two runs of `bert_lora.yaml` first differ in the 5th digit of the loss at step 6), so a final accuracy

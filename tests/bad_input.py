@@ -23,7 +23,7 @@ from mindspore import Tensor
 from mindpet import LoraConfig, cli, get_pet_model
 from mindpet.graph import freeze_delta
 from mindpet.graph.ckpt_util import save_trainable_params
-from mindpet.adapter_store import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from mindpet.adapter_store import ADAPTER_CONFIG_NAME, adapter_weights_path
 
 from tests.nets import LoRAMLP, PlainMLP
 
@@ -90,7 +90,7 @@ class Files:
             param.set_data(Tensor(rng.randn(*param.shape).astype(np.float32)))
         self.adapter = j('adapter')
         pet.save_pretrained(self.adapter)
-        weights = open(os.path.join(self.adapter, ADAPTER_WEIGHTS_NAME), 'rb').read()
+        weights = open(adapter_weights_path(self.adapter), 'rb').read()
         meta_text = open(os.path.join(self.adapter, ADAPTER_CONFIG_NAME), encoding='utf-8').read()
         self.adapter_flip = self._adapter_copy('adapter_flip', weights=_flip(weights, len(weights) - 10))
         self.adapter_trunc = self._adapter_copy('adapter_trunc', weights=weights[:len(weights) // 2])
@@ -99,7 +99,7 @@ class Files:
                                                     meta=meta_text.replace('lora_rank: 2', 'lora_rank: two'))
         self.adapter_badyaml = self._adapter_copy('adapter_badyaml', meta='pet: [unclosed\n')
         self.adapter_noweights = self._adapter_copy('adapter_noweights')
-        os.remove(os.path.join(self.adapter_noweights, ADAPTER_WEIGHTS_NAME))
+        os.remove(adapter_weights_path(self.adapter_noweights))
         other_pet = get_pet_model(PlainMLP(hidden=8), LoraConfig(target_modules=['fc1'], lora_rank=2))
         self.adapter_other = j('adapter_other')
         other_pet.save_pretrained(self.adapter_other)
@@ -123,7 +123,7 @@ class Files:
         path = os.path.join(self.root, name)
         shutil.copytree(self.adapter, path)
         if weights is not None:
-            _write(os.path.join(path, ADAPTER_WEIGHTS_NAME), weights)
+            _write(adapter_weights_path(path), weights)
         if meta is not None:
             _write(os.path.join(path, ADAPTER_CONFIG_NAME), meta.encode())
         return path

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 import mindpet
 from mindpet import (PstConfig, AdaLoraConfig, TensorSVDConfig, PetModel, get_pet_model, config_from_dict,
                      config_from_yaml)
-from mindpet.adapter_store import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, merge_into_checkpoint
+from mindpet.adapter_store import ADAPTER_CONFIG_NAME, adapter_weights_path, merge_into_checkpoint
 from mindpet.delta.adalora import AdaLoRADense
 from mindpet.delta.pst import PSTDense
 from mindpet.delta.rank_allocation import cubic_budget
@@ -30,19 +30,23 @@ from tests.gpt_like import GPTLike, LMLoss, token_batch
 TARGETS = ['q_proj', 'v_proj', 'fc_in']
 LAYERS = [f'blocks.{b}.{name}' for b in (0, 1) for name in ('attn.q_proj', 'attn.v_proj', 'mlp.fc_in')]
 STEPS = 16
+# t-SVD trains few singular-tube entries and its budget falls to the target early; measured on this machine's
+# kernels, 16 steps took the loss only to 0.903 of its start (32 steps: 0.836), so it trains for longer.
+METHOD_STEPS = {'pst': STEPS, 'adalora': STEPS, 'tsvd': 2 * STEPS}
 LAYER_CLASS = {'pst': PSTDense, 'adalora': AdaLoRADense, 'tsvd': TSVDDense}
 
 
 def config(method):
-    """The config every check of ``method`` uses (schedules over STEPS steps)."""
+    """The config every check of ``method`` uses (schedules over ``METHOD_STEPS[method]`` steps)."""
+    steps = METHOD_STEPS[method]
     if method == 'pst':
         return PstConfig(target_modules=TARGETS, r_w=4, r_m=4, final_sparsity=0.5, warmup_fraction=0.1,
-                         cooldown_fraction=0.25, total_step=STEPS)
+                         cooldown_fraction=0.25, total_step=steps)
     if method == 'adalora':
         return AdaLoraConfig(target_modules=TARGETS, init_r=4, target_r=2, lora_alpha=8, t_init=2, t_final=4,
-                             delta_t=2, orth_reg_weight=0.1, total_step=STEPS)
+                             delta_t=2, orth_reg_weight=0.1, total_step=steps)
     return TensorSVDConfig(target_modules=TARGETS, tsvd_rank=4, tsvd_alpha=8, target_rank=2, t_init=2,
-                           t_final=4, orth_reg_weight=0.1, total_step=STEPS)
+                           t_final=4, orth_reg_weight=0.1, total_step=steps)
 
 
 def snapshot(net):
@@ -86,7 +90,7 @@ def train_once(method, root):
     before = snapshot(pet)
     # Adam moves each entry by about lr per step; t-SVD trains few singular-tube entries (k * L per group),
     # so its increment grows more slowly at the same lr.
-    losses, hook, seen = train_with_hook(pet, lr=0.05 if method == 'tsvd' else 0.02)
+    losses, hook, seen = train_with_hook(pet, steps=METHOD_STEPS[method], lr=0.05 if method == 'tsvd' else 0.02)
     out = pet(ids).asnumpy()
     directory = os.path.join(root, method)
     pet.save_pretrained(directory)
@@ -174,7 +178,8 @@ def check_rank_allocation(trained, units, target, delta_t, live_rank):
     """The budget after every step follows the cubic schedule from ``units`` to ``target``; the final rank pattern
     spends exactly the target and each layer keeps ``live_rank(after, name)`` non-zero ranks."""
     run = trained.run
-    want = [cubic_budget(i, STEPS, units, target, 2, 4, delta_t)[0] for i in range(STEPS)]
+    steps = METHOD_STEPS[trained.method]
+    want = [cubic_budget(i, steps, units, target, 2, 4, delta_t)[0] for i in range(steps)]
     assert run.seen == want and want[0] == units and want[-1] == target
     pattern = run.hook.rank_pattern()
     assert sum(pattern.values()) == target
@@ -188,7 +193,7 @@ def check_saved_adapter_loads_switches_and_merges(trained, tmp_path, check_merge
     the merged weights against the method's formula); ``mindpet merge`` writes the same weights; merge_and_unload
     leaves no method layer. Needs GRAPH_MODE."""
     method, run, ids = trained.method, trained.run, trained.ids
-    tensors = load_file(os.path.join(run.dir, ADAPTER_WEIGHTS_NAME))
+    tensors = load_file(adapter_weights_path(run.dir))
     live = {name: value for name, value in run.after.items() if 'mindpet_delta_' in name}
     if method == 'pst':
         live.update({n: v.reshape(()) for n, v in run.after.items() if n.endswith('mindpet_state_pst_sparsity')})

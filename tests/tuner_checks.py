@@ -19,7 +19,7 @@ from mindspore import nn
 from safetensors.numpy import load_file
 
 from mindpet import PetModel, get_pet_model, config_from_dict
-from mindpet.adapter_store import ADAPTER_WEIGHTS_NAME, merge_into_checkpoint
+from mindpet.adapter_store import adapter_weights_path, merge_into_checkpoint
 from mindpet.naming import is_pet_param
 from mindpet.cli import main as mindpet_command
 from mindpet.utils.exceptions import ModelConfigKeysInfoError
@@ -177,7 +177,7 @@ def check_round_trip(case, pair, tmp_path):
     """save_pretrained -> from_pretrained gives the trained outputs bit for bit; the file holds exactly the trained
     adapter tensors; a re-save writes the same tensors."""
     ms.set_context(mode=ms.GRAPH_MODE)
-    stored = load_file(os.path.join(pair.dir_a, ADAPTER_WEIGHTS_NAME))
+    stored = load_file(adapter_weights_path(pair.dir_a))
     if pair.saved_a is not None:
         assert sorted(n for n in stored if 'mindpet_delta_' in n) == sorted(pair.saved_a)
         for name, value in pair.saved_a.items():
@@ -189,7 +189,7 @@ def check_round_trip(case, pair, tmp_path):
     assert pet.trainable_params() == []
     np.testing.assert_array_equal(pet(pair.ids).asnumpy(), pair.out_a)
     pet.save_pretrained(str(tmp_path / 'again'))
-    again = load_file(str(tmp_path / 'again' / ADAPTER_WEIGHTS_NAME))
+    again = load_file(adapter_weights_path(str(tmp_path / 'again')))
     assert sorted(again) == sorted(stored)
     for name, value in again.items():
         np.testing.assert_array_equal(value, stored[name])
@@ -197,27 +197,35 @@ def check_round_trip(case, pair, tmp_path):
 
 
 def check_switching(case, pair):
-    """Two adapters in one PetModel, switched in an already-compiled graph: each adapter's own outputs exactly,
-    and the base model's outputs with the adapters disabled or the active one deleted."""
+    """Two adapters in one PetModel, switched in an already-compiled graph: each adapter's own outputs, and the base
+    model's outputs with the adapters disabled or the active one deleted.
+
+    Outputs are exact until a larger adapter is loaded. After that, a smaller adapter runs zero-padded to the larger
+    size (see ``write_padded``): the zeros add exact zeros, but a longer inner dimension changes how the CPU matmul
+    kernel blocks its sums, so on some processors (AVX-512 here) the outputs move by an ulp. They are then compared
+    to 1e-6, far below the difference between the two adapters, which is checked to be large.
+    """
     ms.set_context(mode=ms.GRAPH_MODE)
     ids = pair.ids
+    assert np.abs(pair.out_a - pair.out_b).max() > 1e-3    # the switch is visible far above the tolerance
+    same = lambda actual, expected: np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)  # noqa: E731
     pet = PetModel.from_pretrained(case.make_net(), pair.dir_a, adapter_name='a')
     np.testing.assert_array_equal(pet(ids).asnumpy(), pair.out_a)
     pet.load_adapter(pair.dir_b, 'b')
-    np.testing.assert_array_equal(pet(ids).asnumpy(), pair.out_a)
+    same(pet(ids).asnumpy(), pair.out_a)
     pet.set_adapter('b')
-    np.testing.assert_array_equal(pet(ids).asnumpy(), pair.out_b)
+    same(pet(ids).asnumpy(), pair.out_b)
     compiled = len(pet.compile_cache)
     for _ in range(2):
         pet.set_adapter('a')
-        np.testing.assert_array_equal(pet(ids).asnumpy(), pair.out_a)
+        same(pet(ids).asnumpy(), pair.out_a)
         pet.set_adapter('b')
-        np.testing.assert_array_equal(pet(ids).asnumpy(), pair.out_b)
+        same(pet(ids).asnumpy(), pair.out_b)
     if case.switch_in_graph:
         assert len(pet.compile_cache) == compiled
     with pet.disable_adapter():
         assert_outputs(pet(ids).asnumpy(), pair.base_out, case.disabled or case.identity or 'exact')
-    np.testing.assert_array_equal(pet(ids).asnumpy(), pair.out_b)
+    same(pet(ids).asnumpy(), pair.out_b)
     if case.switch_in_graph and case.disable_in_graph:
         assert len(pet.compile_cache) == compiled
     pet.delete_adapter('b')

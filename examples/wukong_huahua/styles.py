@@ -46,6 +46,7 @@ def mean_colour(images):
 
 def main(argv=None):
     args = parse_args(argv)
+    from mindpet.adapter_store import adapter_weights_path
     from mindpet.model import PetModel
     from mindpet.train.runner import finetune, load_plan, set_context
     from examples.wukong_huahua.data import make_caption_set, save_sample_grid
@@ -103,7 +104,7 @@ def main(argv=None):
     print(f"  warm vs cool samples: mean-colour distance {np.linalg.norm(colours[1] - colours[2]):.1f} (0-255 "
           f"units); pixel-wise mean |difference| {np.abs(rows[1] - rows[2]).mean() * 127.5:.1f}")
     print(f"  set_adapter switch time: {', '.join(f'{1000 * t:.1f} ms' for t in switch_times)} (copies "
-          f"{os.path.getsize(os.path.join(adapters['warm'], 'adapter_model.safetensors')):,} bytes of adapter "
+          f"{os.path.getsize(adapter_weights_path(adapters['warm'])):,} bytes of adapter "
           f"tensors into the compiled graph's Parameters)")
     return 0
 

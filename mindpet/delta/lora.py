@@ -13,7 +13,7 @@ import math
 import numpy as np
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore import dtype as mstype
-from mindspore.common.initializer import HeUniform
+from mindspore.common.initializer import initializer, HeUniform, Normal
 
 from mindpet.delta.base import init_param, check_init_shape, check_dense_kwargs
 from mindpet.delta.layer_kinds import DeltaLayer
@@ -287,3 +287,49 @@ class LoraLayer(DeltaLayer):
     def extend_repr(self):
         return (super().extend_repr() + f', lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, '
                 f'lora_dropout={self.lora_dropout_rate}')
+
+
+#: ``init_lora_weights`` values besides the default ``True`` (Kaiming-uniform A, zero B), as Hugging Face PEFT
+LORA_INITS = ('gaussian', 'pissa', 'olora')
+
+
+def lora_init_factors(kind, weight, rank, scaling):
+    """Initial ``A (rank, in)`` and ``B (out, rank)`` (float32 numpy) of a LoRA adapter initialised by ``kind``.
+
+    - ``'gaussian'``: ``A ~ N(0, (1 / rank)^2)`` (MindSpore's RNG: ``mindspore.set_seed`` makes it reproducible),
+      ``B = 0`` (the layer starts as its base layer).
+    - ``'pissa'`` (Meng et al., 2024): from the SVD ``W = U S V^T`` of the base weight, ``A = sqrt(S_r / s) V_r^T``
+      and ``B = U_r sqrt(S_r / s)``, so ``s B A`` is the best rank-``r`` part of ``W``.
+    - ``'olora'`` (Buyukakyuz, 2024): from the QR decomposition ``W = Q R``, ``A = R[:r]``, ``B = Q[:, :r]``.
+
+    For ``'pissa'`` and ``'olora'`` the base weight is replaced by the residual ``W - s B A`` while the adapter is
+    active, so the adapted layer again computes ``W`` at initialisation (see :mod:`mindpet.tuners.lora`).
+
+    Args:
+        kind (str): one of :data:`LORA_INITS`.
+        weight (numpy.ndarray): the base weight ``(out, in)`` (used by 'pissa' and 'olora').
+        rank (int): ``r``, at most ``min(out, in)`` for 'pissa' and 'olora'.
+        scaling (float): ``s``, the adapter's scaling.
+
+    Example:
+        >>> w = np.diag([3., 2., 1.]).astype(np.float32)
+        >>> a, b = lora_init_factors('pissa', w, 2, 1.0)
+        >>> np.allclose(b @ a, np.diag([3., 2., 0.]))
+        True
+    """
+    weight = np.asarray(weight, np.float64)
+    out_channels, in_channels = weight.shape
+    if kind == 'gaussian':
+        lora_a = initializer(Normal(1.0 / rank), [rank, in_channels], mstype.float32).init_data().asnumpy()
+        return lora_a.astype(np.float32), np.zeros((out_channels, rank), np.float32)
+    if rank > min(out_channels, in_channels):
+        raise ValueError(f"For 'init_lora_weights={kind!r}', the rank must be at most min(out, in) = "
+                         f"{min(out_channels, in_channels)} of the weight {weight.shape}, but got {rank}.")
+    if kind == 'pissa':
+        u, s, vt = np.linalg.svd(weight, full_matrices=False)
+        root = np.sqrt(s[:rank] / scaling)
+        return (root[:, None] * vt[:rank]).astype(np.float32), (u[:, :rank] * root[None, :]).astype(np.float32)
+    if kind == 'olora':
+        q, r = np.linalg.qr(weight)
+        return r[:rank].astype(np.float32), q[:, :rank].astype(np.float32)
+    raise ValueError(f"For 'lora_init_factors', the 'kind' must be one of {list(LORA_INITS)}, but got {kind!r}.")

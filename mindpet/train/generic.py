@@ -40,7 +40,7 @@ from mindspore import nn, ops, Tensor
 from mindpet.train import text_data
 from mindpet.train.imports import CodeImportError, import_object
 from mindpet.train.schema import CODE_FIELDS, Field
-from mindpet.train.task import KeyValueError, Task, shard_rows
+from mindpet.train.task import KeyValueError, Task, predict_batches, shard_rows, softmax_cross_entropy
 from mindpet.train.text_data import DataError
 from mindpet.utils.exceptions import CheckpointError
 
@@ -133,7 +133,9 @@ class NextTokenLoss(nn.Cell):
 
 # ----- CPU fallbacks -----------------------------------------------------------------------------------------------
 class GatherEmbedding(nn.Cell):
-    """``mint.nn.Embedding`` (no ``max_norm``) as a gather of the same weight Parameter."""
+    """``mint.nn.Embedding`` (no ``max_norm``) as a gather of the same weight Parameter. The forward pass is the
+    same; ``padding_idx``'s zero gradient for the padding row is not reproduced, which matters only when the
+    embedding itself trains (PET methods freeze it)."""
 
     def __init__(self, cell):
         super().__init__()
@@ -392,7 +394,8 @@ class GenericTask(Task):
         'max_length': Field('int', 128, min_value=2, doc='tokens per row; longer rows are bad rows (text: block size)'),
         'text_column': Field('str', 'text', doc='the text field (classification, text)'),
         'label_column': Field('str', 'label', doc='the label field (classification)'),
-        'labels': Field('str_list', None, doc='label names in index order (null: the sorted labels of train)'),
+        'labels': Field('any', None, doc='label names (or int labels) in index order (null: the sorted labels of '
+                                         'train)'),
         'prompt_column': Field('str', 'prompt', doc="the prompt field (instruction; Alpaca's instruction/input "
                                                     "are read when it is absent)"),
         'response_column': Field('str', 'response', doc="the response field (instruction; Alpaca: output)"),
@@ -480,11 +483,25 @@ class GenericTask(Task):
         self.kind = kind
         if data['eval'] is not None and data['split'] is not None:
             raise KeyValueError('data.split', "give either an eval file or a split of train, not both")
+        labels = data['labels']
+        if labels is not None:
+            if (not isinstance(labels, list) or not labels
+                    or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in labels)):
+                raise KeyValueError('data.labels', f"must be a list of label names (str or int), but got {labels!r}")
+            data['labels'] = [str(v) for v in labels]
+            if len(set(data['labels'])) != len(labels):
+                raise KeyValueError('data.labels', f"lists a label twice: {labels!r}")
         if '{prompt}' not in data['prompt_template']:
             raise KeyValueError('data.prompt_template', f"must contain '{{prompt}}', but got "
                                                         f"{data['prompt_template']!r}")
         self.metric = 'accuracy' if self.classifies else 'perplexity'
         self.metric_higher_is_better = self.classifies
+        missing = [key for key in ('train', 'eval', 'tokenizer')
+                   if data[key] is not None and not os.path.isfile(data[key])]
+        if missing:
+            # Only a dry run gets here (it lists the files missing on this machine): nothing to read.
+            self.labels = list(data['labels'] or [])
+            return
         self._prepare_data()
 
     @staticmethod
@@ -572,6 +589,8 @@ class GenericTask(Task):
 
     def notes(self):
         lines = []
+        if self._splits is None:
+            return lines
         for key in ('train', 'eval'):
             encoded = self._splits[key]
             lines.append(f"{key}: {len(encoded)} {'blocks' if self.kind == 'text' else 'rows'} of {self.kind} data "
@@ -595,9 +614,10 @@ class GenericTask(Task):
         with ``num_labels`` (classification) and ``vocab_size`` filled in when not given; or a plain dict."""
         values = dict(self._config_file or self.model['config'] or {})
         config_class = getattr(self._class, 'config_class', None)
-        if self.head == 'sequence_classification' and 'num_labels' not in values and 'id2label' not in values:
+        if (self.head == 'sequence_classification' and self.labels and 'num_labels' not in values
+                and 'id2label' not in values):
             values['num_labels'] = len(self.labels)
-        if config_class is not None and 'vocab_size' not in values:
+        if config_class is not None and 'vocab_size' not in values and self._tokenizer is not None:
             values['vocab_size'] = self._tokenizer.get_vocab_size()
         if config_class is None:
             return None, values
@@ -636,29 +656,13 @@ class GenericTask(Task):
         return ClassificationLoss(network) if self.classifies else NextTokenLoss(network)
 
     # ----- results ---------------------------------------------------------------------------------------------
-    def _batches(self, encoded, cell):
-        """``cell(*batch)`` over every row, the last batch padded with copies of its last row (one graph)."""
-        size = self.data['eval_batch_size']
-        rows = len(encoded)
-        outputs = []
-        for start in range(0, rows, size):
-            chunk = [c[start:start + size] for c in encoded.columns]
-            real = len(chunk[0])
-            if real < size:
-                chunk = [np.concatenate([c, np.repeat(c[-1:], size - real, axis=0)]) for c in chunk]
-            outputs.append(cell(*[Tensor(c) for c in chunk]).asnumpy()[:real])
-        return np.concatenate(outputs)
-
     def evaluate(self, network):
         encoded = self._splits['eval']
+        size = self.data['eval_batch_size']
         if self.classifies:
-            call = ModelCall(network)
-            call.set_train(False)
-            logits = self._batches(text_data.Encoded(encoded.columns[:2], encoded.names[:2], [], 0), call)
+            logits = predict_batches(ModelCall(network), encoded.columns[:2], size)
             return classification_metrics(logits, encoded.columns[2], self.labels)
-        loss_cell = NextTokenLoss(network, reduce=False)
-        loss_cell.set_train(False)
-        weighted = self._batches(encoded, loss_cell)
+        weighted = predict_batches(NextTokenLoss(network, reduce=False), encoded.columns, size)
         loss = float(weighted.sum() / max(encoded.columns[2][:, 1:].sum(), 1.0))
         return {'perplexity': math.exp(min(loss, 700.0)), 'loss': loss}
 
@@ -729,10 +733,7 @@ def classification_metrics(logits, labels, names):
         raise ValueError(f"the model gives logits of shape {logits.shape}, but the data has {len(names)} labels "
                          f"{names}: set the model's number of classes to {len(names)}")
     predicted = logits.argmax(axis=1)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    metrics = {'accuracy': float((predicted == labels).mean()),
-               'loss': float(-log_probs[np.arange(len(labels)), labels].mean())}
+    metrics = {'accuracy': float((predicted == labels).mean()), 'loss': softmax_cross_entropy(logits, labels)}
     f1_scores = []
     per_class = {}
     for index, name in enumerate(names):

@@ -48,7 +48,7 @@ def import_module(path, trust_code=False, code_dir=None):
         path (str): ``package.module``.
         trust_code (bool): the config's ``model.trust_code``.
         code_dir (str | None): a directory holding ``path``'s top-level package (``model.code_dir``), or None
-            (the installed packages).
+            (the installed packages). Not used for the allow-listed packages.
 
     Returns:
         module
@@ -62,7 +62,7 @@ def import_module(path, trust_code=False, code_dir=None):
     if not trust_code and top not in TRUSTED_PACKAGES:
         raise CodeImportError(f"importing '{path}' would run its code, and '{top}' is not on the allow-list "
                               f"{list(TRUSTED_PACKAGES)}: set 'model.trust_code: true' if you trust this code")
-    if code_dir is not None:
+    if code_dir is not None and top not in TRUSTED_PACKAGES:    # the allow-listed ones are installed libraries
         _load_top_package(top, code_dir)
     try:
         return importlib.import_module(path)

@@ -6,7 +6,7 @@ from collections import OrderedDict
 import numpy as np
 import yaml
 
-from mindpet.adapter_store import ADAPTER_WEIGHTS_NAME
+from mindpet.adapter_store import ADAPTER_CONFIG_NAME, adapter_weights_path
 from mindpet.utils.io_utils import atomic_write
 
 
@@ -126,8 +126,9 @@ def summary(plan, built, losses, step_times, results, files, output_dir, peak_me
     out['first_step_s'] = step_times[0] if step_times else None
     out['peak_memory_mb'] = peak_memory_mb
     adapter_dir = os.path.join(output_dir, 'adapter')
-    weights = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
-    out['adapter_bytes'] = os.path.getsize(weights) if os.path.isfile(weights) else None
+    weights = (adapter_weights_path(adapter_dir) if os.path.isfile(os.path.join(adapter_dir, ADAPTER_CONFIG_NAME))
+               else None)
+    out['adapter_bytes'] = os.path.getsize(weights) if weights and os.path.isfile(weights) else None
     out['adapter_dir_bytes'] = _dir_bytes(adapter_dir) if os.path.isdir(adapter_dir) else None
     full_path = os.path.join(output_dir, 'model.ckpt')
     out['full_checkpoint_bytes'] = os.path.getsize(full_path) if os.path.isfile(full_path) else built.base_bytes()

@@ -541,6 +541,33 @@ def _trained_model(plan, adapter):
     return model, loaded, what
 
 
+def merge(path, adapter, out_path, base=None, overrides=()):
+    """Merge the adapter directory ``adapter`` into the config's base weights and write ``out_path`` (``mindpet
+    merge --config``): the task's own loader reads the base checkpoint (``base``, else ``model.base_checkpoint``,
+    else the task's default weights), so a checkpoint in another naming that the model maps (e.g. a Hugging Face
+    ``model.safetensors`` for the BERT task) is accepted. The output holds every parameter of the network under
+    the network's own names, the adapter merged in: ``mindpet evaluate --adapter OUT`` scores it.
+
+    Returns:
+        tuple: the :class:`mindpet.adapter_store.MergeReport` and what was loaded as base.
+
+    Raises:
+        MindPetError, TypeError, ValueError: a bad config, base checkpoint or adapter.
+    """
+    from mindpet.adapter_store import merge_into_checkpoint  # pylint: disable=import-outside-toplevel
+    if base is not None:
+        overrides = list(overrides) + [f'model.base_checkpoint={base}']
+    plan = load_plan(path, overrides)
+    set_context(plan)
+    network = plan.task.build_network()
+    loaded = plan.task.load_base(network, plan.model.get('base_checkpoint'))
+    params = [(p.name, p) for p in network.get_parameters()]
+    arrays = {name: (param.astype(ms.float32) if param.dtype == ms.bfloat16 else param).asnumpy()
+              for name, param in params}
+    report = merge_into_checkpoint(loaded or 'the initial weights', adapter, out_path, base_params=arrays)
+    return report, loaded
+
+
 def generate(path, prompts, adapter=None, overrides=(), max_new_tokens=None, top_k=0, seed=0, out=print):
     """Write text after each prompt with the config's causal LM, its base weights and ``adapter`` (``mindpet
     generate``): greedy decoding, or top-k sampling when ``top_k`` > 0.
@@ -585,4 +612,4 @@ def evaluate(path, adapter=None, overrides=(), out=print):
     return metrics
 
 
-__all__ = ['RunPlan', 'Built', 'load_plan', 'build', 'finetune', 'evaluate', 'generate', 'plan_steps', 'peak_memory_mb', 'FULL']
+__all__ = ['RunPlan', 'Built', 'load_plan', 'build', 'finetune', 'evaluate', 'merge', 'generate', 'plan_steps', 'peak_memory_mb', 'FULL']

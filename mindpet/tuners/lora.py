@@ -8,11 +8,26 @@ zeros), and training keeps them zero (their gradients are exactly zero while bot
 adapter trained in a wider allocation keeps its rank. The scaling ``alpha / r`` of the active adapter is Parameter
 data. Switching therefore copies only the adapter's tensors; loading an adapter of a larger rank than any before
 grows the allocation, which makes the next call recompile (see :meth:`mindpet.PetModel.load_adapter`).
+
+Hugging Face PEFT's options (all saved in the adapter config and applied to merging, saving, loading and switching):
+
+- ``use_rslora``: scaling ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
+- ``rank_pattern`` / ``alpha_pattern``: per-layer rank and alpha by layer-name pattern (the first matching pattern
+  wins; patterns match as ``target_modules`` do). Every hook works on the layer's own config
+  (:meth:`LoraConfig.for_layer`).
+- ``layers_to_transform`` (+ ``layers_pattern``): adapt only the layers with these block indices.
+- ``init_lora_weights``: ``True`` (Kaiming-uniform ``A``, zero ``B``), ``'gaussian'``, ``'pissa'`` or ``'olora'``.
+  PiSSA and OLoRA start ``B A`` from the base weight itself; while such an adapter is active the layer's base weight
+  holds the residual ``W0 - s B0 A0`` (``A0``, ``B0`` the initial factors), so the layer computes ``W0`` at
+  initialisation. The adapter stores ``A0`` and ``B0`` too (``mindpet_state_lora_init_a``/``_b``): that is what
+  loading it onto the original base model, switching away from it (the base weight goes back to ``W0``, kept on the
+  host) and ``mindpet merge`` (``W0 + s (B A - B0 A0)``) need. The saved adapter therefore always applies to the
+  original base weights, as PEFT's converted PiSSA/OLoRA adapters do.
 """
 import dataclasses
 import math
 import re
-from typing import Optional, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 from mindspore import Tensor
@@ -20,15 +35,20 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, HeUniform
 
 from mindpet.delta.dora import DoRADense, DoraLayer
-from mindpet.delta.lora import LoRADense, LoraLayer, lora_increment
+from mindpet.delta.lora import LoRADense, LoraLayer, lora_increment, lora_init_factors, LORA_INITS
 from mindpet.tuners import dora
 from mindpet.tuners.base import DenseLayerTuner
 from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_compute_dtype
+from mindpet.tuners.inject import name_matches
 from mindpet.tuners.registry import register_method
-from mindpet.utils.validation import check_int, check_real, check_rate, check_choice, check_bool
+from mindpet.utils.validation import check_int, check_real, check_rate, check_choice, check_bool, check_str_list
 
 A_NAME = 'mindpet_delta_lora_a'
 B_NAME = 'mindpet_delta_lora_b'
+# PiSSA / OLoRA: the initial factors, from which the base weight's residual is rebuilt (not trained).
+INIT_A_NAME = 'mindpet_state_lora_init_a'
+INIT_B_NAME = 'mindpet_state_lora_init_b'
+RESIDUAL_INITS = ('pissa', 'olora')
 SCALING_NAME = 'mindpet_state_lora_scaling'
 COMBINATION_TYPES = ('svd', 'cat')
 
@@ -64,6 +84,12 @@ class LoraConfig(PetConfig):
     compute_dtype: Optional[str] = None
     use_dora: bool = False
     dora_detach_norm: bool = True
+    use_rslora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    rank_pattern: Optional[Dict[str, int]] = None
+    alpha_pattern: Optional[Dict[str, Union[int, float]]] = None
+    layers_to_transform: Optional[List[int]] = None
+    layers_pattern: Optional[List[str]] = None
     targets_required = TARGETS_REQUIRED
 
     def validate(self):
@@ -77,33 +103,133 @@ class LoraConfig(PetConfig):
         check_compute_dtype(owner, self.compute_dtype)
         check_bool('use_dora', self.use_dora, owner)
         check_bool('dora_detach_norm', self.dora_detach_norm, owner)
+        check_bool('use_rslora', self.use_rslora, owner)
+        if self.init_lora_weights is not True and (isinstance(self.init_lora_weights, bool)
+                                                   or self.init_lora_weights not in LORA_INITS):
+            choices = [True] + list(LORA_INITS)
+            exc = ValueError if isinstance(self.init_lora_weights, (bool, str)) else TypeError
+            raise exc(f"For '{owner}', the 'init_lora_weights' must be one of {choices}, but got "
+                      f"{self.init_lora_weights!r} ({type(self.init_lora_weights).__name__}).")
+        if self.use_dora and self.init_lora_weights is not True:
+            raise ValueError(f"For '{owner}', the 'init_lora_weights' must be True with use_dora=True, but got "
+                             f"{self.init_lora_weights!r}.")
+        self.rank_pattern = _check_pattern_map(owner, 'rank_pattern', self.rank_pattern, integer=True)
+        self.alpha_pattern = _check_pattern_map(owner, 'alpha_pattern', self.alpha_pattern, integer=False)
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_to_transform is not None:
+            if not isinstance(self.layers_to_transform, (list, tuple)) or not self.layers_to_transform:
+                raise TypeError(f"For '{owner}', the 'layers_to_transform' must be None, an int or a non-empty list "
+                                f"of ints, but got {self.layers_to_transform!r}.")
+            self.layers_to_transform = [check_int(f'layers_to_transform[{i}]', v, owner, min_value=0)
+                                        for i, v in enumerate(self.layers_to_transform)]
+        if self.layers_pattern is not None:
+            if self.layers_to_transform is None:
+                raise ValueError(f"For '{owner}', the 'layers_pattern' ({self.layers_pattern!r}) only applies with "
+                                 f"'layers_to_transform', which is None.")
+            if isinstance(self.layers_pattern, str):
+                self.layers_pattern = [self.layers_pattern]
+            self.layers_pattern = check_str_list('layers_pattern', self.layers_pattern, owner, allow_none=False)
 
     @property
     def scaling(self):
-        """``lora_alpha / lora_rank``."""
-        return self.lora_alpha / self.lora_rank
+        """``lora_alpha / lora_rank`` (``lora_alpha / sqrt(lora_rank)`` with ``use_rslora``)."""
+        return self.lora_alpha / (math.sqrt(self.lora_rank) if self.use_rslora else self.lora_rank)
+
+    def for_layer(self, key):
+        """This config with the rank and alpha that ``rank_pattern`` / ``alpha_pattern`` give layer ``key`` (the
+        config itself when neither applies).
+
+        Example:
+            >>> cfg = LoraConfig(target_modules=['q_proj', 'v_proj'], lora_rank=8, rank_pattern={'v_proj': 2})
+            >>> cfg.for_layer('blocks.0.attn.v_proj').lora_rank, cfg.for_layer('blocks.0.attn.q_proj').lora_rank
+            (2, 8)
+        """
+        rank = _pattern_value(self.rank_pattern, key, self.lora_rank)
+        alpha = _pattern_value(self.alpha_pattern, key, self.lora_alpha)
+        if rank == self.lora_rank and alpha == self.lora_alpha:
+            return self
+        return dataclasses.replace(self, lora_rank=rank, lora_alpha=alpha, rank_pattern=None, alpha_pattern=None)
+
+    def transforms(self, key):
+        """Whether ``layers_to_transform`` lets layer ``key`` be adapted (True without it)."""
+        if self.layers_to_transform is None:
+            return True
+        parts = key.split('.')
+        for position, part in enumerate(parts):
+            if part.isdigit() and (self.layers_pattern is None or
+                                   (position > 0 and parts[position - 1] in self.layers_pattern)):
+                return int(part) in self.layers_to_transform
+        return False
+
+
+def _check_pattern_map(owner, name, value, integer):
+    """None or a mapping ``pattern -> positive int`` (rank) / ``non-zero number`` (alpha). Returns a plain dict."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError(f"For '{owner}', the '{name}' must be None or a mapping of layer-name pattern -> "
+                        f"{'rank' if integer else 'alpha'}, but got {value!r} ({type(value).__name__}).")
+    for pattern, number in value.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"For '{owner}', the '{name}' keys must be layer-name patterns (str), but got "
+                            f"{pattern!r}.")
+        try:
+            re.compile(pattern)
+        except re.error as ex:
+            raise ValueError(f"For '{owner}', the pattern {pattern!r} in '{name}' is not a valid regular "
+                             f"expression: {ex}.") from ex
+        if integer:
+            check_int(f'{name}[{pattern!r}]', number, owner)
+        else:
+            check_real(f'{name}[{pattern!r}]', number, owner, nonzero=True)
+    return dict(value)
+
+
+def _pattern_value(patterns, key, default):
+    for pattern, value in (patterns or {}).items():
+        if name_matches(key, pattern):
+            return value
+    return default
+
+
 
 
 class _PlainLora:
     """The per-layer hooks of plain LoRA (:class:`LoRADense`, :class:`LoraLayer`); :mod:`mindpet.tuners.dora`
-    provides the same functions for DoRA. :class:`LoraTuner` picks one of the two in :meth:`LoraTuner.variant`."""
+    provides the same functions for DoRA. :class:`LoraTuner` picks one of the two in :meth:`LoraTuner.variant`.
+    ``config`` is the layer's own (:meth:`LoraConfig.for_layer`)."""
 
-    @staticmethod
-    def create_layer(cell, config, key):
-        return DenseLayerTuner.build_delta(cell, key, LoRADense, LoraLayer, config.compute_dtype,
-                                           lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-                                           lora_dropout=config.lora_dropout)
+    @classmethod
+    def create_layer(cls, cell, config, key):
+        if config.init_lora_weights in RESIDUAL_INITS and type(cell).__name__ != 'Dense':
+            raise ValueError(f"For the 'lora' config with init_lora_weights={config.init_lora_weights!r}, the layer "
+                             f"'{key}' is a {type(cell).__name__}; PiSSA/OLoRA adapt nn.Dense layers only.")
+        layer = DenseLayerTuner.build_delta(cell, key, LoRADense, LoraLayer, config.compute_dtype,
+                                            lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
+                                            lora_dropout=config.lora_dropout)
+        if config.init_lora_weights is not True:
+            # The first adapter's tensors are read back from the new layer: give it that adapter's initialisation.
+            cls.write_live(layer, config, cls.init_adapter(layer, config))
+        return layer
 
     @staticmethod
     def adapter_shapes(weight_shape, config):
         out_channels, in_channels = weight_shape
-        return {A_NAME: (config.lora_rank, in_channels), B_NAME: (out_channels, config.lora_rank)}
+        shapes = {A_NAME: (config.lora_rank, in_channels), B_NAME: (out_channels, config.lora_rank)}
+        if config.init_lora_weights in RESIDUAL_INITS:
+            shapes.update({INIT_A_NAME: shapes[A_NAME], INIT_B_NAME: shapes[B_NAME]})
+        return shapes
 
     @staticmethod
     def read_live(layer, config):
         rank = config.lora_rank
-        return {A_NAME: layer.mindpet_delta_lora_a.asnumpy()[:rank].copy(),
-                B_NAME: layer.mindpet_delta_lora_b.asnumpy()[:, :rank].copy()}
+        tensors = {A_NAME: layer.mindpet_delta_lora_a.asnumpy()[:rank].copy(),
+                   B_NAME: layer.mindpet_delta_lora_b.asnumpy()[:, :rank].copy()}
+        if config.init_lora_weights in RESIDUAL_INITS:
+            init_a, init_b = layer.lora_init_factors
+            tensors.update({INIT_A_NAME: init_a.copy(), INIT_B_NAME: init_b.copy()})
+        return tensors
 
     @staticmethod
     def write_live(layer, config, tensors):
@@ -117,6 +243,10 @@ class _PlainLora:
         padded_b[:, :rank] = lora_b
         layer.mindpet_delta_lora_a.set_data(Tensor(padded_a, dtype))
         layer.mindpet_delta_lora_b.set_data(Tensor(padded_b, dtype))
+        # PiSSA / OLoRA: the initial factors stay on the host with the live adapter (activate() derives the base
+        # weight's residual from them; read_live() stores them with the adapter).
+        layer.lora_init_factors = ((tensors[INIT_A_NAME], tensors[INIT_B_NAME]) if INIT_A_NAME in tensors
+                                   else None)
         if rank > live:
             layer.lora_rank = width
             return True
@@ -125,13 +255,27 @@ class _PlainLora:
     @staticmethod
     def init_adapter(layer, config):
         rank = config.lora_rank
-        lora_a = initializer(HeUniform(negative_slope=math.sqrt(5)), [rank, layer.in_channels], mstype.float32)
-        return {A_NAME: lora_a.init_data().asnumpy(),
-                B_NAME: np.zeros((layer.out_channels, rank), np.float32)}
+        if config.init_lora_weights is True:
+            lora_a = initializer(HeUniform(negative_slope=math.sqrt(5)), [rank, layer.in_channels], mstype.float32)
+            return {A_NAME: lora_a.init_data().asnumpy(),
+                    B_NAME: np.zeros((layer.out_channels, rank), np.float32)}
+        weight = _base_weight(layer) if config.init_lora_weights in RESIDUAL_INITS else \
+            np.zeros((layer.out_channels, layer.in_channels), np.float32)
+        lora_a, lora_b = lora_init_factors(config.init_lora_weights, weight, rank, config.scaling)
+        tensors = {A_NAME: lora_a, B_NAME: lora_b}
+        if config.init_lora_weights in RESIDUAL_INITS:
+            tensors.update({INIT_A_NAME: lora_a.copy(), INIT_B_NAME: lora_b.copy()})
+        return tensors
 
-    @staticmethod
-    def base_derived(layer, config, tensors):
-        return {}
+    @classmethod
+    def base_derived(cls, layer, config, tensors):
+        if config.init_lora_weights not in RESIDUAL_INITS:
+            return {}
+        residual = getattr(layer, 'lora_residual', None)
+        if residual is not None and not np.array_equal(layer.weight.asnumpy(), _residual_weight(layer, residual)):
+            # New base weights were loaded over the residual: they are the base now.
+            layer.lora_residual = layer.lora_base_weight = None
+        return cls.init_adapter(layer, config)
 
     @staticmethod
     def activate(layer, config):
@@ -139,11 +283,15 @@ class _PlainLora:
         layer.lora_alpha = config.lora_alpha
         if not layer.merged:
             layer.mindpet_state_lora_scaling.set_data(Tensor(config.scaling, mstype.float32))
+            factors = getattr(layer, 'lora_init_factors', None)
+            _set_residual(layer, None if factors is None else lora_increment(*factors, config.scaling))
         return False
 
     @staticmethod
     def deactivate(layer):
         layer.mindpet_state_lora_scaling.set_data(Tensor(0.0, mstype.float32))
+        if not layer.merged:
+            _set_residual(layer, None)
         return False
 
     @staticmethod
@@ -151,6 +299,8 @@ class _PlainLora:
         name = f'{key}.weight'
         weight = params[name]
         merged = weight.astype(np.float32) + lora_increment(tensors[A_NAME], tensors[B_NAME], config.scaling)
+        if INIT_A_NAME in tensors:    # relative to the original base weight: W0 + s (B A - B0 A0)
+            merged -= lora_increment(tensors[INIT_A_NAME], tensors[INIT_B_NAME], config.scaling)
         return {name: merged.astype(weight.dtype)}
 
 
@@ -161,7 +311,8 @@ class LoraTuner(DenseLayerTuner):
     :mod:`mindpet.delta.layer_kinds`; implements switching, merging, storing and combining for them.
 
     Every per-layer hook goes through :meth:`variant`: plain LoRA (:class:`_PlainLora`) or DoRA
-    (:mod:`mindpet.tuners.dora`), chosen by the config (new layers) or by the layer (existing ones)."""
+    (:mod:`mindpet.tuners.dora`), chosen by the config (new layers) or by the layer (existing ones), and receives
+    the layer's own config (:meth:`LoraConfig.for_layer`: ``rank_pattern`` / ``alpha_pattern``)."""
     layer_class = (LoRADense, DoRADense, LoraLayer, DoraLayer)
     adapts_layer_kinds = True
 
@@ -173,6 +324,20 @@ class LoraTuner(DenseLayerTuner):
     def _of_layer(self, layer):
         return self.variant(dora.is_dora_layer(layer))
 
+    @staticmethod
+    def _own(layer, config):
+        # The layer key is recorded when the layer is created (create_layer below).
+        return config.for_layer(layer.lora_layer_key)
+
+    def match(self, model, config, layers):
+        holders, matches = super().match(model, config, layers)
+        kept = [match for match in matches if config.transforms(match[0])]
+        if not kept:
+            raise ValueError(f"For 'get_pet_model', the 'lora' config's layers_to_transform "
+                             f"{config.layers_to_transform} (layers_pattern {config.layers_pattern}) keeps none of "
+                             f"the {len(matches)} matched layers, e.g. {[key for key, _, _ in matches][:4]}.")
+        return holders, kept
+
     def check_reuse(self, key, layer, config):
         if dora.is_dora_layer(layer) != config.use_dora:
             raise ValueError(f"For the 'lora' config with use_dora={config.use_dora}, the layer '{key}' was adapted "
@@ -180,33 +345,39 @@ class LoraTuner(DenseLayerTuner):
                              f"(exclude it with 'exclude_modules', or adapt another model).")
 
     def create_layer(self, cell, config, key=None):
-        return self.variant(config.use_dora).create_layer(cell, config, key)
+        layer = self.variant(config.use_dora).create_layer(cell, config.for_layer(key), key)
+        layer.lora_layer_key = key
+        return layer
+
+    def expected_shapes(self, key, fingerprint, config, source):
+        return super().expected_shapes(key, fingerprint, config.for_layer(key), source)
 
     def adapter_shapes(self, weight_shape, config):
         return self.variant(config.use_dora).adapter_shapes(weight_shape, config)
 
     def read_live(self, layer, config):
-        return self._of_layer(layer).read_live(layer, config)
+        return self._of_layer(layer).read_live(layer, self._own(layer, config))
 
     def write_live(self, layer, config, tensors):
-        return self._of_layer(layer).write_live(layer, config, tensors)
+        return self._of_layer(layer).write_live(layer, self._own(layer, config), tensors)
 
     def init_adapter(self, layer, config):
-        return self._of_layer(layer).init_adapter(layer, config)
+        return self._of_layer(layer).init_adapter(layer, self._own(layer, config))
 
     def base_derived(self, layer, config, tensors):
-        return self._of_layer(layer).base_derived(layer, config, tensors)
+        return self._of_layer(layer).base_derived(layer, self._own(layer, config), tensors)
 
     def activate(self, layer, config):
-        return self._of_layer(layer).activate(layer, config)
+        return self._of_layer(layer).activate(layer, self._own(layer, config))
 
     def deactivate(self, layer):
         return self._of_layer(layer).deactivate(layer)
 
     def sync_scaling(self, layer, config):
-        layer.scaling = config.scaling
+        layer.scaling = self._own(layer, config).scaling
 
     def merge_weights(self, params, key, tensors, config):
+        config = config.for_layer(key)
         return self.variant(config.use_dora).merge_weights(params, key, tensors, config)
 
     def combine(self, adapters, weights, combination_type, rank):
@@ -218,16 +389,22 @@ class LoraTuner(DenseLayerTuner):
         if any(config.use_dora for config, _ in adapters):
             raise NotImplementedError("For 'add_weighted_adapter', DoRA adapters cannot be combined: a DoRA layer "
                                       "divides by the row norms of its own direction, so increments do not add.")
+        if any(config.init_lora_weights in RESIDUAL_INITS for config, _ in adapters):
+            raise NotImplementedError("For 'add_weighted_adapter', PiSSA/OLoRA adapters cannot be combined: each "
+                                      "replaces the base weight by its own residual.")
         keys = []
         for _, tensors in adapters:
             keys += [key for key in tensors if key not in keys]
+        ranks = {key: sum(config.for_layer(key).lora_rank for config, _ in adapters) for key in keys}
         if combination_type == 'cat':
-            new_rank = sum(config.lora_rank for config, _ in adapters)
-            if rank is not None and rank != new_rank:
+            new_rank = max(ranks.values())
+            if rank is not None and set(ranks.values()) != {rank}:
                 raise ValueError(f"For 'add_weighted_adapter', combination_type 'cat' gives rank {new_rank} (the "
                                  f"sum of the ranks), but 'rank' is {rank}.")
         else:
-            new_rank = rank if rank is not None else max(config.lora_rank for config, _ in adapters)
+            new_rank = rank if rank is not None else max(config.for_layer(key).lora_rank
+                                                         for config, _ in adapters for key in keys)
+            ranks = dict.fromkeys(keys, new_rank)
         combined = {}
         for key in keys:
             stacked_a, stacked_b = self._stack(adapters, weights, key)
@@ -236,9 +413,12 @@ class LoraTuner(DenseLayerTuner):
             else:
                 lora_a, lora_b = _low_rank_factors(stacked_a, stacked_b, new_rank)
             combined[key] = {A_NAME: lora_a.astype(np.float32), B_NAME: lora_b.astype(np.float32)}
+        # Scaling 1 on every layer: alpha = rank, per layer where the ranks differ (cat of patterned adapters).
+        pattern = {re.escape(key): value for key, value in ranks.items() if value != new_rank} or None
         first = adapters[0][0]
         config = first.replace(lora_rank=new_rank, lora_alpha=new_rank, target_modules=[re.escape(k) for k in keys],
-                               exclude_modules=None, modules_to_save=None)
+                               exclude_modules=None, modules_to_save=None, use_rslora=False, rank_pattern=pattern,
+                               alpha_pattern=pattern, layers_to_transform=None, layers_pattern=None)
         return config, combined
 
     @staticmethod
@@ -252,6 +432,7 @@ class LoraTuner(DenseLayerTuner):
                 break
         blocks_a, blocks_b = [], []
         for (config, tensors), weight in zip(adapters, weights):
+            config = config.for_layer(key)
             if key in tensors:
                 blocks_a.append(tensors[key][A_NAME].astype(np.float64))
                 blocks_b.append(tensors[key][B_NAME].astype(np.float64) * (weight * config.scaling))
@@ -259,6 +440,33 @@ class LoraTuner(DenseLayerTuner):
                 blocks_a.append(np.zeros((config.lora_rank, shape_a[1])))
                 blocks_b.append(np.zeros((shape_b[0], config.lora_rank)))
         return np.concatenate(blocks_a, axis=0), np.concatenate(blocks_b, axis=1)
+
+
+def _base_weight(layer):
+    """The layer's base weight ``W0`` (float32 numpy), also while a PiSSA/OLoRA residual replaces it."""
+    if getattr(layer, 'lora_residual', None) is not None:
+        return layer.lora_base_weight.astype(np.float32)
+    return layer.weight.asnumpy().astype(np.float32)
+
+
+def _residual_weight(layer, residual):
+    base = layer.lora_base_weight
+    return (base.astype(np.float32) - residual).astype(base.dtype)
+
+
+def _set_residual(layer, residual):
+    """Make the base weight ``W0 - residual`` (``W0`` for None), ``W0`` kept on the host while replaced."""
+    current = getattr(layer, 'lora_residual', None)
+    if current is None and residual is None:
+        return
+    if current is None:
+        layer.lora_base_weight = layer.weight.asnumpy().copy()
+    if residual is None:
+        layer.weight.set_data(Tensor(layer.lora_base_weight))
+        layer.lora_base_weight = None
+    else:
+        layer.weight.set_data(Tensor(_residual_weight(layer, residual)))
+    layer.lora_residual = residual
 
 
 def _low_rank_factors(stacked_a, stacked_b, rank):

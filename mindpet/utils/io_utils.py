@@ -256,16 +256,6 @@ def load_params_checked(net, param_dict, source, require=None, allow_unexpected=
     return sorted(to_load)
 
 
-def file_sha256(path, chunk_size=1 << 20):
-    """Hex SHA-256 of a file's bytes (for formats without a checksum of their own, e.g. safetensors)."""
-    import hashlib  # pylint: disable=import-outside-toplevel
-    digest = hashlib.sha256()
-    with open(path, 'rb') as handle:
-        for block in iter(lambda: handle.read(chunk_size), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_yaml_file(path, what='config'):
     """Read a YAML file with ``yaml.safe_load``.
 

@@ -16,6 +16,7 @@ from .report import evaluate_targets, render_markdown, update_doc
 from .workers_ms import (worker_ckpt, worker_forward, worker_layer, worker_reference, worker_switch, worker_train,
                          worker_train_ab)
 from .workers_torch import worker_torch_forward, worker_torch_train, worker_torch_train_ab
+from .workers_mindone import MINDONE_BERT, MINDONE_QUICK, MINDONE_VARIANTS, worker_mindone
 
 
 DESCRIPTION = ('Benchmark suite for mindpet: what parameter-efficient tuning promises (step time, memory, checkpoint '
@@ -48,12 +49,15 @@ TRAIN_AB_GROUPS = {
     'reference': dict(env='mindpet104', variants=['lora_mindpet104', 'lora', 'floor']),
     'peers': dict(env='peft', variants=['peft_full', 'peft_lora']),
 }
-PARTS = ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'reference')
+PARTS = ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'reference', 'mindone')
+# 'mindone' needs the optional mindone extra: asked for by name (--parts mindone), not part of the default run.
+DEFAULT_PARTS = tuple(p for p in PARTS if p != 'mindone')
 
 
 WORKERS = {'train': worker_train, 'train_ab': worker_train_ab, 'torch_train_ab': worker_torch_train_ab,
            'forward': worker_forward, 'layer': worker_layer, 'ckpt': worker_ckpt, 'switch': worker_switch,
-           'reference': worker_reference, 'torch_train': worker_torch_train, 'torch_forward': worker_torch_forward}
+           'reference': worker_reference, 'torch_train': worker_torch_train, 'torch_forward': worker_torch_forward,
+           'mindone': worker_mindone}
 
 
 def run_as_worker(kind, cfg_json):
@@ -249,6 +253,17 @@ def run_benchmarks(args):
         out['reference'] = _ratio_table(runs, pairs)
         out['reference']['max_abs_diff'] = runs[0]['max_abs_diff']
 
+    if 'mindone' in parts:
+        payload = dict(common, bert=MINDONE_QUICK if args.quick else MINDONE_BERT, variants=list(MINDONE_VARIANTS),
+                       iterations=args.iterations)
+        runs = [runner.run('main', 'mindone', payload) for _ in range(args.repeats)]
+        rows = _ratios_to_first(list(MINDONE_VARIANTS), runs, (('step_s', 'step_'), ('step_cpu_s', 'step_cpu_'),
+                                                               ('forward_s', 'forward_'),
+                                                               ('forward_cpu_s', 'forward_cpu_')), range_tag='')
+        for name, row in rows.items():
+            row['trainable'] = runs[0]['trainable'][name]
+        out['mindone'] = dict(bert=payload['bert'], rows=rows)
+
     out['machine'] = machine_info()
     out['load'] = dict(min=min(runner.loads, default=None), max=max(runner.loads, default=None),
                        median=median(runner.loads) if runner.loads else None)
@@ -298,8 +313,9 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='CPU', choices=['CPU', 'Ascend', 'GPU'],
                         help='MindSpore device for the MindSpore parts (PyTorch peers always run on CPU).')
-    parser.add_argument('--parts', default=','.join(PARTS),
-                        help=f'comma-separated subset of {",".join(PARTS)} (default: all).')
+    parser.add_argument('--parts', default=','.join(DEFAULT_PARTS),
+                        help=f'comma-separated subset of {",".join(PARTS)} (default: all but mindone, which needs '
+                             f'the mindone extra).')
     parser.add_argument('--peers', action='store_true', help='also run Hugging Face PEFT on PyTorch (own venv).')
     parser.add_argument('--variants', default=None,
                         help=f'comma-separated subset of the part-1 variants {",".join(TRAIN_VARIANTS)} (default: '

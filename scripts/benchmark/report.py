@@ -306,6 +306,25 @@ def render_markdown(results, command):
         add('')
         add(f'Largest output difference between the two implementations: {diffs}.')
         add('')
+    mindone = results.get('mindone')
+    if mindone:
+        b = mindone['bert']
+        add(f'### 6. mindone BERT: LoRA with mindpet vs mindone.peft (mindone.transformers BertForSequenceClassification, '
+            f'{b["layers"]} layers, hidden {b["hidden"]}, batch {b["batch"]} x {b["seq"]} tokens; LoRA r=8 on query, '
+            f'value (head frozen); AdamWeightDecay; GRAPH_MODE, the three built in one process and timed interleaved)')
+        add('')
+        add('| variant | trainable | step CPU (ms) | step / full, CPU | step / full, wall | forward CPU (ms) | '
+            'forward / full, CPU | forward / full, wall |')
+        add('|---|---|---|---|---|---|---|---|')
+        labels = {'full': 'full fine-tuning (the unit)', 'mindpet_lora': 'mindpet LoRA',
+                  'mindone_peft_lora': 'mindone.peft LoRA'}
+        for name, what in labels.items():
+            r = mindone['rows'][name]
+            add(f'| {what} | {r["trainable"]:,} | {r["step_cpu_s"] * 1e3:.1f} | {r["step_cpu_ratio"]:.3f} '
+                f'({r["step_cpu_min"]:.3f}-{r["step_cpu_max"]:.3f}) | {r["step_ratio"]:.3f} | '
+                f'{r["forward_cpu_s"] * 1e3:.1f} | {r["forward_cpu_ratio"]:.3f} '
+                f'({r["forward_cpu_min"]:.3f}-{r["forward_cpu_max"]:.3f}) | {r["forward_ratio"]:.3f} |')
+        add('')
     rows = evaluate_targets(results)
     if rows:
         add('### Targets')

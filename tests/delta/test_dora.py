@@ -64,6 +64,31 @@ def test_no_bias_activation_and_dropout(graph_mode):
     layer.set_train(True)
     assert np.abs(layer(Tensor(x)).asnumpy() - _reference(layer, x, relu)).max() > 1e-3
 
+    # Training mode, as the formula: h = relu(m / ||W'||_row * (W0 x + s B A d(x))) with d(x) the dropout of the
+    # LoRA branch's input only, each entry 0 or x / (1 - p). With A = I and B of full column rank, d(x) is solved
+    # for from the output (positive inputs and weights keep relu out of the way) and checked entry by entry.
+    train = DoRADense(8, 16, lora_rank=8, lora_alpha=8, lora_dropout=0.5, compute_dtype=ms.float32, has_bias=False,
+                      activation='relu')
+    rng = np.random.RandomState(4)
+    w0, lora_b = (rng.uniform(0.1, 1, (16, 8)).astype(np.float32) for _ in range(2))
+    train.weight.set_data(Tensor(w0))
+    train.mindpet_delta_dora_a.set_data(Tensor(np.eye(8, dtype=np.float32)))
+    train.mindpet_delta_dora_b.set_data(Tensor(lora_b))
+    scaling = train.lora_alpha / train.lora_rank
+    direction = w0.astype(np.float64) + scaling * lora_b
+    magnitude = (np.linalg.norm(direction, axis=1) * rng.uniform(0.5, 1.5, 16)).astype(np.float32)
+    train.mindpet_delta_dora_magnitude.set_data(Tensor(magnitude))
+    x = rng.uniform(0.5, 1.5, (64, 8)).astype(np.float32)
+    train.set_train(True)
+    out = train(Tensor(x)).asnumpy().astype(np.float64)
+    assert out.min() > 0
+    branch = out / (magnitude / np.linalg.norm(direction, axis=1)) - x @ w0.T.astype(np.float64)
+    dropped_input = np.linalg.lstsq(scaling * lora_b.astype(np.float64), branch.T, rcond=None)[0].T
+    zero = np.abs(dropped_input) < 1e-4
+    scaled = np.abs(dropped_input - x / 0.5) < 1e-4
+    assert np.all(zero | scaled)                                     # each entry dropped or kept and rescaled
+    assert 0.3 < zero.mean() < 0.7 and len({tuple(row) for row in zero}) > 10      # p = 0.5, a mask per row
+
 
 def test_merge_unmerge_exact_in_compiled_graph(graph_mode):
     layer = DoRADense(16, 8, lora_rank=4, lora_alpha=8, compute_dtype=ms.float32)

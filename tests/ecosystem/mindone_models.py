@@ -116,6 +116,18 @@ class BertLogits(nn.Cell):
         return self.model(input_ids=ids, attention_mask=mask, token_type_ids=types, return_dict=False)[0]
 
 
+class BertLoss(nn.Cell):
+    """Mean cross-entropy of a :class:`BertLogits` network's logits against integer labels."""
+
+    def __init__(self, logits_net):
+        super().__init__(auto_prefix=False)
+        self.logits_net = logits_net
+        self.loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction='mean')
+
+    def construct(self, ids, mask, types, labels):
+        return self.loss(self.logits_net(ids, mask, types), labels)
+
+
 def tiny_llama(seed=0):
     """A mindone ``LlamaForCausalLM`` (2 layers, hidden 32, grouped-query attention) with seeded weights,
     CPU-runnable (its rotary embedding is built under :func:`cpu_arange`)."""

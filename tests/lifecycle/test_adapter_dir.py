@@ -1,15 +1,21 @@
 """The adapter directory: one in-memory form for every format (StoredAdapter), format dispatch, an empty PetModel
 and from_pretrained without a throwaway adapter."""
 import os
+import re
+import stat
+import subprocess
+import sys
+from unittest import mock
 
 import numpy as np
 import pytest
 from mindspore import Tensor
 
 from mindpet import LoraConfig, PetModel, get_pet_model
-from mindpet.adapter_store import (ADAPTER_CONFIG_NAME, StoredAdapter, detect_format, flat_tensors, group_tensors,
-                                   load_adapter_dir, save_adapter_dir)
-from mindpet.utils.exceptions import AdapterConfigError
+from mindpet.adapter_store import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, StoredAdapter, adapter_weights_path,
+                                   detect_format, flat_tensors, group_tensors, load_adapter_dir, save_adapter_dir)
+from mindpet.utils.dir_commit import directory_lock
+from mindpet.utils.exceptions import AdapterConfigError, CheckpointError
 
 from tests.nets import PlainMLP
 
@@ -130,3 +136,125 @@ def test_save_pretrained_returns_the_directory(tmp_path):
     target = str(tmp_path / 'x')
     assert pet.save_pretrained(target) == target
     assert os.path.isfile(os.path.join(target, ADAPTER_CONFIG_NAME))
+
+
+def _config_text(directory):
+    with open(os.path.join(directory, ADAPTER_CONFIG_NAME), encoding='utf-8') as handle:
+        return handle.read()
+
+
+def _write_config(directory, text):
+    with open(os.path.join(directory, ADAPTER_CONFIG_NAME), 'w', encoding='utf-8') as handle:
+        handle.write(text)
+
+
+def test_an_edited_config_is_refused_naming_the_file(tmp_path):
+    directory = _trained_pet(alpha=8).save_pretrained(str(tmp_path / 'a'))
+    text = _config_text(directory)
+    assert 'lora_alpha: 8\n' in text
+    _write_config(directory, text.replace('lora_alpha: 8\n', 'lora_alpha: 800\n'))
+    with pytest.raises(AdapterConfigError, match=r"adapter_config.yaml' was edited after saving.*'adapter_sha256'"):
+        PetModel.from_pretrained(PlainMLP(), directory)
+    # Dropping the checksum does not switch the check off.
+    _write_config(directory, ''.join(line for line in text.splitlines(True) if not line.startswith('adapter_sha256')))
+    with pytest.raises(AdapterConfigError, match="lacks 'adapter_sha256'"):
+        load_adapter_dir(directory)
+    # The config names its tensor file by a plain name: no path leads out of the directory.
+    _write_config(directory, re.sub(r'weights_file: \S+', 'weights_file: ../../etc/passwd', text))
+    with pytest.raises(AdapterConfigError, match="'weights_file' must be a name like"):
+        load_adapter_dir(directory)
+    _write_config(directory, text)
+    assert load_adapter_dir(directory).config.lora_alpha == 8
+
+
+def test_saved_files_get_the_umask_permissions(tmp_path):
+    pet = _trained_pet()
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        old = os.umask(umask)
+        try:
+            directory = pet.save_pretrained(str(tmp_path / oct(umask)))
+        finally:
+            os.umask(old)
+        modes = {name: stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode) for name in os.listdir(directory)}
+        assert sorted(modes.values()) == [mode, mode], (umask, modes)
+
+
+def test_adapters_saved_before_content_named_files_still_load(tmp_path):
+    pet = _trained_pet()
+    directory = pet.save_pretrained(str(tmp_path / 'a'))
+    # The layout of mindpet <= 1.1.0: adapter_model.safetensors, its SHA-256, no weights_file or adapter_sha256.
+    os.rename(adapter_weights_path(directory), os.path.join(directory, ADAPTER_WEIGHTS_NAME))
+    _write_config(directory, ''.join(line for line in _config_text(directory).splitlines(True)
+                                     if not line.startswith(('weights_file', 'adapter_sha256'))))
+    adapter = load_adapter_dir(directory)
+    np.testing.assert_array_equal(adapter.layers['fc1']['mindpet_delta_lora_a'],
+                                  pet.base_model.fc1.mindpet_delta_lora_a.asnumpy())
+    with open(os.path.join(directory, ADAPTER_WEIGHTS_NAME), 'r+b') as handle:   # its SHA-256 is still checked
+        handle.seek(-4, os.SEEK_END)
+        handle.write(b'\x00\x00\x80\x7f')
+    with pytest.raises(CheckpointError, match='SHA-256'):
+        load_adapter_dir(directory)
+    pet.save_pretrained(directory)            # saving into it replaces the old layout
+    assert sorted(os.listdir(directory)) == sorted([ADAPTER_CONFIG_NAME, os.path.basename(adapter_weights_path(
+        directory))])
+
+
+def test_the_next_save_removes_what_killed_saves_left(tmp_path):
+    pet = _trained_pet()
+    directory = pet.save_pretrained(str(tmp_path / 'a'))
+    current = os.path.basename(adapter_weights_path(directory))
+    left = ['.adapter_model.0123456789abcdef.safetensors.999999.0123456789ab.tmp',
+            '.adapter_config.yaml.999999.ba9876543210.tmp', 'adapter_model.fedcba9876543210.safetensors']
+    kept = ['notes.txt', '.hidden.tmp', 'adapter_model.other.safetensors']     # not files a save writes
+    for name in left + kept:
+        (tmp_path / 'a' / name).write_bytes(b'partial')
+    assert load_adapter_dir(directory).targets == ['fc1', 'fc2']      # leftovers do not disturb readers
+    pet.base_model.fc1.mindpet_delta_lora_a.set_data(Tensor(np.ones((2, 8), np.float32)))
+    pet.save_pretrained(directory)
+    new = os.path.basename(adapter_weights_path(directory))
+    assert new != current
+    assert sorted(os.listdir(directory)) == sorted([ADAPTER_CONFIG_NAME, new] + kept)
+
+
+def test_a_second_writer_waits_for_the_lock_and_gives_up_with_a_clear_error(tmp_path):
+    pet = _trained_pet()
+    directory = pet.save_pretrained(str(tmp_path / 'a'))
+    before = _config_text(directory)
+    with directory_lock(directory):
+        with pytest.raises(CheckpointError, match=f"Another process has been writing into '{directory}'"):
+            with directory_lock(directory, timeout=0.05):
+                pass
+        # save_pretrained waits for the lock: it is not held by this thread's save, so run it with a short timeout.
+        with mock.patch('mindpet.utils.dir_commit.LOCK_TIMEOUT_S', 0.05):
+            for fmt in ('mindpet', 'peft'):       # every format's writers are serialised
+                with pytest.raises(CheckpointError, match='Another process'):
+                    pet.save_pretrained(directory, format=fmt)
+    assert _config_text(directory) == before and len(os.listdir(directory)) == 2
+    pet.save_pretrained(directory)   # the lock is free again
+
+
+def test_a_peft_save_removes_what_a_killed_peft_save_left(tmp_path):
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])   # a process id that no longer runs
+    dead.wait()
+    directory = tmp_path / 'p'
+    directory.mkdir()
+    left = [f'.adapter_model.safetensors.{dead.pid}.k2j4h5g6.tmp.safetensors',
+            f'.adapter_config.json.{dead.pid}.a1b2c3d4.tmp']
+    alive = f'.adapter_config.json.{os.getppid()}.e5f6a7b8.tmp'         # its writer still runs: kept
+    for name in left + [alive]:
+        (directory / name).write_bytes(b'partial')
+    _trained_pet().save_pretrained(str(directory), format='peft')
+    assert sorted(os.listdir(directory)) == sorted([alive, 'adapter_config.json', 'adapter_model.safetensors'])
+
+
+def test_a_directory_holds_one_format(tmp_path):
+    pet = _trained_pet()
+    mine = pet.save_pretrained(str(tmp_path / 'm'))
+    peft = pet.save_pretrained(str(tmp_path / 'p'), format='peft')
+    before = {d: sorted(os.listdir(d)) for d in (mine, peft)}
+    with pytest.raises(AdapterConfigError, match=f"'{mine}' holds a 'mindpet' adapter .*adapter_config.yaml.*'peft'"):
+        pet.save_pretrained(mine, format='peft')
+    with pytest.raises(AdapterConfigError, match=f"'{peft}' holds a 'peft' adapter .*adapter_config.json"):
+        pet.save_pretrained(peft)
+    assert {d: sorted(os.listdir(d)) for d in (mine, peft)} == before
+    assert detect_format(mine) == 'mindpet' and detect_format(peft) == 'peft'

@@ -12,7 +12,7 @@ from mindspore import Tensor
 from safetensors.numpy import load_file, save_file
 
 from mindpet import LoraConfig, PetModel, get_pet_model
-from mindpet.adapter_store import model_fingerprint, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from mindpet.adapter_store import model_fingerprint, ADAPTER_CONFIG_NAME, adapter_weights_path, weights_file_name
 from mindpet.utils.exceptions import AdapterConfigError, CheckpointError, ModelConfigKeysInfoError
 
 from tests.gpt_like import GPTLike, token_batch, train
@@ -80,8 +80,10 @@ def test_two_trained_adapters_switch_exactly_in_a_compiled_graph(trained, graph_
 
 
 def test_save_load_round_trip_is_exact_and_holds_only_adapter_tensors(trained, tmp_path):
-    assert sorted(os.listdir(trained.dir_a)) == [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]
-    weights_path = os.path.join(trained.dir_a, ADAPTER_WEIGHTS_NAME)
+    weights_path = adapter_weights_path(trained.dir_a)
+    with open(weights_path, 'rb') as handle:
+        assert os.path.basename(weights_path) == weights_file_name(handle.read())      # named by its content
+    assert sorted(os.listdir(trained.dir_a)) == [ADAPTER_CONFIG_NAME, os.path.basename(weights_path)]
     stored = load_file(weights_path)
     assert sorted(stored) == sorted(trained.tensors_a)
     for name, value in trained.tensors_a.items():
@@ -95,7 +97,9 @@ def test_save_load_round_trip_is_exact_and_holds_only_adapter_tensors(trained, t
     meta = yaml.safe_load(open(os.path.join(trained.dir_a, ADAPTER_CONFIG_NAME), encoding='utf-8'))
     assert meta['pet'] == {'type': 'lora', 'target_modules': ['q_proj', 'v_proj'], 'exclude_modules': None,
                            'modules_to_save': None, 'lora_rank': 4, 'lora_alpha': 8, 'lora_dropout': 0.0,
-                           'compute_dtype': None, 'use_dora': False, 'dora_detach_norm': True}
+                           'compute_dtype': None, 'use_dora': False, 'dora_detach_norm': True, 'use_rslora': False,
+                           'init_lora_weights': True, 'rank_pattern': None, 'alpha_pattern': None,
+                           'layers_to_transform': None, 'layers_pattern': None}
     assert meta['adapter_name'] == 'shift'
     assert meta['target_layers'] == ['blocks.0.attn.q_proj', 'blocks.0.attn.v_proj', 'blocks.1.attn.q_proj',
                                      'blocks.1.attn.v_proj']
@@ -112,7 +116,7 @@ def test_save_load_round_trip_is_exact_and_holds_only_adapter_tensors(trained, t
     assert pet.trainable_params() == []                       # loaded for inference by default
     again = str(tmp_path / 'again')
     pet.save_pretrained(again)
-    for name, value in load_file(os.path.join(again, ADAPTER_WEIGHTS_NAME)).items():
+    for name, value in load_file(adapter_weights_path(again)).items():
         np.testing.assert_array_equal(value, stored[name])
     trainable = PetModel.from_pretrained(GPTLike(), trained.dir_a, is_trainable=True)
     assert sorted(p.name for p in trainable.trainable_params()) == sorted(trained.tensors_a)
@@ -123,7 +127,7 @@ def test_adapter_file_is_within_one_percent_of_the_raw_tensor_bytes(tmp_path):
     pet = get_pet_model(net, LoraConfig(target_modules=['q_proj', 'v_proj'], lora_rank=16))
     pet.save_pretrained(str(tmp_path))
     raw = 4 * (16 * 256 + 256 * 16) * 4
-    size = os.path.getsize(tmp_path / ADAPTER_WEIGHTS_NAME)
+    size = os.path.getsize(adapter_weights_path(str(tmp_path)))
     assert raw <= size <= 1.01 * raw, (size, raw)
     full = sum(p.asnumpy().nbytes for p in GPTLike(hidden=256, heads=4, layers=2).get_parameters())
     assert size < 0.1 * full
@@ -152,28 +156,28 @@ def _copy(src, dst):
 
 def test_broken_adapter_files_are_refused(trained, tmp_path):
     path = _copy(trained.dir_a, tmp_path / 'missing')
-    tensors = load_file(os.path.join(path, ADAPTER_WEIGHTS_NAME))
+    tensors = load_file(adapter_weights_path(path))
     del tensors['blocks.1.attn.v_proj.mindpet_delta_lora_b']
-    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS_NAME))
+    save_file(tensors, adapter_weights_path(path))
     with pytest.raises(CheckpointError, match="lacks tensor 'blocks.1.attn.v_proj.mindpet_delta_lora_b'"):
         PetModel.from_pretrained(GPTLike(), path)
 
     path = _copy(trained.dir_a, tmp_path / 'shape')
-    tensors = load_file(os.path.join(path, ADAPTER_WEIGHTS_NAME))
+    tensors = load_file(adapter_weights_path(path))
     tensors['blocks.0.attn.q_proj.mindpet_delta_lora_a'] = np.zeros((5, 32), np.float32)
-    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS_NAME))
+    save_file(tensors, adapter_weights_path(path))
     with pytest.raises(CheckpointError, match=r"'blocks.0.attn.q_proj.mindpet_delta_lora_a' of shape \(5, 32\)"):
         PetModel.from_pretrained(GPTLike(), path)
 
     path = _copy(trained.dir_a, tmp_path / 'extra')
-    tensors = load_file(os.path.join(path, ADAPTER_WEIGHTS_NAME))
+    tensors = load_file(adapter_weights_path(path))
     tensors['adam_m.blocks.0.attn.q_proj.mindpet_delta_lora_a'] = np.zeros((4, 32), np.float32)
-    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS_NAME))
+    save_file(tensors, adapter_weights_path(path))
     with pytest.raises(CheckpointError, match="does not describe, first: 'adam_m"):
         PetModel.from_pretrained(GPTLike(), path)
 
     path = _copy(trained.dir_a, tmp_path / 'torn')
-    weights = os.path.join(path, ADAPTER_WEIGHTS_NAME)
+    weights = adapter_weights_path(path)
     with open(weights, 'r+b') as handle:
         handle.truncate(os.path.getsize(weights) // 2)
     with pytest.raises(CheckpointError, match='could not be read'):
@@ -207,7 +211,7 @@ def test_modules_to_save_switch_with_their_adapter(graph_mode, tmp_path):
     head.set_data(Tensor(rng.randn(*head.shape).astype(np.float32)))
     out_head = pet(ids).asnumpy()
     pet.save_pretrained(str(tmp_path))
-    assert sorted(load_file(str(tmp_path / ADAPTER_WEIGHTS_NAME))) == sorted(
+    assert sorted(load_file(adapter_weights_path(str(tmp_path)))) == sorted(
         ['lm_head.weight'] + [f'blocks.{i}.attn.v_proj.mindpet_delta_lora_{x}' for i in (0, 1) for x in 'ab'])
 
     pet2 = PetModel.from_pretrained(GPTLike(), str(tmp_path), adapter_name='head')

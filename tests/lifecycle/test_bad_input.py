@@ -14,13 +14,12 @@ import sys
 
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import nn, Tensor
 
 from mindpet import LoraConfig, PetModel, cli, get_pet_model
 from mindpet.graph import freeze_delta, TrainableParamsCheckPoint
 from mindpet.graph.ckpt_util import load_base_and_delta, resume_from_checkpoint, save_trainable_params
-from mindpet.adapter_store import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, merge_into_checkpoint
+from mindpet.adapter_store import ADAPTER_CONFIG_NAME, adapter_weights_path, merge_into_checkpoint
 from mindpet.utils.exceptions import (AdapterConfigError, CheckpointError, MakeDirError, ModelConfigKeysInfoError,
                                       ReadYamlFileError)
 
@@ -100,7 +99,7 @@ ROWS = [
     Row('adapter-truncated', lambda f: PetModel.from_pretrained(PlainMLP(), f.adapter_trunc), CheckpointError,
         ['adapter_trunc', 'truncated or corrupt']),
     Row('adapter-no-weights', lambda f: PetModel.from_pretrained(PlainMLP(), f.adapter_noweights), CheckpointError,
-        ['adapter_noweights', ADAPTER_WEIGHTS_NAME, 'does not exist']),
+        ['adapter_noweights', 'adapter_model.', '.safetensors', 'does not exist']),
     Row('adapter-yaml-typo', lambda f: PetModel.from_pretrained(PlainMLP(), f.adapter_typo), ModelConfigKeysInfoError,
         ['adapter_typo', "'lora_rnak'", "did you mean 'lora_rank'"]),
     Row('adapter-yaml-wrong-type', lambda f: PetModel.from_pretrained(PlainMLP(), f.adapter_wrongtype),
@@ -230,47 +229,47 @@ def test_failed_from_pretrained_leaves_the_model_unadapted(files):
 
 
 
+class _DiskFullAfter:
+    """Stands in for the ``os`` module of ``mindpet.utils.dir_commit``: the file writes after the first ``ok`` ones
+    put half of their bytes on disk, then fail as a full disk does."""
+
+    def __init__(self, ok):
+        self.ok = ok
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def write(self, fd, data):
+        self.calls += 1
+        if self.calls <= self.ok:
+            return os.write(fd, data)
+        os.write(fd, bytes(data[:len(data) // 2]))
+        raise OSError(28, 'No space left on device')
+
+
 def test_failed_save_keeps_the_previous_adapter_whole(files, tmp_path, monkeypatch):
-    """A save that fails while writing the tensor file leaves the previous adapter byte-identical and no
-    temporary file; one that fails between the two files leaves a pair that load refuses (the recorded SHA-256
-    no longer matches) instead of mixing two saves."""
+    """A save that fails while writing the tensor file, or the config after it, leaves the directory as it was:
+    the previous adapter byte-identical and loadable, no temporary file, and a CheckpointError naming the file."""
+    import mindpet.utils.dir_commit as dir_commit  # pylint: disable=import-outside-toplevel
     model = get_pet_model(PlainMLP(), LoraConfig(target_modules=['fc1'], lora_rank=2))
     target = str(tmp_path / 'adapter')
     model.save_pretrained(target)
     saved = _listing(target)
     model.base_model.fc1.mindpet_delta_lora_b.set_data(Tensor(np.ones((16, 2), np.float32)))
-
-    real_save = ms.save_checkpoint
-
-    def disk_full(save_obj, ckpt_file_name, *args, **kwargs):
-        real_save(save_obj, ckpt_file_name, *args, **kwargs)
-        with open(ckpt_file_name, 'r+b') as handle:          # half a file on disk, then the device is full
-            handle.truncate(os.path.getsize(ckpt_file_name) // 2)
-        raise OSError(28, 'No space left on device')
-
-    monkeypatch.setattr(ms, 'save_checkpoint', disk_full)
-    with pytest.raises(OSError, match='No space left'):
-        model.save_pretrained(target)
-    monkeypatch.undo()
-    assert _listing(target) == saved
+    for ok, failing in ((0, 'adapter_model.'), (1, ADAPTER_CONFIG_NAME)):
+        monkeypatch.setattr(dir_commit, 'os', _DiskFullAfter(ok))
+        with pytest.raises(CheckpointError, match='No space left') as info:
+            model.save_pretrained(target)
+        monkeypatch.undo()
+        assert os.path.join(target, failing) in str(info.value) and '.tmp' not in str(info.value)
+        assert _listing(target) == saved
+        loaded = PetModel.from_pretrained(PlainMLP(), target)
+        np.testing.assert_array_equal(loaded.base_model.fc1.mindpet_delta_lora_b.asnumpy(), np.zeros((16, 2)))
+    model.save_pretrained(target)          # with room again: the new adapter replaces the old one
     loaded = PetModel.from_pretrained(PlainMLP(), target)
-    np.testing.assert_array_equal(loaded.base_model.fc1.mindpet_delta_lora_b.asnumpy(), np.zeros((16, 2)))
-
-    import mindpet.adapter_store as store  # pylint: disable=import-outside-toplevel
-
-    def config_write_fails(path, write_fn, suffix=''):
-        raise OSError(28, f"No space left on device: '{path}'")
-
-    monkeypatch.setattr(store, 'atomic_write', config_write_fails)
-    with pytest.raises(OSError, match='No space left'):
-        model.save_pretrained(target)
-    monkeypatch.undo()
-    assert sorted(_listing(target)) == sorted(saved)                  # no temporary file left
-    assert _listing(target)[ADAPTER_CONFIG_NAME] == saved[ADAPTER_CONFIG_NAME]
-    with pytest.raises(CheckpointError, match='SHA-256'):
-        PetModel.from_pretrained(PlainMLP(), target)
-    with pytest.raises(CliError, match='SHA-256'):
-        run_cli('inspect', target)
+    np.testing.assert_array_equal(loaded.base_model.fc1.mindpet_delta_lora_b.asnumpy(), np.ones((16, 2)))
+    assert len(_listing(target)) == 2
 
 
 def test_failed_merge_writes_nothing(files, tmp_path):
@@ -338,7 +337,8 @@ def test_unreadable_and_unwritable_paths_give_one_clear_error(files, tmp_path):
     shutil.copytree(files.adapter, paths['adapter_dir'])
     shutil.copytree(files.adapter, paths['adapter_weights'])
     os.makedirs(paths['readonly'])
-    for path in (paths['base'], paths['yaml'], os.path.join(paths['adapter_weights'], ADAPTER_WEIGHTS_NAME)):
+    weights = adapter_weights_path(paths['adapter_weights'])
+    for path in (paths['base'], paths['yaml'], weights):
         os.chmod(path, 0)
     os.chmod(paths['adapter_dir'], 0)
     os.chmod(paths['readonly'], stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP)
@@ -348,7 +348,7 @@ def test_unreadable_and_unwritable_paths_give_one_clear_error(files, tmp_path):
         proc = subprocess.run(prefix + [sys.executable, '-B', '-c', _CHILD, json.dumps(paths)], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120, check=False)
     finally:
-        for path in (paths['base'], paths['yaml'], os.path.join(paths['adapter_weights'], ADAPTER_WEIGHTS_NAME),
+        for path in (paths['base'], paths['yaml'], weights,
                      paths['adapter_dir'], paths['readonly']):
             os.chmod(path, stat.S_IRWXU)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -358,8 +358,8 @@ def test_unreadable_and_unwritable_paths_give_one_clear_error(files, tmp_path):
                 'yaml': ('ReadYamlFileError', ['pet.yaml', 'cannot be read', denied]),
                 'freeze': ('ReadYamlFileError', ['pet.yaml', 'cannot be read', denied]),
                 'adapter_dir': ('AdapterConfigError', ['adapter_dir', 'cannot be read', denied]),
-                'adapter_weights': ('CheckpointError', ['adapter_weights', ADAPTER_WEIGHTS_NAME, denied]),
-                'save_into': ('PermissionError', [os.path.join('readonly', ADAPTER_WEIGHTS_NAME), denied]),
+                'adapter_weights': ('CheckpointError', ['adapter_weights', os.path.basename(weights), denied]),
+                'save_into': ('CheckpointError', [os.path.join('readonly', 'adapter_model.'), denied]),
                 'save_below': ('MakeDirError', [os.path.join('readonly', 'sub'), denied])}
     for name, (error, fragments) in expected.items():
         kind, message = report[name]

@@ -11,7 +11,7 @@ from mindspore import Tensor
 
 from mindpet import LoraConfig, get_pet_model
 from mindpet import cli
-from mindpet.adapter_store import ADAPTER_WEIGHTS_NAME
+from mindpet.adapter_store import adapter_weights_path
 
 from tests.gpt_like import GPTLike, token_batch
 
@@ -79,7 +79,7 @@ def test_merge_refuses_another_base_and_reports_errors_without_traceback(files, 
 
 def test_inspect_lists_names_shapes_dtypes_bytes(files, capsys):
     _, base_path, adapter, _, _, _ = files
-    assert cli.main(['inspect', os.path.join(adapter, ADAPTER_WEIGHTS_NAME)]) == 0
+    assert cli.main(['inspect', adapter_weights_path(adapter)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split() == ['name', 'shape', 'dtype', 'bytes']
     row = next(line for line in lines if line.startswith('blocks.0.attn.q_proj.mindpet_delta_lora_a '))

@@ -8,13 +8,9 @@ the new file is durable). Each next run resumes from the newest checkpoint (adap
 the adapter equals that of one uninterrupted run of the same number of steps.
 """
 import os
-import queue
 import random
 import re
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import numpy as np
@@ -23,53 +19,11 @@ import pytest
 from mindpet.graph import list_checkpoints, find_latest_checkpoint
 from mindpet.utils.io_utils import load_checkpoint_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers.fork_client import ROOT, ForkServerClient
+
 ZYGOTE = os.path.join(ROOT, 'tests', 'helpers', 'crash_zygote.py')
 KILLS = 24
 KEEP = 3  # crash_zygote.KEEP
-BUDGET_S = 50
-
-
-class _Zygote:
-    """The fork server, with line reads that time out (a hung child must not hang the suite)."""
-
-    def __init__(self, log_path):
-        env = dict(os.environ, PYTHONPATH=ROOT, GLOG_v='3', MS_COMPILER_CACHE_ENABLE='0')
-        self.log = open(log_path, 'w', encoding='utf-8')
-        self.proc = subprocess.Popen([sys.executable, ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, cwd=ROOT, env=env, start_new_session=True)
-        self.lines = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self):
-        for line in self.proc.stdout:
-            self.lines.put(line.strip())
-
-    def read(self, timeout):
-        return self.lines.get(timeout=timeout)
-
-    def expect(self, keyword, timeout):
-        """The value after ``keyword`` on the next line starting with it (other output of a child is skipped)."""
-        deadline = time.time() + timeout
-        while True:
-            line = self.read(max(deadline - time.time(), 0.01))
-            if line.startswith(keyword + ' ') or line == keyword:
-                return line[len(keyword):].strip()
-
-    def send(self, text):
-        self.proc.stdin.write(text + '\n')
-        self.proc.stdin.flush()
-
-    def close(self):
-        try:
-            self.send('quit')
-            self.proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # our own session: the zygote and any child it forked
-            self.proc.wait()
-        self.log.close()
 
 
 def _temp_files(directory):
@@ -105,14 +59,17 @@ def test_sigkill_during_checkpointing_never_loses_the_newest_complete_checkpoint
     start = time.time()
     ckpt_dir = str(tmp_path / 'ckpt')
     rng = random.Random(7)
-    zygote = _Zygote(str(tmp_path / 'zygote.log'))
+    zygote = ForkServerClient(ZYGOTE, str(tmp_path / 'zygote.log'))
     kills, torn_writes, newest, seen_temp = 0, 0, 0, set()
     try:
-        zygote.expect('READY', 30)
+        zygote.expect('READY', 300)
+        # No wall-clock budget (it failed on loaded machines): every wait below has its own timeout, so a hung
+        # zygote or run fails the test instead of hanging it, and the loop makes exactly KILLS rounds. The timeouts
+        # only catch hangs, so they are generous: the zygote's start-up is one MindSpore import (8-11 s measured on
+        # a loaded machine), and the whole test takes 20-27 s on an idle one (doc/checkpoints.md).
         while kills < KILLS:
-            assert time.time() - start < BUDGET_S, f"only {kills} kills in {BUDGET_S} s"
             zygote.send(f'run {ckpt_dir} 100000')
-            pid = int(zygote.expect('PID', 10))
+            pid = int(zygote.expect('PID', 60))
             if kills % 4 == 0:  # any moment, start-up and resume included
                 time.sleep(rng.uniform(0.05, 0.8))
             else:  # once this run has saved (start-up takes ~0.5 s, longer on a busy machine), at a random moment
@@ -121,7 +78,7 @@ def test_sigkill_during_checkpointing_never_loses_the_newest_complete_checkpoint
                 if kills % 2:  # aimed into a write
                     _wait_for_write_in_progress(ckpt_dir, seen_temp, deadline=time.time() + 1.0)
             os.kill(pid, signal.SIGKILL)
-            status = int(zygote.expect('EXIT', 10))
+            status = int(zygote.expect('EXIT', 60))
             assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, \
                 f"the run ended by itself (status {status}); see {tmp_path / 'zygote.log'}"
             kills += 1
@@ -145,9 +102,9 @@ def test_sigkill_during_checkpointing_never_loses_the_newest_complete_checkpoint
         # Finish the interrupted run, and run the same number of steps in one go: same adapter.
         total = newest + 3
         zygote.send(f'run {ckpt_dir} {total} {tmp_path / "resumed.npz"}')
-        assert zygote.expect('EXIT', 40) == '0'
+        assert zygote.expect('EXIT', 300) == '0'
         zygote.send(f'run {tmp_path / "straight"} {total} {tmp_path / "straight.npz"}')
-        assert zygote.expect('EXIT', 40) == '0'
+        assert zygote.expect('EXIT', 300) == '0'
     finally:
         zygote.close()
     resumed, straight = np.load(tmp_path / 'resumed.npz'), np.load(tmp_path / 'straight.npz')
@@ -160,4 +117,3 @@ def test_sigkill_during_checkpointing_never_loses_the_newest_complete_checkpoint
     print(f"\n{kills} SIGKILLs, {torn_writes} inside a checkpoint write, newest step {newest}, {elapsed:.1f} s")
     assert newest >= KILLS // 2, f"the runs hardly progressed between kills (newest step {newest})"
     assert torn_writes >= KILLS // 4, f"only {torn_writes} kills landed inside a checkpoint write"
-    assert elapsed < 60

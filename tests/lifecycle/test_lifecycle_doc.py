@@ -40,3 +40,16 @@ def run_snippets(blocks, tmp_path):
     for want in expected:
         prefix = want.split('[...]')[0]
         assert any(line.startswith(prefix) for line in printed), (want, printed)
+
+
+def test_the_methods_table_lists_every_registered_method():
+    """Every method get_pet_model knows has a row naming its config class and YAML type, and the page does not
+    say a registered method is unregistered."""
+    from mindpet.tuners.registry import available_methods, get_method  # pylint: disable=import-outside-toplevel
+    text = open(DOC, encoding='utf-8').read()
+    section = text.split('## Methods', 1)[1].split('\n## ', 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith('| [')]
+    for method in available_methods():
+        config_class = get_method(method)[0].__name__
+        assert any(f'`{config_class}`' in row and f'(`{method}`)' in row for row in rows), method
+    assert 'not registered' not in text

@@ -65,10 +65,52 @@ def test_task_option_selects_the_generator_and_every_task_has_learning_rates():
     assert set(cm.TASKS) == {'new_partition', 'related'}
     for task in cm.TASKS:
         assert set(cm.LEARNING_RATES[task]) == set(cm.METHODS)
-        for method, scores in cm.SWEEP_RESULTS[task].items():
-            assert cm.LEARNING_RATES[task][method] == max(scores, key=scores.get)
     with pytest.raises(SystemExit):
         cm.main(['--task', 'bogus'])
+
+
+def _best_rate(scores):
+    """The documented rule: the highest validation accuracy; ties go to the smaller rate."""
+    return sorted(scores, key=lambda lr: (-scores[lr], lr))[0]
+
+
+class _FakeWorkers:
+    """Stands in for the worker processes: records each call's options and returns planted accuracies."""
+
+    def __init__(self, val_accuracy):
+        self.val_accuracy, self.calls = val_accuracy, []
+
+    def __call__(self, args):
+        opts = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith('--')
+                and not args[i + 1].startswith('--')}
+        self.calls.append(opts)
+        if opts['--method'] == 'pretrain':
+            return {'pretrain_task_accuracy': 0.9}
+        lr = float(opts['--lr'])
+        if '--no-test' in args:
+            return {'val_accuracy': self.val_accuracy[opts['--method']][lr]}
+        return {'test_accuracy': 0.5, 'trainable_share': 0.01, 'step_ms_median': 1.0, 'peak_rss_mb': 1.0, 'lr': lr}
+
+
+def test_sweep_reports_the_best_rate_and_the_run_trains_each_method_at_its_best_swept_rate(tmp_path, monkeypatch,
+                                                                                         capsys):
+    planted = {'lora': {1e-3: 0.90, 3e-3: 0.90, 1e-2: 0.80}, 'ia3': {1e-3: 0.30, 3e-3: 0.60, 1e-2: 0.70}}
+    workers = _FakeWorkers(planted)
+    monkeypatch.setattr(cm, '_child', workers)
+    assert cm.main(['--sweep', '--task', 'related', '--methods', 'lora', 'ia3', '--lrs', '1e-3', '3e-3', '1e-2',
+                    '--workdir', str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert 'related lora: 0.001: 0.900, 0.003: 0.900, 0.01: 0.800 -> 0.001' in printed      # a tie: the smaller
+    assert 'related ia3: 0.001: 0.300, 0.003: 0.600, 0.01: 0.700 -> 0.01' in printed
+    # The comparison run trains every method at the best rate of the recorded sweep.
+    workers.calls.clear()
+    monkeypatch.setattr(cm, 'bayes_accuracy', lambda *args, **kwargs: 0.9)      # (the report's ceilings: tested
+    monkeypatch.setattr(cm, 'coarse_ceiling', lambda *args, **kwargs: 0.5)      # above; slow to sample)
+    methods = [m for m in cm.METHODS if m != 'full']         # without 'full' no report is written
+    assert cm.main(['--task', 'both', '--methods', *methods, '--workdir', str(tmp_path)]) == 0
+    used = {(c['--task'], c['--method']): float(c['--lr']) for c in workers.calls if c['--method'] != 'pretrain'}
+    assert used == {(task, method): _best_rate(cm.SWEEP_RESULTS[task][method])
+                    for task in cm.TASKS for method in methods}
 
 
 def _fake_result(method, acc, task):

@@ -26,7 +26,9 @@ from mindpet.utils.io_utils import load_checkpoint_file
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, 'examples', 'distributed')
 MSRUN = shutil.which('msrun') or os.path.join(os.path.dirname(sys.executable), 'msrun')
-JOB_TIMEOUT_S = 50
+# Only a hang guard (_wait_all kills the job and the test fails): over 20x the 24-27 s a job takes on an idle
+# machine (doc/distributed.md), so a loaded machine does not fail the test.
+JOB_TIMEOUT_S = 600
 # What MindSpore 2.10 says when a semi-auto-parallel graph is compiled on the CPU backend; which of the two comes
 # first depends on the compile pass (both mean: parallel compilation needs HCCL/NCCL).
 CPU_SEMI_AUTO_ERRORS = ('Invalid backend: CPU',
@@ -53,7 +55,7 @@ def _start_msrun(script, out_dir, *args):
     env = dict(os.environ, GLOG_v='3', MS_COMPILER_CACHE_ENABLE='0', PYTHONPATH=ROOT,
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', ''))
     cmd = [MSRUN, '--worker_num=2', '--local_worker_num=2', f'--master_port={_free_port()}',
-           f'--log_dir={out_dir}/logs', '--join=True', '--cluster_time_out=40', os.path.join(EXAMPLES, script),
+           f'--log_dir={out_dir}/logs', '--join=True', '--cluster_time_out=300', os.path.join(EXAMPLES, script),
            '--output', str(out_dir), *args]
     log = open(os.path.join(str(out_dir) + '.msrun.log'), 'w', encoding='utf-8')
     return subprocess.Popen(cmd, cwd=str(out_dir), env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -136,7 +138,7 @@ def test_data_parallel_two_workers_keep_identical_adapters(tmp_path):
     ref_gap = max(np.abs(dp0[n] - expected[n]).max() for n in expected)
     print(f"\n2-worker data-parallel + control run: {time.time() - start:.1f} s, |DP - global batch| {ref_gap:.2g}, "
           f"rank gap without DP {gap:.3g}")
-    assert time.time() - start < 60
+    # No wall-clock limit on the job: a hang is caught by _wait_all's JOB_TIMEOUT_S (it kills the job and fails).
 
 
 def test_shard_strategies_reach_the_operators():
@@ -185,4 +187,3 @@ def test_semi_auto_parallel_two_workers_match_one_device_or_are_refused_on_cpu(t
                 assert (result['type'], result['message']) in [('RuntimeError', m) for m in CPU_SEMI_AUTO_ERRORS], \
                     (name, result)
     print(f"\nsemi-auto 2-worker job: {time.time() - start:.1f} s; CPU result: {report['results']['data_parallel']}")
-    assert time.time() - start < 60

@@ -4,12 +4,14 @@ import glob
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
 import mindspore as ms
 
 from mindpet.cli import main
+from mindpet.adapter_store import adapter_weights_path
 from mindpet.train.runner import finetune
 from mindpet.utils.io_utils import load_checkpoint_file
 
@@ -75,7 +77,7 @@ def run_tiny(name, tmp_path, *sets):
                        out=lines.append)
     metrics = json.load(open(tmp_path / 'out' / 'metrics.json', encoding='utf-8'))
     assert all(math.isfinite(x) for x in metrics['losses'])
-    tensors = load_checkpoint_file(str(tmp_path / 'out' / 'adapter' / 'adapter_model.safetensors'))
+    tensors = load_checkpoint_file(adapter_weights_path(str(tmp_path / 'out' / 'adapter')))
     return summary, metrics, tensors, '\n'.join(lines)
 
 
@@ -166,3 +168,33 @@ def test_readme_and_cli_doc_match_the_code():
     for key in GenericTask.data_fields:
         assert f'| `data.{key}` |' in doc, f'data.{key} of the built-in task'
     assert 'mindpet generate --config' in doc
+
+
+def _shape(line):
+    """A printed line with every number replaced by 9: what stays is the format."""
+    return re.sub(r'\d+', '9', line.rstrip())
+
+
+def test_readme_sample_run_has_the_format_the_code_prints_and_the_venv_note():
+    """The README's sample output of the main job: every summary row has the shape report.summary_table prints
+    (a stale row, e.g. without '(higher is better)', fails), the method line is what configs/bert_lora.yaml gives,
+    and the README tells how to reach the `mindpet` command quickstart.sh installed into .venv."""
+    from mindpet.train import report
+    from mindpet.train.runner import load_plan
+    readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+    assert 'source .venv/bin/activate' in readme and '.venv/bin/mindpet' in readme
+    assert 'not bit-reproducible' in readme
+    sample = readme.split('\nsummary\n', 1)[1].split('```', 1)[0].splitlines()[1:]
+    rows = {line[:18].strip(): line for line in sample if line.strip()}
+    summary = dict(model='bert (minilm)', method=rows['method'][20:], trainable_params=75268, total_params=22788484,
+                   trainable_percent=0.33, steps=75, loss_first=1.4108, loss_last=0.0015, loss_last_mean=0.0024,
+                   metric='accuracy', metric_higher_is_better=True, metric_before=0.2125, metric_after=0.9812,
+                   step_time_s=4.347, first_step_s=51.5, peak_memory_mb=1562.0, adapter_bytes=304333,
+                   full_checkpoint_bytes=90800000, full_checkpoint_measured=False, wall_time_s=451.0,
+                   files=['adapter', 'loss.png'], output_dir='outputs/bert_lora')
+    printed = report.summary_table(summary).splitlines()[2:]
+    assert len(printed) == len(rows)
+    for line in printed:
+        assert _shape(rows[line[:18].strip()]) == _shape(line), (rows[line[:18].strip()], line)
+    plan = load_plan(os.path.join(ROOT, 'configs', 'bert_lora.yaml'), [])
+    assert rows['method'][20:] == report._method_text(plan)  # pylint: disable=protected-access

@@ -159,6 +159,8 @@ BAD_DATA = [
     ({'train': 'TRAIN.data'}, 'data.format', "cannot tell the format of"),
     ({'train': 'TRAIN.txt'}, 'data.train', "a .txt file holds plain text ('kind: text'), not classification rows"),
     ({'labels': ['sports']}, 'data.labels', 'needs at least 2 labels'),
+    ({'labels': 'sports'}, 'data.labels', 'must be a list of label names (str or int)'),
+    ({'labels': ['sports', 'food', 'sports']}, 'data.labels', 'lists a label twice'),
     ({'pad_token': '<nothing>'}, 'data.pad_token', "the padding token '<nothing>' is not in the tokenizer's"),
     ({'eos_token': '<nothing>'}, 'data.eos_token', "the end-of-sequence token '<nothing>' is not in"),
     ({'prompt_template': 'Q: {question}'}, 'data.prompt_template', "must contain '{prompt}'"),
@@ -183,3 +185,14 @@ def test_bad_data_keys(tmp_path, files, capsys, data, key, message):
     err = _one_line_error(capsys, _config(tmp_path, files, data=data))
     assert f"'{key}': " in err and message in err, err
     assert not (tmp_path / 'out').exists()
+
+
+def test_int_labels_map_by_the_labels_list(tmp_path, files):
+    from mindpet.train.runner import load_plan
+    names = ['food', 'sports', 'tech', 'travel']
+    rows = [{'text': r['text'], 'label': names.index(r['label'])} for r in files['rows']]
+    train = write_jsonl(tmp_path / 'ints.jsonl', rows)
+    plan = load_plan(_config(tmp_path, files, data={'train': train, 'eval': train, 'labels': [3, 2, 1, 0]}))
+    assert plan.task.labels == ['3', '2', '1', '0']
+    encoded = plan.task._splits['train']          # pylint: disable=protected-access
+    assert encoded.columns[2].tolist() == [3 - r['label'] for r in rows]     # label 3 is index 0, ...

@@ -8,6 +8,7 @@ import pytest
 import yaml
 import mindspore as ms
 
+from mindpet.adapter_store import adapter_weights_path
 from mindpet.cli import main
 from mindpet.utils.io_utils import load_checkpoint_file
 from tests.train.text_fixtures import (TOPICS, topic_rows, instruction_rows, write_jsonl, train_tokenizer)
@@ -49,7 +50,7 @@ def check_classification_run(tmp_path, capsys, path):
     assert after['macro_f1'] > 0.4
     assert metrics['data'][0].startswith('train: 180 rows of classification data from ')
     assert (out / 'adapter' / 'adapter_config.yaml').is_file()
-    assert (out / 'adapter' / 'adapter_model.safetensors').is_file()
+    assert os.path.isfile(adapter_weights_path(str(out / 'adapter')))
     assert 'eval accuracy' in printed and 'adapter file' in printed
     return metrics
 
@@ -64,7 +65,7 @@ def test_own_cell_by_class_on_a_jsonl_file(tmp_path, capsys):
         pet={'type': 'lora', 'target_modules': ['proj'], 'lora_rank': 4, 'lora_alpha': 8,
              'modules_to_save': ['head', 'embedding']})
     metrics = check_classification_run(tmp_path, capsys, path)
-    tensors = load_checkpoint_file(str(tmp_path / 'out' / 'adapter' / 'adapter_model.safetensors'))
+    tensors = load_checkpoint_file(adapter_weights_path(str(tmp_path / 'out' / 'adapter')))
     assert sorted(tensors) == ['embedding.embedding_table', 'head.bias', 'head.weight',
                                'proj.mindpet_delta_lora_a', 'proj.mindpet_delta_lora_b']
     assert metrics['summary']['model'] == 'tests.train.text_models:TinyTextClassifier'
@@ -89,3 +90,43 @@ def test_mindone_bert_by_class_on_a_jsonl_file(tmp_path, capsys):
              'modules_to_save': ['classifier']}, epochs=20, lr=0.005)
     metrics = check_classification_run(tmp_path, capsys, path)
     assert metrics['summary']['model'] == 'mindone.transformers:BertForSequenceClassification'
+
+
+def test_mindone_class_from_an_hf_config_json(tmp_path, capsys):
+    """An HF-style config.json (with model_type, architectures, ...) builds the class's own config object; the
+    data's label set gives num_labels and the tokenizer the vocabulary size."""
+    pytest.importorskip('mindone')
+    from mindpet.train.runner import build, load_plan
+    train, tokenizer, vocab = classification_files(tmp_path)
+    config_json = tmp_path / 'config.json'
+    config_json.write_text(json.dumps({
+        'architectures': ['BertForSequenceClassification'], 'model_type': 'bert', 'hidden_size': 32,
+        'num_hidden_layers': 1, 'num_attention_heads': 2, 'intermediate_size': 64, 'max_position_embeddings': 32,
+        'hidden_act': 'relu', 'transformers_version': '4.57.1'}))
+    path = write_config(tmp_path, model={'class': 'mindone.transformers:BertForSequenceClassification',
+                                         'config': str(config_json)},
+                        data={'train': train, 'tokenizer': tokenizer, 'max_length': 12},
+                        pet={'type': 'lora', 'target_modules': ['query', 'value'], 'modules_to_save': ['classifier']})
+    ms.set_context(mode=ms.GRAPH_MODE)
+    built = build(load_plan(path), lazy=True)
+    shapes = {p.name: tuple(p.shape) for p in built.network.get_parameters()}
+    assert shapes['classifier.weight'] == (len(TOPICS), 32)
+    assert shapes['bert.embeddings.word_embeddings.weight'] == (vocab, 32)
+    assert not any(name.startswith('bert.encoder.layer.1.') for name in shapes)
+
+
+def test_a_dry_run_lists_data_files_missing_here(tmp_path, capsys):
+    """A config written for another machine validates: its data files are listed as notes, nothing is read."""
+    path = write_config(
+        tmp_path,
+        model={'class': 'tests.train.text_models:TinyTextClassifier', 'trust_code': True,
+               'config': {'vocab_size': 50, 'num_labels': 3}, 'loss': 'cross_entropy'},
+        data={'train': '/data/elsewhere/train.jsonl', 'tokenizer': '/data/elsewhere/tokenizer.json',
+              'labels': ['a', 'b', 'c']},
+        pet={'type': 'lora', 'target_modules': ['proj'], 'modules_to_save': ['head']})
+    assert main(['finetune', '--config', path, '--dry-run']) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "note: 'data.train' names '/data/elsewhere/train.jsonl', which does not exist here" in printed
+    assert "note: 'data.tokenizer' names '/data/elsewhere/tokenizer.json'" in printed
+    assert main(['finetune', '--config', path]) == 1                # a real run refuses
+    assert "'data.train': the file '/data/elsewhere/train.jsonl' does not exist" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import pytest
 import yaml
 import mindspore as ms
 
+from mindpet.adapter_store import adapter_weights_path
 from mindpet.cli import main
 from mindpet.train import learning_rates
 from mindpet.train.runner import finetune, evaluate, load_plan, build
@@ -139,7 +140,7 @@ def test_finetune_writes_adapter_checkpoints_and_reports(mlp_run):
     assert metrics['summary']['loss_first'] == metrics['losses'][0]
     assert metrics['eval']['after']['accuracy'] == summary['metric_after']
     # Adapter file: the LoRA factors and the head, nothing else; the size reported is the file's.
-    weights = os.path.join(out_dir, 'adapter', 'adapter_model.safetensors')
+    weights = adapter_weights_path(os.path.join(out_dir, 'adapter'))
     tensors = load_checkpoint_file(weights)
     assert sorted(tensors) == sorted(
         [f'layers.{i}.mindpet_delta_lora_{ab}' for i in range(3) for ab in 'ab'] + ['head.weight', 'head.bias'])
@@ -173,7 +174,7 @@ def test_training_moves_only_the_adapter_and_evaluate_reproduces_it(mlp_run):
     network = plan.task.build_network()
     plan.task.load_base(network, None)
     base = {p.name: p.asnumpy().copy() for p in network.get_parameters()}
-    adapter = load_checkpoint_file(os.path.join(out_dir, 'adapter', 'adapter_model.safetensors'))
+    adapter = load_checkpoint_file(adapter_weights_path(os.path.join(out_dir, 'adapter')))
     assert not np.array_equal(adapter['head.weight'].asnumpy(), base['head.weight'])
     assert np.abs(adapter['layers.0.mindpet_delta_lora_b'].asnumpy()).max() > 0   # B starts at 0
     # evaluate: base + adapter in a new process state gives exactly the run's accuracy.

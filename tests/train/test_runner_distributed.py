@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 
+from mindpet.adapter_store import adapter_weights_path
 from mindpet.cli import main
 from mindpet.utils.io_utils import load_checkpoint_file
 
@@ -71,7 +72,7 @@ def test_two_workers_rank0_writes(tmp_path):
     out = tmp_path / 'out'
     assert set(os.listdir(out)) >= {'adapter', 'checkpoints', 'config.yaml', 'metrics.json'}
     assert sorted(os.listdir(out / 'checkpoints')) == ['lora-1_4.ckpt', 'lora-2_2.ckpt', 'lora-2_4.ckpt']
-    adapter = load_checkpoint_file(str(out / 'adapter' / 'adapter_model.safetensors'))
+    adapter = load_checkpoint_file(adapter_weights_path(str(out / 'adapter')))
     last = load_checkpoint_file(str(out / 'checkpoints' / 'lora-2_4.ckpt'))
     for name, value in adapter.items():
         assert (last[name].asnumpy() == value.asnumpy()).all()

@@ -127,3 +127,31 @@ def test_import_rules():
                           ('json:nothing', "the module 'json' has no 'nothing'")]:
         with pytest.raises(CodeImportError, match=message):
             import_object(spec, trust_code=True)
+
+
+def test_a_model_module_beside_the_config(tmp_path):
+    """doc/cli.md's own-Cell recipe: my_models.py beside the config, `code_dir: .`, `trust_code: true`."""
+    from mindpet.train.runner import build
+    from tests.train.text_fixtures import topic_rows, write_jsonl, train_tokenizer
+    folder = tmp_path / 'project'
+    folder.mkdir()
+    (folder / 'runner_models.py').write_text(
+        'from tests.train.text_models import TinyTextClassifier as BagOfWords  # noqa: F401\n')
+    rows = topic_rows(20)
+    tokenizer, vocab = train_tokenizer(folder / 'tokenizer.json', [r['text'] for r in rows])
+    cfg = {'model': {'class': 'runner_models:BagOfWords', 'code_dir': '.', 'trust_code': True,
+                     'config': {'vocab_size': vocab, 'hidden': 8, 'num_labels': 4}, 'loss': 'cross_entropy'},
+           'pet': {'type': 'lora', 'target_modules': ['proj'], 'modules_to_save': ['head']},
+           'data': {'train': write_jsonl(folder / 'train.jsonl', rows), 'tokenizer': tokenizer},
+           'schedule': {'start_learning_rate': 0.01},
+           'training': {'batch_size': 4, 'output_dir': str(tmp_path / 'out')}}
+    path = folder / 'run.yaml'
+    path.write_text(yaml.safe_dump(cfg), encoding='utf-8')
+    before = list(sys.path)
+    try:
+        built = build(load_plan(str(path)), lazy=True)
+        assert sorted(built.pet_model.pet_layers) == ['proj']
+        assert sys.modules['runner_models'].__file__ == str(folder / 'runner_models.py')
+        assert sys.path == before
+    finally:
+        sys.modules.pop('runner_models', None)

@@ -224,7 +224,9 @@ def test_config_round_trip_and_yaml_section(tmp_path):
     data = cfg.to_dict()
     assert data == {'type': 'lora', 'target_modules': ['q_proj'], 'exclude_modules': None,
                     'modules_to_save': ['lm_head'], 'lora_rank': 4, 'lora_alpha': 8.0, 'lora_dropout': 0.1,
-                    'compute_dtype': 'float16', 'use_dora': False, 'dora_detach_norm': True}
+                    'compute_dtype': 'float16', 'use_dora': False, 'dora_detach_norm': True, 'use_rslora': False,
+                    'init_lora_weights': True, 'rank_pattern': None, 'alpha_pattern': None,
+                    'layers_to_transform': None, 'layers_pattern': None}
     assert config_from_dict(data) == cfg and LoraConfig.from_dict(data) == cfg
     path = tmp_path / 'job.yaml'
     path.write_text(yaml.safe_dump({'model': {'hidden': 32}, 'pet': data}))

@@ -10,6 +10,7 @@ from mindspore import nn, Tensor
 
 from examples.pangu_alpha.model import PanguAlphaForCausalLM, CausalLMWithLoss
 from mindpet import get_pet_model, PetModel
+from mindpet.adapter_store import adapter_weights_path
 from mindpet.tuners.ptuning2 import PTuning2Config
 from mindpet.utils.io_utils import load_checkpoint_file
 from tests.example_helpers import graph  # noqa: F401 (module-scoped GRAPH_MODE fixture)
@@ -69,7 +70,7 @@ def test_injection_keeps_names_and_matches_the_reference(graph, tmp_path):
     np.testing.assert_array_equal(pet(Tensor(IDS)).asnumpy(), out2)
     # Saved adapter: the five encoder tensors under their model names; loaded on a fresh base it reproduces out2.
     pet.save_pretrained(str(tmp_path / 'a'))
-    saved = load_checkpoint_file(str(tmp_path / 'a' / 'adapter_model.safetensors'))
+    saved = load_checkpoint_file(adapter_weights_path(str(tmp_path / 'a')))
     assert sorted(saved) == trainable
     loaded = PetModel.from_pretrained(base_net(), str(tmp_path / 'a'))
     np.testing.assert_array_equal(loaded(Tensor(IDS)).asnumpy(), out2)

@@ -11,7 +11,7 @@ from mindspore import nn
 from safetensors.numpy import load_file
 
 from mindpet import TensorSVDConfig, PetModel, get_pet_model
-from mindpet.adapter_store import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, merge_into_checkpoint
+from mindpet.adapter_store import ADAPTER_CONFIG_NAME, adapter_weights_path, merge_into_checkpoint
 from mindpet.delta.tsvd import tsvd_increments
 
 from tests.gpt_like import GPTLike, LMLoss, token_batch
@@ -60,7 +60,7 @@ def test_shared_singular_vectors_train_save_load_switch_and_merge(graph_mode, tm
     assert not np.allclose(out, base_out, atol=1e-4)
     pet.save_pretrained(str(tmp_path / 'p1'))
 
-    tensors = load_file(os.path.join(tmp_path / 'p1', ADAPTER_WEIGHTS_NAME))
+    tensors = load_file(adapter_weights_path(str(tmp_path / 'p1')))
     assert {name: value.shape for name, value in tensors.items()} == {
         f'{first}.tsvd_group.mindpet_delta_tsvd_{key}': shape for first in FIRST
         for key, shape in (('u', (32, 4, 1)), ('s', (4, 2)), ('v', (32, 4, 1)))}
