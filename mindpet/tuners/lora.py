@@ -344,7 +344,9 @@ class LoraTuner(DenseLayerTuner):
                              f"as {type(layer).__name__} by an earlier adapter; one layer holds one variant "
                              f"(exclude it with 'exclude_modules', or adapt another model).")
         try:
-            check_rank_fits(type(layer).__name__, config.lora_rank, layer.in_channels, layer.out_channels)
+            # The rank this adapter needs on this layer (rank_pattern may give it its own).
+            check_rank_fits(type(layer).__name__, config.for_layer(key).lora_rank, layer.in_channels,
+                            layer.out_channels)
         except ValueError as ex:
             raise FieldValueError(f"For 'get_pet_model', the layer '{key}' cannot be adapted: {ex}",
                                   field=ex.field) from None

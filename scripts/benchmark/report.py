@@ -49,6 +49,9 @@ TARGETS = [
     ('set_adapter between LoRA adapters loaded for inference, GPT-2 small (ms)',
      ('switch', 'ops', 'set_adapter_inference', 'cpu_ms'), ('switch', 'ops', 'set_adapter_inference', 'median_ms'),
      50.0),
+    # Throughput of a mixed batch >= 0.8x that of a single-adapter batch, i.e. its time <= 1.25x.
+    ('mixed-adapter batch (8 rows over 4 LoRA adapters) time / the same batch on one adapter (PetModel)',
+     ('mixed', 'rows', 'mixed_vs_petmodel', 'cpu_ratio'), ('mixed', 'rows', 'mixed_vs_petmodel', 'ratio'), 1.25),
     ('LoRADense forward (unmerged) / nn.Dense', ('layer', 'fwd_unmerged', 'cpu_ratio'),
      ('layer', 'fwd_unmerged', 'ratio'), 1.05),
     ('merged LoRADense (merge() then to_dense()) forward / nn.Dense', ('layer', 'fwd_to_dense', 'cpu_ratio'),
@@ -288,6 +291,28 @@ def render_markdown(results, command):
             f'reused throughout ({switch["graphs"]} graph). Trainable adapters copy the outgoing adapter\'s live '
             f'tensors back to the store before switching; adapters loaded for inference skip that copy.')
         add('')
+    mixed = results.get('mixed')
+    if mixed:
+        sz, c = mixed['model'], mixed['checks']
+        add(f'### 4b. Mixed-adapter batches: GPT-like model ({sz["layers"]} blocks, hidden {sz["hidden"]}, vocab '
+            f'{sz["vocab"]}), batch {sz["batch"]} x {sz["seq"]} tokens, LoRA r=8 on q, v; rows over '
+            f'{len(set(mixed["mix"]))} adapters ({"".join(mixed["mix"])}) with `mindpet.serving.MixedLoraModel` '
+            f'vs the same batch on one adapter; GRAPH_MODE, one process, interleaved')
+        add('')
+        add('| forward of the batch | CPU (ms) | unit CPU (ms) | CPU ratio | wall ratio | throughput vs unit (CPU) |')
+        add('|---|---|---|---|---|---|')
+        labels = {'mixed_vs_petmodel': 'mixed rows (view) / one adapter (PetModel, the ordinary path)',
+                  'mixed_vs_view_single': 'mixed rows (view) / all rows on one adapter (same view)',
+                  'view_single_vs_petmodel': 'all rows on one adapter (view) / one adapter (PetModel)'}
+        for key, what in labels.items():
+            r = mixed['rows'][key]
+            add(f'| {what} | {r["cpu_s"] * 1e3:.1f} | {r["cpu_base_s"] * 1e3:.1f} | {_pair(r, "cpu_")} | '
+                f'{_pair(r)} | {1.0 / r["cpu_ratio"]:.3f}x |')
+        add('')
+        add(f'Checked in the run: every row of the mixed batch equals the PetModel with only that row\'s adapter '
+            f'active (largest difference {c["row_max_abs_diff"]:.1e}; two adapters differ by up to '
+            f'{c["adapters_differ"]:.2f}), and all mixes ran in {c["graphs"]} compiled graph.')
+        add('')
     ref = results.get('reference')
     if ref:
         sz = results['sizes']['layer']
@@ -336,6 +361,28 @@ def render_markdown(results, command):
             add(f'| `{r["command"]}` | {r["wall_s"]:.3f} | {r["wall_min"]:.3f}-{r["wall_max"]:.3f} | '
                 f'{r["cpu_s"]:.3f} | {r["wall_over_import"]:.3f}x ({r["wall_over_import_min"]:.2f}-'
                 f'{r["wall_over_import_max"]:.2f}) |')
+        add('')
+    race = results.get('race')
+    if race:
+        st = race['settings']
+        add(f'### 8. Real-model race: all-MiniLM-L6-v2 LoRA, mindpet on MindSpore (GRAPH_MODE) vs Hugging Face PEFT '
+            f'on PyTorch ({st["config"]}: LoRA r={st["rank"]}, alpha {st["alpha"]}, dropout {st["dropout"]} on '
+            f'{", ".join(st["target_modules"])}, {", ".join(st["modules_to_save"])} trained in full; batch '
+            f'{st["batch_size"]} x {st["max_length"]} tokens, {race["rows"]["mindpet"]["steps"]} steps, same data '
+            f'order, learning rates, initial head and AdamWeightDecay rule; one process per side and round)')
+        add('')
+        add('| side | trainable | step median (ms, after the first) | first step (ms) | peak RSS (MB) | '
+            'peak anon (MB) | test accuracy | last loss |')
+        add('|---|---|---|---|---|---|---|---|')
+        for side, what in (('mindpet', 'mindpet LoRA (MindSpore)'), ('peft', 'PEFT LoRA (PyTorch)')):
+            r = race['rows'][side]
+            add(f'| {what} | {r["trainable"]:,} | {r["step_s"] * 1e3:.1f} | {r["first_step_s"] * 1e3:.0f} | '
+                f'{r["peak_mb"]:.0f} | {_fmt(r.get("peak_anon_mb"), 0)} | {r["accuracy"]:.3f} | '
+                f'{r["loss_last"]:.3f} |')
+        ratio = race.get('ratios', {})
+        add('')
+        add(f'mindpet / PEFT (paired per round): step {_fmt(ratio.get("step_s"), 2)}x, peak RSS '
+            f'{_fmt(ratio.get("peak_mb"), 2)}x, peak anon {_fmt(ratio.get("peak_anon_mb"), 2)}x.')
         add('')
     rows = evaluate_targets(results)
     if rows:
