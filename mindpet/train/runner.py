@@ -403,7 +403,7 @@ def check_memory(plan):
         try:
             network = plan.task.build_network()
         except (TypeError, ValueError) as ex:
-            raise plan.source.value_error('model', str(ex)) from None
+            raise plan.source.value_error(getattr(ex, 'key', 'model'), str(ex)) from None
     total = sum(int(np.prod(p.shape, dtype=object)) * p.itemsize for p in network.get_parameters())
     needed = total * (4 if plan.pet_config is None else 1)
     problem = memory_shortfall(needed)
