@@ -62,7 +62,8 @@ PEFT_KINDS = (None, 'linear', 'conv2d')
 _INFORMATIONAL = {'peft_type', 'task_type', 'base_model_name_or_path', 'revision', 'inference_mode', 'auto_mapping',
                   'peft_version', 'target_modules', 'exclude_modules', 'modules_to_save', 'feedforward_modules',
                   'r', 'lora_alpha', 'lora_dropout', 'use_dora', 'init_ia3_weights', 'runtime_config',
-                  'megatron_core'}
+                  'megatron_core',
+                  'qalora_group_size'}   # read only with use_qalora, which is refused
 # Options mindpet reproduces only at PEFT's default value (the value is what PEFT writes when it is unused).
 _DEFAULTS = {'fan_in_fan_out': False, 'bias': 'none', 'use_rslora': False, 'lora_bias': False,
              'layers_to_transform': None, 'layers_pattern': None, 'rank_pattern': {}, 'alpha_pattern': {},
