@@ -30,6 +30,7 @@ Example:
     >>> pet = PetModel.from_pretrained(net, 'peft_lora_dir')  # doctest: +SKIP
     >>> pet.save_pretrained('out/for_peft', format='peft')  # doctest: +SKIP
 """
+import dataclasses
 import json
 import os
 import re
@@ -101,7 +102,6 @@ def _read_config(directory):
 def _check_options(path, data):
     """Refuse every option that would make PEFT compute something mindpet's method does not, naming it."""
     from mindpet.tuners.lora import LoraConfig  # pylint: disable=import-outside-toplevel
-    import dataclasses  # pylint: disable=import-outside-toplevel
     own_fields = {field.name for field in dataclasses.fields(LoraConfig)}
     for key, value in data.items():
         if key in _INFORMATIONAL:
