@@ -1,42 +1,56 @@
 """mindpet: parameter-efficient fine-tuning for MindSpore.
 
-Importing mindpet prints nothing, writes nothing and leaves the MindSpore context as it was.
+Importing mindpet prints nothing, writes nothing and leaves the MindSpore context as it was. It also loads nothing
+but its version: the public names below and the sub-packages (``mindpet.delta``, ``mindpet.graph``, ...) are
+imported on first use, so ``mindpet --help`` and ``mindpet --version`` answer without loading MindSpore.
+
+Example:
+    >>> import mindpet
+    >>> mindpet.LoraConfig(target_modules=['q_proj'], lora_rank=4).to_dict()['type']
+    'lora'
 """
+import importlib
+import importlib.util
+
 from mindpet.version import __version__
 
-from mindpet import delta, graph  # noqa: E402  (public sub-packages)
+# public name -> the module that defines it
+_EXPORTS = {
+    # The adapter lifecycle (inject by name, merge, save/load/switch adapters).
+    'PetConfig': 'mindpet.tuners.config',
+    'register_method': 'mindpet.tuners.registry',
+    'config_from_dict': 'mindpet.tuners.registry',
+    'config_from_yaml': 'mindpet.tuners.registry',
+    'PetModel': 'mindpet.model',
+    'get_pet_model': 'mindpet.model',
+    # The methods' configs (each method registers itself under its YAML 'type' when its module is imported).
+    'LoraConfig': 'mindpet.tuners.lora',
+    'IA3Config': 'mindpet.tuners.ia3',
+    'AdapterConfig': 'mindpet.tuners.adapter',
+    'LowRankAdapterConfig': 'mindpet.tuners.low_rank_adapter',
+    'BitFitConfig': 'mindpet.tuners.bitfit',
+    'PromptTuningConfig': 'mindpet.tuners.prompt_tuning',
+    'PrefixTuningConfig': 'mindpet.tuners.prefix_tuning',
+    'PTuning2Config': 'mindpet.tuners.ptuning2',
+    'PstConfig': 'mindpet.tuners.pst',
+    'AdaLoraConfig': 'mindpet.tuners.adalora',
+    'TensorSVDConfig': 'mindpet.tuners.tsvd',
+}
 
-__all__ = ['delta', 'graph', '__version__']
+__all__ = ['delta', 'graph', '__version__'] + list(_EXPORTS)
 
-# The adapter lifecycle (inject by name, merge, save/load/switch adapters).
-from mindpet.tuners import (PetConfig, LoraConfig, register_method, config_from_dict,  # noqa: E402
-                            config_from_yaml)
-from mindpet.model import PetModel, get_pet_model  # noqa: E402
 
-__all__ += ['PetConfig', 'LoraConfig', 'register_method', 'config_from_dict', 'config_from_yaml', 'PetModel',
-            'get_pet_model']
+def __getattr__(name):
+    """Import a public name or a sub-package on first use (PEP 562)."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif not name.startswith('_') and importlib.util.find_spec(f'{__name__}.{name}') is not None:
+        value = importlib.import_module(f'{__name__}.{name}')
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
-# More methods for get_pet_model (each registers itself under its YAML 'type').
-from mindpet.tuners.ia3 import IA3Config  # noqa: E402
 
-__all__ += ['IA3Config']
-from mindpet.tuners.adapter import AdapterConfig  # noqa: E402
-from mindpet.tuners.low_rank_adapter import LowRankAdapterConfig  # noqa: E402
-
-__all__ += ['AdapterConfig', 'LowRankAdapterConfig']
-from mindpet.tuners.bitfit import BitFitConfig  # noqa: E402
-
-__all__ += ['BitFitConfig']
-from mindpet.tuners.prompt_tuning import PromptTuningConfig  # noqa: E402
-
-__all__ += ['PromptTuningConfig']
-from mindpet.tuners.prefix_tuning import PrefixTuningConfig  # noqa: E402
-from mindpet.tuners.ptuning2 import PTuning2Config  # noqa: E402
-
-__all__ += ['PrefixTuningConfig', 'PTuning2Config']
-# Sparse training and adaptive-rank methods (PST, AdaLoRA, the tensorised t-SVD adapter).
-from mindpet.tuners.pst import PstConfig  # noqa: E402
-from mindpet.tuners.adalora import AdaLoraConfig  # noqa: E402
-from mindpet.tuners.tsvd import TensorSVDConfig  # noqa: E402
-
-__all__ += ['PstConfig', 'AdaLoraConfig', 'TensorSVDConfig']
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -429,6 +429,12 @@ def save_adapter_dir(directory, adapter, fmt='mindpet'):
     directory = ensure_dir(os.fspath(directory), what='adapter directory')
     # Every format's writers are serialised; the format's writer runs with the lock held.
     with directory_lock(directory):
+        for other, (config_name, _) in _FORMATS.items():
+            if other != fmt and os.path.isfile(os.path.join(directory, config_name)):
+                # Two configs in one directory: a reader would take the other format's (stale) adapter.
+                raise AdapterConfigError(f"The directory '{directory}' holds a {other!r} adapter ({config_name}); "
+                                         f"saving a {fmt!r} adapter beside it would leave two. Save into another "
+                                         f"directory, or remove that adapter first.")
         # Formats written with io_utils.atomic_write (PEFT's) leave its temporary files when killed.
         remove_stale_temp_files(directory, 'adapter_')
         return save(directory, adapter)

@@ -1,9 +1,10 @@
 """The ``mindpet`` command (console script ``mindpet=mindpet.cli:main``): ``mindpet <verb> [options]``.
 
-Verbs here: ``merge`` (fold an adapter into a base checkpoint) and ``inspect`` (list a checkpoint's or an adapter
-directory's tensors). A verb is registered with :func:`register_command` by the module that implements it; modules
-listed in ``COMMAND_MODULES`` are imported by :func:`build_parser`, so a new verb plugs in by adding its module
-there. Verbs raise exceptions; only :func:`main` turns them into messages and exit codes:
+Verbs: ``merge`` (fold an adapter into a base checkpoint) and ``inspect`` (list a checkpoint's or an adapter
+directory's tensors), defined here, and ``finetune``/``evaluate``/``generate``, whose arguments and entry points are
+in :mod:`mindpet.train.commands`. Every verb imports its implementation (and with it MindSpore) only when it runs,
+so ``mindpet --help``, ``mindpet --version`` and ``mindpet <verb> --help`` load no MindSpore. Further verbs plug in
+with :func:`register_command`. Verbs raise exceptions; only :func:`main` turns them into messages and exit codes:
 0 success, 1 a file/config/argument error (one line on stderr), 2 a command-line usage error.
 """
 import argparse
@@ -12,14 +13,12 @@ import os
 import sys
 from collections import OrderedDict, namedtuple
 
+from mindpet.train import commands as train_commands
 from mindpet.version import __version__
 from mindpet.utils.exceptions import MindPetError
 
 Command = namedtuple('Command', ['name', 'help', 'add_arguments', 'run'])
 _COMMANDS = OrderedDict()
-
-#: modules whose import registers further verbs (e.g. finetune/evaluate)
-COMMAND_MODULES = ['mindpet.train.commands']
 
 
 def register_command(name, help_text, add_arguments, run):
@@ -38,9 +37,6 @@ def register_command(name, help_text, add_arguments, run):
 
 def build_parser():
     """The argparse parser with one sub-command per registered verb."""
-    import importlib  # pylint: disable=import-outside-toplevel
-    for module in COMMAND_MODULES:
-        importlib.import_module(module)
     parser = argparse.ArgumentParser(prog='mindpet', description='Parameter-efficient fine-tuning for MindSpore.')
     parser.add_argument('--version', action='version', version=f'mindpet {__version__}')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
@@ -172,6 +168,8 @@ register_command('merge', 'merge an adapter into a base checkpoint (mindpet merg
                  _merge_arguments, _merge_run)
 register_command('inspect', 'list the tensors of a checkpoint or adapter directory (names, shapes, dtypes, bytes)',
                  _inspect_arguments, _inspect_run)
+for _verb in train_commands.COMMANDS:
+    register_command(*_verb)
 
 
 if __name__ == '__main__':

@@ -26,7 +26,7 @@ from mindpet.tuners.config import PetConfig
 from mindpet.tuners.inject import walk, matches_any, replace_cell, invalidate_compiled_graph
 from mindpet.tuners.registry import make_tuner
 from mindpet.utils.exceptions import AdapterConfigError
-from mindpet.utils.validation import check_cell, check_bool, check_int, check_real
+from mindpet.utils.validation import FieldValueError, check_cell, check_bool, check_int, check_real
 
 _NAME_RE = re.compile(r'^[A-Za-z0-9_.\-]+$')
 
@@ -56,6 +56,14 @@ class _State:
         self.module_params = {}       # name -> Parameter of a modules_to_save cell
         self.module_base = {}         # name -> numpy copy of its base value
         self.requires_grad = {}       # name -> requires_grad before injection (restored by unload)
+
+
+def _check_adapter_name(owner, adapter_name):
+    """An existing adapter must be named: None (or another non-str) is refused before anything changes."""
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"For '{owner}', the 'adapter_name' must be the name (str) of an adapter, but got "
+                        f"{adapter_name!r} ({type(adapter_name).__name__}); to compute the base model use 'with "
+                        f"disable_adapter():'.")
 
 
 def _check_name(owner, arg, name):
@@ -152,6 +160,7 @@ class PetModel(nn.Cell):
         check_bool('trainable', trainable, owner)
         self._check_method(config, owner)
         state = self._state
+        self._module_names(config)          # a modules_to_save matching nothing fails before any layer changes
         self._sync()
         before = dict(state.layers)
         targets, changed = state.tuner.inject(self.base_model, config, state.layers)
@@ -295,12 +304,18 @@ class PetModel(nn.Cell):
         rank than allocated (then the next call recompiles). If the model is merged, the old adapter is unmerged
         and the new one merged.
 
+        ``adapter_name`` must name an adapter: ``set_adapter(None)`` is refused (it does not mean "no adapter";
+        compute the base model with ``with pet.disable_adapter():``, or delete the adapter). Every check runs before
+        anything changes, so a refused call leaves the model as it was (a merged model stays merged).
+
         Raises:
+            TypeError: ``adapter_name`` is not a str (None included).
             ValueError: no such adapter.
             RuntimeError: inside :meth:`disable_adapter`.
         """
         owner = 'set_adapter'
         self._check_usable(owner)
+        _check_adapter_name(owner, adapter_name)
         record = self._record(adapter_name, owner)
         state = self._state
         if state.disabled:
@@ -320,9 +335,16 @@ class PetModel(nn.Cell):
         return self
 
     def delete_adapter(self, adapter_name):
-        """Forget ``adapter_name``. Deleting the active adapter leaves none active (base outputs)."""
+        """Forget ``adapter_name`` (a name: None is refused). Deleting the active adapter leaves none active (base
+        outputs).
+
+        Raises:
+            TypeError: ``adapter_name`` is not a str. ValueError: no such adapter. RuntimeError: inside
+            :meth:`disable_adapter`. Nothing changes when a call is refused.
+        """
         owner = 'delete_adapter'
         self._check_usable(owner)
+        _check_adapter_name(owner, adapter_name)
         self._record(adapter_name, owner)
         state = self._state
         if state.disabled:
@@ -430,8 +452,15 @@ class PetModel(nn.Cell):
             raise RuntimeError(f"For '{owner}', cannot merge inside 'with disable_adapter()'.")
         record = self._record(None, owner)
         self._sync()
-        for key in record.targets:
-            state.tuner.merge_layer(state.layers[key], record.config)
+        done = []
+        try:
+            for key in record.targets:
+                state.tuner.merge_layer(state.layers[key], record.config)
+                done.append(key)
+        except BaseException:
+            for key in reversed(done):      # a refused merge leaves no layer merged
+                state.tuner.unmerge_layer(state.layers[key], record.config)
+            raise
         state.merged = True
         return self
 
@@ -447,8 +476,15 @@ class PetModel(nn.Cell):
         if not state.merged:
             raise RuntimeError(f"For '{owner}', no adapter is merged.")
         record = state.adapters[state.active]
-        for key in record.targets:
-            state.tuner.unmerge_layer(state.layers[key], record.config)
+        done = []
+        try:
+            for key in record.targets:
+                state.tuner.unmerge_layer(state.layers[key], record.config)
+                done.append(key)
+        except BaseException:
+            for key in reversed(done):      # a failed unmerge leaves every layer merged
+                state.tuner.merge_layer(state.layers[key], record.config)
+            raise
         state.merged = False
         return self
 
@@ -652,9 +688,18 @@ class PetModel(nn.Cell):
     def _resolve_modules(self, config):
         """Parameter names of the cells ``config.modules_to_save`` selects, after the base parameters the method's
         adapter consists of (BitFit's biases); all registered for switching."""
-        names = list(self._state.tuner.saved_params(self.base_model, config))
+        names = self._module_names(config)
         for name in names:
-            self._register_module_param(name, 'the adapter')
+            self._register_module_param(name, 'modules_to_save')
+        return names
+
+    def _module_names(self, config):
+        """The names :meth:`_resolve_modules` registers, found without registering anything.
+
+        Raises:
+            ValueError: ``modules_to_save`` matches no cell.
+        """
+        names = list(self._state.tuner.saved_params(self.base_model, config))
         if not config.modules_to_save:
             return names
         matched = False
@@ -665,10 +710,8 @@ class PetModel(nn.Cell):
                     if not is_pet_param(param.name) and param.name not in names:
                         names.append(param.name)
         if not matched:
-            raise ValueError(f"For 'get_pet_model', the modules_to_save {config.modules_to_save} match no cell "
-                             f"of the model.")
-        for name in names:
-            self._register_module_param(name, 'modules_to_save')
+            raise FieldValueError(f"For 'get_pet_model', the modules_to_save {config.modules_to_save} match no "
+                                  f"cell of the model.", field='modules_to_save')
         return names
 
     def _register_module_param(self, name, source):

@@ -92,6 +92,8 @@ SWEEP_RESULTS = {
         'prefix': {3e-3: 0.590, 1e-2: 0.662, 3e-2: 0.613},
         'prompt': {3e-3: 0.291, 1e-2: 0.314, 3e-2: 0.309},
         'pst': {1e-3: 0.420, 3e-3: 0.717, 1e-2: 0.240, 3e-2: 0.297},
+        # BUDGET_METHODS, from their own runs (AdaLoRA r 8->4 at AdaLoRA's rate; t-SVD P=1 k 8 at k 32's best).
+        'adalora_r8': {1e-2: 0.637}, 'tsvd_p1_k32': {3e-3: 0.385, 1e-2: 0.662}, 'tsvd_p1_k8': {1e-2: 0.686},
     },
     # related: grid 3e-3, 1e-2, 3e-2 (IA3 1e-2, 3e-2, 1e-1), extended by one value where the best sat on an edge;
     # BitFit was still rising at 1e-1 (not extended further). Ties go to the smaller rate.
@@ -109,6 +111,7 @@ SWEEP_RESULTS = {
         'prefix': {3e-3: 0.961, 1e-2: 0.961, 3e-2: 0.928},
         'prompt': {3e-3: 0.615, 1e-2: 0.623, 3e-2: 0.652, 1e-1: 0.600},
         'pst': {3e-3: 0.951, 1e-2: 0.896, 3e-2: 0.367},
+        'adalora_r8': {3e-3: 0.949}, 'tsvd_p1_k32': {3e-3: 0.941, 1e-2: 0.928}, 'tsvd_p1_k8': {3e-3: 0.957},
     },
 }
 LEARNING_RATES = {task: {method: max(scores, key=scores.get) for method, scores in per_task.items()}
@@ -528,8 +531,9 @@ def _common_notes(by):
                        + ("t-SVD does not reach LoRA's accuracy on this task." if to_lora < 0 else
                           "it reaches LoRA's accuracy on this task."))
         notes.append("- **t-SVD against LoRA and AdaLoRA at equal trainable budget** (rows marked † come from a "
-                     "separate run of the same script, same base and seeds; their step times and memory were "
-                     "measured under other load): " + text + "." + verdict)
+                     "separate run of the same script, same base and seeds, their learning rates from grids of one "
+                     "or two values (`meta.sweep` in the JSON); their step times and memory were measured under "
+                     "other load): " + text + "." + verdict)
     return notes
 
 
@@ -617,7 +621,7 @@ def _related_section(task):
                       "the head-only level")
             + (", but within this budget every one of them stays below the first group." if max(second) < min(first)
                else "."))
-    edge = [LABELS[m] for m in by if m in SWEEP_RESULTS['related'] and
+    edge = [LABELS[m] for m in by if m in SWEEP_RESULTS['related'] and len(SWEEP_RESULTS['related'][m]) > 1 and
             max(SWEEP_RESULTS['related'][m], key=SWEEP_RESULTS['related'][m].get)
             == max(SWEEP_RESULTS['related'][m]) and m != 'head_only']
     if edge:

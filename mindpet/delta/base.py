@@ -10,7 +10,8 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer
 
 from mindpet.delta.sharding import ACTIVATION_NAMES
-from mindpet.utils.validation import check_int, check_dtype, check_bool, check_choice, check_initializer
+from mindpet.utils.validation import (FieldValueError, check_int, check_dtype, check_bool, check_choice,
+                                      check_initializer, check_allocation)
 
 _DENSE_KWARGS = ('weight_init', 'bias_init', 'has_bias', 'activation', 'dtype')
 
@@ -31,14 +32,45 @@ def check_dense_kwargs(owner, kwargs):
             check_initializer(name, kwargs[name], owner)
 
 
-def init_param(init, shape, dtype, name):
-    """A Parameter of ``shape`` and ``dtype`` from an initializer name/object, a Tensor or a numpy array
-    (tensors are cast to ``dtype``: ``initializer`` would keep the tensor's own dtype)."""
-    if isinstance(init, np.ndarray):
+def init_param(init, shape, dtype, name, owner=None):
+    """A Parameter of ``shape`` and ``dtype`` from any MindSpore initializer form: a name ('zeros', 'normal'), an
+    ``Initializer``, a number, a concrete Tensor, a lazily initialised Tensor (``Tensor(shape=..., dtype=...,
+    init=One())``) or a numpy array. Tensors and arrays are cast to ``dtype`` (``initializer`` would keep their
+    own dtype); a lazy Tensor contributes its ``Initializer``, so nothing of its own dtype is materialised.
+
+    Raises:
+        ValueError: the Parameter would need more memory than is available (checked before allocating; the
+            message names ``owner`` and ``name`` with the estimate).
+    """
+    shape = [int(dim) for dim in shape]       # numpy integers are not accepted as MindSpore shapes
+    check_allocation(owner or name, f"'{name}'", shape, mstype.type_size_in_bytes(dtype))
+    if isinstance(init, Tensor) and getattr(init, 'has_init', False) and getattr(init, 'init', None) is not None:
+        # Casting a lazy Tensor (astype) crashes the process: use the initializer it carries instead.
+        init = init.init
+    elif isinstance(init, np.ndarray):
         init = Tensor(init)
     if isinstance(init, Tensor):
         init = init.astype(dtype)
-    return Parameter(initializer(init, list(shape), dtype), name=name)
+    return Parameter(initializer(init, shape, dtype), name=name)
+
+
+def check_dense_allocation(owner, in_channels, out_channels, kwargs):
+    """Refuse, before ``nn.Dense`` allocates it, a base weight ``(out_channels, in_channels)`` that would not fit
+    into the available memory (a weight given as a Tensor or array already exists and is not checked)."""
+    if not isinstance(kwargs.get('weight_init'), (Tensor, np.ndarray)):
+        dtype = kwargs.get('dtype', mstype.float32)
+        check_allocation(owner, "'in_channels' and 'out_channels'", (out_channels, in_channels),
+                         mstype.type_size_in_bytes(dtype) if isinstance(dtype, mstype.Type) else 4)
+
+
+def check_rank_fits(owner, rank, in_channels, out_channels, name='lora_rank'):
+    """Refuse a rank above ``min(in_channels, out_channels)``: the low-rank product cannot have a higher rank, so
+    the extra rows only cost memory (and a rank of 10**9 would try to allocate them)."""
+    limit = min(int(in_channels), int(out_channels))
+    if int(rank) > limit:
+        raise FieldValueError(f"For '{owner}', the '{name}' must be <= min(in_channels, out_channels) = {limit}, "
+                              f"but got {int(rank)}.", field=name)
+    return int(rank)
 
 
 def check_init_shape(owner, name, init, shape):
@@ -58,11 +90,12 @@ class DeltaDense(nn.Dense):
     def __init__(self, in_channels, out_channels, param_init_type=mstype.float32, compute_dtype=mstype.float16,
                  **kwargs):
         owner = type(self).__name__
-        check_int('in_channels', in_channels, owner)
-        check_int('out_channels', out_channels, owner)
+        in_channels = check_int('in_channels', in_channels, owner)
+        out_channels = check_int('out_channels', out_channels, owner)
         check_dtype('param_init_type', param_init_type, owner)
         check_dtype('compute_dtype', compute_dtype, owner)
         check_dense_kwargs(owner, kwargs)
+        check_dense_allocation(owner, in_channels, out_channels, kwargs)
         super().__init__(in_channels, out_channels, **kwargs)
         self.param_init_type = param_init_type
         self.compute_dtype = compute_dtype

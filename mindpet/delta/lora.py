@@ -15,7 +15,8 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, HeUniform, Normal
 
-from mindpet.delta.base import init_param, check_init_shape, check_dense_kwargs
+from mindpet.delta.base import (init_param, check_init_shape, check_dense_kwargs, check_dense_allocation,
+                                check_rank_fits)
 from mindpet.delta.layer_kinds import DeltaLayer
 from mindpet.delta.sharding import apply_dense_strategies
 from mindpet.utils.validation import check_int, check_real, check_rate, check_dtype
@@ -55,9 +56,10 @@ class LoRADense(nn.Dense):
                  lora_a_init=HeUniform(negative_slope=math.sqrt(5)), lora_b_init='zeros',
                  param_init_type=mstype.float32, compute_dtype=mstype.float16, **kwargs):
         owner = type(self).__name__
-        check_int('in_channels', in_channels, owner)
-        check_int('out_channels', out_channels, owner)
-        self.lora_rank = check_int('lora_rank', lora_rank, owner)
+        in_channels = check_int('in_channels', in_channels, owner)
+        out_channels = check_int('out_channels', out_channels, owner)
+        lora_rank = self.lora_rank = check_int('lora_rank', lora_rank, owner)
+        check_rank_fits(owner, lora_rank, in_channels, out_channels)
         self.lora_alpha = check_real('lora_alpha', lora_alpha, owner, nonzero=True)
         check_rate('lora_dropout', lora_dropout, owner)
         check_dtype('param_init_type', param_init_type, owner)
@@ -65,6 +67,7 @@ class LoRADense(nn.Dense):
         check_dense_kwargs(owner, kwargs)
         check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, in_channels))
         check_init_shape(owner, 'lora_b_init', lora_b_init, (out_channels, lora_rank))
+        check_dense_allocation(owner, in_channels, out_channels, kwargs)
         super().__init__(in_channels, out_channels, **kwargs)
 
         self.lora_dropout_rate = lora_dropout
@@ -245,6 +248,7 @@ class LoraLayer(DeltaLayer):
         weight = getattr(base_layer, kind.weight_attr)
         compute_dtype = weight.dtype if compute_dtype is None else check_dtype('compute_dtype', compute_dtype, owner)
         super().__init__(base_layer, kind, compute_dtype)
+        lora_rank = check_rank_fits(owner, rank, self.in_channels, self.out_channels)
         check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, self.in_channels))
         check_init_shape(owner, 'lora_b_init', lora_b_init, (self.out_channels, lora_rank))
         self.lora_rank = rank

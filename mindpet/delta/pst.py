@@ -28,14 +28,15 @@ from mindspore.train import Callback
 from mindpet.delta.base import DeltaDense
 from mindpet.delta.sharding import apply_dense_strategies
 from mindpet.delta.base import init_param, check_init_shape
-from mindpet.utils.validation import check_int, check_real, check_cell
+from mindpet.utils.validation import FieldValueError, check_int, check_real, check_cell
 
 
 def _check_sparsity(name, value, owner, upper_inclusive=False):
     check_real(name, value, owner)
     if not (0.0 <= value < 1.0 or (upper_inclusive and value == 1.0)):
         bound = ']' if upper_inclusive else ')'
-        raise ValueError(f"For '{owner}', the '{name}' must be in [0.0, 1.0{bound}, but got {value!r}.")
+        raise FieldValueError(f"For '{owner}', the '{name}' must be in [0.0, 1.0{bound}, but got {value!r}.",
+                              field=name)
     return float(value)
 
 

@@ -9,6 +9,7 @@ carry a CRC that is verified on load.
 import os
 import re
 import time
+import zlib
 from collections import namedtuple
 
 import mindspore as ms
@@ -20,7 +21,7 @@ from mindpet.utils.constants import META_PREFIX
 from mindpet.utils.exceptions import CheckpointError
 from mindpet.utils.io_utils import (atomic_save_checkpoint, ensure_dir, load_checkpoint_file, check_params_fit,
                                     load_params_checked, checkpoint_format, CKPT_FORMATS,
-                                    remove_stale_temp_files)
+                                    remove_stale_temp_files, checkpoint_write_errors)
 from mindpet.utils.validation import check_cell, check_bool
 
 _PREFIX_RE = re.compile(r'^[A-Za-z0-9_.\-]+$')
@@ -122,6 +123,8 @@ class TrainableParamsCheckPoint(Callback):
         rank_dirs (bool): every rank writes into its own ``rank_<id>`` sub-directory. Default False (rank 0 only).
 
     Raises:
+        CheckpointError: a checkpoint cannot be written (disk full, no permission, read-only file system): one line
+            naming the file. The files already written stay as they were.
         ValueError: (at train begin) a multi-rank job in a parallel mode that slices parameters without
             ``rank_dirs=True``.
 
@@ -233,8 +236,13 @@ class TrainableParamsCheckPoint(Callback):
         append.update({META_PREFIX + 'epoch': epoch, META_PREFIX + 'step_in_epoch': step_in_epoch,
                        META_PREFIX + 'step': step, META_PREFIX + 'batch_num': batch_num,
                        META_PREFIX + 'optimizer_state': int(self.save_optimizer_state)})
-        atomic_save_checkpoint(params, path, ckpt_format=self.format, append_dict=append,
-                               integrated_save=self.config.integrated_save)
+        batch = cb_params.get('train_dataset_element') if isinstance(cb_params, dict) else None
+        if batch is not None:
+            # Lets a resumed run check that replaying the data pipeline gives the batches this run saw.
+            append[META_PREFIX + 'batch_crc'] = batch_checksum(batch)
+        with checkpoint_write_errors(path):
+            atomic_save_checkpoint(params, path, ckpt_format=self.format, append_dict=append,
+                                   integrated_save=self.config.integrated_save)
         self._last_saved_step = step
         self._last_saved_time = time.time()
         self.latest_ckpt_file_name = path
@@ -260,9 +268,27 @@ class TrainableParamsCheckPoint(Callback):
                 else:
                     last_kept = mtime
         for path in doomed:
-            os.remove(path)
+            with checkpoint_write_errors(path):
+                os.remove(path)
             if path in self.saved_files:
                 self.saved_files.remove(path)
+
+
+def batch_checksum(batch):
+    """CRC-32 of a training batch (a Tensor/array or a sequence of them): the bytes, shapes and dtypes.
+
+    Example:
+        >>> batch_checksum([np.zeros((2, 3), np.float32)])  # doctest: +SKIP
+        1781943285
+    """
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    items = batch if isinstance(batch, (list, tuple)) else [batch]
+    crc = 0
+    for item in items:
+        array = np.ascontiguousarray(item.asnumpy() if hasattr(item, 'asnumpy') else np.asarray(item))
+        crc = zlib.crc32(f"{array.dtype}{array.shape}".encode(), crc)
+        crc = zlib.crc32(array.tobytes(), crc)
+    return crc
 
 
 def _optimizer_state_names(network):
@@ -276,7 +302,8 @@ def _optimizer_state_names(network):
 
 
 class ResumeState(namedtuple('ResumeState', ['path', 'epoch', 'step_in_epoch', 'step', 'batch_num',
-                                             'adapter_loaded', 'optimizer_loaded', 'skipped'])):
+                                             'adapter_loaded', 'optimizer_loaded', 'skipped', 'batch_crc'],
+                             defaults=(None,))):
     """What :func:`resume_from_checkpoint` restored.
 
     Attributes:
@@ -287,6 +314,8 @@ class ResumeState(namedtuple('ResumeState', ['path', 'epoch', 'step_in_epoch', '
         adapter_loaded (list[str]): network parameter names loaded.
         optimizer_loaded (list[str]): training-state names loaded into ``optimizer`` (empty when the file has none).
         skipped (list[tuple[str, str]]): newer files that could not be read, with the reason.
+        batch_crc (int | None): :func:`batch_checksum` of the last batch trained before the file was written (None
+            when the writer did not see the batch).
     """
     __slots__ = ()
 
@@ -389,7 +418,8 @@ def resume_from_checkpoint(directory, network, optimizer=None, prefix="DELTA_CKP
                                                require=sorted(opt_names - net_names))
     match = _name_re(prefix).match(os.path.basename(path))
     return ResumeState(path, meta.get('epoch', int(match.group(1))), meta.get('step_in_epoch', int(match.group(2))),
-                       meta.get('step'), meta.get('batch_num'), adapter_loaded, optimizer_loaded, skipped)
+                       meta.get('step'), meta.get('batch_num'), adapter_loaded, optimizer_loaded, skipped,
+                       meta.get('batch_crc'))
 
 
 LoadReport = namedtuple('LoadReport', ['base_loaded', 'delta_loaded', 'base_ignored', 'delta_ignored'],
@@ -457,4 +487,5 @@ def save_trainable_params(net, path, ckpt_format=None):
     params = net.trainable_params()
     if not params:
         raise ValueError("For 'save_trainable_params', the network has no trainable parameter to save.")
-    return atomic_save_checkpoint(params, path, ckpt_format=ckpt_format or checkpoint_format(path))
+    with checkpoint_write_errors(path):
+        return atomic_save_checkpoint(params, path, ckpt_format=ckpt_format or checkpoint_format(path))

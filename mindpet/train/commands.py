@@ -1,6 +1,6 @@
-"""The ``finetune`` and ``evaluate`` verbs of the ``mindpet`` command (registered with
-:func:`mindpet.cli.register_command`; the work is done by :mod:`mindpet.train.runner`)."""
-from mindpet.cli import register_command
+"""The ``finetune``, ``evaluate`` and ``generate`` verbs of the ``mindpet`` command: their arguments and entry points,
+listed in :data:`COMMANDS` for :mod:`mindpet.cli`. The work is done by :mod:`mindpet.train.runner`, imported when a
+verb runs, so that ``mindpet --help`` loads no MindSpore (this module imports nothing)."""
 
 
 def _finetune_arguments(parser):
@@ -10,11 +10,17 @@ def _finetune_arguments(parser):
                              '(the value is read as YAML; repeatable)')
     parser.add_argument('--dry-run', action='store_true',
                         help='check the config and build the model without weights; train and write nothing')
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument('--resume', action='store_true',
+                       help='continue the run in training.output_dir from its newest checkpoint (exact: the batches '
+                            'already seen are skipped)')
+    again.add_argument('--overwrite', action='store_true',
+                       help='training.output_dir holds an earlier run: remove what it wrote, then start')
 
 
 def _finetune_run(args):
     from mindpet.train.runner import finetune  # pylint: disable=import-outside-toplevel
-    finetune(args.config, args.overrides, dry_run=args.dry_run)
+    finetune(args.config, args.overrides, dry_run=args.dry_run, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -59,9 +65,12 @@ def _generate_run(args):
     return 0
 
 
-register_command('finetune', 'fine-tune a model from a YAML run config (mindpet finetune --config RUN.yaml '
-                             '[--set key=value ...] [--dry-run])', _finetune_arguments, _finetune_run)
-register_command('evaluate', 'evaluate a model with an adapter or fine-tuned checkpoint (mindpet evaluate --config '
-                             'RUN.yaml --adapter DIR)', _evaluate_arguments, _evaluate_run)
-register_command('generate', 'write text with a causal LM and its adapter (mindpet generate --config RUN.yaml '
-                             '--adapter DIR --prompt TEXT [--top-k K])', _generate_arguments, _generate_run)
+#: ``(name, help, add_arguments, run)`` of each verb, in the order ``mindpet --help`` lists them
+COMMANDS = [
+    ('finetune', 'fine-tune a model from a YAML run config (mindpet finetune --config RUN.yaml [--set key=value ...] '
+                 '[--dry-run] [--resume | --overwrite])', _finetune_arguments, _finetune_run),
+    ('evaluate', 'evaluate a model with an adapter or fine-tuned checkpoint (mindpet evaluate --config RUN.yaml '
+                 '--adapter DIR)', _evaluate_arguments, _evaluate_run),
+    ('generate', 'write text with a causal LM and its adapter (mindpet generate --config RUN.yaml --adapter DIR '
+                 '--prompt TEXT [--top-k K])', _generate_arguments, _generate_run),
+]

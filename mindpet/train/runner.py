@@ -12,9 +12,11 @@ These functions set the MindSpore context (mode, device) from the config's ``con
 of a command, not library calls to mix with other work in one process.
 """
 import contextlib
+import json
 import math
 import os
 import resource
+import shutil
 import time
 from collections import OrderedDict
 
@@ -22,24 +24,37 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn
 from mindspore.nn.utils import no_init_parameters
-from mindspore.train.callback import Callback, CheckpointConfig
+from mindspore.train.callback import Callback, CheckpointConfig, RunContext
 
-from mindpet.graph.ckpt_util import TrainableParamsCheckPoint, distributed_rank
+from mindpet.graph.ckpt_util import (TrainableParamsCheckPoint, batch_checksum, distributed_rank,
+                                     resume_from_checkpoint)
 from mindpet.model import PetModel, get_pet_model
 from mindpet.naming import is_pet_param, is_state
 from mindpet.train import report
-from mindpet.train.schedule import learning_rates
-from mindpet.train.schema import CODE_FIELDS, RUNNER_FIELDS, check_section, read_run_config, did_you_mean
+from mindpet.train.peers import PeerWatch
+from mindpet.train.schedule import WarmupDecayLR, learning_rate_at
+from mindpet.train.schema import (CODE_FIELDS, RUNNER_FIELDS, MAX_EPOCHS, MAX_STEPS, check_section, read_run_config,
+                                  did_you_mean)
 from mindpet.train.imports import CodeImportError
 from mindpet.train.task import GENERIC_TASK, KeyValueError, load_task_class
-from mindpet.tuners.registry import config_from_dict, available_methods, get_method
-from mindpet.utils.exceptions import MindPetError
+from mindpet.tuners.registry import available_methods, get_method
+from mindpet.utils.exceptions import CheckpointError, MindPetError
+from mindpet.utils.validation import check_bool, memory_shortfall
 from mindpet.utils.io_utils import (ensure_dir, atomic_save_checkpoint, load_checkpoint_file,
                                     load_params_checked)
 
 FULL = 'full'      # pet type: train every parameter (no adapter)
 ADAPTER_DIR = 'adapter'
 FULL_CHECKPOINT = 'model.ckpt'
+CHECKPOINT_DIR = 'checkpoints'
+METRICS = 'metrics.json'
+# What --overwrite removes: the entries every run writes (also when it was killed before writing metrics.json),
+# and the files an earlier run's metrics.json lists (task artifacts such as sample images).
+_RUN_ENTRIES = ('config.yaml', METRICS, 'loss.png', ADAPTER_DIR, FULL_CHECKPOINT, CHECKPOINT_DIR)
+# Output directories refused: system trees (and anything inside them), and directories that hold other things.
+_SYSTEM_TREES = ('/bin', '/boot', '/dev', '/etc', '/lib', '/lib32', '/lib64', '/libx32', '/proc', '/run', '/sbin',
+                 '/sys', '/usr')
+_SHARED_DIRS = ('/', '/home', '/root', '/tmp', '/var', '/var/tmp', '/opt', '/mnt', '/media', '/srv')
 
 
 class RunPlan:
@@ -162,6 +177,13 @@ def _task_class(source, model_raw):
 
 def _check_runner_rules(source, sections, task_class):
     schedule, training = sections['schedule'], sections['training']
+    problem = output_dir_problem(training['output_dir'])
+    if problem:
+        raise source.value_error('training.output_dir', problem)
+    for key, cap in (('epochs', MAX_EPOCHS), ('max_steps', MAX_STEPS)):
+        if training[key] is not None and training[key] > cap:
+            raise source.value_error(f'training.{key}', f"must be at most {cap:,} (doc/cli.md), but got "
+                                     f"{training[key]:,}")
     if schedule['end_learning_rate'] > schedule['start_learning_rate']:
         raise source.value_error('schedule.end_learning_rate',
                                  f"must not exceed start_learning_rate ({schedule['start_learning_rate']}), but got "
@@ -196,11 +218,79 @@ def _pet_config(source, pet):
             raise source.key_error(f'pet.{key}', f"unknown key of the '{kind}' method"
                                    f"{did_you_mean(key, valid)}") from None
     try:
-        return config_from_dict(pet)
-    except (MindPetError, TypeError, ValueError) as ex:
-        # The method's messages quote the field they are about.
-        key = next((k for k in sorted(pet, key=len, reverse=True) if f"'{k}'" in str(ex)), None)
-        raise source.value_error(f'pet.{key}' if key else 'pet', str(ex)) from None
+        # The keys are checked above and the class looked up once: build it directly.
+        return config_class(**{key: value for key, value in pet.items() if key != 'type'})
+    except (TypeError, ValueError) as ex:
+        # The config's checks name the field in the error (FieldTypeError/FieldValueError; 'rank_pattern[...]'
+        # for an entry of a mapping field).
+        field = (getattr(ex, 'field', None) or '').split('[', 1)[0]
+        raise source.value_error(f'pet.{field}' if field in valid else 'pet', str(ex)) from None
+
+
+def output_dir_problem(path):
+    """Why ``path`` cannot be a run's output directory (``/``, a system directory, a shared top-level directory
+    such as ``/tmp``, or the user's home itself), or None when it can.
+
+    Example:
+        >>> output_dir_problem('/etc')
+        "'/etc' is a system directory; give a directory of its own (e.g. outputs/my_run)"
+    """
+    real = os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+    own = f"; give a directory of its own (e.g. outputs/my_run)"
+    if real == os.path.realpath(os.path.expanduser('~')):
+        return f"'{path}' is the home directory itself{own}"
+    if real in _SHARED_DIRS:
+        return f"'{path}' is {'the root directory' if real == '/' else 'a shared system directory'}{own}"
+    if any(real == tree or real.startswith(tree + os.sep) for tree in _SYSTEM_TREES):
+        return f"'{path}' is {'a system directory' if real in _SYSTEM_TREES else 'inside a system directory'}{own}"
+    return None
+
+
+def prepare_output_dir(plan, resume=False, overwrite=False):
+    """Check the output directory before a run writes into it; with ``overwrite``, remove what an earlier run
+    wrote there (the files every run writes, and those its ``metrics.json`` lists). Nothing else is touched.
+
+    Raises:
+        ModelConfigParamsInfoError: the directory holds files (of another run) and neither ``resume`` nor
+            ``overwrite`` was given; or a path of the directory exists but is not a directory.
+    """
+    output_dir = plan.training['output_dir']
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise plan.source.value_error('training.output_dir', f"'{output_dir}' exists and is not a directory")
+    entries = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    if not entries or resume:
+        return []
+    if not overwrite:
+        shown = ', '.join(entries[:5]) + (', ...' if len(entries) > 5 else '')
+        raise plan.source.value_error('training.output_dir', f"'{output_dir}' is not empty ({shown}); pass "
+                                      f"--overwrite to replace what an earlier mindpet run wrote there, or --resume "
+                                      f"to continue that run from its newest checkpoint")
+    removed = []
+    for name in _listed_entries(output_dir) | set(_RUN_ENTRIES):
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+        else:
+            continue
+        removed.append(name)
+    return sorted(removed)
+
+
+def _listed_entries(output_dir):
+    """The top-level entries an earlier run's ``metrics.json`` lists (names only: nothing outside ``output_dir``)."""
+    try:
+        with open(os.path.join(output_dir, METRICS), encoding='utf-8') as handle:
+            listed = json.load(handle)['summary']['files']
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    names = set()
+    for name in listed if isinstance(listed, list) else ():
+        top = os.path.normpath(str(name)).split(os.sep)[0]
+        if top not in ('', '.', '..') and not os.path.isabs(str(name)):
+            names.add(top)
+    return names
 
 
 # ----- building --------------------------------------------------------------------------------------------------
@@ -288,11 +378,38 @@ def build(plan, lazy=False):
         try:
             pet_model = get_pet_model(network, plan.pet_config)
         except (MindPetError, TypeError, ValueError) as ex:
-            message = str(ex)
-            key = 'pet.modules_to_save' if 'modules_to_save' in message and 'target_modules' not in message \
-                else 'pet.target_modules'
-            raise plan.source.value_error(key, message) from None
+            # An error about a config field names it (FieldValueError); any other refusal is about what the
+            # target_modules selected.
+            field = getattr(ex, 'field', None)
+            key = field if field in plan.pet_config.field_names() else 'target_modules'
+            raise plan.source.value_error(f'pet.{key}', str(ex)) from None
     return Built(network, pet_model, loaded)
+
+
+def check_memory(plan):
+    """Refuse, before any weight is allocated, a base model whose parameters (with gradients and optimizer moments
+    under full fine-tuning) would not fit into the memory available, e.g. a hidden size of 10**9 in
+    ``model.overrides``. The network is built once without weights to count them; the seed is set again
+    afterwards, so the real build draws the same numbers. (Adapters are bounded by their layers: a rank above a
+    layer's size is refused by the method.)
+
+    Raises:
+        ModelConfigParamsInfoError: naming ``model.overrides`` (or ``model.size``), with the estimate.
+    """
+    with no_init_parameters():
+        try:
+            network = plan.task.build_network()
+        except (TypeError, ValueError) as ex:
+            raise plan.source.value_error(getattr(ex, 'key', 'model'), str(ex)) from None
+    total = sum(int(np.prod(p.shape, dtype=object)) * p.itemsize for p in network.get_parameters())
+    needed = total * (4 if plan.pet_config is None else 1)
+    problem = memory_shortfall(needed)
+    if problem:
+        key = 'model.overrides' if plan.model.get('overrides') else 'model.size'
+        state = ", gradients and optimizer moments" if plan.pet_config is None else ""
+        raise plan.source.value_error(key, f"the model's parameters{state} need {problem}; choose smaller "
+                                      f"dimensions")
+    ms.set_seed(plan.context['seed'])
 
 
 # ----- training --------------------------------------------------------------------------------------------------
@@ -339,16 +456,18 @@ def _init_parallel(plan):
 
 
 class _Progress(Callback):
-    """A ``Model.train`` callback: per-step loss and time, a progress line every ``log_interval`` steps (and the
-    first and last), and a stop at ``total_steps``."""
+    """A training callback: per-step loss and time, a progress line every ``log_interval`` steps (and the first
+    and last), and a stop at ``total_steps``. Steps are counted over the whole run (a resumed run continues the
+    count)."""
 
-    def __init__(self, total_steps, steps_per_epoch, rates, log_interval, out):
+    def __init__(self, total_steps, steps_per_epoch, rate_at, log_interval, out, first_step=0):
         super().__init__()
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
-        self.rates = rates
+        self.rate_at = rate_at
         self.log_interval = log_interval
         self.out = out
+        self.first_step = first_step
         self.losses, self.step_times = [], []
         self._start = None
 
@@ -359,25 +478,42 @@ class _Progress(Callback):
         loss = float(np.asarray(run_context.original_args().net_outputs.asnumpy()).reshape(-1)[0])
         self.step_times.append(time.perf_counter() - self._start)
         self.losses.append(loss)
-        step = len(self.losses)
+        step = self.first_step + len(self.losses)
         if not math.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss} at step {step}; lower schedule.start_learning_rate")
-        if step % self.log_interval == 0 or step in (1, self.total_steps):
-            self.out(report.progress_line(step, self.total_steps, self.steps_per_epoch, loss, self.rates[step - 1],
+        if step % self.log_interval == 0 or step in (self.first_step + 1, self.total_steps):
+            self.out(report.progress_line(step, self.total_steps, self.steps_per_epoch, loss, self.rate_at(step - 1),
                                           self.step_times))
         if step >= self.total_steps:
             run_context.request_stop()
 
 
 def plan_steps(plan, steps_per_epoch):
-    """``(epochs, total_steps)`` from ``training.epochs``/``max_steps`` and the dataset's steps per epoch."""
+    """``(epochs, total_steps)`` from ``training.epochs``/``max_steps`` and the dataset's steps per epoch.
+
+    Raises:
+        ModelConfigParamsInfoError: the run would take more than ``MAX_STEPS`` optimizer steps.
+    """
     training = plan.training
     if training['max_steps'] is not None:
         return max(1, math.ceil(training['max_steps'] / steps_per_epoch)), training['max_steps']
-    return training['epochs'], training['epochs'] * steps_per_epoch
+    epochs = training['epochs']
+    if epochs * steps_per_epoch > MAX_STEPS:
+        raise plan.source.value_error('training.epochs', f"{epochs} epochs of {steps_per_epoch} steps are "
+                                      f"{epochs * steps_per_epoch:,} steps, more than the maximum of {MAX_STEPS:,} "
+                                      f"(doc/cli.md); use fewer epochs or training.max_steps")
+    return epochs, epochs * steps_per_epoch
 
 
-def finetune(path, overrides=(), dry_run=False, out=print):
+def _rate_at(plan, total_steps):
+    """The host-side learning rate of a 0-based step (progress lines, metrics.json)."""
+    schedule = plan.schedule
+    return lambda step: learning_rate_at(step, total_steps, schedule['start_learning_rate'],
+                                         schedule['end_learning_rate'], schedule['warmup_steps'], schedule['decay'],
+                                         schedule['power'])
+
+
+def finetune(path, overrides=(), dry_run=False, out=print, resume=False, overwrite=False):
     """Run a fine-tuning job from a YAML run config (the ``mindpet finetune`` command).
 
     Args:
@@ -385,20 +521,33 @@ def finetune(path, overrides=(), dry_run=False, out=print):
         overrides (list[str]): ``--set`` strings.
         dry_run (bool): check the config and build the model without weights; write nothing, train nothing.
         out (callable): where lines go (default ``print``).
+        resume (bool): continue the run in ``training.output_dir`` from its newest checkpoint (exactly: the
+            adapter, the optimizer state and the position in the epoch are restored and the batches already seen
+            are skipped); a directory without a checkpoint starts from the beginning.
+        overwrite (bool): the output directory may hold an earlier run: what that run wrote is removed first.
 
     Returns:
         dict: the summary (see ``metrics.json``); for a dry run, the plan's facts.
 
     Raises:
-        MindPetError, TypeError, ValueError: a bad config or file (nothing written to the output directory).
+        MindPetError, TypeError, ValueError: a bad config or file, or an output directory holding another run
+            without ``resume``/``overwrite`` (nothing written to the output directory).
     """
     t_start = time.time()
+    check_bool('resume', resume, 'finetune')
+    check_bool('overwrite', overwrite, 'finetune')
+    if resume and overwrite:
+        raise ValueError("For 'finetune', 'resume' and 'overwrite' exclude each other: --resume continues the run in "
+                         "the output directory, --overwrite replaces it.")
     plan = load_plan(path, overrides, missing_ok=dry_run)
     set_context(plan, dry_run=dry_run)
     if dry_run:
         return _dry_run(plan, out)
     rank, group_size = _init_parallel(plan)
+    watch = PeerWatch(rank, group_size).start()      # a lost worker ends the others with one line
     writer = rank == 0
+    output_dir = plan.training['output_dir']
+    check_memory(plan)
     built = build(plan)
     loaded = built.loaded
     dataset = plan.task.train_dataset(plan.training['batch_size'], rank, group_size)
@@ -407,15 +556,15 @@ def finetune(path, overrides=(), dry_run=False, out=print):
         raise plan.source.value_error('training.batch_size', f"{plan.training['batch_size']} is larger than the "
                                       f"training data: no full batch")
     epochs, total_steps = plan_steps(plan, steps_per_epoch)
-    schedule = plan.schedule
-    rates = learning_rates(total_steps, schedule['start_learning_rate'], schedule['end_learning_rate'],
-                           schedule['warmup_steps'], schedule['decay'], schedule['power'])
+    rate_at = _rate_at(plan, total_steps)
     # Everything was checked and loaded: from here on the output directory is written.
-    output_dir = plan.training['output_dir']
+    say = out if writer else (lambda *_: None)
     if writer:
+        removed = prepare_output_dir(plan, resume=resume, overwrite=overwrite)
+        if removed:
+            say(f"[overwrite] removed the earlier run's {', '.join(removed)} from {output_dir}")
         ensure_dir(output_dir, what='output directory')
         report.write_yaml(os.path.join(output_dir, 'config.yaml'), plan.to_dict())
-    say = out if writer else (lambda *_: None)
     trainable, total = built.counts()
     say(report.header(plan, loaded, trainable, total, total_steps, epochs, steps_per_epoch, group_size))
     data_notes = plan.task.notes()
@@ -430,28 +579,33 @@ def finetune(path, overrides=(), dry_run=False, out=print):
         say(f"[eval] before: {report.format_metrics(results['before'])}")
     demo_before = _demo(plan, model, 'before', say)
 
-    losses, step_times = _train(plan, built, dataset, epochs, total_steps, steps_per_epoch, rates, say)
+    losses, step_times, steps_done = _train(plan, built, dataset, epochs, total_steps, steps_per_epoch, say, resume)
 
     if do_eval:
         results['after'] = plan.task.evaluate(model)
         say(f"[eval] after: {report.format_metrics(results['after'])}")
     demo_after = _demo(plan, model, 'after', say)
+    watch.finish()
     if not writer:
         return {}
     files = _save_results(plan, built, output_dir)
     if built.checkpoint_dir:
         files.append(built.checkpoint_dir)
     files += plan.task.write_artifacts(model, output_dir)
+    first_step = steps_done - len(losses)
+    rates = [rate_at(first_step + i) for i in range(len(losses))]
     if plan.training['plot']:
-        png = report.plot_losses(os.path.join(output_dir, 'loss.png'), losses, rates[:len(losses)],
+        png = report.plot_losses(os.path.join(output_dir, 'loss.png'), losses, rates,
                                  title=f"{plan.task.name} {plan.method}")
         if png:
             files.append(png)
     summary = report.summary(plan, built, losses, step_times, results, files, output_dir,
                              peak_memory_mb=peak_memory_mb(), wall_time=time.time() - t_start,
                              total_steps=len(losses), demo=(demo_before, demo_after))
-    report.write_json(os.path.join(output_dir, 'metrics.json'),
-                      dict(summary=summary, losses=losses, step_times=step_times, learning_rates=rates[:len(losses)],
+    summary['optimizer_steps'] = steps_done
+    summary['resumed_from_step'] = first_step
+    report.write_json(os.path.join(output_dir, METRICS),
+                      dict(summary=summary, losses=losses, step_times=step_times, learning_rates=rates,
                            eval=results, data=data_notes))
     out('')
     out(report.summary_table(summary))
@@ -468,25 +622,123 @@ def _demo(plan, model, when, say):
     return lines
 
 
-def _train(plan, built, dataset, epochs, total_steps, steps_per_epoch, rates, say):
+class _StepArgs(dict):
+    """What training callbacks receive from ``run_context.original_args()`` (as from ``Model.train``)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+
+def _train(plan, built, dataset, epochs, total_steps, steps_per_epoch, say, resume=False):
+    """Train up to ``total_steps`` optimizer steps; returns ``(losses, step_times, steps_done)`` (the losses and
+    times of the steps this call ran; ``steps_done`` counts the steps of the whole run, a resumed one included)."""
     model = built.model
     params = model.trainable_params()
     if not params:
         raise plan.source.value_error('pet', "leaves no parameter trainable")
+    schedule = plan.schedule
+    rates = WarmupDecayLR(total_steps, schedule['start_learning_rate'], schedule['end_learning_rate'],
+                          schedule['warmup_steps'], schedule['decay'], schedule['power'])
     loss_net = plan.task.loss_cell(model, plan.training['rdrop_alpha'])
-    train_step = nn.TrainOneStepCell(loss_net, _optimizer(plan, params, rates))
+    optimizer = _optimizer(plan, params, rates)
+    train_step = nn.TrainOneStepCell(loss_net, optimizer)
     train_step.set_train()
-    progress = _Progress(total_steps, steps_per_epoch, rates, plan.training['log_interval'], say)
+    checkpoint_dir = os.path.join(plan.training['output_dir'], CHECKPOINT_DIR)
+    start, expected_crc = 0, None
+    if resume:
+        start, expected_crc = _resume(plan, model, train_step, checkpoint_dir, steps_per_epoch, total_steps, say)
+    progress = _Progress(total_steps, steps_per_epoch, _rate_at(plan, total_steps), plan.training['log_interval'],
+                         say, first_step=start)
     callbacks = [progress]
     interval = plan.training['checkpoint_interval']
     if interval:
-        built.checkpoint_dir = os.path.join(plan.training['output_dir'], 'checkpoints')
+        built.checkpoint_dir = checkpoint_dir
         config = CheckpointConfig(save_checkpoint_steps=interval, keep_checkpoint_max=plan.training[
             'keep_checkpoint_max'], saved_network=model)
-        callbacks.append(TrainableParamsCheckPoint(built.checkpoint_dir, prefix=plan.method, config=config, save_optimizer_state=True))
-    ms.Model(train_step).train(epochs, dataset, callbacks=callbacks, dataset_sink_mode=False)
+        callbacks.append(TrainableParamsCheckPoint(checkpoint_dir, prefix=plan.method, config=config,
+                                                   save_optimizer_state=True))
+    steps_done = _run_steps(train_step, model, dataset, epochs, total_steps, steps_per_epoch, callbacks, start,
+                            expected_crc, say)
     model.set_train(False)
-    return progress.losses, progress.step_times
+    return progress.losses, progress.step_times, steps_done
+
+
+def _resume(plan, model, train_step, checkpoint_dir, steps_per_epoch, total_steps, say):
+    """Load the newest checkpoint of the run (adapter and optimizer state); returns ``(steps_done, batch_crc)``."""
+    state = resume_from_checkpoint(checkpoint_dir, model, train_step, prefix=plan.method)
+    if state is None:
+        say(f"[resume] no checkpoint in {checkpoint_dir}: starting from the beginning")
+        return 0, None
+    if state.step is None or not state.optimizer_loaded:
+        raise CheckpointError(f"The checkpoint '{state.path}' does not record the optimizer state and the step, so "
+                              f"the run cannot be resumed exactly; start again with --overwrite.")
+    if state.batch_num != steps_per_epoch:
+        raise plan.source.value_error('training.batch_size', f"the run being resumed had {state.batch_num} steps "
+                                      f"per epoch, this one has {steps_per_epoch} (other data or batch size): "
+                                      f"its position cannot be continued")
+    if state.step > total_steps:
+        raise plan.source.value_error('training.epochs', f"the run being resumed already did {state.step} steps, "
+                                      f"more than this run's {total_steps}")
+    say(f"[resume] {state.path}: step {state.step} of {total_steps} (epoch {state.epoch}, step "
+        f"{state.step_in_epoch} of {steps_per_epoch}); the {state.step} batches already seen are skipped")
+    return state.step, state.batch_crc
+
+
+def _run_steps(train_step, model, dataset, epochs, total_steps, steps_per_epoch, callbacks, start, expected_crc,
+               say):
+    """The training loop: ``train_step(*batch)`` per batch, with the ``Model.train`` callback protocol.
+
+    Resuming at global step ``start`` replays the data pipeline from its beginning and skips (does not train) the
+    first ``start`` batches, so every later step sees the batch it would have seen without the interruption. The
+    last replayed batch is compared with the checkpoint's record of it; a mismatch (a data order that depends on
+    something else than the seed and the epoch) gets one warning line.
+    """
+    args = _StepArgs(train_network=train_step, network=model, batch_num=steps_per_epoch, epoch_num=epochs,
+                     cur_epoch_num=0, cur_step_num=start, net_outputs=None, train_dataset=dataset,
+                     train_dataset_element=None, optimizer=train_step.optimizer, mode='train',
+                     dataset_sink_mode=False)
+    run_context = RunContext(args)
+    for callback in callbacks:
+        callback.on_train_begin(run_context)
+    iterator = dataset.create_tuple_iterator(num_epochs=epochs)
+    step = 0
+    for epoch in range(1, epochs + 1):
+        args.cur_epoch_num = epoch
+        began = False
+        for batch in iterator:
+            step += 1
+            if step <= start:
+                if step == start and expected_crc is not None and batch_checksum(batch) != expected_crc:
+                    say(f"[resume] warning: batch {step} differs from the one the interrupted run trained on (data "
+                        f"shuffled without a seed?): the resumed run is not an exact continuation")
+                continue
+            if not began:
+                began = True
+                for callback in callbacks:
+                    callback.on_train_epoch_begin(run_context)
+            args.cur_step_num = step
+            args.train_dataset_element = batch
+            for callback in callbacks:
+                callback.on_train_step_begin(run_context)
+            args.net_outputs = train_step(*batch)
+            for callback in callbacks:
+                callback.on_train_step_end(run_context)
+            if run_context.get_stop_requested() or step >= total_steps:
+                break
+        if began:
+            for callback in callbacks:
+                callback.on_train_epoch_end(run_context)
+        if run_context.get_stop_requested() or step >= total_steps:
+            break
+    for callback in callbacks:
+        callback.on_train_end(run_context)
+    return max(step, start)
 
 
 def _save_results(plan, built, output_dir):

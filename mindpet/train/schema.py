@@ -21,9 +21,14 @@ import os
 import yaml
 
 from mindpet.utils.exceptions import ModelConfigKeysInfoError, ModelConfigParamsInfoError, MindPetError
-from mindpet.utils.io_utils import read_yaml_file
+from mindpet.utils.io_utils import read_yaml_file, load_yaml_text
 
 REQUIRED = object()
+#: the most optimizer steps a run may take (``training.max_steps``, or epochs x steps per epoch): the learning rate
+#: is computed from the step number in float32, exact up to 2**24 steps
+MAX_STEPS = 10 ** 7
+#: the most epochs a run may ask for
+MAX_EPOCHS = 10 ** 6
 SECTIONS = ('context', 'model', 'pet', 'data', 'optimizer', 'schedule', 'training', 'parallel')
 
 
@@ -182,9 +187,11 @@ SCHEDULE_FIELDS = {
 
 TRAINING_FIELDS = {
     'output_dir': Field('str', doc='directory for the adapter, checkpoints, metrics and plots (created)'),
-    'epochs': Field('int', 1, min_value=1, doc='passes over the training data'),
+    'epochs': Field('int', 1, min_value=1,
+                    doc=f'passes over the training data (at most {MAX_EPOCHS:,}, and {MAX_STEPS:,} steps)'),
     'batch_size': Field('int', min_value=1, doc='rows per step (per device under data parallel)'),
-    'max_steps': Field('int', None, min_value=1, doc='stop after this many steps (null: epochs decide)'),
+    'max_steps': Field('int', None, min_value=1,
+                       doc=f'stop after this many steps (null: epochs decide; at most {MAX_STEPS:,})'),
     'checkpoint_interval': Field('int', 0, min_value=0,
                                  doc='save the trainable parameters every N steps into output_dir/checkpoints '
                                      '(0: none during training)'),
@@ -283,7 +290,7 @@ def parse_override(text):
     if not all(parts):
         raise ValueError(f"--set expects a dotted key 'section.key' (e.g. training.epochs=3), but got {key!r}.")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ''
+        value = load_yaml_text(raw) if raw.strip() else ''
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -355,5 +362,5 @@ def schema_rows():
     return rows
 
 
-__all__ = ['Field', 'REQUIRED', 'SECTIONS', 'ConfigSource', 'check_section', 'parse_override', 'apply_overrides',
+__all__ = ['Field', 'REQUIRED', 'MAX_STEPS', 'MAX_EPOCHS', 'SECTIONS', 'ConfigSource', 'check_section', 'parse_override', 'apply_overrides',
            'read_run_config', 'one_line', 'did_you_mean', 'MindPetError']

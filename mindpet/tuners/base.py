@@ -21,6 +21,7 @@ from mindpet.tuners.config import resolve_compute_dtype
 from mindpet.tuners.hooks import TrainingHook
 from mindpet.tuners.inject import walk, matches_any, layer_key, replace_cell
 from mindpet.utils.exceptions import AdapterConfigError
+from mindpet.utils.validation import FieldValueError
 
 
 class BaseTuner:
@@ -110,10 +111,10 @@ class BaseTuner:
             # Distinct last name components say more than a long list of full names in a deep model.
             endings = list(dict.fromkeys(name.rsplit('.', 1)[-1] for name in candidates))
             other = f" It matched only cells it cannot adapt: {matched_other[:5]}." if matched_other else ""
-            raise ValueError(f"For 'get_pet_model', the '{self.method}' config's target_modules "
-                             f"{config.target_modules} (exclude_modules {config.exclude_modules}) match no "
-                             f"adaptable cell of the model.{other} The {len(candidates)} candidate layers end in "
-                             f"{endings[:20]}, e.g. {candidates[:4]}.")
+            raise FieldValueError(f"For 'get_pet_model', the '{self.method}' config's target_modules "
+                                  f"{config.target_modules} (exclude_modules {config.exclude_modules}) match no "
+                                  f"adaptable cell of the model.{other} The {len(candidates)} candidate layers end "
+                                  f"in {endings[:20]}, e.g. {candidates[:4]}.", field='target_modules')
         return holders, matches
 
     def check_reuse(self, key, layer, config):
@@ -365,13 +366,14 @@ class DenseLayerTuner(BaseTuner):
             ValueError: the layer's configuration cannot be adapted (naming the layer and the setting).
         """
         kind = kind_of(cell)
-        if type(cell) is nn.Dense or kind is None:  # pylint: disable=unidiomatic-typecheck
-            return cls.build_layer(dense_class, cell, compute_dtype, **kwargs)
-        compute = resolve_compute_dtype(compute_dtype, getattr(cell, kind.weight_attr).dtype)
         try:
+            if type(cell) is nn.Dense or kind is None:  # pylint: disable=unidiomatic-typecheck
+                return cls.build_layer(dense_class, cell, compute_dtype, **kwargs)
+            compute = resolve_compute_dtype(compute_dtype, getattr(cell, kind.weight_attr).dtype)
             return layer_class(cell, kind, compute_dtype=compute, **kwargs)
         except ValueError as ex:
-            raise ValueError(f"For 'get_pet_model', the layer '{key}' cannot be adapted: {ex}") from ex
+            raise FieldValueError(f"For 'get_pet_model', the layer '{key}' cannot be adapted: {ex}",
+                                  field=getattr(ex, 'field', None)) from ex
 
     def sync_scaling(self, layer, config):
         """Give ``layer`` the host-side scaling of ``config`` that its merge()/unmerge() use (several adapters of

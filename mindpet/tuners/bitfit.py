@@ -15,6 +15,7 @@ from mindpet.tuners.base import BaseTuner
 from mindpet.tuners.config import PetConfig
 from mindpet.tuners.inject import matches_any
 from mindpet.tuners.registry import register_method
+from mindpet.utils.validation import FieldValueError
 
 BIAS_PATTERN = '*bias'
 
@@ -58,9 +59,10 @@ class BitFitConfig(PetConfig):
                 continue
             names.append(param.name)
         if not names:
-            raise ValueError(f"For 'get_pet_model', the 'bitfit' config's target_modules {self.target_modules} "
-                             f"(exclude_modules {self.exclude_modules}) select no bias parameter ('{BIAS_PATTERN}'); "
-                             f"cells with a bias: {list(dict.fromkeys(holders))[:8]}.")
+            raise FieldValueError(f"For 'get_pet_model', the 'bitfit' config's target_modules {self.target_modules} "
+                                  f"(exclude_modules {self.exclude_modules}) select no bias parameter "
+                                  f"('{BIAS_PATTERN}'); cells with a bias: {list(dict.fromkeys(holders))[:8]}.",
+                                  field='target_modules')
         return names
 
 

@@ -7,10 +7,12 @@ import difflib
 import re
 from typing import ClassVar, Dict, List, Optional
 
+import numpy as np
 from mindspore import dtype as mstype
 
 from mindpet.utils.exceptions import ModelConfigKeysInfoError, ModelConfigParamsInfoError
-from mindpet.utils.validation import check_int, check_real, check_choice, check_str_list, check_beta
+from mindpet.utils.validation import (FieldTypeError, FieldValueError, check_int, check_real, check_choice,
+                                      check_str_list, check_beta)
 
 #: the usual :attr:`PetConfig.targets_required`
 TARGETS_REQUIRED = 'be a non-empty list of str (cell name patterns)'
@@ -34,8 +36,8 @@ def check_patterns(owner, name, value, allow_none=True):
         try:
             re.compile(pattern)
         except re.error as ex:
-            raise ValueError(f"For '{owner}', the pattern {pattern!r} in '{name}' is not a valid regular "
-                             f"expression: {ex}.") from ex
+            raise FieldValueError(f"For '{owner}', the pattern {pattern!r} in '{name}' is not a valid regular "
+                                  f"expression: {ex}.", field=name) from ex
     return value
 
 
@@ -62,14 +64,26 @@ class PetConfig:
     modules_to_save: Optional[List[str]] = None
 
     def __post_init__(self):
+        # numpy scalars (np.int64(4) from an array, a sweep, a shape) become plain Python numbers first: a MindSpore
+        # shape refuses numpy integers, and YAML cannot write them. numpy bools stay as they are (and are refused
+        # where a number is expected, like Python bools).
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, np.integer):
+                setattr(self, field.name, int(value))
+            elif isinstance(value, np.floating):
+                setattr(self, field.name, float(value))
         self.validate()
 
     def validate(self):
-        """Check and normalise the fields (raise TypeError/ValueError naming the field and the value)."""
+        """Check and normalise the fields: raise :class:`~mindpet.utils.validation.FieldTypeError` /
+        :class:`~mindpet.utils.validation.FieldValueError` (a TypeError / ValueError whose ``field`` names the field;
+        the message also gives the value)."""
         owner = type(self).__name__
         self.target_modules = check_patterns(owner, 'target_modules', self.target_modules)
         if self.target_modules is None and self.targets_required:
-            raise ValueError(f"For '{owner}', the 'target_modules' must {self.targets_required}, but got None.")
+            raise FieldValueError(f"For '{owner}', the 'target_modules' must {self.targets_required}, but got None.",
+                                  field='target_modules')
         self.exclude_modules = check_patterns(owner, 'exclude_modules', self.exclude_modules)
         self.modules_to_save = check_patterns(owner, 'modules_to_save', self.modules_to_save)
 
@@ -121,11 +135,12 @@ def check_rank_pattern(owner, value):
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise TypeError(f"For '{owner}', the 'rank_pattern' must be None or a mapping of layer name -> rank, but "
-                        f"got {value!r} ({type(value).__name__}).")
+        raise FieldTypeError(f"For '{owner}', the 'rank_pattern' must be None or a mapping of layer name -> rank, "
+                             f"but got {value!r} ({type(value).__name__}).", field='rank_pattern')
     for name, rank in value.items():
         if not isinstance(name, str):
-            raise TypeError(f"For '{owner}', the 'rank_pattern' keys must be layer names (str), but got {name!r}.")
+            raise FieldTypeError(f"For '{owner}', the 'rank_pattern' keys must be layer names (str), but got "
+                                 f"{name!r}.", field='rank_pattern')
         check_int(f'rank_pattern[{name!r}]', rank, owner, min_value=0)
     return dict(value)
 
@@ -136,8 +151,8 @@ def check_total_step(owner, value, t_init=0, t_final=0):
         return None
     check_int('total_step', value, owner)
     if t_init + t_final >= value:
-        raise ValueError(f"For '{owner}', 't_init' + 't_final' must be < 'total_step' ({value}), but got "
-                         f"{t_init} + {t_final}.")
+        raise FieldValueError(f"For '{owner}', 't_init' + 't_final' must be < 'total_step' ({value}), but got "
+                              f"{t_init} + {t_final}.", field='total_step')
     return value
 
 

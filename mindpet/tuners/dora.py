@@ -57,9 +57,7 @@ def read_live(layer, config):
 
 def write_live(layer, config, tensors):
     """Write an adapter's tensors (zero-padded to the live rank); True when the live rank grew."""
-    grew = write_padded(layer, tensors)
-    layer.lora_rank = max(layer.lora_rank, config.lora_rank)
-    return grew
+    return write_padded(layer, tensors)
 
 
 def init_adapter(layer, config):
@@ -98,8 +96,7 @@ def base_derived(layer, config, tensors):
 def activate(layer, config):
     """Scaling ``s`` and gate 1 (unless merged: the merged weight already holds the adapter). Returns True (the
     caller recompiles) when the adapter's ``dora_detach_norm`` differs from the layer's: it is a graph constant."""
-    layer.scaling = config.scaling
-    layer.lora_alpha = config.lora_alpha
+    layer.lora_rank, layer.lora_alpha, layer.scaling = config.lora_rank, config.lora_alpha, config.scaling
     if not layer.merged:
         layer.mindpet_state_dora_scaling.set_data(Tensor(config.scaling, mstype.float32))
         layer.mindpet_state_dora_gate.set_data(Tensor(1.0, mstype.float32))

@@ -34,6 +34,7 @@ from mindspore import Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, HeUniform
 
+from mindpet.delta.base import check_rank_fits
 from mindpet.delta.dora import DoRADense, DoraLayer
 from mindpet.delta.lora import LoRADense, LoraLayer, lora_increment, lora_init_factors, LORA_INITS
 from mindpet.tuners import dora
@@ -41,7 +42,8 @@ from mindpet.tuners.base import DenseLayerTuner
 from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_compute_dtype
 from mindpet.tuners.inject import name_matches
 from mindpet.tuners.registry import register_method
-from mindpet.utils.validation import check_int, check_real, check_rate, check_choice, check_bool, check_str_list
+from mindpet.utils.validation import (FieldValueError, check_int, check_real, check_rate, check_choice, check_bool,
+                                      check_str_list)
 
 A_NAME = 'mindpet_delta_lora_a'
 B_NAME = 'mindpet_delta_lora_b'
@@ -247,10 +249,9 @@ class _PlainLora:
         # weight's residual from them; read_live() stores them with the adapter).
         layer.lora_init_factors = ((tensors[INIT_A_NAME], tensors[INIT_B_NAME]) if INIT_A_NAME in tensors
                                    else None)
-        if rank > live:
-            layer.lora_rank = width
-            return True
-        return False
+        # The live width (A's rows) may now exceed any one adapter's rank; layer.lora_rank stays the active
+        # adapter's rank (set by activate), so layer.scaling == layer.lora_alpha / layer.lora_rank always holds.
+        return rank > live
 
     @staticmethod
     def init_adapter(layer, config):
@@ -279,8 +280,7 @@ class _PlainLora:
 
     @staticmethod
     def activate(layer, config):
-        layer.scaling = config.scaling
-        layer.lora_alpha = config.lora_alpha
+        layer.lora_rank, layer.lora_alpha, layer.scaling = config.lora_rank, config.lora_alpha, config.scaling
         if not layer.merged:
             layer.mindpet_state_lora_scaling.set_data(Tensor(config.scaling, mstype.float32))
             factors = getattr(layer, 'lora_init_factors', None)
@@ -343,6 +343,11 @@ class LoraTuner(DenseLayerTuner):
             raise ValueError(f"For the 'lora' config with use_dora={config.use_dora}, the layer '{key}' was adapted "
                              f"as {type(layer).__name__} by an earlier adapter; one layer holds one variant "
                              f"(exclude it with 'exclude_modules', or adapt another model).")
+        try:
+            check_rank_fits(type(layer).__name__, config.lora_rank, layer.in_channels, layer.out_channels)
+        except ValueError as ex:
+            raise FieldValueError(f"For 'get_pet_model', the layer '{key}' cannot be adapted: {ex}",
+                                  field=ex.field) from None
 
     def create_layer(self, cell, config, key=None):
         layer = self.variant(config.use_dora).create_layer(cell, config.for_layer(key), key)

@@ -17,7 +17,7 @@ from mindpet.tuners.adapter import AdapterTuner, check_adapter_fields
 from mindpet.tuners.base import adopt_dense_params, live_params
 from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED
 from mindpet.tuners.registry import register_method
-from mindpet.utils.validation import check_int, check_initializer
+from mindpet.utils.validation import FieldTypeError, check_int, check_initializer
 
 _PREFIX = 'adapter.mindpet_delta_low_rank_adapter_'
 
@@ -55,8 +55,9 @@ class LowRankAdapterConfig(PetConfig):
         check_int('reduction_factor', self.reduction_factor, owner)
         check_int('low_rank_size', self.low_rank_size, owner)
         if not isinstance(self.low_rank_w_init, str):     # (a config holds YAML-safe values only)
-            raise TypeError(f"For '{owner}', the 'low_rank_w_init' must be an initializer name (str), but got "
-                            f"{self.low_rank_w_init!r} ({type(self.low_rank_w_init).__name__}).")
+            raise FieldTypeError(f"For '{owner}', the 'low_rank_w_init' must be an initializer name (str), but got "
+                                 f"{self.low_rank_w_init!r} ({type(self.low_rank_w_init).__name__}).",
+                                 field='low_rank_w_init')
         check_initializer('low_rank_w_init', self.low_rank_w_init, owner, named_only=True)
         check_adapter_fields(self, owner)
 

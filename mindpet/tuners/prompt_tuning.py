@@ -29,7 +29,7 @@ from mindpet.delta.prompt_tuning import EmbeddingWithPrompt, vocab_rows
 from mindpet.tuners.base import BaseTuner, fingerprint_param, write_exact
 from mindpet.tuners.config import PetConfig
 from mindpet.tuners.registry import register_method
-from mindpet.utils.validation import check_int, check_choice
+from mindpet.utils.validation import FieldValueError, check_int, check_choice
 
 PROMPT_NAME = 'prompt.mindpet_delta_prompt_tuning_embedding'
 PROMPT_INITS = ('normal', 'vocab')
@@ -72,11 +72,13 @@ class PromptTuningConfig(PetConfig):
                 ids = self.prompt_init_token_ids = list(ids)
             if (not isinstance(ids, list) or not ids
                     or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
-                raise ValueError(f"For '{owner}', the 'prompt_init_token_ids' must be a non-empty list of "
-                                 f"non-negative ints with prompt_init='vocab', but got {ids!r}.")
+                raise FieldValueError(f"For '{owner}', the 'prompt_init_token_ids' must be a non-empty list of "
+                                      f"non-negative ints with prompt_init='vocab', but got {ids!r}.",
+                                      field='prompt_init_token_ids')
         elif ids is not None:
-            raise ValueError(f"For '{owner}', the 'prompt_init_token_ids' are only used with prompt_init='vocab', "
-                             f"but got {ids!r} with prompt_init={self.prompt_init!r}.")
+            raise FieldValueError(f"For '{owner}', the 'prompt_init_token_ids' are only used with "
+                                  f"prompt_init='vocab', but got {ids!r} with prompt_init={self.prompt_init!r}.",
+                                  field='prompt_init_token_ids')
 
 
 class PromptTuningTuner(BaseTuner):

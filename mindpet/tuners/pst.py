@@ -24,7 +24,7 @@ from mindpet.tuners.base import DenseLayerTuner
 from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_compute_dtype, check_total_step
 from mindpet.tuners.hooks import TrainingHook, schedule_steps
 from mindpet.tuners.registry import register_method
-from mindpet.utils.validation import check_int
+from mindpet.utils.validation import FieldValueError, check_int
 
 U, V, A, B, R, C = (f'mindpet_delta_pst_{k}' for k in 'uvabrc')
 SPARSITY = 'mindpet_state_pst_sparsity'
@@ -72,8 +72,8 @@ class PstConfig(PetConfig):
         for name in ('initial_sparsity', 'final_sparsity', 'warmup_fraction', 'cooldown_fraction'):
             setattr(self, name, _check_sparsity(name, getattr(self, name), owner))
         if self.warmup_fraction + self.cooldown_fraction >= 1.0:
-            raise ValueError(f"For '{owner}', 'warmup_fraction' + 'cooldown_fraction' must be < 1, but got "
-                             f"{self.warmup_fraction!r} + {self.cooldown_fraction!r}.")
+            raise FieldValueError(f"For '{owner}', 'warmup_fraction' + 'cooldown_fraction' must be < 1, but got "
+                                  f"{self.warmup_fraction!r} + {self.cooldown_fraction!r}.", field='cooldown_fraction')
         check_total_step(owner, self.total_step)
         check_compute_dtype(owner, self.compute_dtype)
 

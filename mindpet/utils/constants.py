@@ -13,6 +13,8 @@ DEFAULT_MODES = stat.S_IWUSR | stat.S_IRUSR
 MB_SIZE = 1024 * 1024
 # Configuration files are small; anything larger is almost certainly the wrong file.
 MAX_YAML_MB_SIZE = 10
+# Nesting levels a YAML file may have (run configs need fewer than 10).
+MAX_YAML_DEPTH = 100
 
 # Training metadata that TrainableParamsCheckPoint stores beside the adapter (epoch, step, ...). Loaders skip these
 # names; resume_from_checkpoint reads them.

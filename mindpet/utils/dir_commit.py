@@ -15,6 +15,7 @@ import time
 import uuid
 
 from mindpet.utils.exceptions import CheckpointError
+from mindpet.utils.io_utils import write_failure_reason
 
 try:
     import fcntl
@@ -47,9 +48,8 @@ def fsync_dir(directory):
 
 
 def _storage_error(path, ex, what):
-    reason = ex.strerror or str(ex)
-    code = f" (errno {ex.errno})" if ex.errno else ""
-    return CheckpointError(f"Cannot write the {what} '{path}': {reason}{code}.")
+    reason = write_failure_reason(ex) or ex.strerror or str(ex)
+    return CheckpointError(f"Cannot write the {what} '{path}': {reason}.")
 
 
 def write_file(path, data, what='file'):

@@ -12,9 +12,9 @@ import tempfile
 
 import yaml
 
-from mindpet.utils.constants import MAX_YAML_MB_SIZE, MB_SIZE, DEFAULT_MODES
+from mindpet.utils.constants import MAX_YAML_MB_SIZE, MAX_YAML_DEPTH, MB_SIZE
 from mindpet.utils.exceptions import (CheckpointError, LinkPathError, ReadYamlFileError, FileOversizeError,
-                                      MakeDirError)
+                                      MakeDirError, MindPetError)
 
 CKPT_FORMATS = ('ckpt', 'safetensors')
 
@@ -47,6 +47,21 @@ def ensure_dir(directory, what='directory'):
     return directory
 
 
+def current_umask():
+    """The process's file-creation mask, read without changing it (``os.umask`` can only be read by setting it,
+    which would race with other threads creating files)."""
+    try:
+        with open('/proc/self/status', encoding='ascii') as handle:
+            for line in handle:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write_fn, suffix=''):
     """Write ``path`` atomically: ``write_fn(tmp_path)`` writes a temporary file beside it, which is fsynced and
     renamed onto ``path``. ``suffix`` is kept on the temporary name for writers that insist on an extension."""
@@ -69,7 +84,8 @@ def atomic_write(path, write_fn, suffix=''):
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp_path, DEFAULT_MODES)
+        # mkstemp creates 0600; the destination gets what open() would have given it (0666 minus the umask).
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
@@ -121,6 +137,10 @@ def atomic_save_checkpoint(save_obj, path, ckpt_format='ckpt', append_dict=None,
     ``.ckpt`` files carry MindSpore's CRC (``crc_check=True`` unless given), which :func:`load_checkpoint_file`
     verifies, so a file damaged after it was written is refused instead of loading wrong numbers.
 
+    A failed write leaves the previous file at ``path`` as it was and no temporary file behind (MindSpore's own
+    ``.tmp`` included); the error propagates unchanged (:func:`checkpoint_write_errors` turns storage errors into
+    :class:`CheckpointError`).
+
     Example:
         >>> atomic_save_checkpoint(net.trainable_params(), "out/adapter.ckpt")  # doctest: +SKIP
     """
@@ -133,13 +153,60 @@ def atomic_save_checkpoint(save_obj, path, ckpt_format='ckpt', append_dict=None,
         kwargs.setdefault('crc_check', True)
 
     def _write(tmp_path):
-        ms.save_checkpoint(save_obj, tmp_path, integrated_save=integrated_save, append_dict=append_dict,
-                           format=ckpt_format, **kwargs)
+        try:
+            ms.save_checkpoint(save_obj, tmp_path, integrated_save=integrated_save, append_dict=append_dict,
+                               format=ckpt_format, **kwargs)
+        finally:
+            # MindSpore writes '<name>.tmp' first and renames it; a failed write leaves that file behind.
+            own_tmp = os.path.splitext(tmp_path)[0] + '.tmp'
+            if own_tmp != tmp_path and os.path.exists(own_tmp):
+                os.remove(own_tmp)
         # save_checkpoint appends the extension when it is missing; keep whatever name it actually wrote.
         if not os.path.exists(tmp_path) and os.path.exists(tmp_path + ext):
             os.replace(tmp_path + ext, tmp_path)
 
-    return atomic_write(path, _write, suffix=ext)
+    with _mindspore_errors_muted():     # its "Failed to save the checkpoint" line would double the error
+        return atomic_write(path, _write, suffix=ext)
+
+
+def write_failure_reason(error):
+    """Why a write failed, as one line, for errors of the storage (disk full, permission, read-only file system,
+    file too large); None for any other error, which should propagate as it is.
+
+    safetensors reports I/O errors as ``SafetensorError`` with the OS error code inside its text.
+    """
+    if isinstance(error, (IsADirectoryError, NotADirectoryError)):
+        return None   # a wrong path argument, not a storage failure
+    if isinstance(error, OSError):
+        text = error.strerror or str(error)
+        return f"{text} (errno {error.errno})" if error.errno else text
+    if type(error).__name__ == 'SafetensorError':
+        match = re.search(r'code: (\d+)', str(error))
+        if match:
+            code = int(match.group(1))
+            return f"{os.strerror(code)} (errno {code})"
+        return ' '.join(str(error).split())
+    return None
+
+
+@contextlib.contextmanager
+def checkpoint_write_errors(path):
+    """Turn a storage error inside the block (see :func:`write_failure_reason`) into one
+    :class:`CheckpointError` line naming ``path``; other errors pass unchanged.
+
+    Example:
+        >>> with checkpoint_write_errors('out/a.ckpt'):  # doctest: +SKIP
+        ...     atomic_save_checkpoint(params, 'out/a.ckpt')
+    """
+    try:
+        yield
+    except (MindPetError, TypeError, ValueError):
+        raise
+    except Exception as ex:  # pylint: disable=broad-except
+        reason = write_failure_reason(ex)
+        if reason is None:
+            raise
+        raise CheckpointError(f"Cannot write the checkpoint '{os.fspath(path)}': {reason}.") from ex
 
 
 def checkpoint_format(path):
@@ -256,11 +323,64 @@ def load_params_checked(net, param_dict, source, require=None, allow_unexpected=
     return sorted(to_load)
 
 
+class _CheckedYamlLoader(yaml.SafeLoader):  # pylint: disable=too-many-ancestors
+    """``yaml.SafeLoader`` that refuses duplicate mapping keys (PyYAML keeps the last one silently) and nesting
+    deeper than :data:`MAX_YAML_DEPTH` (PyYAML's composer recurses once per level, so a deep file would otherwise end
+    in a RecursionError thousands of lines long)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"nesting deeper than {MAX_YAML_DEPTH} levels at line {mark.line + 1}")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_nodes = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    first = first_nodes.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: SafeLoader reports it itself
+                    continue
+                if first is not key_node:
+                    raise yaml.YAMLError(f"duplicate key {key!r} at lines {first.start_mark.line + 1} and "
+                                         f"{key_node.start_mark.line + 1} (the second would silently replace the "
+                                         f"first)")
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text):
+    """Parse YAML (a str or a text stream) like ``yaml.safe_load``, but refuse duplicate keys and nesting deeper
+    than :data:`MAX_YAML_DEPTH` with a one-line ``yaml.YAMLError`` naming the key and both lines, or the depth.
+
+    Example:
+        >>> load_yaml_text('a: 1')
+        {'a': 1}
+    """
+    loader = _CheckedYamlLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml_file(path, what='config'):
-    """Read a YAML file with ``yaml.safe_load``.
+    """Read a YAML file with :func:`load_yaml_text` (``yaml.safe_load`` plus the duplicate-key and depth checks).
 
     Raises :class:`ReadYamlFileError` (or :class:`LinkPathError` / :class:`FileOversizeError`) naming the file when
-    it is missing, a link, too large, or not valid YAML.
+    it is missing, a link, larger than ``MAX_YAML_MB_SIZE`` MB, nested deeper than ``MAX_YAML_DEPTH`` levels,
+    holds a duplicate key, or is not valid YAML.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"The {what} path must be a str or os.PathLike, but got {path!r} ({type(path).__name__}).")
@@ -274,9 +394,9 @@ def read_yaml_file(path, what='config'):
         raise FileOversizeError(f"The {what} file '{path}' is larger than {MAX_YAML_MB_SIZE} MB.")
     try:
         with open(path, 'r', encoding='utf-8') as handle:
-            return yaml.safe_load(handle)
+            return load_yaml_text(handle)
     except (OSError, UnicodeDecodeError) as ex:
         raise ReadYamlFileError(f"The {what} file '{path}' could not be read: {ex}.") from ex
     except yaml.YAMLError as ex:
         raise ReadYamlFileError(f"The {what} file '{path}' is not valid YAML: "
-                                f"{str(ex).splitlines()[0]}.") from ex
+                                f"{str(ex).splitlines()[0]}.") from None

@@ -4,12 +4,40 @@ Each check raises ``TypeError`` for a value of the wrong type and ``ValueError``
 message naming the owner (Cell or function), the argument, what was expected and what was received::
 
     For 'LoRADense', the 'lora_rank' must be a positive int, but got 0 (int).
+
+The errors are :class:`FieldTypeError` / :class:`FieldValueError`: still a ``TypeError`` / ``ValueError`` for every
+caller, with ``field`` naming the argument (or config field) the error is about, so that a caller can point at
+the YAML key without reading the message.
 """
 import numbers
 
 from mindspore import dtype as mstype
 
 FLOAT_DTYPES = (mstype.float16, mstype.float32, mstype.bfloat16)
+
+
+class FieldTypeError(TypeError):
+    """A ``TypeError`` about one argument or config field, named by ``field`` (None when not known).
+
+    Example:
+        >>> try:
+        ...     check_int('lora_rank', 'eight', 'LoraConfig')
+        ... except TypeError as ex:
+        ...     ex.field
+        'lora_rank'
+    """
+
+    def __init__(self, *args, field=None):
+        super().__init__(*args)
+        self.field = field
+
+
+class FieldValueError(ValueError):
+    """A ``ValueError`` about one argument or config field, named by ``field`` (None when not known)."""
+
+    def __init__(self, *args, field=None):
+        super().__init__(*args)
+        self.field = field
 
 
 def _got(value):
@@ -20,7 +48,8 @@ def _got(value):
 
 
 def _fail(exc_type, owner, name, expected, value):
-    raise exc_type(f"For '{owner}', the '{name}' must be {expected}, but got {_got(value)}.")
+    field_type = FieldTypeError if issubclass(exc_type, TypeError) else FieldValueError
+    raise field_type(f"For '{owner}', the '{name}' must be {expected}, but got {_got(value)}.", field=name)
 
 
 def _is_int(value):
@@ -80,7 +109,7 @@ def check_beta(name, value, owner):
     """Check an exponential-moving-average factor: a finite int or float in [0, 1). Returns it as a float."""
     check_real(name, value, owner)
     if not 0.0 <= value < 1.0:
-        raise ValueError(f"For '{owner}', the '{name}' must be in [0.0, 1.0), but got {value!r}.")
+        raise FieldValueError(f"For '{owner}', the '{name}' must be in [0.0, 1.0), but got {value!r}.", field=name)
     return float(value)
 
 
@@ -122,7 +151,8 @@ def check_str_list(name, value, owner, allow_none=True, allow_empty=False):
         _fail(TypeError, owner, name, "a list of str", value)
     for item in value:
         if not isinstance(item, str):
-            raise TypeError(f"For '{owner}', every item of '{name}' must be a str, but got {_got(item)}.")
+            raise FieldTypeError(f"For '{owner}', every item of '{name}' must be a str, but got {_got(item)}.",
+                                 field=name)
     if not value and not allow_empty:
         _fail(ValueError, owner, name, "a non-empty list of str", value)
     return list(value)
@@ -158,8 +188,8 @@ def check_initializer(name, value, owner, shape=None, named_only=False):
     from mindspore.common.initializer import Initializer, initializer
     if isinstance(value, (Tensor, np.ndarray)) and not named_only:
         if shape is not None and tuple(value.shape) != tuple(shape):
-            raise ValueError(f"For '{owner}', the '{name}' must have shape {tuple(shape)}, "
-                             f"but got a tensor of shape {tuple(value.shape)}.")
+            raise FieldValueError(f"For '{owner}', the '{name}' must have shape {tuple(shape)}, but got a tensor of "
+                                  f"shape {tuple(value.shape)}.", field=name)
         return value
     kinds = ("an initializer name (str) or an Initializer" if named_only
              else "an initializer name (str), an Initializer, a number or a Tensor")
@@ -169,8 +199,8 @@ def check_initializer(name, value, owner, shape=None, named_only=False):
         try:
             initializer(value, [1, 1], mstype.float32)   # lazy: looks the name up, computes nothing
         except (ValueError, KeyError, TypeError) as ex:
-            raise ValueError(f"For '{owner}', the '{name}' must be a MindSpore initializer name such as 'normal', "
-                             f"'zeros' or 'xavier_uniform', but got {_got(value)}.") from ex
+            raise FieldValueError(f"For '{owner}', the '{name}' must be a MindSpore initializer name such as "
+                                  f"'normal', 'zeros' or 'xavier_uniform', but got {_got(value)}.", field=name) from ex
     return value
 
 
@@ -180,3 +210,67 @@ def check_cell(name, value, owner):
     if not isinstance(value, nn.Cell):
         _fail(TypeError, owner, name, "a mindspore.nn.Cell", value)
     return value
+
+
+def available_memory_bytes():
+    """Memory this process can still get: ``MemAvailable`` of ``/proc/meminfo``, lowered to the cgroup's limit
+    (containers) when that is smaller; the physical memory where neither can be read; None when unknown."""
+    import os  # local: keeps this module light to import
+    available = None
+    try:
+        with open('/proc/meminfo', encoding='ascii') as handle:
+            for line in handle:
+                if line.startswith('MemAvailable:'):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+        except (ValueError, OSError, AttributeError):
+            return None
+    for path, usage in (('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory.current'),
+                        ('/sys/fs/cgroup/memory/memory.limit_in_bytes', '/sys/fs/cgroup/memory/memory.usage_in_bytes')):
+        try:
+            with open(path, encoding='ascii') as handle:
+                limit = handle.read().strip()
+            with open(usage, encoding='ascii') as handle:
+                used = int(handle.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():
+            available = min(available, max(int(limit) - used, 0))
+        break
+    return available
+
+
+def size_text(nbytes):
+    """``'1.5 GB'``-style size for messages."""
+    for unit, scale in (('TB', 1 << 40), ('GB', 1 << 30), ('MB', 1 << 20), ('KB', 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
+def memory_shortfall(nbytes):
+    """None when ``nbytes`` fit into the memory available now, else ``'about <estimate>, more than the <available>
+    of memory available here'``. Unknown available memory counts as fitting."""
+    available = available_memory_bytes()
+    if available is None or nbytes <= available:
+        return None
+    return f"about {size_text(nbytes)}, more than the {size_text(available)} of memory available here"
+
+
+def check_allocation(owner, what, shape, itemsize):
+    """Refuse, before allocating, a tensor of ``shape`` (``itemsize`` bytes per element) that would not fit into the
+    available memory: ``ValueError`` naming the owner, ``what`` (the argument(s) that set the size) and the
+    estimate. Returns the byte count."""
+    nbytes = int(itemsize)
+    for dim in shape:
+        nbytes *= int(dim)
+    problem = memory_shortfall(nbytes)
+    if problem:
+        raise ValueError(f"For '{owner}', {what} would be a tensor of shape {tuple(int(d) for d in shape)}, which "
+                         f"needs {problem}.")
+    return nbytes

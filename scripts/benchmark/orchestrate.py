@@ -6,6 +6,8 @@ import datetime
 import json
 import os
 import platform
+import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -13,8 +15,8 @@ import time
 from .measure import median
 from .models import ADAPTER, GPT, GPT2_SMALL, LAYER, LORA, PREFIX, QUICK, SWITCH_INPUT, TRAIN_VARIANTS
 from .report import evaluate_targets, render_markdown, update_doc
-from .workers_ms import (worker_ckpt, worker_forward, worker_layer, worker_reference, worker_switch, worker_train,
-                         worker_train_ab)
+from .workers_ms import (worker_ckpt, worker_forward, worker_layer, worker_mixed, worker_reference, worker_switch,
+                         worker_train, worker_train_ab)
 from .workers_torch import worker_torch_forward, worker_torch_train, worker_torch_train_ab
 from .workers_mindone import MINDONE_BERT, MINDONE_QUICK, MINDONE_VARIANTS, worker_mindone
 
@@ -49,15 +51,18 @@ TRAIN_AB_GROUPS = {
     'reference': dict(env='mindpet104', variants=['lora_mindpet104', 'lora', 'floor']),
     'peers': dict(env='peft', variants=['peft_full', 'peft_lora']),
 }
-PARTS = ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'reference', 'mindone')
+PARTS = ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'mixed', 'reference', 'mindone', 'cli')
 # 'mindone' needs the optional mindone extra: asked for by name (--parts mindone), not part of the default run.
 DEFAULT_PARTS = tuple(p for p in PARTS if p != 'mindone')
+# Start-up of the mindpet command, side by side with what loading MindSpore alone costs (one process per call).
+CLI_CALLS = {'help': ['-m', 'mindpet', '--help'], 'version': ['-m', 'mindpet', '--version'],
+             'finetune_help': ['-m', 'mindpet', 'finetune', '--help'], 'import_mindspore': ['-c', 'import mindspore']}
 
 
 WORKERS = {'train': worker_train, 'train_ab': worker_train_ab, 'torch_train_ab': worker_torch_train_ab,
            'forward': worker_forward, 'layer': worker_layer, 'ckpt': worker_ckpt, 'switch': worker_switch,
            'reference': worker_reference, 'torch_train': worker_torch_train, 'torch_forward': worker_torch_forward,
-           'mindone': worker_mindone}
+           'mindone': worker_mindone, 'mixed': worker_mixed}
 
 
 def run_as_worker(kind, cfg_json):
@@ -241,6 +246,15 @@ def run_benchmarks(args):
         out['switch'] = runner.run('main', 'switch', dict(model=dict(sizes['gpt2'], **sizes['switch_input']),
                                                           iterations=args.iterations))
 
+    if 'mixed' in parts:
+        # The issue's GPT-like model (vocab 1,000), a batch of 8 rows over 4 adapters.
+        payload = dict(model=dict(sizes['gpt'], vocab=1000, batch=8), iterations=args.iterations)
+        runs = [runner.run('main', 'mixed', payload) for _ in range(args.repeats)]
+        out['mixed'] = dict(model=payload['model'], checks=runs[0]['checks'], mix=runs[0]['mix'],
+                            rows=_ratio_table(runs, {'mixed_vs_petmodel': ('view_mixed', 'petmodel_single'),
+                                                     'mixed_vs_view_single': ('view_mixed', 'view_single'),
+                                                     'view_single_vs_petmodel': ('view_single', 'petmodel_single')}))
+
     if 'reference' in parts:
         dtypes = ['float32', 'float16']
         runs = [runner.run('mindpet104', 'reference', dict(layer=sizes['layer'], iterations=args.iterations * 2,
@@ -264,9 +278,40 @@ def run_benchmarks(args):
             row['trainable'] = runs[0]['trainable'][name]
         out['mindone'] = dict(bert=payload['bert'], rows=rows)
 
+    if 'cli' in parts:
+        out['cli'] = measure_cli(args.repeats, args.timeout)
+
     out['machine'] = machine_info()
     out['load'] = dict(min=min(runner.loads, default=None), max=max(runner.loads, default=None),
                        median=median(runner.loads) if runner.loads else None)
+    return out
+
+
+def measure_cli(repeats, timeout):
+    """Wall and CPU time (the child's user + system seconds) of each :data:`CLI_CALLS` process, the calls of a round
+    run back to back; ``wall_over_import`` is the per-round ratio to ``python -c 'import mindspore'``."""
+    runs = {name: [] for name in CLI_CALLS}
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), GLOG_v='3')
+    for _ in range(repeats):
+        for name, argv in CLI_CALLS.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=ROOT, env=env,
+                                  timeout=timeout, check=False)
+            wall = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if proc.returncode != 0:
+                raise RuntimeError(f"'python {' '.join(argv)}' failed ({proc.returncode}): {proc.stderr[-500:]}")
+            runs[name].append(dict(wall_s=wall, cpu_s=(after.ru_utime - before.ru_utime)
+                                   + (after.ru_stime - before.ru_stime)))
+    out = {}
+    for name, rows in runs.items():
+        walls = [r['wall_s'] for r in rows]
+        out[name] = dict(command=shlex.join(['python', *CLI_CALLS[name]]), wall_s=median(walls), wall_min=min(walls),
+                         wall_max=max(walls), cpu_s=median([r['cpu_s'] for r in rows]))
+        ratios = [r['wall_s'] / base['wall_s'] for r, base in zip(rows, runs['import_mindspore'])]
+        out[name].update(wall_over_import=median(ratios), wall_over_import_min=min(ratios),
+                         wall_over_import_max=max(ratios))
     return out
 
 

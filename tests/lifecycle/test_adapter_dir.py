@@ -245,3 +245,16 @@ def test_a_peft_save_removes_what_a_killed_peft_save_left(tmp_path):
         (directory / name).write_bytes(b'partial')
     _trained_pet().save_pretrained(str(directory), format='peft')
     assert sorted(os.listdir(directory)) == sorted([alive, 'adapter_config.json', 'adapter_model.safetensors'])
+
+
+def test_a_directory_holds_one_format(tmp_path):
+    pet = _trained_pet()
+    mine = pet.save_pretrained(str(tmp_path / 'm'))
+    peft = pet.save_pretrained(str(tmp_path / 'p'), format='peft')
+    before = {d: sorted(os.listdir(d)) for d in (mine, peft)}
+    with pytest.raises(AdapterConfigError, match=f"'{mine}' holds a 'mindpet' adapter .*adapter_config.yaml.*'peft'"):
+        pet.save_pretrained(mine, format='peft')
+    with pytest.raises(AdapterConfigError, match=f"'{peft}' holds a 'peft' adapter .*adapter_config.json"):
+        pet.save_pretrained(peft)
+    assert {d: sorted(os.listdir(d)) for d in (mine, peft)} == before
+    assert detect_format(mine) == 'mindpet' and detect_format(peft) == 'peft'

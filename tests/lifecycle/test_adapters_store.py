@@ -332,10 +332,12 @@ def test_adapter_management_errors(trained):
     assert pet.adapters == ['shift'] and pet.active_adapter == 'shift'
 
 
-def test_an_adapter_of_another_method_is_refused(tmp_path):
+def test_an_adapter_of_another_method_is_refused(tmp_path, monkeypatch):
     import dataclasses  # pylint: disable=import-outside-toplevel
-    from mindpet.tuners import register_method  # pylint: disable=import-outside-toplevel
+    from mindpet.tuners import register_method, registry  # pylint: disable=import-outside-toplevel
     from mindpet.tuners.lora import LoraTuner  # pylint: disable=import-outside-toplevel
+    # The registration is undone after the test (a later test lists every registered method).
+    monkeypatch.setattr(registry, '_METHODS', dict(registry._METHODS))  # pylint: disable=protected-access
 
     @dataclasses.dataclass
     class OtherLoraConfig(LoraConfig):

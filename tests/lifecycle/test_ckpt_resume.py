@@ -189,7 +189,8 @@ def test_failed_write_prunes_nothing(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(ms, 'save_checkpoint', disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=r"^Cannot write the checkpoint '.*p-1_3\.ckpt': No space left on "
+                                              r"device \(errno 28\)\.$"):
         cb.on_train_step_end(_fake_run_context(net, 3))
     assert list_checkpoints(str(tmp_path), 'p') == before
     assert sorted(os.listdir(tmp_path)) == ['p-1_1.ckpt', 'p-1_2.ckpt']

@@ -203,3 +203,23 @@ def test_quick_run_of_adapter_prefix_and_switch(tmp_path):
     text = page.read_text(encoding='utf-8')
     assert '### 4. Switching and merging' in text and 'Adapter (Houlsby' in text and 'prefix tuning (10' in text
     assert 'set_adapter between trainable LoRA adapters' in text
+
+
+@pytest.mark.slow
+def test_quick_run_of_the_mixed_adapter_part(tmp_path):
+    """A real (tiny) run of the mixed-adapter part: its worker fails unless every row of the mixed batch equals
+    its adapter alone and the mixes share one compiled graph; the page gets the table and the target row."""
+    out_json, page = tmp_path / 'b.json', tmp_path / 'b.md'
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, SCRIPT, '--quick', '--parts', 'mixed', '--repeats', '1',
+                           '--iterations', '2', '--json', str(out_json), '--doc', str(page),
+                           '--log-dir', str(tmp_path / 'logs')],
+                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mixed = json.loads(out_json.read_text(encoding='utf-8'))['mixed']
+    assert mixed['model']['batch'] == 8 and mixed['model']['vocab'] == 1000 and mixed['mix'] == list('abcdabcd')
+    assert mixed['checks']['row_max_abs_diff'] <= 1e-5 < mixed['checks']['adapters_differ']
+    assert mixed['checks']['graphs'] == 1
+    assert 0.1 < mixed['rows']['mixed_vs_petmodel']['cpu_ratio'] < 10
+    text = page.read_text(encoding='utf-8')
+    assert '### 4b. Mixed-adapter batches' in text and 'mixed-adapter batch (8 rows over 4 LoRA adapters)' in text

@@ -64,7 +64,7 @@ def test_task_option_selects_the_generator_and_every_task_has_learning_rates():
     np.testing.assert_array_equal(labels, ref_labels)
     assert set(cm.TASKS) == {'new_partition', 'related'}
     for task in cm.TASKS:
-        assert set(cm.LEARNING_RATES[task]) == set(cm.METHODS)
+        assert set(cm.LEARNING_RATES[task]) == set(cm.METHODS) | set(cm.BUDGET_METHODS)
     with pytest.raises(SystemExit):
         cm.main(['--task', 'bogus'])
 

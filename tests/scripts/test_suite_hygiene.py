@@ -1,6 +1,9 @@
 """The test suite writes only to temporary directories: MindSpore's graph dumps, hypothesis's files and the
-benchmark's worker logs land outside the repository (tests/conftest.py and the benchmark's --log-dir)."""
+benchmark's worker logs land outside the repository (tests/conftest.py and the benchmark's --log-dir); and the
+test files the docs name exist."""
+import glob
 import os
+import re
 
 import numpy as np
 import pytest
@@ -67,3 +70,17 @@ def test_benchmark_worker_logs_go_to_the_given_directory(tmp_path):
     assert runner.log_dir == str(tmp_path / 'logs') and os.path.isdir(runner.log_dir)
     # Without --log-dir (a user's run) the logs go beside the results, under outputs/.
     assert orchestrate.parse_args([]).log_dir is None
+
+
+def test_every_test_file_the_docs_name_exists():
+    """README, doc/ and the examples' READMEs name test files by path (tests/<folder>/test_x.py[::name]): each
+    exists (catches pages left behind when tests move)."""
+    pages = [os.path.join(ROOT, 'README.md')] + glob.glob(os.path.join(ROOT, 'doc', '*.md')) \
+        + glob.glob(os.path.join(ROOT, 'examples', '*', 'README.md'))
+    named = set()
+    for page in pages:
+        with open(page, encoding='utf-8') as handle:
+            named |= {(os.path.relpath(page, ROOT), path) for path in re.findall(r'\btests/[\w/]+\.py', handle.read())}
+    assert len(named) > 10
+    missing = sorted((page, path) for page, path in named if not os.path.isfile(os.path.join(ROOT, path)))
+    assert not missing, missing

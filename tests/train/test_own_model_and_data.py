@@ -130,3 +130,18 @@ def test_a_dry_run_lists_data_files_missing_here(tmp_path, capsys):
     assert "note: 'data.tokenizer' names '/data/elsewhere/tokenizer.json'" in printed
     assert main(['finetune', '--config', path]) == 1                # a real run refuses
     assert "'data.train': the file '/data/elsewhere/train.jsonl' does not exist" in capsys.readouterr().err
+
+
+def test_own_cell_in_pynative_mode(tmp_path, capsys):
+    train, tokenizer, vocab = classification_files(tmp_path)
+    path = write_config(
+        tmp_path,
+        model={'class': 'tests.train.text_models:TinyTextClassifier', 'trust_code': True,
+               'config': {'vocab_size': vocab, 'hidden': 32, 'num_labels': 4}, 'loss': 'cross_entropy'},
+        data={'train': train, 'tokenizer': tokenizer, 'max_length': 12},
+        pet={'type': 'lora', 'target_modules': ['proj'], 'lora_rank': 4, 'lora_alpha': 8,
+             'modules_to_save': ['head', 'embedding']}, epochs=3)
+    assert main(['finetune', '--config', path, '--set', 'context.mode=PYNATIVE']) == 0, capsys.readouterr().err
+    assert 'PYNATIVE mode on CPU' in capsys.readouterr().out
+    metrics = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
+    assert metrics['eval']['after']['accuracy'] > max(0.4, metrics['eval']['before']['accuracy'])

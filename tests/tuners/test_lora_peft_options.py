@@ -181,6 +181,14 @@ def test_gaussian_init_draws_a_from_n_0_1_over_r(graph_mode):
     assert max(np.abs(layer.mindpet_delta_lora_a.asnumpy()).max() for layer in default.pet_layers.values()) < 0.18
 
 
+def test_gaussian_adapter_merges_saves_and_switches(graph_mode, tmp_path, base):
+    ids, base_out, path = base
+    pet = get_pet_model(GPTLike(), _config(init_lora_weights='gaussian'))
+    np.testing.assert_array_equal(pet(ids).asnumpy(), base_out)       # B = 0: the base model at init
+    directory, _ = _check_lifecycle(pet, tmp_path, ids, base_out, path, dict.fromkeys(QV, 2.0))
+    assert PetModel.from_pretrained(GPTLike(), directory).get_adapter_config().init_lora_weights == 'gaussian'
+
+
 def _np_pissa(w, rank, scaling):
     u, s, vt = np.linalg.svd(w.astype(np.float64), full_matrices=False)
     return u[:, :rank] * s[:rank] @ vt[:rank]        # = s * B0 A0: the best rank-r part of W
@@ -306,3 +314,54 @@ def test_pissa_rank_above_the_weight_rank_is_refused():
     from mindpet.delta.lora import lora_init_factors
     with pytest.raises(ValueError, match=r"rank must be at most min\(out, in\) = 3"):
         lora_init_factors('pissa', np.ones((3, 5), np.float32), 4, 1.0)
+
+
+# ----- modules_to_save: a whole head, every parameter of it, in the saved adapter ----------------------------------
+class _Classifier(nn.Cell):
+    """An encoder layer plus a nested head (Dense + LayerNorm + Dense, all with biases/affine parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Dense(16, 16)
+        self.head = nn.SequentialCell([nn.Dense(16, 8), nn.LayerNorm((8,)), nn.Dense(8, 3)])
+
+    def construct(self, x):
+        return self.head(ms.ops.tanh(self.encoder(x)))
+
+
+def test_modules_to_save_stores_every_parameter_of_a_nested_head(graph_mode, tmp_path):
+    ms.set_seed(0)
+    x = ms.Tensor(np.random.RandomState(0).randn(4, 16).astype(np.float32))
+    base = _Classifier()
+    ms.save_checkpoint(base, str(tmp_path / 'base.ckpt'))
+    base_out = base(x).asnumpy()
+
+    def fresh():
+        net = _Classifier()
+        ms.load_param_into_net(net, ms.load_checkpoint(str(tmp_path / 'base.ckpt')))
+        return net
+
+    pet = get_pet_model(fresh(), LoraConfig(target_modules=['encoder'], lora_rank=2, modules_to_save=['head']))
+    head_names = sorted(p.name for p in pet.base_model.head.get_parameters())
+    assert head_names == ['head.0.bias', 'head.0.weight', 'head.1.beta', 'head.1.gamma', 'head.2.bias',
+                          'head.2.weight']
+    assert sorted(p.name for p in pet.trainable_params()) == sorted(
+        head_names + ['encoder.mindpet_delta_lora_a', 'encoder.mindpet_delta_lora_b'])
+    rng = np.random.RandomState(1)
+    for param in pet.base_model.head.get_parameters():        # every head parameter away from its base value
+        param.set_data(ms.Tensor((param.asnumpy() + rng.randn(*param.shape) * 0.2).astype(np.float32)))
+    out = pet(x).asnumpy()
+    assert np.abs(out - base_out).max() > 1e-3
+    pet.save_pretrained(str(tmp_path / 'adapter'))
+    stored = load_file(adapter_weights_path(str(tmp_path / 'adapter')))
+    assert sorted(name for name in stored if name.startswith('head.')) == head_names
+    for param in pet.base_model.head.get_parameters():
+        np.testing.assert_array_equal(stored[param.name], param.asnumpy())
+    loaded = PetModel.from_pretrained(fresh(), str(tmp_path / 'adapter'))
+    np.testing.assert_allclose(loaded(x).asnumpy(), out, atol=1e-6)
+    with loaded.disable_adapter():                            # the head's base values come back
+        np.testing.assert_allclose(loaded(x).asnumpy(), base_out, atol=1e-6)
+    merge_into_checkpoint(str(tmp_path / 'base.ckpt'), str(tmp_path / 'adapter'), str(tmp_path / 'merged.ckpt'))
+    merged = _Classifier()
+    ms.load_param_into_net(merged, ms.load_checkpoint(str(tmp_path / 'merged.ckpt')))
+    np.testing.assert_allclose(merged(x).asnumpy(), out, atol=1e-5)
