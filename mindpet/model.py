@@ -22,6 +22,7 @@ from mindpet.adapter_store import (StoredAdapter, check_adapter_fits, check_form
                                    model_fingerprint, save_adapter_dir)
 from mindpet.delta.layer_kinds import DeltaLayer, model_layer_types
 from mindpet.naming import is_pet_param, is_state
+from mindpet.tuners.base import BaseTuner
 from mindpet.tuners.config import PetConfig
 from mindpet.tuners.inject import walk, matches_any, replace_cell, invalidate_compiled_graph
 from mindpet.tuners.registry import make_tuner
@@ -208,6 +209,7 @@ class PetModel(nn.Cell):
 
     def _add_loaded(self, adapter_name, adapter, trainable, source):
         state = self._state
+        self._check_loadable(adapter, source)
         targets, changed = state.tuner.inject(self.base_model, adapter.config, state.layers)
         if sorted(targets) != sorted(adapter.targets):
             self._after_structure_change(changed)   # layers injected on the way stay switched off and frozen
@@ -221,6 +223,27 @@ class PetModel(nn.Cell):
         layers = {key: dict(adapter.layers[key]) for key in targets}
         state.adapters[adapter_name] = _Adapter(adapter.config, targets, layers, dict(adapter.modules), trainable)
         self._after_structure_change(changed)
+
+    def _check_loadable(self, adapter, source):
+        """Refuse, before any layer is injected, an adapter whose target_modules select other layers here than
+        the ones it holds, or that stores module parameters the model lacks (for tuners that inject with the
+        generic walk, where the selection can be computed without changing the model)."""
+        state = self._state
+        names = {p.name for p in self.base_model.get_parameters()}
+        missing = sorted(name for name in adapter.modules if name not in names)
+        if missing:
+            raise AdapterConfigError(f"'{source}' stores module parameter '{missing[0]}', which the model does not "
+                                     f"have.")
+        if type(state.tuner).inject is not BaseTuner.inject:
+            return
+        _, matches = state.tuner.match(self.base_model, adapter.config, state.layers)
+        targets = [key for key, _, _ in matches]
+        if sorted(targets) != sorted(adapter.targets):
+            missing = sorted(set(adapter.targets) - set(targets))
+            extra = sorted(set(targets) - set(adapter.targets))
+            raise AdapterConfigError(f"The adapter in '{source}' adapts {adapter.targets[:4]}..., but its "
+                                     f"target_modules select other layers in this model (first difference: "
+                                     f"{(missing or extra)[0]!r}).")
 
     @classmethod
     def from_pretrained(cls, model, directory, adapter_name='default', is_trainable=False):

@@ -86,8 +86,8 @@ class AdapterLayer(BottleneckAdapter):
     def __init__(self, hidden_size, bottleneck_size=64, non_linearity='gelu', param_init_type=mstype.float32,
                  compute_dtype=mstype.float16):
         owner = type(self).__name__
-        check_int('hidden_size', hidden_size, owner)
-        check_int('bottleneck_size', bottleneck_size, owner)
+        hidden_size = check_int('hidden_size', hidden_size, owner)
+        bottleneck_size = check_int('bottleneck_size', bottleneck_size, owner)
         check_dtype('param_init_type', param_init_type, owner)
         check_dtype('compute_dtype', compute_dtype, owner)
         super().__init__(hidden_size, non_linearity, param_init_type, compute_dtype)
@@ -153,8 +153,8 @@ class DenseWithAdapter(nn.Dense):
 
     def __init__(self, in_channels, out_channels, weight_init, bias_init, has_bias, activation, compute_dtype):
         owner = type(self).__name__
-        check_int('in_channels', in_channels, owner)
-        check_int('out_channels', out_channels, owner)
+        in_channels = check_int('in_channels', in_channels, owner)
+        out_channels = check_int('out_channels', out_channels, owner)
         check_bool('has_bias', has_bias, owner)
         check_initializer('weight_init', weight_init, owner)
         if bias_init is not None:
@@ -223,7 +223,7 @@ class AdapterDense(DenseWithAdapter):
                  activation=None, bottleneck_size=64, non_linearity='gelu', param_init_type=mstype.float32,
                  compute_dtype=mstype.float16):
         owner = type(self).__name__
-        check_int('bottleneck_size', bottleneck_size, owner)
+        bottleneck_size = check_int('bottleneck_size', bottleneck_size, owner)
         make_activation(owner, non_linearity)
         check_dtype('param_init_type', param_init_type, owner)
         super().__init__(in_channels, out_channels, weight_init, bias_init, has_bias, activation, compute_dtype)

@@ -80,7 +80,7 @@ def check_init_shape(owner, name, init, shape):
 
 
 class DeltaDense(nn.Dense):
-    """Base of the delta Dense layers (DoRA, IA3, PST, AdaLoRA, t-SVD).
+    """Base of the delta Dense layers (LoRA, DoRA, IA3, PST, AdaLoRA, t-SVD).
 
     ``weight``/``bias`` keep ``nn.Dense``'s names, so a base checkpoint loads unchanged. Subclasses implement
     ``construct`` with :meth:`_to_2d`, :meth:`_base` and :meth:`_finish`, and the merge maths in
@@ -105,6 +105,13 @@ class DeltaDense(nn.Dense):
         self.cast = ops.Cast()
 
     # ----- forward plumbing (called from construct; compiled into the graph) -----------------------------------
+    def _to_compute(self, tensor):
+        """``tensor`` in the compute dtype, with no Cast when it already is (frozen fp32 weights with fp32 compute:
+        the graph then holds no per-step copy of the weight, and PyNative runs no cast kernel)."""
+        if tensor.dtype == self.compute_dtype:
+            return tensor
+        return self.cast(tensor, self.compute_dtype)
+
     def _to_2d(self, x):
         """``(*, in)`` -> ``(N, in)`` in the compute dtype."""
         x_shape = x.shape

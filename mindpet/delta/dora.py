@@ -126,8 +126,8 @@ class DoRADense(_DoraWeights, DeltaDense):
         self.lora_dropout_rate = check_rate('lora_dropout', lora_dropout, owner)
         # A Python constant of the compiled graph: changing it afterwards needs a recompilation.
         self.dora_detach_norm = check_bool('dora_detach_norm', dora_detach_norm, owner)
-        check_int('in_channels', in_channels, owner)
-        check_int('out_channels', out_channels, owner)
+        in_channels = check_int('in_channels', in_channels, owner)
+        out_channels = check_int('out_channels', out_channels, owner)
         check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, in_channels))
         check_init_shape(owner, 'lora_b_init', lora_b_init, (out_channels, lora_rank))
         super().__init__(in_channels, out_channels, param_init_type, compute_dtype, **kwargs)

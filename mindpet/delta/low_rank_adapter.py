@@ -26,7 +26,7 @@ def _check_factor_init(owner, value):
 
 
 def _check_reduction(owner, hidden_size, reduction_factor):
-    check_int('reduction_factor', reduction_factor, owner)
+    reduction_factor = check_int('reduction_factor', reduction_factor, owner)
     if reduction_factor > hidden_size:
         raise ValueError(f"For '{owner}', the 'reduction_factor' must be <= 'hidden_size' ({hidden_size}) so the "
                          f"bottleneck hidden_size // reduction_factor is at least 1, but got {reduction_factor}.")
@@ -61,9 +61,9 @@ class LowRankAdapterLayer(BottleneckAdapter):
     def __init__(self, hidden_size, reduction_factor, low_rank_size=1, low_rank_w_init='xavier_uniform',
                  non_linearity='gelu', param_init_type=mstype.float32, compute_dtype=mstype.float16):
         owner = type(self).__name__
-        check_int('hidden_size', hidden_size, owner)
+        hidden_size = check_int('hidden_size', hidden_size, owner)
         _check_reduction(owner, hidden_size, reduction_factor)
-        check_int('low_rank_size', low_rank_size, owner)
+        low_rank_size = check_int('low_rank_size', low_rank_size, owner)
         _check_factor_init(owner, low_rank_w_init)
         check_dtype('param_init_type', param_init_type, owner)
         check_dtype('compute_dtype', compute_dtype, owner)
@@ -175,9 +175,9 @@ class LowRankAdapterDense(DenseWithAdapter):
                  activation=None, reduction_factor=1, low_rank_size=1, low_rank_w_init='xavier_uniform',
                  non_linearity='gelu', param_init_type=mstype.float32, compute_dtype=mstype.float16):
         owner = type(self).__name__
-        check_int('out_channels', out_channels, owner)
+        out_channels = check_int('out_channels', out_channels, owner)
         _check_reduction(owner, out_channels, reduction_factor)
-        check_int('low_rank_size', low_rank_size, owner)
+        low_rank_size = check_int('low_rank_size', low_rank_size, owner)
         _check_factor_init(owner, low_rank_w_init)
         make_activation(owner, non_linearity)
         check_dtype('param_init_type', param_init_type, owner)

@@ -90,12 +90,12 @@ class PrefixLayer(_PrefixBase):
     def __init__(self, prefix_token_num, batch_size, num_heads, hidden_dim, embed_dim, mid_dim=512,
                  dropout_rate=0.1):
         owner = type(self).__name__
-        check_int('prefix_token_num', prefix_token_num, owner)
-        check_int('batch_size', batch_size, owner)
-        check_int('num_heads', num_heads, owner)
-        check_int('hidden_dim', hidden_dim, owner)
-        check_int('embed_dim', embed_dim, owner)
-        check_int('mid_dim', mid_dim, owner)
+        prefix_token_num = check_int('prefix_token_num', prefix_token_num, owner)
+        batch_size = check_int('batch_size', batch_size, owner)
+        num_heads = check_int('num_heads', num_heads, owner)
+        hidden_dim = check_int('hidden_dim', hidden_dim, owner)
+        embed_dim = check_int('embed_dim', embed_dim, owner)
+        mid_dim = check_int('mid_dim', mid_dim, owner)
         check_rate('dropout_rate', dropout_rate, owner)
         _check_heads(owner, 'hidden_dim', hidden_dim, num_heads)
         super().__init__(prefix_token_num, batch_size, num_heads, hidden_dim)
@@ -198,7 +198,7 @@ class StaticPrefix(_PrefixBase):
 
     def __init__(self, key, value, batch_size):
         owner = type(self).__name__
-        check_int('batch_size', batch_size, owner)
+        batch_size = check_int('batch_size', batch_size, owner)
         for name, arr in (('key', key), ('value', value)):
             if not isinstance(arr, (np.ndarray, Tensor)):
                 raise TypeError(f"For '{owner}', the '{name}' must be a numpy array or Tensor, but got "
@@ -227,7 +227,7 @@ class StaticPrefix(_PrefixBase):
 
     def shard(self, model_parallel=1):
         """Nothing to shard (no computation besides a broadcast); accepted for a uniform API."""
-        check_int('model_parallel', model_parallel, type(self).__name__)
+        model_parallel = check_int('model_parallel', model_parallel, type(self).__name__)
         return self
 
 
@@ -347,8 +347,8 @@ class PrefixAttention(nn.Cell):
 
     def __init__(self, hidden_size, num_heads, prefix=None, attention_dropout=0.0, compute_dtype=mstype.float32):
         owner = type(self).__name__
-        check_int('hidden_size', hidden_size, owner)
-        check_int('num_heads', num_heads, owner)
+        hidden_size = check_int('hidden_size', hidden_size, owner)
+        num_heads = check_int('num_heads', num_heads, owner)
         self.head_dim = _check_heads(owner, 'hidden_size', hidden_size, num_heads)
         check_rate('attention_dropout', attention_dropout, owner)
         check_dtype('compute_dtype', compute_dtype, owner)

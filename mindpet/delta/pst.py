@@ -234,8 +234,8 @@ def cubic_sparsity(step, total_steps, initial_sparsity=0.0, final_sparsity=0.9, 
         0.789844
     """
     owner = 'cubic_sparsity'
-    check_int('step', step, owner, min_value=0)
-    check_int('total_steps', total_steps, owner)
+    step = check_int('step', step, owner, min_value=0)
+    total_steps = check_int('total_steps', total_steps, owner)
     s_i = _check_sparsity('initial_sparsity', initial_sparsity, owner)
     s_f = _check_sparsity('final_sparsity', final_sparsity, owner)
     warm = _check_sparsity('warmup_fraction', warmup_fraction, owner)

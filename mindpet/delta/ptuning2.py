@@ -72,13 +72,13 @@ class PrefixEncoder(nn.Cell):
     def __init__(self, pre_seq_len, num_layers, num_heads, kv_channels, prefix_projection, projection_dim,
                  dropout_prob, parallel_config=None, out_perm=(2, 0, 3, 1, 4)):
         owner = type(self).__name__
-        check_int('pre_seq_len', pre_seq_len, owner)
-        check_int('num_layers', num_layers, owner)
-        check_int('num_heads', num_heads, owner)
-        check_int('kv_channels', kv_channels, owner)
+        pre_seq_len = check_int('pre_seq_len', pre_seq_len, owner)
+        num_layers = check_int('num_layers', num_layers, owner)
+        num_heads = check_int('num_heads', num_heads, owner)
+        kv_channels = check_int('kv_channels', kv_channels, owner)
         check_bool('prefix_projection', prefix_projection, owner)
         if prefix_projection:
-            check_int('projection_dim', projection_dim, owner)
+            projection_dim = check_int('projection_dim', projection_dim, owner)
         check_rate('dropout_prob', dropout_prob, owner)
         _check_out_perm(owner, out_perm)
         parallel = _parallel_sizes(owner, parallel_config)

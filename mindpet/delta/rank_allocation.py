@@ -50,7 +50,7 @@ def cubic_budget(step, total_steps, init_budget, target_budget, t_init=0, t_fina
         (20, True)
     """
     owner = 'cubic_budget'
-    check_int('step', step, owner, min_value=0)
+    step = check_int('step', step, owner, min_value=0)
     total_steps, t_init, t_final, delta_t = check_schedule(owner, total_steps, t_init, t_final, delta_t)
     init_budget = check_int('init_budget', init_budget, owner, min_value=0)
     target_budget = check_int('target_budget', target_budget, owner, min_value=0)
@@ -144,7 +144,7 @@ class RankAllocator:
         Returns:
             int: the budget in force after this step.
         """
-        check_int('step', step, self.owner, min_value=0)
+        step = check_int('step', step, self.owner, min_value=0)
         if not isinstance(grads, dict):
             raise TypeError(f"For '{self.owner}', the 'grads' must be a dict of parameter name -> gradient, but got "
                             f"{type(grads).__name__}.")

@@ -250,7 +250,7 @@ class _PlainLora:
         layer.lora_init_factors = ((tensors[INIT_A_NAME], tensors[INIT_B_NAME]) if INIT_A_NAME in tensors
                                    else None)
         # The live width (A's rows) may now exceed any one adapter's rank; layer.lora_rank stays the active
-        # adapter's rank (set by activate), so layer.scaling == layer.lora_alpha / layer.lora_rank always holds.
+        # adapter's rank, set by activate() together with its lora_alpha and scaling (config.scaling).
         return rank > live
 
     @staticmethod
@@ -344,7 +344,9 @@ class LoraTuner(DenseLayerTuner):
                              f"as {type(layer).__name__} by an earlier adapter; one layer holds one variant "
                              f"(exclude it with 'exclude_modules', or adapt another model).")
         try:
-            check_rank_fits(type(layer).__name__, config.lora_rank, layer.in_channels, layer.out_channels)
+            # The rank this adapter needs on this layer (rank_pattern may give it its own).
+            check_rank_fits(type(layer).__name__, config.for_layer(key).lora_rank, layer.in_channels,
+                            layer.out_channels)
         except ValueError as ex:
             raise FieldValueError(f"For 'get_pet_model', the layer '{key}' cannot be adapted: {ex}",
                                   field=ex.field) from None

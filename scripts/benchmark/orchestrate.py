@@ -19,6 +19,7 @@ from .workers_ms import (worker_ckpt, worker_forward, worker_layer, worker_mixed
                          worker_train, worker_train_ab)
 from .workers_torch import worker_torch_forward, worker_torch_train, worker_torch_train_ab
 from .workers_mindone import MINDONE_BERT, MINDONE_QUICK, MINDONE_VARIANTS, worker_mindone
+from .race import RACE_SIDES, prepare_race, race_settings, worker_race_mindpet, worker_race_peft
 
 
 DESCRIPTION = ('Benchmark suite for mindpet: what parameter-efficient tuning promises (step time, memory, checkpoint '
@@ -35,6 +36,8 @@ MINDSPORE_PIN = 'mindspore==2.10.0'
 VENVS = {
     'mindpet104': ['numpy<2', MINDSPORE_PIN, 'pyyaml', '--no-deps mindpet==1.0.4'],
     'peft': ['torch==2.13.0', 'numpy<2', 'peft'],
+    # The MiniLM race's PyTorch side: transformers' BertModel loads the weights package's safetensors.
+    'race': ['torch==2.13.0', 'numpy<2', 'peft', 'transformers', 'safetensors'],
 }
 
 
@@ -51,9 +54,10 @@ TRAIN_AB_GROUPS = {
     'reference': dict(env='mindpet104', variants=['lora_mindpet104', 'lora', 'floor']),
     'peers': dict(env='peft', variants=['peft_full', 'peft_lora']),
 }
-PARTS = ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'mixed', 'reference', 'mindone', 'cli')
-# 'mindone' needs the optional mindone extra: asked for by name (--parts mindone), not part of the default run.
-DEFAULT_PARTS = tuple(p for p in PARTS if p != 'mindone')
+PARTS = ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'mixed', 'reference', 'mindone', 'cli', 'race')
+# 'mindone' needs the optional mindone extra and 'race' (MiniLM LoRA: mindpet vs PEFT on PyTorch, minutes of real
+# training) the bert extra and a PyTorch virtualenv: both are asked for by name (--parts race), not run by default.
+DEFAULT_PARTS = tuple(p for p in PARTS if p not in ('mindone', 'race'))
 # Start-up of the mindpet command, side by side with what loading MindSpore alone costs (one process per call).
 CLI_CALLS = {'help': ['-m', 'mindpet', '--help'], 'version': ['-m', 'mindpet', '--version'],
              'finetune_help': ['-m', 'mindpet', 'finetune', '--help'], 'import_mindspore': ['-c', 'import mindspore']}
@@ -62,7 +66,8 @@ CLI_CALLS = {'help': ['-m', 'mindpet', '--help'], 'version': ['-m', 'mindpet', '
 WORKERS = {'train': worker_train, 'train_ab': worker_train_ab, 'torch_train_ab': worker_torch_train_ab,
            'forward': worker_forward, 'layer': worker_layer, 'ckpt': worker_ckpt, 'switch': worker_switch,
            'reference': worker_reference, 'torch_train': worker_torch_train, 'torch_forward': worker_torch_forward,
-           'mindone': worker_mindone, 'mixed': worker_mixed}
+           'mindone': worker_mindone, 'mixed': worker_mixed, 'race_mindpet': worker_race_mindpet,
+           'race_peft': worker_race_peft}
 
 
 def run_as_worker(kind, cfg_json):
@@ -281,10 +286,38 @@ def run_benchmarks(args):
     if 'cli' in parts:
         out['cli'] = measure_cli(args.repeats, args.timeout)
 
+    if 'race' in parts:
+        out['race'] = run_race(runner, args)
+
     out['machine'] = machine_info()
     out['load'] = dict(min=min(runner.loads, default=None), max=max(runner.loads, default=None),
                        median=median(runner.loads) if runner.loads else None)
     return out
+
+
+def run_race(runner, args):
+    """The MiniLM race: one mindpet process and one PEFT process per round, on the inputs fixed once by
+    :func:`prepare_race` (``--race-steps`` caps the steps; default all of configs/bert_lora.yaml's)."""
+    from examples.bert.model import minilm_model_dir  # pylint: disable=import-outside-toplevel
+    settings = race_settings(ROOT, args.race_steps)
+    inputs = prepare_race(ROOT, settings, runner.log_dir)
+    payload = dict(settings=settings, inputs=inputs, package_dir=minilm_model_dir())
+    runs = {side: [] for side in RACE_SIDES}
+    for _ in range(args.repeats):
+        runs['mindpet'].append(runner.run('main', 'race_mindpet', payload))
+        runs['peft'].append(runner.run('race', 'race_peft', payload))
+    rows = {}
+    for side, results in runs.items():
+        rows[side] = {key: median([r[key] for r in results if r.get(key) is not None])
+                      for key in ('step_s', 'first_step_s', 'train_s', 'peak_mb', 'peak_anon_mb', 'accuracy',
+                                  'loss_last')}
+        rows[side].update(trainable=results[0]['trainable'], total=results[0]['total'], steps=results[0]['steps'],
+                          accuracies=[r['accuracy'] for r in results])
+    rows['peft']['torch_threads'] = runs['peft'][0].get('torch_threads')
+    everyone = runs['mindpet'] + runs['peft']
+    ratios = {key: median([a[key] / b[key] for a, b in zip(runs['mindpet'], runs['peft'])])
+              for key in ('step_s', 'peak_mb', 'peak_anon_mb') if all(r.get(key) for r in everyone)}
+    return dict(settings=settings, rows=rows, ratios=ratios, runs=runs)
 
 
 def measure_cli(repeats, timeout):
@@ -372,6 +405,9 @@ def parse_args(argv):
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps after the compiling one (default 2).')
     parser.add_argument('--iterations', type=int, default=10,
                         help='timed calls per candidate in forward/layer workers (layer/reference: twice this).')
+    parser.add_argument('--race-steps', type=int, default=None,
+                        help='race part: training steps (default all of configs/bert_lora.yaml: epochs x rows // '
+                             'batch).')
     parser.add_argument('--quick', action='store_true', help='tiny shapes, to check the script itself.')
     parser.add_argument('--json', default=None, help='where to write the JSON (default doc/benchmarks.json; '
                                                      'outputs/benchmark-quick.json with --quick).')
@@ -397,6 +433,8 @@ def parse_args(argv):
             parser.error(f'unknown variant(s) {unknown or args.variants}; choose from {list(TRAIN_VARIANTS)}')
     if args.repeats < 1 or args.steps < 1 or args.iterations < 1 or args.warmup < 0:
         parser.error('--repeats, --steps and --iterations must be >= 1 and --warmup >= 0')
+    if args.race_steps is not None and args.race_steps < 2:
+        parser.error(f'--race-steps must be >= 2 (the first step compiles), got {args.race_steps}')
     return args
 
 

@@ -362,6 +362,28 @@ def render_markdown(results, command):
                 f'{r["cpu_s"]:.3f} | {r["wall_over_import"]:.3f}x ({r["wall_over_import_min"]:.2f}-'
                 f'{r["wall_over_import_max"]:.2f}) |')
         add('')
+    race = results.get('race')
+    if race:
+        st = race['settings']
+        add(f'### 8. Real-model race: all-MiniLM-L6-v2 LoRA, mindpet on MindSpore (GRAPH_MODE) vs Hugging Face PEFT '
+            f'on PyTorch ({st["config"]}: LoRA r={st["rank"]}, alpha {st["alpha"]}, dropout {st["dropout"]} on '
+            f'{", ".join(st["target_modules"])}, {", ".join(st["modules_to_save"])} trained in full; batch '
+            f'{st["batch_size"]} x {st["max_length"]} tokens, {race["rows"]["mindpet"]["steps"]} steps, same data '
+            f'order, learning rates, initial head and AdamWeightDecay rule; one process per side and round)')
+        add('')
+        add('| side | trainable | step median (ms, after the first) | first step (ms) | peak RSS (MB) | '
+            'peak anon (MB) | test accuracy | last loss |')
+        add('|---|---|---|---|---|---|---|---|')
+        for side, what in (('mindpet', 'mindpet LoRA (MindSpore)'), ('peft', 'PEFT LoRA (PyTorch)')):
+            r = race['rows'][side]
+            add(f'| {what} | {r["trainable"]:,} | {r["step_s"] * 1e3:.1f} | {r["first_step_s"] * 1e3:.0f} | '
+                f'{r["peak_mb"]:.0f} | {_fmt(r.get("peak_anon_mb"), 0)} | {r["accuracy"]:.3f} | '
+                f'{r["loss_last"]:.3f} |')
+        ratio = race.get('ratios', {})
+        add('')
+        add(f'mindpet / PEFT (paired per round): step {_fmt(ratio.get("step_s"), 2)}x, peak RSS '
+            f'{_fmt(ratio.get("peak_mb"), 2)}x, peak anon {_fmt(ratio.get("peak_anon_mb"), 2)}x.')
+        add('')
     rows = evaluate_targets(results)
     if rows:
         add('### Targets')

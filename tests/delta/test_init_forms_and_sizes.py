@@ -16,7 +16,7 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import One, Constant
 
 from mindpet import LoraConfig, PetModel, get_pet_model
-from mindpet.delta import LoRADense
+from mindpet.delta import AdapterDense, DoRADense, IA3Dense, LoRADense, LowRankAdapterDense
 from tests.nets import PlainMLP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -131,3 +131,32 @@ def test_refused_before_allocating_and_nothing_changed(row):
     for param in base.get_parameters():
         if param.name in weights:
             np.testing.assert_array_equal(param.asnumpy(), weights[param.name])
+
+
+NUMPY_CELLS = {
+    'AdapterDense': lambda n: AdapterDense(
+        n(8), n(6), bottleneck_size=n(4), weight_init=Tensor(np.ones((6, 8), np.float32)), compute_dtype=ms.float32),
+    'LowRankAdapterDense': lambda n: LowRankAdapterDense(
+        n(8), n(6), reduction_factor=n(2), low_rank_size=n(1), weight_init=Tensor(np.ones((6, 8), np.float32)),
+        compute_dtype=ms.float32),
+    'DoRADense': lambda n: DoRADense(
+        n(8), n(6), lora_rank=n(2), lora_alpha=n(4), weight_init=Tensor(np.ones((6, 8), np.float32)),
+        compute_dtype=ms.float32),
+    'IA3Dense': lambda n: IA3Dense(
+        n(8), n(6), weight_init=Tensor(np.ones((6, 8), np.float32)), compute_dtype=ms.float32),
+}
+
+
+@pytest.mark.parametrize('name', sorted(NUMPY_CELLS))
+def test_delta_cells_take_numpy_integers(name):
+    """The same Cell built from numpy integers and from ints: same parameter shapes, same outputs."""
+    ms.set_seed(0)
+    plain = NUMPY_CELLS[name](int)
+    ms.set_seed(0)
+    numpy_built = NUMPY_CELLS[name](np.int64)
+    shapes = [(p.name, p.shape) for p in plain.get_parameters()]
+    assert [(p.name, p.shape) for p in numpy_built.get_parameters()] == shapes
+    for mine, theirs in zip(numpy_built.get_parameters(), plain.get_parameters()):
+        mine.set_data(theirs.data.copy())
+    x = Tensor(np.random.RandomState(2).randn(3, 8).astype(np.float32))
+    np.testing.assert_array_equal(numpy_built(x).asnumpy(), plain(x).asnumpy())
