@@ -42,11 +42,14 @@ def make_conv1d(nf, nx):
 
 
 class CpuMintConv2d(mint.nn.Conv2d):
-    """mint.nn.Conv2d computed with ops.conv2d (Conv2DExt has no CPU kernel); numeric padding only."""
+    """mint.nn.Conv2d computed with ops.conv2d (Conv2DExt has no CPU kernel)."""
 
     def construct(self, x):
-        pad_h, pad_w = self.padding
-        out = ops.conv2d(x, self.weight, None, self.stride, 'pad', (pad_h, pad_w), self.dilation)
+        if isinstance(self.padding, str):
+            out = ops.conv2d(x, self.weight, None, self.stride, self.padding, 0, self.dilation)
+        else:
+            pad_h, pad_w = self.padding
+            out = ops.conv2d(x, self.weight, None, self.stride, 'pad', (pad_h, pad_w), self.dilation)
         return out + ops.reshape(self.bias, (1, -1, 1, 1))
 
 
@@ -300,15 +303,20 @@ def test_base_layer_shard_strategies_are_kept():
     assert conv.conv2d.in_strategy == ((1, 1, 1, 1), (1, 1, 1, 1))
 
 
-def test_uneven_conv_padding_merges_exactly(graph_mode):
+@pytest.mark.parametrize('make_base', [
     # nn.Conv2d's (top, bottom, left, right) padding: the branch pads the input itself where ops.conv2d cannot.
-    base = nn.Conv2d(3, 4, 3, pad_mode='pad', padding=(0, 2, 1, 0))
+    lambda: nn.Conv2d(3, 4, 3, pad_mode='pad', padding=(0, 2, 1, 0)),
+    lambda: CpuMintConv2d(3, 4, 3, padding='same'),
+    lambda: CpuMintConv2d(3, 4, (3, 1), stride=2, padding='valid', dilation=(1, 2)),
+])
+def test_conv_padding_modes_merge_exactly(graph_mode, make_base):
+    base = make_base()
     pet = get_pet_model(Net(base), LoraConfig(target_modules=['proj'], lora_rank=2, lora_alpha=4))
     randomize(pet.pet_layers['block.proj'], 'lora', np.random.RandomState(4))
     adapted = run(pet, X_IMG)
     pet.merge()
     merged_net = pet.merge_and_unload()
-    assert type(merged_net.block.proj) is nn.Conv2d
+    assert type(merged_net.block.proj) is type(base)
     np.testing.assert_allclose(run(merged_net, X_IMG), adapted, rtol=1e-5, atol=1e-5)
 
 
