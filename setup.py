@@ -18,6 +18,8 @@ setup(
         # mindone's model zoo (tests/ecosystem, the PEFT-format round trips, the mindone benchmark row); its
         # save_pretrained needs jinja2, which mindone 0.5.0 does not declare.
         'mindone': ['mindone==0.5.0', 'jinja2'],
+        # No-code data files (mindpet/train/text_data.py) are tokenised with Hugging Face's tokenizers.
+        'data': ['tokenizers>=0.14'],
     },
     entry_points={'console_scripts': ['mindpet=mindpet.cli:main']},
     license='Apache-2.0',

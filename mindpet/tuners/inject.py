@@ -1,5 +1,5 @@
-"""Finding and replacing the cells an adapter targets: name matching, the one walk of a model, layer keys, putting a
-delta Cell in place of a base cell, and making a compiled graph see the change.
+"""Finding and replacing the cells an adapter targets: name matching, the one walk of a model, the layer-type
+dispatch, layer keys, putting a delta Cell in place of a base cell, and making a compiled graph see the change.
 
 Tuners call these from :meth:`mindpet.tuners.base.BaseTuner.inject`/``match``; :class:`mindpet.PetModel` calls
 them when it puts base cells back (unload) or recompiles after a switch.
@@ -8,6 +8,11 @@ import re
 import time
 
 from mindspore import nn
+
+from mindpet.delta.layer_kinds import kind_of
+
+#: :func:`layer_type` of an exact ``nn.Dense``: the methods' own delta Dense Cells (``LoRADense``, ...) replace it
+DENSE = 'dense'
 
 
 def name_matches(name, pattern):
@@ -39,6 +44,17 @@ def walk(model):
             if child is not None:
                 holders.setdefault(id(child), []).append((parent, key))
     return cells, holders
+
+
+def layer_type(cell):
+    """The layer-type dispatch: :data:`DENSE` for an exact ``nn.Dense`` (subclasses may compute something else), the
+    :class:`~mindpet.delta.layer_kinds.LayerKind` of the other adaptable types (one entry each in
+    :data:`mindpet.delta.layer_kinds.LAYER_KINDS`: ``mint.nn.Linear``, GPT-2 ``Conv1D``, ``Conv2d``, ``Embedding``),
+    else None. A method's tuner builds its delta Dense Cell for the first, its ``DeltaLayer`` around the layer for
+    the second (see :meth:`mindpet.tuners.base.DenseLayerTuner.build_delta`)."""
+    if type(cell) is nn.Dense:  # pylint: disable=unidiomatic-typecheck
+        return DENSE
+    return kind_of(cell)
 
 
 def layer_key(cell, cell_name, attr='weight'):

@@ -250,7 +250,7 @@ class _PlainLora:
         layer.lora_init_factors = ((tensors[INIT_A_NAME], tensors[INIT_B_NAME]) if INIT_A_NAME in tensors
                                    else None)
         # The live width (A's rows) may now exceed any one adapter's rank; layer.lora_rank stays the active
-        # adapter's rank (set by activate), so layer.scaling == layer.lora_alpha / layer.lora_rank always holds.
+        # adapter's rank, set by activate() together with its lora_alpha and scaling (config.scaling).
         return rank > live
 
     @staticmethod

@@ -324,8 +324,10 @@ def measure_cli(repeats, timeout):
     """Wall and CPU time (the child's user + system seconds) of each :data:`CLI_CALLS` process, the calls of a round
     run back to back; ``wall_over_import`` is the per-round ratio to ``python -c 'import mindspore'``."""
     runs = {name: [] for name in CLI_CALLS}
+    loads = []
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''), GLOG_v='3')
     for _ in range(repeats):
+        loads.append(os.getloadavg()[0])
         for name, argv in CLI_CALLS.items():
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
@@ -344,7 +346,7 @@ def measure_cli(repeats, timeout):
                          wall_max=max(walls), cpu_s=median([r['cpu_s'] for r in rows]))
         ratios = [r['wall_s'] / base['wall_s'] for r, base in zip(rows, runs['import_mindspore'])]
         out[name].update(wall_over_import=median(ratios), wall_over_import_min=min(ratios),
-                         wall_over_import_max=max(ratios))
+                         wall_over_import_max=max(ratios), loadavg=loads)
     return out
 
 

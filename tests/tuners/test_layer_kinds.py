@@ -42,11 +42,14 @@ def make_conv1d(nf, nx):
 
 
 class CpuMintConv2d(mint.nn.Conv2d):
-    """mint.nn.Conv2d computed with ops.conv2d (Conv2DExt has no CPU kernel); numeric padding only."""
+    """mint.nn.Conv2d computed with ops.conv2d (Conv2DExt has no CPU kernel)."""
 
     def construct(self, x):
-        pad_h, pad_w = self.padding
-        out = ops.conv2d(x, self.weight, None, self.stride, 'pad', (pad_h, pad_w), self.dilation)
+        if isinstance(self.padding, str):
+            out = ops.conv2d(x, self.weight, None, self.stride, self.padding, 0, self.dilation)
+        else:
+            pad_h, pad_w = self.padding
+            out = ops.conv2d(x, self.weight, None, self.stride, 'pad', (pad_h, pad_w), self.dilation)
         return out + ops.reshape(self.bias, (1, -1, 1, 1))
 
 
@@ -300,15 +303,20 @@ def test_base_layer_shard_strategies_are_kept():
     assert conv.conv2d.in_strategy == ((1, 1, 1, 1), (1, 1, 1, 1))
 
 
-def test_uneven_conv_padding_merges_exactly(graph_mode):
+@pytest.mark.parametrize('make_base', [
     # nn.Conv2d's (top, bottom, left, right) padding: the branch pads the input itself where ops.conv2d cannot.
-    base = nn.Conv2d(3, 4, 3, pad_mode='pad', padding=(0, 2, 1, 0))
+    lambda: nn.Conv2d(3, 4, 3, pad_mode='pad', padding=(0, 2, 1, 0)),
+    lambda: CpuMintConv2d(3, 4, 3, padding='same'),
+    lambda: CpuMintConv2d(3, 4, (3, 1), stride=2, padding='valid', dilation=(1, 2)),
+])
+def test_conv_padding_modes_merge_exactly(graph_mode, make_base):
+    base = make_base()
     pet = get_pet_model(Net(base), LoraConfig(target_modules=['proj'], lora_rank=2, lora_alpha=4))
     randomize(pet.pet_layers['block.proj'], 'lora', np.random.RandomState(4))
     adapted = run(pet, X_IMG)
     pet.merge()
     merged_net = pet.merge_and_unload()
-    assert type(merged_net.block.proj) is nn.Conv2d
+    assert type(merged_net.block.proj) is type(base)
     np.testing.assert_allclose(run(merged_net, X_IMG), adapted, rtol=1e-5, atol=1e-5)
 
 
@@ -333,3 +341,32 @@ def test_adapter_without_recorded_layer_types_is_checked_on_the_models_view():
         check_adapter_fits(adapter, model_fingerprint(net), 'peft_dir')
     pet = get_pet_model(net, LoraConfig(target_modules=['proj'], lora_rank=2))
     assert model_layer_types(pet.base_model) == {'block.proj': 'conv1d'}
+
+
+def test_a_real_mindone_gpt2_is_adapted_on_its_conv1d_layers():
+    # mindone's GPT-2 forward needs mint.addmm (no CPU kernel in MindSpore 2.10): checked here are the cells adapted,
+    # the base parameter names, and merge_and_unload on the parameters; the numerics are test_method_on_layer_kind's.
+    transformers = pytest.importorskip('transformers')
+    gpt2 = pytest.importorskip('mindone.transformers').GPT2Model
+    net = gpt2(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+    conv1d = _conv1d_class()
+    originals = {name: cell for name, cell in net.cells_and_names() if isinstance(cell, conv1d)}
+    names = [p.name for p in net.get_parameters()]
+    weights = {name: cell.weight.asnumpy().copy() for name, cell in originals.items()}
+    pet = get_pet_model(net, LoraConfig(target_modules=['c_attn', 'c_proj', 'c_fc'], lora_rank=2, lora_alpha=4))
+    layers = pet.pet_layers
+    assert sorted(layers) == sorted(originals) == ['h.0.attn.c_attn', 'h.0.attn.c_proj', 'h.0.mlp.c_fc',
+                                                   'h.0.mlp.c_proj']
+    assert {key: (layer.kind.name, layer.mindpet_delta_lora_b.shape) for key, layer in layers.items()} == {
+        'h.0.attn.c_attn': ('conv1d', (48, 2)), 'h.0.attn.c_proj': ('conv1d', (16, 2)),
+        'h.0.mlp.c_fc': ('conv1d', (64, 2)), 'h.0.mlp.c_proj': ('conv1d', (16, 2))}
+    assert [p.name for p in net.get_parameters() if 'mindpet' not in p.name] == names
+    values = {key: randomize(layer, 'lora', np.random.RandomState(5)) for key, layer in layers.items()}
+    plain = pet.merge_and_unload()
+    for key, cell in plain.cells_and_names():
+        if key in originals:
+            assert cell is originals[key]
+            # Conv1D stores (in, out): the merged weight is W0 + (s B A)^T.
+            increment = 2.0 * (values[key]['b'] @ values[key]['a'])
+            np.testing.assert_allclose(cell.weight.asnumpy(), weights[key] + increment.T, rtol=1e-5, atol=1e-6)
+    assert [p.name for p in plain.get_parameters()] == names
