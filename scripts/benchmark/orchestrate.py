@@ -309,14 +309,15 @@ def run_race(runner, args):
     rows = {}
     for side, results in runs.items():
         rows[side] = {key: median([r[key] for r in results if r.get(key) is not None])
-                      for key in ('step_s', 'first_step_s', 'train_s', 'peak_mb', 'peak_anon_mb', 'accuracy',
-                                  'loss_last')}
+                      for key in ('step_s', 'step_cpu_s', 'first_step_s', 'train_s', 'peak_mb', 'peak_anon_mb',
+                                  'accuracy', 'loss_last')}
         rows[side].update(trainable=results[0]['trainable'], total=results[0]['total'], steps=results[0]['steps'],
                           accuracies=[r['accuracy'] for r in results])
     rows['peft']['torch_threads'] = runs['peft'][0].get('torch_threads')
     everyone = runs['mindpet'] + runs['peft']
     ratios = {key: median([a[key] / b[key] for a, b in zip(runs['mindpet'], runs['peft'])])
-              for key in ('step_s', 'peak_mb', 'peak_anon_mb') if all(r.get(key) for r in everyone)}
+              for key in ('step_s', 'step_cpu_s', 'peak_mb', 'peak_anon_mb')
+              if all(r.get(key) for r in everyone)}
     return dict(settings=settings, rows=rows, ratios=ratios, runs=runs)
 
 

@@ -67,7 +67,8 @@ class _FakeRunner:
     def run(self, env, kind, cfg):
         self.calls.append((env, kind, cfg['settings']['max_steps']))
         mine = kind == 'race_mindpet'
-        return dict(steps=4, first_step_s=5.0, step_s=0.2 if mine else 0.4, train_s=5.6, peak_mb=1500.0 if mine
+        return dict(steps=4, first_step_s=5.0, step_s=0.2 if mine else 0.4, step_cpu_s=0.3 if mine else 0.6,
+                    train_s=5.6, peak_mb=1500.0 if mine
                     else 1000.0, peak_anon_mb=1200.0 if mine else 600.0, accuracy=0.9 if mine else 0.85,
                     loss_last=0.3, trainable=75268, total=22788496, torch_threads=None if mine else 2)
 
@@ -76,10 +77,15 @@ def test_race_json_and_table(tmp_path, monkeypatch):
     monkeypatch.setattr(orchestrate, 'prepare_race', lambda root, settings, out: str(tmp_path / 'in.npz'))
     runner = _FakeRunner(str(tmp_path))
     out = orchestrate.run_race(runner, argparse.Namespace(race_steps=4, repeats=2))
+    timing, loss = race._timed_steps(lambda i: float(i), {'batches': np.zeros((3, 2))})  # pylint: disable=W0212
+    summary = race._summary(timing, loss, 0.5, 1, 2, 3)  # pylint: disable=protected-access
+    assert summary['steps'] == 3 and loss == 2.0 and len(summary['step_cpu_times']) == 3
+    assert summary['step_s'] >= 0 and summary['step_cpu_s'] >= 0 and summary['peak_mb'] > 0
     assert runner.calls == [('main', 'race_mindpet', 4), ('race', 'race_peft', 4)] * 2
     assert out['rows']['mindpet']['accuracy'] == 0.9 and out['rows']['peft']['step_s'] == 0.4
     assert out['rows']['peft']['accuracies'] == [0.85, 0.85]
-    assert out['ratios'] == {'step_s': 0.5, 'peak_mb': 1.5, 'peak_anon_mb': 2.0}
+    assert out['ratios'] == {'step_s': 0.5, 'step_cpu_s': 0.5, 'peak_mb': 1.5, 'peak_anon_mb': 2.0}
+    assert out['rows']['peft']['step_cpu_s'] == 0.6
     text = report.render_markdown({'race': out}, 'cmd')
     assert '| mindpet LoRA (MindSpore) | 75,268 | 200.0 | 5000 | 1500 | 1200 | 0.900 | 0.300 |' in text
     assert '| PEFT LoRA (PyTorch) | 75,268 | 400.0 |' in text
