@@ -15,7 +15,7 @@ import time
 import uuid
 
 from mindpet.utils.exceptions import CheckpointError
-from mindpet.utils.io_utils import write_failure_reason
+from mindpet.utils.io_utils import fsync_dir, write_failure_reason
 
 try:
     import fcntl
@@ -31,20 +31,6 @@ def temp_name(path):
     """A fresh temporary path beside ``path``: ``.<name>.<pid>.<random>.tmp`` (hidden, never a final name)."""
     directory, name = os.path.split(path)
     return os.path.join(directory, f'.{name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp')
-
-
-def fsync_dir(directory):
-    """Make the directory's entries (a rename, an unlink) durable; a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _storage_error(path, ex, what):

@@ -19,7 +19,8 @@ from mindpet.utils.exceptions import (CheckpointError, LinkPathError, ReadYamlFi
 CKPT_FORMATS = ('ckpt', 'safetensors')
 
 
-def _fsync_dir(directory):
+def fsync_dir(directory):
+    """Make the directory's entries (a rename, an unlink) durable; a no-op where directories cannot be opened."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -91,7 +92,7 @@ def atomic_write(path, write_fn, suffix=''):
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return path
 
 
