@@ -77,6 +77,20 @@ def _check_name(owner, arg, name):
     return name
 
 
+def _each_layer_or_none(record, apply, undo, layers):
+    """``apply(layer, config)`` on every layer ``record`` covers, or on none: if one fails, the layers already done
+    are undone in reverse order (so a refused merge leaves no layer merged, a failed unmerge every layer merged)."""
+    done = []
+    try:
+        for key in record.targets:
+            apply(layers[key], record.config)
+            done.append(key)
+    except BaseException:
+        for key in reversed(done):
+            undo(layers[key], record.config)
+        raise
+
+
 class PetModel(nn.Cell):
     """A network with parameter-efficient adapters injected by name. Built by :func:`get_pet_model`.
 
@@ -476,15 +490,7 @@ class PetModel(nn.Cell):
             raise RuntimeError(f"For '{owner}', cannot merge inside 'with disable_adapter()'.")
         record = self._record(None, owner)
         self._sync()
-        done = []
-        try:
-            for key in record.targets:
-                state.tuner.merge_layer(state.layers[key], record.config)
-                done.append(key)
-        except BaseException:
-            for key in reversed(done):      # a refused merge leaves no layer merged
-                state.tuner.unmerge_layer(state.layers[key], record.config)
-            raise
+        _each_layer_or_none(record, state.tuner.merge_layer, state.tuner.unmerge_layer, state.layers)
         state.merged = True
         return self
 
@@ -500,15 +506,7 @@ class PetModel(nn.Cell):
         if not state.merged:
             raise RuntimeError(f"For '{owner}', no adapter is merged.")
         record = state.adapters[state.active]
-        done = []
-        try:
-            for key in record.targets:
-                state.tuner.unmerge_layer(state.layers[key], record.config)
-                done.append(key)
-        except BaseException:
-            for key in reversed(done):      # a failed unmerge leaves every layer merged
-                state.tuner.merge_layer(state.layers[key], record.config)
-            raise
+        _each_layer_or_none(record, state.tuner.unmerge_layer, state.tuner.merge_layer, state.layers)
         state.merged = False
         return self
 
