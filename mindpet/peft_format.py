@@ -38,6 +38,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from mindpet.naming import is_pet_param
 from mindpet.utils.exceptions import AdapterConfigError, CheckpointError
 from mindpet.utils.io_utils import atomic_write, atomic_save_checkpoint, load_checkpoint_file, ensure_dir
 
@@ -141,8 +142,10 @@ def _layer_tensors(path, arrays, suffixes, modules_to_save):
     layers, modules = OrderedDict(), OrderedDict()
     for key, value in arrays.items():
         if not key.startswith(KEY_PREFIX):
+            hint = (" It is a tensor of mindpet's own format, whose directories hold adapter_config.yaml."
+                    if is_pet_param(key.rsplit('.', 1)[-1]) else '')
             raise CheckpointError(f"The PEFT adapter file '{path}' has tensor '{key}', which does not start with "
-                                  f"'{KEY_PREFIX}' (the PEFT key of a model's module).")
+                                  f"'{KEY_PREFIX}' (the PEFT key of a model's module).{hint}")
         name = key[len(KEY_PREFIX):]
         for suffix, own in suffixes.items():
             if name.endswith('.' + suffix):
