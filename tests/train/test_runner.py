@@ -222,6 +222,8 @@ BAD = [
     (['pet.lora_rnak=4'], r"'pet\.lora_rnak' \(from --set\): unknown key of the 'lora' method; did you mean "
                           r"'lora_rank'\?"),
     (['trainig.epochs=2'], r"'trainig' \(from --set\): unknown section; did you mean 'training'\?"),
+    (['pet.ranks=4'], r"'pet\.ranks' \(from --set\): unknown key of the 'lora' method; valid keys: \["),
+    (['zzz.epochs=2'], r"'zzz' \(from --set\): unknown section; valid keys: \['context', "),
     (['training.epochs=two'], r"'training\.epochs' \(from --set\): must be an int >= 1, but got 'two' \(str\)"),
     (['pet.lora_rank=1.5'], r"'pet\.lora_rank' \(from --set\): For 'LoraConfig', the 'lora_rank' must be a positive "
                             r"int, but got 1\.5 \(float\)"),
