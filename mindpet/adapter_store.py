@@ -203,6 +203,8 @@ def _save_mindpet_dir(directory, adapter):
     text += yaml.safe_dump({'adapter_sha256': _meta_sha256(yaml.safe_load(text))})
     weights_path = os.path.join(directory, weights_name)
     remove_temp_files(directory, [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, _WEIGHTS_FILE_RE])
+    # Tensor files of saves killed before their commit: without this, kills in a row would pile them up.
+    _remove_unnamed_weights(directory, _committed_weights(directory))
     existed = os.path.exists(weights_path)
     write_file(weights_path, data, what='adapter weights file')
     try:
@@ -212,11 +214,28 @@ def _save_mindpet_dir(directory, adapter):
             with contextlib.suppress(OSError):
                 os.remove(weights_path)
         raise
+    _remove_unnamed_weights(directory, weights_name)
+    return directory
+
+
+def _committed_weights(directory):
+    """The tensor file name the directory's config names, or None when there is no readable config (then no
+    tensor file is known to be unnamed)."""
+    try:
+        return read_adapter_meta(directory)[1].get('weights_file', ADAPTER_WEIGHTS_NAME)
+    except (MindPetError, OSError):
+        return None
+
+
+def _remove_unnamed_weights(directory, keep):
+    """Remove the tensor files of ``directory`` but ``keep`` (nothing when ``keep`` is None). A reader that read an
+    older config and finds its file gone reads the config again (:func:`_read_committed`)."""
+    if keep is None:
+        return
     for entry in os.listdir(directory):
-        if entry != weights_name and (entry == ADAPTER_WEIGHTS_NAME or _WEIGHTS_FILE_RE.match(entry)):
+        if entry != keep and (entry == ADAPTER_WEIGHTS_NAME or _WEIGHTS_FILE_RE.match(entry)):
             with contextlib.suppress(OSError):   # e.g. open by a reader on Windows: removed by the next save
                 os.remove(os.path.join(directory, entry))
-    return directory
 
 
 def _plain(value):

@@ -155,9 +155,10 @@ def _read_only(directory):
 
 
 @contextlib.contextmanager
-def _disk_full():
+def _disk_full(ok=0):
+    """The disk fills up after ``ok`` file writes of ``mindpet.utils.dir_commit``."""
     real = dir_commit.os
-    dir_commit.os = _DiskFullAfter(0)
+    dir_commit.os = _DiskFullAfter(ok)
     try:
         yield
     finally:
@@ -292,6 +293,14 @@ ROWS = [
     Row('adapter-save-permission', _refused(_save_with(_read_only, lambda f: f.save_target),
                                             lambda f: f.save_target),
         CheckpointError, [os.path.join('save_target', 'adapter_model.'), 'Permission denied']),
+    Row('peft-save-disk-full-weights', _refused(_save_with(_disk_full, lambda f: f.peft, 'peft'), lambda f: f.peft),
+        CheckpointError, [os.path.join('peft', PEFT_WEIGHTS_NAME), 'No space left on device', 'errno 28']),
+    # The tensor file is written, the config is not: the directory still holds the old pair, not a mix.
+    Row('peft-save-disk-full-config', _refused(_save_with(lambda: _disk_full(ok=1), lambda f: f.peft, 'peft'),
+                                               lambda f: f.peft),
+        CheckpointError, [os.path.join('peft', PEFT_CONFIG_NAME), 'No space left on device']),
+    Row('peft-save-permission', _refused(_save_with(_read_only, lambda f: f.peft, 'peft'), lambda f: f.peft),
+        CheckpointError, [os.path.join('peft', PEFT_WEIGHTS_NAME), 'Permission denied']),
     Row('merge-out-path-int', lambda f: merge_into_checkpoint(f.base, f.adapter, 3), TypeError,
         ["'out_path'", '3 (int)']),
     # ----- the mindpet command ---------------------------------------------------------------------------------------
@@ -320,7 +329,7 @@ ROWS = [
         ['out_is_dir.ckpt', 'is a directory']),
 ]
 
-EXPECTED_ROWS = 67
+EXPECTED_ROWS = 70
 
 
 def test_table_size():
