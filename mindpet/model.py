@@ -13,7 +13,6 @@ before (``TrainOneStepCell``, optimizers) must then be built again.
 """
 import contextlib
 import os
-import re
 
 import numpy as np
 from mindspore import nn, Tensor
@@ -28,9 +27,7 @@ from mindpet.tuners.config import COMPUTE_DTYPES, PetConfig
 from mindpet.tuners.inject import walk, matches_any, replace_cell, invalidate_compiled_graph
 from mindpet.tuners.registry import make_tuner
 from mindpet.utils.exceptions import AdapterConfigError
-from mindpet.utils.validation import FieldValueError, check_cell, check_bool, check_int, check_real
-
-_NAME_RE = re.compile(r'^[A-Za-z0-9_.\-]+$')
+from mindpet.utils.validation import FieldValueError, check_cell, check_bool, check_int, check_real, check_safe_name
 
 
 class _Adapter:
@@ -67,15 +64,6 @@ def _check_adapter_name(owner, adapter_name):
         raise TypeError(f"For '{owner}', the 'adapter_name' must be the name (str) of an adapter, but got "
                         f"{adapter_name!r} ({type(adapter_name).__name__}); to compute the base model use 'with "
                         f"disable_adapter():'.")
-
-
-def _check_name(owner, arg, name):
-    if not isinstance(name, str):
-        raise TypeError(f"For '{owner}', the '{arg}' must be a str, but got {name!r} ({type(name).__name__}).")
-    if not _NAME_RE.match(name):
-        raise ValueError(f"For '{owner}', the '{arg}' must be a non-empty name of letters, digits, '_', '-' or "
-                         f"'.', but got {name!r}.")
-    return name
 
 
 def _each_layer_or_none(record, apply, undo, layers):
@@ -119,7 +107,7 @@ class PetModel(nn.Cell):
         if config is not None and not isinstance(config, PetConfig):
             raise TypeError(f"For '{owner}', the 'config' must be a PetConfig (e.g. LoraConfig) or None, but got "
                             f"{config!r} ({type(config).__name__}).")
-        _check_name(owner, 'adapter_name', adapter_name)
+        check_safe_name('adapter_name', adapter_name, owner)
         added = [p.name for p in model.get_parameters() if is_pet_param(p.name)]
         if added:
             raise ValueError(f"For '{owner}', the 'model' already has PET parameters (e.g. '{added[0]}'); inject "
@@ -277,7 +265,7 @@ class PetModel(nn.Cell):
         """
         owner = 'PetModel.from_pretrained'
         check_cell('model', model, owner)
-        _check_name(owner, 'adapter_name', adapter_name)
+        check_safe_name('adapter_name', adapter_name, owner)
         check_bool('is_trainable', is_trainable, owner)
         pet = cls(model)
         try:
@@ -692,7 +680,7 @@ class PetModel(nn.Cell):
                                f"network it returned.")
 
     def _check_new_name(self, owner, adapter_name):
-        _check_name(owner, 'adapter_name', adapter_name)
+        check_safe_name('adapter_name', adapter_name, owner)
         if adapter_name in self._state.adapters:
             raise ValueError(f"For '{owner}', an adapter named {adapter_name!r} already exists; adapters: "
                              f"{self.adapters}.")
