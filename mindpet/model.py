@@ -66,6 +66,24 @@ def _check_adapter_name(owner, adapter_name):
                         f"disable_adapter():'.")
 
 
+def parameter_counts(network):
+    """``(trainable, total)`` element counts of ``network``'s Parameters, run-time state (``mindpet_state_*``)
+    excluded: trainable are those with ``requires_grad``.
+
+    Example:
+        >>> parameter_counts(nn.Dense(4, 3))
+        (15, 15)
+    """
+    trainable = total = 0
+    for param in network.get_parameters():
+        if is_state(param.name):
+            continue
+        size = int(np.prod(param.shape))
+        total += size
+        trainable += size if param.requires_grad else 0
+    return trainable, total
+
+
 def _each_layer_or_none(record, apply, undo, layers):
     """``apply(layer, config)`` on every layer ``record`` covers, or on none: if one fails, the layers already done
     are undone in reverse order (so a refused merge leaves no layer merged, a failed unmerge every layer merged)."""
@@ -656,13 +674,7 @@ class PetModel(nn.Cell):
             >>> pet.print_trainable_parameters()  # doctest: +SKIP
             trainable params: 1,536 || all params: 45,120 || trainable%: 3.4043
         """
-        trainable = total = 0
-        for param in self.base_model.get_parameters():
-            if is_state(param.name):
-                continue
-            size = int(np.prod(param.shape))
-            total += size
-            trainable += size if param.requires_grad else 0
+        trainable, total = parameter_counts(self.base_model)
         percent = 100.0 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}")
         return trainable, total, percent
