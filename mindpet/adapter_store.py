@@ -203,6 +203,8 @@ def _save_mindpet_dir(directory, adapter):
     text += yaml.safe_dump({'adapter_sha256': _meta_sha256(yaml.safe_load(text))})
     weights_path = os.path.join(directory, weights_name)
     remove_temp_files(directory, [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, _WEIGHTS_FILE_RE])
+    # Tensor files of saves killed before their commit: without this, kills in a row would pile them up.
+    _remove_unnamed_weights(directory, _committed_weights(directory))
     existed = os.path.exists(weights_path)
     write_file(weights_path, data, what='adapter weights file')
     try:
@@ -212,11 +214,28 @@ def _save_mindpet_dir(directory, adapter):
             with contextlib.suppress(OSError):
                 os.remove(weights_path)
         raise
+    _remove_unnamed_weights(directory, weights_name)
+    return directory
+
+
+def _committed_weights(directory):
+    """The tensor file name the directory's config names, or None when there is no readable config (then no
+    tensor file is known to be unnamed)."""
+    try:
+        return read_adapter_meta(directory)[1].get('weights_file', ADAPTER_WEIGHTS_NAME)
+    except (MindPetError, OSError):
+        return None
+
+
+def _remove_unnamed_weights(directory, keep):
+    """Remove the tensor files of ``directory`` but ``keep`` (nothing when ``keep`` is None). A reader that read an
+    older config and finds its file gone reads the config again (:func:`_read_committed`)."""
+    if keep is None:
+        return
     for entry in os.listdir(directory):
-        if entry != weights_name and (entry == ADAPTER_WEIGHTS_NAME or _WEIGHTS_FILE_RE.match(entry)):
+        if entry != keep and (entry == ADAPTER_WEIGHTS_NAME or _WEIGHTS_FILE_RE.match(entry)):
             with contextlib.suppress(OSError):   # e.g. open by a reader on Windows: removed by the next save
                 os.remove(os.path.join(directory, entry))
-    return directory
 
 
 def _plain(value):
@@ -356,6 +375,7 @@ def _load_mindpet_dir(directory):
     expected = expected_tensors(make_tuner(config.method), config, meta['target_layers'],
                                 meta['modules_to_save_params'],
                                 canonical_fingerprint(fingerprint, layer_types, directory), directory)
+    _refuse_foreign_tensors(flat, expected, path)
     check_tensors(flat, expected, path)
     # After the name/shape checks, whose messages say more; these catch changed values.
     if meta.get('weights_sha256') and hashlib.sha256(data).hexdigest() != meta['weights_sha256']:
@@ -368,6 +388,15 @@ def _load_mindpet_dir(directory):
     layers, modules = group_tensors(flat, meta['target_layers'], meta['modules_to_save_params'])
     return StoredAdapter(meta.get('adapter_name'), config, list(meta['target_layers']), layers, modules,
                          OrderedDict(fingerprint), layer_types)
+
+
+def _refuse_foreign_tensors(flat, expected, path):
+    """A clearer error than "lacks tensor" for a tensor file that holds none of the adapter's tensors (e.g. Hugging
+    Face PEFT's ``base_model.model.<module>.lora_A.weight``, copied in)."""
+    if flat and not any(name in flat for name in expected):
+        raise CheckpointError(f"The adapter weights file '{path}' holds none of the adapter's tensors (first by "
+                              f"name: '{min(flat)}'): it is of another format, such as Hugging Face PEFT's, whose "
+                              f"directory holds its own config ({_FORMATS['peft'][0]}).")
 
 
 # Adapter directory formats: the config file that identifies a directory of that format, and the module that
@@ -408,9 +437,16 @@ def detect_format(directory):
         AdapterConfigError: the path is not a readable directory, or it holds no known config file.
     """
     directory = _check_adapter_dir(directory)
-    for fmt, (config_name, _) in _FORMATS.items():
-        if os.path.isfile(os.path.join(directory, config_name)):
-            return fmt
+    found = [fmt for fmt, (config_name, _) in _FORMATS.items()
+             if os.path.isfile(os.path.join(directory, config_name))]
+    if len(found) > 1:
+        # save_adapter_dir never makes such a directory; which adapter a reader should take is unknowable.
+        names = [_FORMATS[fmt][0] for fmt in found]
+        raise AdapterConfigError(f"The adapter directory '{directory}' holds adapters of {len(found)} formats "
+                                 f"({', '.join(f'{fmt!r}: {name}' for fmt, name in zip(found, names))}); keep one "
+                                 f"adapter per directory.")
+    if found:
+        return found[0]
     others = [config_name for config_name, _ in list(_FORMATS.values())[1:]]
     raise AdapterConfigError(f"The adapter directory '{directory}' has no {ADAPTER_CONFIG_NAME} (nor another "
                              f"known adapter config: {others}).")

@@ -33,14 +33,13 @@ from mindpet.naming import is_pet_param, is_state
 from mindpet.train import report
 from mindpet.train.peers import PeerWatch
 from mindpet.train.schedule import WarmupDecayLR, learning_rate_at
-from mindpet.train.schema import (CODE_FIELDS, RUNNER_FIELDS, MAX_EPOCHS, MAX_STEPS, check_section, read_run_config,
-                                  did_you_mean)
+from mindpet.train.schema import CODE_FIELDS, RUNNER_FIELDS, MAX_EPOCHS, MAX_STEPS, check_section, read_run_config
 from mindpet.train.imports import CodeImportError
 from mindpet.train.task import GENERIC_TASK, KeyValueError, load_task_class
 from mindpet.tuners.registry import available_methods, get_method
 from mindpet.utils.exceptions import CheckpointError, MindPetError
 from mindpet.utils.ms_settings import compile_then_release, release_enabled
-from mindpet.utils.validation import check_bool, memory_shortfall
+from mindpet.utils.validation import check_bool, did_you_mean, memory_shortfall
 from mindpet.utils.io_utils import (ensure_dir, atomic_save_checkpoint, load_checkpoint_file,
                                     load_params_checked)
 
@@ -217,7 +216,7 @@ def _pet_config(source, pet):
     for key in pet:
         if key not in valid:
             raise source.key_error(f'pet.{key}', f"unknown key of the '{kind}' method"
-                                   f"{did_you_mean(key, valid)}") from None
+                                   f"{did_you_mean(key, valid, list_valid=True)}") from None
     try:
         # The keys are checked above and the class looked up once: build it directly.
         return config_class(**{key: value for key, value in pet.items() if key != 'type'})

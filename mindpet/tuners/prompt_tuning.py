@@ -120,8 +120,9 @@ class PromptTuningTuner(BaseTuner):
             return {PROMPT_NAME: initializer(Normal(PROMPT_SIGMA), list(shape), mstype.float32).init_data().asnumpy()}
         ids = config.prompt_init_token_ids
         if max(ids) >= layer.vocab_size:
-            raise ValueError(f"For 'PromptTuningConfig', the 'prompt_init_token_ids' must lie in [0, "
-                             f"{layer.vocab_size}) (the vocabulary), but got {max(ids)}.")
+            raise FieldValueError(f"For 'PromptTuningConfig', the 'prompt_init_token_ids' must lie in [0, "
+                                  f"{layer.vocab_size}) (the vocabulary), but got {max(ids)}.",
+                                  field='prompt_init_token_ids')
         return {PROMPT_NAME: vocab_rows(layer.embedding_table.asnumpy(), ids, config.num_virtual_tokens)}
 
     def activate(self, layer, config):
