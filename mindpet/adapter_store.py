@@ -35,7 +35,7 @@ from safetensors.numpy import load as safetensors_arrays, save as safetensors_by
 from mindpet.delta.layer_kinds import canonical_arrays, canonical_fingerprint, stored_updates
 from mindpet.naming import is_pet_param
 from mindpet.tuners.registry import config_from_dict, make_tuner
-from mindpet.utils.dir_commit import directory_lock, remove_temp_files, write_file
+from mindpet.utils.dir_commit import READ_ATTEMPTS, directory_lock, remove_temp_files, saved_while_read, write_file
 from mindpet.utils.exceptions import AdapterConfigError, CheckpointError, LinkPathError, MindPetError
 from mindpet.utils.io_utils import (atomic_save_checkpoint, checkpoint_format, ensure_dir, load_checkpoint_file,
                                     read_yaml_file, remove_stale_temp_files)
@@ -339,24 +339,22 @@ def _read_bytes(path, what):
 
 
 # A writer commits between a reader's reading the config and opening the tensor file it names (which that writer
-# then removes): the reader reads the new config and tries again. Each retry needs another complete save.
-_READ_ATTEMPTS = 100
+# then removes): the reader reads the new config and tries again (up to READ_ATTEMPTS times).
 
 
 def _read_committed(directory):
     """``(config, meta, path, data)`` of one committed save: the config and the bytes of the tensor file it
     names."""
-    for attempt in range(_READ_ATTEMPTS):
+    for attempt in range(READ_ATTEMPTS):
         config, meta = read_adapter_meta(directory)
         path = os.path.join(directory, meta.get('weights_file', ADAPTER_WEIGHTS_NAME))
         try:
             return config, meta, path, _read_bytes(path, 'adapter weights')
         except FileNotFoundError as ex:
-            if attempt + 1 < _READ_ATTEMPTS and read_adapter_meta(directory)[1] != meta:
+            if attempt + 1 < READ_ATTEMPTS and read_adapter_meta(directory)[1] != meta:
                 continue
             raise CheckpointError(f"The adapter weights file '{path}' does not exist.") from ex
-    raise CheckpointError(f"The adapter in '{directory}' was saved again {_READ_ATTEMPTS} times while being "
-                          f"read; try again when the writers pause.")
+    raise saved_while_read(directory)
 
 
 def _load_mindpet_dir(directory):
@@ -471,7 +469,7 @@ def save_adapter_dir(directory, adapter, fmt='mindpet'):
                 raise AdapterConfigError(f"The directory '{directory}' holds a {other!r} adapter ({config_name}); "
                                          f"saving a {fmt!r} adapter beside it would leave two. Save into another "
                                          f"directory, or remove that adapter first.")
-        # Formats written with io_utils.atomic_write (PEFT's) leave its temporary files when killed.
+        # PEFT saves of mindpet <= 1.1 wrote with io_utils.atomic_write, whose killed writers left these.
         remove_stale_temp_files(directory, 'adapter_')
         return save(directory, adapter)
 

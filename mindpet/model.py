@@ -13,7 +13,6 @@ before (``TrainOneStepCell``, optimizers) must then be built again.
 """
 import contextlib
 import os
-import re
 
 import numpy as np
 from mindspore import nn, Tensor
@@ -28,9 +27,7 @@ from mindpet.tuners.config import COMPUTE_DTYPES, PetConfig
 from mindpet.tuners.inject import walk, matches_any, replace_cell, invalidate_compiled_graph
 from mindpet.tuners.registry import make_tuner
 from mindpet.utils.exceptions import AdapterConfigError
-from mindpet.utils.validation import FieldValueError, check_cell, check_bool, check_int, check_real
-
-_NAME_RE = re.compile(r'^[A-Za-z0-9_.\-]+$')
+from mindpet.utils.validation import FieldValueError, check_cell, check_bool, check_int, check_real, check_safe_name
 
 
 class _Adapter:
@@ -69,13 +66,22 @@ def _check_adapter_name(owner, adapter_name):
                         f"disable_adapter():'.")
 
 
-def _check_name(owner, arg, name):
-    if not isinstance(name, str):
-        raise TypeError(f"For '{owner}', the '{arg}' must be a str, but got {name!r} ({type(name).__name__}).")
-    if not _NAME_RE.match(name):
-        raise ValueError(f"For '{owner}', the '{arg}' must be a non-empty name of letters, digits, '_', '-' or "
-                         f"'.', but got {name!r}.")
-    return name
+def parameter_counts(network):
+    """``(trainable, total)`` element counts of ``network``'s Parameters, run-time state (``mindpet_state_*``)
+    excluded: trainable are those with ``requires_grad``.
+
+    Example:
+        >>> parameter_counts(nn.Dense(4, 3))
+        (15, 15)
+    """
+    trainable = total = 0
+    for param in network.get_parameters():
+        if is_state(param.name):
+            continue
+        size = int(np.prod(param.shape))
+        total += size
+        trainable += size if param.requires_grad else 0
+    return trainable, total
 
 
 def _each_layer_or_none(record, apply, undo, layers):
@@ -119,7 +125,7 @@ class PetModel(nn.Cell):
         if config is not None and not isinstance(config, PetConfig):
             raise TypeError(f"For '{owner}', the 'config' must be a PetConfig (e.g. LoraConfig) or None, but got "
                             f"{config!r} ({type(config).__name__}).")
-        _check_name(owner, 'adapter_name', adapter_name)
+        check_safe_name('adapter_name', adapter_name, owner)
         added = [p.name for p in model.get_parameters() if is_pet_param(p.name)]
         if added:
             raise ValueError(f"For '{owner}', the 'model' already has PET parameters (e.g. '{added[0]}'); inject "
@@ -277,7 +283,7 @@ class PetModel(nn.Cell):
         """
         owner = 'PetModel.from_pretrained'
         check_cell('model', model, owner)
-        _check_name(owner, 'adapter_name', adapter_name)
+        check_safe_name('adapter_name', adapter_name, owner)
         check_bool('is_trainable', is_trainable, owner)
         pet = cls(model)
         try:
@@ -668,13 +674,7 @@ class PetModel(nn.Cell):
             >>> pet.print_trainable_parameters()  # doctest: +SKIP
             trainable params: 1,536 || all params: 45,120 || trainable%: 3.4043
         """
-        trainable = total = 0
-        for param in self.base_model.get_parameters():
-            if is_state(param.name):
-                continue
-            size = int(np.prod(param.shape))
-            total += size
-            trainable += size if param.requires_grad else 0
+        trainable, total = parameter_counts(self.base_model)
         percent = 100.0 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}")
         return trainable, total, percent
@@ -692,7 +692,7 @@ class PetModel(nn.Cell):
                                f"network it returned.")
 
     def _check_new_name(self, owner, adapter_name):
-        _check_name(owner, 'adapter_name', adapter_name)
+        check_safe_name('adapter_name', adapter_name, owner)
         if adapter_name in self._state.adapters:
             raise ValueError(f"For '{owner}', an adapter named {adapter_name!r} already exists; adapters: "
                              f"{self.adapters}.")

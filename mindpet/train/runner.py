@@ -28,8 +28,8 @@ from mindspore.train.callback import Callback, CheckpointConfig, RunContext
 
 from mindpet.graph.ckpt_util import (TrainableParamsCheckPoint, batch_checksum, distributed_rank,
                                      resume_from_checkpoint)
-from mindpet.model import PetModel, get_pet_model
-from mindpet.naming import is_pet_param, is_state
+from mindpet.model import PetModel, get_pet_model, parameter_counts
+from mindpet.naming import is_pet_param
 from mindpet.train import report
 from mindpet.train.peers import PeerWatch
 from mindpet.train.schedule import WarmupDecayLR, learning_rate_at
@@ -310,14 +310,7 @@ class Built:
 
     def counts(self):
         """``(trainable, total)`` parameter counts (run-time state excluded)."""
-        trainable = total = 0
-        for param in self.network.get_parameters():
-            if is_state(param.name):
-                continue
-            size = int(np.prod(param.shape))
-            total += size
-            trainable += size if param.requires_grad else 0
-        return trainable, total
+        return parameter_counts(self.network)
 
     def base_bytes(self):
         """Bytes of the base model's parameters (what a full checkpoint of it holds)."""

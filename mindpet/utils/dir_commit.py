@@ -50,11 +50,16 @@ def _storage_error(path, ex, what):
     return CheckpointError(f"Cannot write the {what} '{path}': {reason}.")
 
 
-def _write_and_sync(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-    os.fsync(fd)
+def _write_new(path, data):
+    """Create ``path`` (which must not exist) holding ``data``, flushed to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_file(path, data, what='file'):
@@ -68,17 +73,10 @@ def write_file(path, data, what='file'):
     """
     tmp_path = temp_name(path)
     try:
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as ex:
-        raise _storage_error(path, ex, what) from ex
-    try:
-        try:
-            _write_and_sync(fd, data)
-        finally:
-            os.close(fd)
+        _write_new(tmp_path, data)
         os.replace(tmp_path, path)
     except BaseException as ex:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):   # FileNotFoundError when it could not even be created
             os.remove(tmp_path)
         if isinstance(ex, OSError):
             raise _storage_error(path, ex, what) from ex
@@ -174,8 +172,8 @@ def commit_directory(directory, files, what):
     The new directory is built beside it (``.<name>.<pid>.<random>.tmp``, removed by the next save if the writer is
     killed), fsynced and exchanged with ``directory`` in one step (:func:`exchange`); the old one is then removed.
     Where that cannot be done (no ``renameat2``, a file system without it, a mount point, the process's working
-    directory), each file is replaced atomically by :func:`write_file` in turn, and a crash between two files
-    leaves a mix. ``what`` maps each name to how messages call the file. Returns ``directory``.
+    directory, a directory or parent directory this user cannot write), each file is replaced atomically by
+    :func:`write_file` in turn, and a crash between two files leaves a mix. ``what`` maps each name to how messages call the file. Returns ``directory``.
 
     Raises:
         CheckpointError: a storage error (disk full, permission, read-only file system), naming the final path of
@@ -192,26 +190,21 @@ def commit_directory(directory, files, what):
         except OSError:   # e.g. a parent this user cannot write into
             staging = None
     if staging is None:
-        return commit_directory_in_place(directory, files, what)
+        return _commit_in_place(directory, files, what)
     try:
         _carry_over(directory, staging, set(files))
         for entry, data in files.items():
-            final = os.path.join(directory, entry)
             try:
-                fd = os.open(os.path.join(staging, entry), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-                try:
-                    _write_and_sync(fd, data)
-                finally:
-                    os.close(fd)
-            except OSError as ex:
-                raise _storage_error(final, ex, what[entry]) from ex
+                _write_new(os.path.join(staging, entry), data)
+            except OSError as ex:   # named by its final path: the staging directory means nothing to the user
+                raise _storage_error(os.path.join(directory, entry), ex, what[entry]) from ex
         os.chmod(staging, stat.S_IMODE(os.stat(directory).st_mode))
         fsync_dir(staging)
         exchange(staging, directory)
     except BaseException as ex:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(ex, OSError) and ex.errno in (errno.ENOSYS, errno.EINVAL, errno.EXDEV, errno.EBUSY):
-            return commit_directory_in_place(directory, files, what)
+            return _commit_in_place(directory, files, what)
         if isinstance(ex, OSError):
             raise _storage_error(directory, ex, 'directory') from ex
         raise
@@ -220,7 +213,7 @@ def commit_directory(directory, files, what):
     return directory
 
 
-def commit_directory_in_place(directory, files, what):
+def _commit_in_place(directory, files, what):
     """The fallback of :func:`commit_directory`: each file replaced atomically by :func:`write_file`, in order."""
     for entry, data in files.items():
         write_file(os.path.join(directory, entry), data, what=what[entry])
@@ -260,8 +253,13 @@ def read_unit(directory, read):
                 return result
         finally:
             os.close(fd)
-    raise CheckpointError(f"The adapter in '{directory}' was saved again {READ_ATTEMPTS} times while being read; "
-                          f"try again when the writers pause.")
+    raise saved_while_read(directory)
+
+
+def saved_while_read(directory):
+    """The error of a reader that found ``directory`` saved again on each of its :data:`READ_ATTEMPTS` reads."""
+    return CheckpointError(f"The adapter in '{directory}' was saved again {READ_ATTEMPTS} times while being read; "
+                           f"try again when the writers pause.")
 
 
 def _listing(directory):

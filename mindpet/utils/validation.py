@@ -11,10 +11,12 @@ the YAML key without reading the message.
 """
 import difflib
 import numbers
+import re
 
 from mindspore import dtype as mstype
 
 FLOAT_DTYPES = (mstype.float16, mstype.float32, mstype.bfloat16)
+_SAFE_NAME = re.compile(r'^[A-Za-z0-9_.\-]+$')
 
 
 class FieldTypeError(TypeError):
@@ -151,6 +153,23 @@ def did_you_mean(key, candidates, cutoff=0.6, case_insensitive=False, list_valid
     if close:
         return f" (did you mean '{spelt[close[0]]}'?)" if aside else f"; did you mean '{spelt[close[0]]}'?"
     return f"; valid keys: {sorted(candidates)}" if list_valid else ''
+
+
+def check_safe_name(name, value, owner, what='name'):
+    """Check ``value`` is a non-empty str of letters, digits, '_', '-' or '.' (no path separator or space: it
+    becomes part of a file or parameter name; ``what`` says which in the message). Returns it.
+
+    Example:
+        >>> check_safe_name('adapter_name', 'task-a.v2', 'add_adapter')
+        'task-a.v2'
+    """
+    if not isinstance(value, str):
+        raise FieldTypeError(f"For '{owner}', the '{name}' must be a str, but got {value!r} "
+                             f"({type(value).__name__}).", field=name)
+    if not _SAFE_NAME.match(value):
+        raise FieldValueError(f"For '{owner}', the '{name}' must be a non-empty {what} of letters, digits, '_', '-' "
+                              f"or '.', but got {value!r}.", field=name)
+    return value
 
 
 def check_choice(name, value, owner, choices, case_insensitive=False):
