@@ -38,6 +38,7 @@ from mindpet.train.imports import CodeImportError
 from mindpet.train.task import GENERIC_TASK, KeyValueError, load_task_class
 from mindpet.tuners.registry import available_methods, get_method
 from mindpet.utils.exceptions import CheckpointError, MindPetError
+from mindpet.utils.ms_settings import compile_then_release, release_enabled
 from mindpet.utils.validation import check_bool, did_you_mean, memory_shortfall
 from mindpet.utils.io_utils import (ensure_dir, atomic_save_checkpoint, load_checkpoint_file,
                                     load_params_checked)
@@ -633,6 +634,7 @@ class _StepArgs(dict):
 def _train(plan, built, dataset, epochs, total_steps, steps_per_epoch, say, resume=False):
     """Train up to ``total_steps`` optimizer steps; returns ``(losses, step_times, steps_done)`` (the losses and
     times of the steps this call ran; ``steps_done`` counts the steps of the whole run, a resumed one included)."""
+    release_enabled()   # a malformed MINDPET_RELEASE_MEMORY is refused before anything is built
     model = built.model
     params = model.trainable_params()
     if not params:
@@ -703,6 +705,7 @@ def _run_steps(train_step, model, dataset, epochs, total_steps, steps_per_epoch,
         callback.on_train_begin(run_context)
     iterator = dataset.create_tuple_iterator(num_epochs=epochs)
     step = 0
+    compiled = False
     for epoch in range(1, epochs + 1):
         args.cur_epoch_num = epoch
         began = False
@@ -719,6 +722,11 @@ def _run_steps(train_step, model, dataset, epochs, total_steps, steps_per_epoch,
                     callback.on_train_epoch_begin(run_context)
             args.cur_step_num = step
             args.train_dataset_element = batch
+            if not compiled:
+                # Compile before the first step and hand the memory compilation freed back to the OS, so the
+                # first step's allocations do not add to it (MINDPET_RELEASE_MEMORY=0 turns it off).
+                compiled = True
+                compile_then_release(train_step, *batch)
             for callback in callbacks:
                 callback.on_train_step_begin(run_context)
             args.net_outputs = train_step(*batch)

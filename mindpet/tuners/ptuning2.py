@@ -14,7 +14,7 @@ recompiles by itself. Nothing can be merged: a prefix adds keys and values to ev
 import dataclasses
 
 from mindpet.delta.ptuning2 import PrefixEncoder, PrefixKeyValueModel, prefix_argument_index
-from mindpet.tuners.base import BaseTuner, live_params, write_exact
+from mindpet.tuners.base import BaseTuner, live_params, switch_flag, write_exact
 from mindpet.tuners.config import PetConfig
 from mindpet.tuners.registry import register_method
 from mindpet.utils.exceptions import AdapterConfigError
@@ -147,14 +147,10 @@ class PTuning2Tuner(BaseTuner):
         return {'prefix_encoder.' + name: param.asnumpy().copy() for name, param in fresh.parameters_and_names()}
 
     def activate(self, layer, config):
-        changed = not layer.prefix_enabled
-        layer.prefix_enabled = True
-        return changed
+        return switch_flag(layer, 'prefix_enabled', True)
 
     def deactivate(self, layer):
-        changed = layer.prefix_enabled
-        layer.prefix_enabled = False
-        return changed
+        return switch_flag(layer, 'prefix_enabled', False)
 
     def unload_layer(self, layer):
         return layer.model
