@@ -1,5 +1,6 @@
 """The adapter directory: one in-memory form for every format (StoredAdapter), format dispatch, an empty PetModel
 and from_pretrained without a throwaway adapter."""
+import json
 import os
 import re
 import stat
@@ -153,8 +154,21 @@ def test_an_edited_config_is_refused_naming_the_file(tmp_path):
     text = _config_text(directory)
     assert 'lora_alpha: 8\n' in text
     _write_config(directory, text.replace('lora_alpha: 8\n', 'lora_alpha: 800\n'))
-    with pytest.raises(AdapterConfigError, match=r"adapter_config.yaml' was edited after saving.*'adapter_sha256'"):
+    with pytest.raises(AdapterConfigError, match=r"adapter_config.yaml' was edited after saving.*'adapter_sha256'\) "
+                                                 r"\(edited: 'pet.lora_alpha'\)"):
         PetModel.from_pretrained(PlainMLP(), directory)
+    # Two fields edited: both named. The per-field digests edited to match: still refused, without a name.
+    assert 'adapter_name: default\n' in text
+    _write_config(directory, text.replace('lora_alpha: 8\n', 'lora_alpha: 800\n').replace('adapter_name: default\n',
+                                                                                            'adapter_name: other\n'))
+    with pytest.raises(AdapterConfigError, match=r"\(edited: 'adapter_name', 'pet.lora_alpha'\)"):
+        load_adapter_dir(directory)
+    digests = re.search(r'pet\.lora_alpha: (\w+)', text).group(1)
+    edited = text.replace('lora_alpha: 8\n', 'lora_alpha: 800\n').replace(
+        f'pet.lora_alpha: {digests}', "pet.lora_alpha: " + _sha8(800))
+    _write_config(directory, edited)
+    with pytest.raises(AdapterConfigError, match=r"'adapter_sha256'\)\. Change an adapter"):
+        load_adapter_dir(directory)
     # Dropping the checksum does not switch the check off.
     _write_config(directory, ''.join(line for line in text.splitlines(True) if not line.startswith('adapter_sha256')))
     with pytest.raises(AdapterConfigError, match="lacks 'adapter_sha256'"):
@@ -165,6 +179,11 @@ def test_an_edited_config_is_refused_naming_the_file(tmp_path):
         load_adapter_dir(directory)
     _write_config(directory, text)
     assert load_adapter_dir(directory).config.lora_alpha == 8
+
+
+def _sha8(value):
+    import hashlib  # pylint: disable=import-outside-toplevel
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:8]
 
 
 def test_saved_files_get_the_umask_permissions(tmp_path):
