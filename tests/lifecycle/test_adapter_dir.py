@@ -314,6 +314,19 @@ def test_a_peft_save_swaps_in_a_new_directory_and_keeps_the_other_files(tmp_path
     _assert_values(directory, pet, 6)
 
 
+@pytest.mark.skipif(not hasattr(os, 'geteuid') or os.geteuid() != 0, reason='only root can give a directory away')
+def test_a_peft_save_by_root_keeps_the_directory_owner(tmp_path):
+    directory = str(tmp_path / 'p')
+    _trained_pet(seed=0).save_pretrained(directory, format='peft')
+    os.chown(directory, 12345, 12346)
+    os.chmod(directory, 0o2770)                     # set-gid: chown would clear it if done after chmod
+    before = os.stat(directory).st_ino
+    _trained_pet(seed=1).save_pretrained(directory, format='peft')
+    after = os.stat(directory)
+    assert after.st_ino != before and (after.st_uid, after.st_gid) == (12345, 12346)
+    assert stat.S_IMODE(after.st_mode) == 0o2770
+
+
 @pytest.mark.parametrize('failure', ['no renameat2', 'EINVAL'])
 def test_a_peft_save_writes_file_by_file_where_directories_cannot_be_exchanged(tmp_path, failure):
     directory = str(tmp_path / 'p')
