@@ -30,12 +30,14 @@ from mindpet.graph.ckpt_util import (TrainableParamsCheckPoint, batch_checksum, 
                                      resume_from_checkpoint)
 from mindpet.model import PetModel, get_pet_model, parameter_counts
 from mindpet.naming import is_pet_param
+from mindpet.recompute import apply_recompute
 from mindpet.train import report
 from mindpet.train.peers import PeerWatch
 from mindpet.train.schedule import WarmupDecayLR, learning_rate_at
 from mindpet.train.schema import CODE_FIELDS, RUNNER_FIELDS, MAX_EPOCHS, MAX_STEPS, check_section, read_run_config
 from mindpet.train.imports import CodeImportError
 from mindpet.train.task import GENERIC_TASK, KeyValueError, load_task_class
+from mindpet.tuners.config import check_patterns
 from mindpet.tuners.registry import available_methods, get_method
 from mindpet.utils.exceptions import CheckpointError, MindPetError
 from mindpet.utils.ms_settings import compile_then_release, release_enabled
@@ -188,9 +190,23 @@ def _check_runner_rules(source, sections, task_class):
         raise source.value_error('schedule.end_learning_rate',
                                  f"must not exceed start_learning_rate ({schedule['start_learning_rate']}), but got "
                                  f"{schedule['end_learning_rate']}")
+    _recompute_blocks(source, training['recompute'])
     if training['rdrop_alpha'] and not task_class.supports_rdrop:
         raise source.value_error('training.rdrop_alpha', f"R-Drop is not available for the '{task_class.name}' "
                                  f"task (a classification loss is needed); use 0")
+
+
+def _recompute_blocks(source, value):
+    """``training.recompute`` as ``apply_recompute``'s ``blocks`` (None: the repeated blocks), or False: off."""
+    if value is None or value is False:
+        return False
+    if value is True:
+        return None
+    try:
+        return check_patterns('training.recompute', 'recompute', value, allow_none=False)
+    except (TypeError, ValueError):
+        raise source.value_error('training.recompute', f"must be true, false, a cell-name pattern (a regular "
+                                 f"expression) or a list of them, but got {value!r}") from None
 
 
 def _pet_config(source, pet):
@@ -367,7 +383,7 @@ def build(plan, lazy=False):
             raise plan.source.value_error(getattr(ex, 'key', 'model'), str(ex)) from None
         loaded = None if lazy else plan.task.load_base(network, plan.model.get('base_checkpoint'))
         if plan.pet_config is None:
-            return Built(network, None, loaded)
+            return Built(_recompute(plan, network), None, loaded)
         try:
             # Lazily built (no weights yet): parameters are counted as built, the half-precision copy comes with
             # the real build.
@@ -379,7 +395,20 @@ def build(plan, lazy=False):
             field = getattr(ex, 'field', None)
             key = field if field in plan.pet_config.field_names() else 'target_modules'
             raise plan.source.value_error(f'pet.{key}', str(ex)) from None
+    _recompute(plan, network)
     return Built(network, pet_model, loaded)
+
+
+def _recompute(plan, network):
+    """Set ``training.recompute`` on the network's blocks (after the adapters are in: either order works);
+    returns the network."""
+    blocks = _recompute_blocks(plan.source, plan.training['recompute'])
+    if blocks is not False:
+        try:
+            apply_recompute(network, blocks)
+        except (TypeError, ValueError) as ex:
+            raise plan.source.value_error('training.recompute', str(ex)) from None
+    return network
 
 
 def check_memory(plan):

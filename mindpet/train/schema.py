@@ -195,6 +195,9 @@ TRAINING_FIELDS = {
     'save_full_checkpoint': Field('bool', False,
                                   doc='also write the whole fine-tuned model (always on for pet type full)'),
     'plot': Field('bool', True, doc='write loss.png when matplotlib is installed'),
+    'recompute': Field('any', False,
+                       doc="activation recompute (doc/recompute.md): true (the repeated blocks: the items of the "
+                           "model's largest CellList/SequentialCell), a cell-name pattern or a list of them, or false"),
 }
 
 PARALLEL_FIELDS = {

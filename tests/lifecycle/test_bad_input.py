@@ -260,7 +260,8 @@ ROWS = [
     # ----- adapter store refusals: the PetModel and the directory stay as they were ----------------------------------
     Row('adapter-config-edited', _refused(lambda f: f.model.load_adapter(f.adapter_alpha, 'new'),
                                           lambda f: f.adapter_alpha), AdapterConfigError,
-        [os.path.join('adapter_alpha', ADAPTER_CONFIG_NAME), 'edited after saving', "'adapter_sha256'"]),
+        [os.path.join('adapter_alpha', ADAPTER_CONFIG_NAME), 'edited after saving', "'adapter_sha256'",
+         "(edited: 'pet.lora_alpha')"]),
     Row('adapter-weights-file-dotdot', _refused(lambda f: f.model.load_adapter(f.adapter_dotdot, 'new'),
                                                 lambda f: f.adapter_dotdot), AdapterConfigError,
         [os.path.join('adapter_dotdot', ADAPTER_CONFIG_NAME), "'weights_file'", "'../x.safetensors'"]),
