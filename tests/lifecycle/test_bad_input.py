@@ -410,16 +410,12 @@ def test_failed_from_pretrained_leaves_the_model_unadapted(files):
 
 
 
-class _DiskFullAfter:
-    """Stands in for the ``os`` module of ``mindpet.utils.dir_commit``: the file writes after the first ``ok`` ones
-    put half of their bytes on disk, then fail as a full disk does."""
+class _DiskFullAfter(_OsProxy):
+    """The file writes after the first ``ok`` ones put half of their bytes on disk, then fail as a full disk does."""
 
     def __init__(self, ok):
         self.ok = ok
         self.calls = 0
-
-    def __getattr__(self, name):
-        return getattr(os, name)
 
     def write(self, fd, data):
         self.calls += 1
