@@ -9,7 +9,8 @@ have ``adapter_model.safetensors``, which still loads).
 adapter, a fingerprint of the base model (every base parameter's name and shape) so that an adapter is never
 loaded into a model it was not trained on, the tensor file's name and SHA-256 (``weights_file``,
 ``weights_sha256``: safetensors has no checksum of its own, so a damaged byte would otherwise load as a wrong
-number), and ``adapter_sha256``, a SHA-256 over all the config's fields, so an edited config is refused.
+number), and ``adapter_sha256``, a SHA-256 over all the config's fields, so an edited config is refused
+(``field_sha256``, a short SHA-256 of each field, lets the refusal name the edited one).
 The tensor file holds the adapter tensors only, in the adapter's own shapes, named ``<layer>.<delta parameter>``
 (e.g. ``blocks.0.attn.q_proj.mindpet_delta_lora_a``) and by their own names for ``modules_to_save`` parameters.
 No optimizer state is ever written.
@@ -37,8 +38,8 @@ from mindpet.naming import is_pet_param
 from mindpet.tuners.registry import config_from_dict, make_tuner
 from mindpet.utils.dir_commit import READ_ATTEMPTS, directory_lock, remove_temp_files, saved_while_read, write_file
 from mindpet.utils.exceptions import AdapterConfigError, CheckpointError, LinkPathError, MindPetError
-from mindpet.utils.io_utils import (atomic_save_checkpoint, checkpoint_format, ensure_dir, load_checkpoint_file,
-                                    read_yaml_file, remove_stale_temp_files)
+from mindpet.utils.io_utils import (atomic_save_checkpoint, checkpoint_format, checkpoint_write_errors, ensure_dir,
+                                    load_checkpoint_file, read_yaml_file, remove_stale_temp_files)
 from mindpet.version import __version__
 
 ADAPTER_CONFIG_NAME = 'adapter_config.yaml'
@@ -179,9 +180,37 @@ _WEIGHTS_FILE_RE = re.compile(r'^adapter_model\.[0-9a-f]{16}\.safetensors$')
 def _meta_sha256(meta):
     """SHA-256 over every field of an adapter config but ``adapter_sha256`` itself, in a canonical form (the
     config's ``weights_sha256`` ties the tensor file's bytes in)."""
-    fields = {key: value for key, value in meta.items() if key != 'adapter_sha256'}
-    text = json.dumps(fields, sort_keys=True, separators=(',', ':'), ensure_ascii=True)
+    return _sha256({key: value for key, value in meta.items() if key != 'adapter_sha256'})
+
+
+def _sha256(value):
+    text = json.dumps(value, sort_keys=True, separators=(',', ':'), ensure_ascii=True)
     return hashlib.sha256(text.encode('ascii')).hexdigest()
+
+
+def _field_digests(meta):
+    """``field -> first 8 hex digits of its SHA-256`` for every field of an adapter config (each key of ``pet``
+    on its own, as ``pet.<key>``) but the checksums themselves: recorded as ``field_sha256``, they let a refused
+    config name the field that was edited."""
+    digests = {}
+    for key, value in meta.items():
+        if key in ('adapter_sha256', 'field_sha256'):
+            continue
+        if key == 'pet' and isinstance(value, dict):
+            digests.update((f'pet.{name}', _sha256(item)[:8]) for name, item in value.items())
+        else:
+            digests[key] = _sha256(value)[:8]
+    return digests
+
+
+def _edited_fields(meta):
+    """The fields of a config whose SHA-256 check failed that differ from the ``field_sha256`` it records (added
+    and removed ones included); empty when it records none, or when only ``field_sha256`` itself was changed."""
+    recorded = meta.get('field_sha256')
+    if not isinstance(recorded, dict):
+        return []
+    now = _field_digests(meta)
+    return sorted(key for key in set(recorded) | set(now) if recorded.get(key) != now.get(key))
 
 
 def _save_mindpet_dir(directory, adapter):
@@ -200,6 +229,7 @@ def _save_mindpet_dir(directory, adapter):
     meta = dict(build_meta(adapter), weights_file=weights_name, weights_sha256=hashlib.sha256(data).hexdigest())
     text = yaml.safe_dump(_plain(meta), sort_keys=False, default_flow_style=None, width=120)
     # Hash what a reader will parse, so that the YAML round trip cannot make the two sides differ.
+    text += yaml.safe_dump({'field_sha256': _field_digests(yaml.safe_load(text))}, default_flow_style=False)
     text += yaml.safe_dump({'adapter_sha256': _meta_sha256(yaml.safe_load(text))})
     weights_path = os.path.join(directory, weights_name)
     remove_temp_files(directory, [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, _WEIGHTS_FILE_RE])
@@ -380,9 +410,11 @@ def _load_mindpet_dir(directory):
         raise CheckpointError(f"The adapter weights file '{path}' does not match the SHA-256 recorded in "
                               f"{ADAPTER_CONFIG_NAME}: it was damaged or replaced after saving.")
     if 'adapter_sha256' in meta and _meta_sha256(meta) != meta['adapter_sha256']:
+        edited = _edited_fields(meta)
+        which = f" (edited: {', '.join(repr(key) for key in edited)})" if edited else ''
         raise AdapterConfigError(f"'{os.path.join(directory, ADAPTER_CONFIG_NAME)}' was edited after saving: its "
-                                 f"fields no longer match its SHA-256 ('adapter_sha256'). Change an adapter by "
-                                 f"loading it and saving it again.")
+                                 f"fields no longer match its SHA-256 ('adapter_sha256'){which}. Change an adapter "
+                                 f"by loading it and saving it again.")
     layers, modules = group_tensors(flat, meta['target_layers'], meta['modules_to_save_params'])
     return StoredAdapter(meta.get('adapter_name'), config, list(meta['target_layers']), layers, modules,
                          OrderedDict(fingerprint), layer_types)
@@ -537,7 +569,8 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path, base_params=None):
 
     Raises:
         AdapterConfigError: the adapter does not fit the base checkpoint (first differing parameter named).
-        CheckpointError: a file is missing or corrupt.
+        CheckpointError: a file is missing or corrupt, or ``out_path`` cannot be written (disk full, permission);
+            a file already at ``out_path`` then stays as it was.
 
     Example:
         >>> merge_into_checkpoint('base.ckpt', 'out/adapter', 'merged.ckpt')  # doctest: +SKIP
@@ -567,6 +600,7 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path, base_params=None):
     for name, value in adapter.modules.items():
         updates[name] = value.astype(arrays[name].dtype)
     items = [{'name': name, 'data': ms.Tensor(updates.get(name, value))} for name, value in arrays.items()]
-    atomic_save_checkpoint(items, out_path, ckpt_format=checkpoint_format(out_path))
+    with checkpoint_write_errors(out_path):
+        atomic_save_checkpoint(items, out_path, ckpt_format=checkpoint_format(out_path))
     copied = sum(1 for name in arrays if name not in (adapter.fingerprint or base_shapes))
     return MergeReport(os.fspath(out_path), len(adapter.targets), len(adapter.modules), copied, len(items))

@@ -26,12 +26,18 @@ def check_patterns(owner, name, value, allow_none=True):
         value = [value]
     value = check_str_list(name, value, owner, allow_none=allow_none)
     for pattern in value or ():
-        try:
-            re.compile(pattern)
-        except re.error as ex:
-            raise FieldValueError(f"For '{owner}', the pattern {pattern!r} in '{name}' is not a valid regular "
-                                  f"expression: {ex}.", field=name) from ex
+        check_regex(owner, name, pattern)
     return value
+
+
+def check_regex(owner, name, pattern):
+    """Check that ``pattern`` (a str in the config field ``name``) is a valid regular expression (FieldValueError
+    naming the field otherwise)."""
+    try:
+        re.compile(pattern)
+    except re.error as ex:
+        raise FieldValueError(f"For '{owner}', the pattern {pattern!r} in '{name}' is not a valid regular "
+                              f"expression: {ex}.", field=name) from ex
 
 
 @dataclasses.dataclass

@@ -39,7 +39,7 @@ from mindpet.delta.dora import DoRADense, DoraLayer
 from mindpet.delta.lora import LoRADense, LoraLayer, lora_increment, lora_init_factors, LORA_INITS
 from mindpet.tuners import dora
 from mindpet.tuners.base import DenseLayerTuner
-from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_compute_dtype
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_compute_dtype, check_regex
 from mindpet.tuners.inject import name_matches
 from mindpet.tuners.registry import register_method
 from mindpet.utils.validation import (FieldTypeError, FieldValueError, check_int, check_real, check_rate, check_choice, check_bool,
@@ -179,11 +179,7 @@ def _check_pattern_map(owner, name, value, integer):
         if not isinstance(pattern, str):
             raise FieldTypeError(f"For '{owner}', the '{name}' keys must be layer-name patterns (str), but got "
                                  f"{pattern!r}.", field=name)
-        try:
-            re.compile(pattern)
-        except re.error as ex:
-            raise FieldValueError(f"For '{owner}', the pattern {pattern!r} in '{name}' is not a valid regular "
-                                  f"expression: {ex}.", field=name) from ex
+        check_regex(owner, name, pattern)
         if integer:
             check_int(f'{name}[{pattern!r}]', number, owner)
         else:

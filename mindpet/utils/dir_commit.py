@@ -15,6 +15,7 @@ lock of a killed writer). Without ``fcntl`` (Windows) writers are not serialised
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import re
 import shutil
@@ -108,11 +109,12 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
+@functools.lru_cache(maxsize=1)
 def _renameat2():
     """glibc's ``renameat2`` (Linux; None elsewhere or with an older C library)."""
     try:
         function = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):   # TypeError: Windows has no CDLL(None)
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     function.restype = ctypes.c_int
@@ -135,12 +137,14 @@ def exchange(first, second):
 
 def _swappable(directory):
     """Whether :func:`commit_directory` may replace ``directory`` by another one: not where this process works (its
-    working directory would be left in the deleted old one), and not read-only to this user (a swap would ignore the
-    directory's own permissions; the in-place writes then fail as they should)."""
+    working directory would be left in the deleted old one), not read-only to this user (a swap would ignore the
+    directory's own permissions; the in-place writes then fail as they should), and owned by this user unless it is
+    root (the new directory would change hands)."""
     real = os.path.realpath(directory)
     cwd = os.path.realpath(os.getcwd())
+    euid = os.geteuid() if hasattr(os, 'geteuid') else None
     return (cwd != real and not cwd.startswith(real.rstrip(os.sep) + os.sep) and not os.path.ismount(real)
-            and os.access(real, os.W_OK) and _renameat2() is not None)
+            and os.access(real, os.W_OK) and euid in (0, os.stat(real).st_uid) and _renameat2() is not None)
 
 
 def _carry_over(directory, staging, skip):
@@ -198,7 +202,11 @@ def commit_directory(directory, files, what):
                 _write_new(os.path.join(staging, entry), data)
             except OSError as ex:   # named by its final path: the staging directory means nothing to the user
                 raise _storage_error(os.path.join(directory, entry), ex, what[entry]) from ex
-        os.chmod(staging, stat.S_IMODE(os.stat(directory).st_mode))
+        old = os.stat(directory)
+        if (old.st_uid, old.st_gid) != (os.stat(staging).st_uid, os.stat(staging).st_gid):
+            with contextlib.suppress(OSError):    # root, or a group of this user: keep them; else the caller's
+                os.chown(staging, old.st_uid, old.st_gid)
+        os.chmod(staging, stat.S_IMODE(old.st_mode))     # after chown, which clears set-id bits
         fsync_dir(staging)
         exchange(staging, directory)
     except BaseException as ex:

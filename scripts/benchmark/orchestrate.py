@@ -54,6 +54,8 @@ TRAIN_AB_GROUPS = {
     'train': dict(env='main', variants=['full', 'lora', 'adapter', 'bitfit', 'prefix', 'floor']),
     'reference': dict(env='mindpet104', variants=['lora_mindpet104', 'lora', 'floor']),
     'peers': dict(env='peft', variants=['peft_full', 'peft_lora']),
+    # Issue 17's model (vocab 1,000; MEMORY_MODELS): LoRA as users apply it, against full and the floor.
+    'issue17': dict(env='main', variants=['full', 'lora_pet', 'floor'], model='gpt_v1000'),
 }
 # Part 1c (memory): one process per (model, setting, variant). The models: issue 17's (vocab 1,000) and part 1's.
 MEMORY_MODELS = {'gpt_v1000': GPT_V1000, 'gpt': GPT}
@@ -195,12 +197,15 @@ def _run_groups(runner, table, groups, args, kind, payload):
     PyTorch groups use the ``torch_<kind>`` worker."""
     results = {}
     for _ in range(args.repeats):
-        for group in sorted(groups):
+        for group in sorted(g for g in groups if g in table):
             chosen = _group_variants(table, group, args)
             if not chosen:
                 continue
             env = table[group]['env']
-            result = runner.run(env, f'torch_{kind}' if env == 'peft' else kind, dict(payload, variants=chosen))
+            cfg = dict(payload, variants=chosen)
+            if 'model' in table[group] and not args.quick:     # --quick: every group on the tiny model
+                cfg['model'] = MEMORY_MODELS[table[group]['model']]
+            result = runner.run(env, f'torch_{kind}' if env == 'peft' else kind, cfg)
             results.setdefault(group, (chosen, []))[1].append(result)
     return results
 
@@ -225,7 +230,8 @@ def run_benchmarks(args):
     runner = Runner(args)
     sizes = QUICK if args.quick else dict(gpt=GPT, gpt2=GPT2_SMALL, layer=LAYER, switch_input=SWITCH_INPUT)
     parts = set(args.parts)
-    groups = {'train'} | ({'reference'} if 'reference' in parts else set()) | ({'peers'} if args.peers else set())
+    groups = {'train', 'issue17'} | ({'reference'} if 'reference' in parts else set()) | \
+        ({'peers'} if args.peers else set())
     common = dict(warmup=args.warmup, steps=args.steps)
     out = dict(parts=sorted(parts), peers=args.peers, repeats=args.repeats, layer_repeats=args.layer_repeats,
                sizes=sizes, lora=dict(LORA), adapter=dict(ADAPTER), prefix=dict(PREFIX), variants=args.variants,

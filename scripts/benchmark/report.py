@@ -69,6 +69,8 @@ TARGETS = [
      ('memory', 'rows', 'gpt_v1000/mindpet/lora_pet', 'peak_ratio', 'median'), None, 0.60),
     ('issue 17 model: LoRA peak RSS / full fine-tuning, float16 base',
      ('memory', 'rows', 'gpt_v1000/mindpet/lora_fp16', 'peak_ratio', 'median'), None, 0.50),
+    ('issue 17 model: LoRA step time / full fine-tuning (same process, interleaved)',
+     ('train_ab', 'issue17', 'lora_pet', 'cpu_ratio'), ('train_ab', 'issue17', 'lora_pet', 'ratio'), 0.57),
     ('issue 17 model: LoRA step time / full fine-tuning (one process each)',
      ('memory', 'rows', 'gpt_v1000/mindpet/lora_pet', 'step_cpu_ratio', 'median'),
      ('memory', 'rows', 'gpt_v1000/mindpet/lora_pet', 'step_ratio', 'median'), 0.57),

@@ -1,5 +1,6 @@
 """The adapter directory: one in-memory form for every format (StoredAdapter), format dispatch, an empty PetModel
 and from_pretrained without a throwaway adapter."""
+import json
 import os
 import re
 import stat
@@ -153,8 +154,21 @@ def test_an_edited_config_is_refused_naming_the_file(tmp_path):
     text = _config_text(directory)
     assert 'lora_alpha: 8\n' in text
     _write_config(directory, text.replace('lora_alpha: 8\n', 'lora_alpha: 800\n'))
-    with pytest.raises(AdapterConfigError, match=r"adapter_config.yaml' was edited after saving.*'adapter_sha256'"):
+    with pytest.raises(AdapterConfigError, match=r"adapter_config.yaml' was edited after saving.*'adapter_sha256'\) "
+                                                 r"\(edited: 'pet.lora_alpha'\)"):
         PetModel.from_pretrained(PlainMLP(), directory)
+    # Two fields edited: both named. The per-field digests edited to match: still refused, without a name.
+    assert 'adapter_name: default\n' in text
+    _write_config(directory, text.replace('lora_alpha: 8\n', 'lora_alpha: 800\n').replace('adapter_name: default\n',
+                                                                                            'adapter_name: other\n'))
+    with pytest.raises(AdapterConfigError, match=r"\(edited: 'adapter_name', 'pet.lora_alpha'\)"):
+        load_adapter_dir(directory)
+    digests = re.search(r'pet\.lora_alpha: (\w+)', text).group(1)
+    edited = text.replace('lora_alpha: 8\n', 'lora_alpha: 800\n').replace(
+        f'pet.lora_alpha: {digests}', "pet.lora_alpha: " + _sha8(800))
+    _write_config(directory, edited)
+    with pytest.raises(AdapterConfigError, match=r"'adapter_sha256'\)\. Change an adapter"):
+        load_adapter_dir(directory)
     # Dropping the checksum does not switch the check off.
     _write_config(directory, ''.join(line for line in text.splitlines(True) if not line.startswith('adapter_sha256')))
     with pytest.raises(AdapterConfigError, match="lacks 'adapter_sha256'"):
@@ -165,6 +179,11 @@ def test_an_edited_config_is_refused_naming_the_file(tmp_path):
         load_adapter_dir(directory)
     _write_config(directory, text)
     assert load_adapter_dir(directory).config.lora_alpha == 8
+
+
+def _sha8(value):
+    import hashlib  # pylint: disable=import-outside-toplevel
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:8]
 
 
 def test_saved_files_get_the_umask_permissions(tmp_path):
@@ -293,6 +312,19 @@ def test_a_peft_save_swaps_in_a_new_directory_and_keeps_the_other_files(tmp_path
     assert stat.S_IMODE(os.stat(directory).st_mode) == 0o750
     assert os.listdir(str(tmp_path)) == ['p']                              # the old directory is gone
     _assert_values(directory, pet, 6)
+
+
+@pytest.mark.skipif(not hasattr(os, 'geteuid') or os.geteuid() != 0, reason='only root can give a directory away')
+def test_a_peft_save_by_root_keeps_the_directory_owner(tmp_path):
+    directory = str(tmp_path / 'p')
+    _trained_pet(seed=0).save_pretrained(directory, format='peft')
+    os.chown(directory, 12345, 12346)
+    os.chmod(directory, 0o2770)                     # set-gid: chown would clear it if done after chmod
+    before = os.stat(directory).st_ino
+    _trained_pet(seed=1).save_pretrained(directory, format='peft')
+    after = os.stat(directory)
+    assert after.st_ino != before and (after.st_uid, after.st_gid) == (12345, 12346)
+    assert stat.S_IMODE(after.st_mode) == 0o2770
 
 
 @pytest.mark.parametrize('failure', ['no renameat2', 'EINVAL'])

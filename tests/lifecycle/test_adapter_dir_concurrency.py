@@ -22,6 +22,7 @@ from tests.helpers.fork_client import ROOT, ForkServerClient
 SERVER = os.path.join(ROOT, 'tests', 'helpers', 'adapter_writer.py')
 KILLS = 24
 LOADS = 2000
+PEFT_LOADS = 500      # a PEFT load reads through MindSpore's checkpoint loader: slower
 
 
 def _leftovers(directory):
@@ -110,21 +111,22 @@ def test_sigkill_during_a_peft_format_save_leaves_the_old_or_the_new_adapter(tmp
     assert _staging_dirs(directory) == [] and sorted(os.listdir(directory)) == [PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME]
 
 
-@pytest.mark.slow
-def test_two_writers_and_a_reader_never_see_a_mixed_adapter(tmp_path):
+def _two_writers_and_a_reader(tmp_path, fmt, loads):
+    """Two processes save into one directory in a loop while this one loads it ``loads`` times: every load must be
+    one save. Returns the directory."""
     directory = str(tmp_path / 'adapter')
-    save_version(new_pet(), directory, 1, 0)
+    save_version(new_pet(), directory, 1, 0, fmt)
     server = ForkServerClient(SERVER, str(tmp_path / 'server.log'))
     seen, pids = {}, []
     try:
         server.expect('READY', 300)
         for writer in (1, 2):
-            server.send(f'loop {directory} {writer} 1')
+            server.send(f'loop {directory} {writer} 1 {fmt}')
             pids.append(int(server.expect('PID', 60)))
         started = set()
         while started != {1, 2}:                       # until both have saved once
             started.add(int(server.expect('SAVED', 300).split()[0]))
-        for _ in range(LOADS):
+        for _ in range(loads):
             writer, n = identify(load_adapter_dir(directory))
             seen.setdefault(writer, set()).add(n)
         for pid in pids:
@@ -132,9 +134,24 @@ def test_two_writers_and_a_reader_never_see_a_mixed_adapter(tmp_path):
     finally:
         server.close()
     changes = sum(len(v) for v in seen.values())
-    print(f"\n{LOADS} loads, zero mixed, {changes} different saves seen (writer 1: {len(seen.get(1, ()))}, "
+    print(f"\n{fmt}: {loads} loads, zero mixed, {changes} different saves seen (writer 1: {len(seen.get(1, ()))}, "
           f"writer 2: {len(seen.get(2, ()))})")
     # Both writers' saves were read while the other was writing: the loads above raced with commits.
     assert set(seen) == {1, 2} and changes >= 10, seen
+    return directory
+
+
+@pytest.mark.slow
+def test_two_writers_and_a_reader_never_see_a_mixed_adapter(tmp_path):
+    directory = _two_writers_and_a_reader(tmp_path, 'mindpet', LOADS)
     temp, weights = _leftovers(directory)
     assert len(temp) <= 2 and len(weights) <= 3, (temp, weights)   # killed mid-save, each at most one file
+
+
+@pytest.mark.slow
+def test_two_peft_format_writers_and_a_reader_never_see_a_mixed_adapter(tmp_path):
+    """PEFT's fixed names: the writers swap whole directories (each waits for the lock of the directory now at the
+    path), and the reader reads again when the directory was swapped between its two files."""
+    directory = _two_writers_and_a_reader(tmp_path, 'peft', PEFT_LOADS)
+    assert sorted(os.listdir(directory)) == [PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME]
+    assert len(_staging_dirs(directory)) <= 2        # killed mid-save, each at most one staging directory

@@ -299,3 +299,32 @@ def test_quick_run_of_the_memory_part(tmp_path):
     assert rows['gpt_v1000/mindpet/lora_pet']['trainable'] == 2 * 2 * 8 * (128 + 128)
     text = page.read_text(encoding='utf-8')
     assert '### 1c. Memory by phase' in text and 'issue 17 model: LoRA peak RSS / full fine-tuning' in text
+
+
+def test_issue17_group_steps_lora_against_full_on_the_vocab_1000_model():
+    """train_ab's 'issue17' group runs on issue 17's model (vocab 1,000), the other groups on part 1's; with
+    --variants lora_pet only that group has something to compare."""
+    class FakeRunner:
+        def __init__(self):
+            self.calls = []
+
+        def run(self, env, kind, cfg):
+            self.calls.append((kind, cfg['variants'], cfg['model']['vocab']))
+            return {}
+
+    runner = FakeRunner()
+    args = orchestrate.parse_args(['--repeats', '1'])
+    orchestrate._run_groups(runner, orchestrate.TRAIN_AB_GROUPS, {'train', 'issue17'}, args, 'train_ab',  # pylint: disable=protected-access
+                            dict(model=models.GPT))
+    assert ('train_ab', ['full', 'lora_pet', 'floor'], 1000) in runner.calls
+    assert ('train_ab', orchestrate.TRAIN_AB_GROUPS['train']['variants'], 50257) in runner.calls
+    runner = FakeRunner()
+    orchestrate._run_groups(runner, orchestrate.TRAIN_AB_GROUPS, {'train', 'issue17'},  # pylint: disable=protected-access
+                            orchestrate.parse_args(['--repeats', '1', '--variants', 'lora_pet']), 'train_ab',
+                            dict(model=models.GPT))
+    assert runner.calls == [('train_ab', ['full', 'lora_pet'], 1000)]
+    # Forward groups have no 'issue17': it is skipped there.
+    runner = FakeRunner()
+    orchestrate._run_groups(runner, orchestrate.FORWARD_GROUPS, {'train', 'issue17'}, args, 'forward',  # pylint: disable=protected-access
+                            dict(model=models.GPT))
+    assert [c[0] for c in runner.calls] == ['forward']
