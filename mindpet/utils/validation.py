@@ -16,7 +16,7 @@ import re
 from mindspore import dtype as mstype
 
 FLOAT_DTYPES = (mstype.float16, mstype.float32, mstype.bfloat16)
-_SAFE_NAME = re.compile(r'^[A-Za-z0-9_.\-]+$')
+_SAFE_NAME = re.compile(r'[A-Za-z0-9_.\-]+')
 
 
 class FieldTypeError(TypeError):
@@ -166,7 +166,7 @@ def check_safe_name(name, value, owner, what='name'):
     if not isinstance(value, str):
         raise FieldTypeError(f"For '{owner}', the '{name}' must be a str, but got {value!r} "
                              f"({type(value).__name__}).", field=name)
-    if not _SAFE_NAME.match(value):
+    if not _SAFE_NAME.fullmatch(value):     # (match with '$' would let a trailing newline through)
         raise FieldValueError(f"For '{owner}', the '{name}' must be a non-empty {what} of letters, digits, '_', '-' "
                               f"or '.', but got {value!r}.", field=name)
     return value
