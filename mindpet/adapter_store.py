@@ -38,8 +38,8 @@ from mindpet.naming import is_pet_param
 from mindpet.tuners.registry import config_from_dict, make_tuner
 from mindpet.utils.dir_commit import READ_ATTEMPTS, directory_lock, remove_temp_files, saved_while_read, write_file
 from mindpet.utils.exceptions import AdapterConfigError, CheckpointError, LinkPathError, MindPetError
-from mindpet.utils.io_utils import (atomic_save_checkpoint, checkpoint_format, ensure_dir, load_checkpoint_file,
-                                    read_yaml_file, remove_stale_temp_files)
+from mindpet.utils.io_utils import (atomic_save_checkpoint, checkpoint_format, checkpoint_write_errors, ensure_dir,
+                                    load_checkpoint_file, read_yaml_file, remove_stale_temp_files)
 from mindpet.version import __version__
 
 ADAPTER_CONFIG_NAME = 'adapter_config.yaml'
@@ -569,7 +569,8 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path, base_params=None):
 
     Raises:
         AdapterConfigError: the adapter does not fit the base checkpoint (first differing parameter named).
-        CheckpointError: a file is missing or corrupt.
+        CheckpointError: a file is missing or corrupt, or ``out_path`` cannot be written (disk full, permission);
+            a file already at ``out_path`` then stays as it was.
 
     Example:
         >>> merge_into_checkpoint('base.ckpt', 'out/adapter', 'merged.ckpt')  # doctest: +SKIP
@@ -599,6 +600,7 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path, base_params=None):
     for name, value in adapter.modules.items():
         updates[name] = value.astype(arrays[name].dtype)
     items = [{'name': name, 'data': ms.Tensor(updates.get(name, value))} for name, value in arrays.items()]
-    atomic_save_checkpoint(items, out_path, ckpt_format=checkpoint_format(out_path))
+    with checkpoint_write_errors(out_path):
+        atomic_save_checkpoint(items, out_path, ckpt_format=checkpoint_format(out_path))
     copied = sum(1 for name in arrays if name not in (adapter.fingerprint or base_shapes))
     return MergeReport(os.fspath(out_path), len(adapter.targets), len(adapter.modules), copied, len(items))

@@ -16,6 +16,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -76,6 +77,9 @@ def _add_store_files(f):
     shutil.copytree(f.peft, f.peft_own_tensors)
     shutil.copy(adapter_weights_path(f.adapter), os.path.join(f.peft_own_tensors, PEFT_WEIGHTS_NAME))
     f.save_target = f._adapter_copy('save_target')
+    f.merged_dir = j('merged')
+    os.makedirs(f.merged_dir)
+    merge_into_checkpoint(f.base, f.adapter, os.path.join(f.merged_dir, 'merged.ckpt'))
 
 
 def _model_state(model):
@@ -163,6 +167,19 @@ def _disk_full(ok=0):
         yield
     finally:
         dir_commit.os = real
+
+
+def _merge_with_full_disk(f):
+    """``merge_into_checkpoint`` over an earlier output, with MindSpore's writer finding the disk full halfway."""
+    out = os.path.join(f.merged_dir, 'merged.ckpt')
+
+    def half_then_full(save_obj, path, **kwargs):   # pylint: disable=unused-argument
+        with open(path, 'wb') as handle:
+            handle.write(b'\0' * 100)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    with mock.patch('mindspore.save_checkpoint', half_then_full):
+        merge_into_checkpoint(f.base, f.adapter, out)
 
 
 def _save_with(context, directory, fmt='mindpet'):
@@ -302,6 +319,8 @@ ROWS = [
         CheckpointError, [os.path.join('peft', PEFT_CONFIG_NAME), 'No space left on device']),
     Row('peft-save-permission', _refused(_save_with(_read_only, lambda f: f.peft, 'peft'), lambda f: f.peft),
         CheckpointError, [os.path.join('peft', PEFT_WEIGHTS_NAME), 'Permission denied']),
+    Row('merge-disk-full', _refused(_merge_with_full_disk, lambda f: f.merged_dir), CheckpointError,
+        [os.path.join('merged', 'merged.ckpt'), 'No space left on device', 'errno 28']),
     Row('merge-out-path-int', lambda f: merge_into_checkpoint(f.base, f.adapter, 3), TypeError,
         ["'out_path'", '3 (int)']),
     # ----- the mindpet command ---------------------------------------------------------------------------------------
@@ -330,7 +349,7 @@ ROWS = [
         ['out_is_dir.ckpt', 'is a directory']),
 ]
 
-EXPECTED_ROWS = 70
+EXPECTED_ROWS = 71
 
 
 def test_table_size():
@@ -410,16 +429,12 @@ def test_failed_from_pretrained_leaves_the_model_unadapted(files):
 
 
 
-class _DiskFullAfter:
-    """Stands in for the ``os`` module of ``mindpet.utils.dir_commit``: the file writes after the first ``ok`` ones
-    put half of their bytes on disk, then fail as a full disk does."""
+class _DiskFullAfter(_OsProxy):
+    """The file writes after the first ``ok`` ones put half of their bytes on disk, then fail as a full disk does."""
 
     def __init__(self, ok):
         self.ok = ok
         self.calls = 0
-
-    def __getattr__(self, name):
-        return getattr(os, name)
 
     def write(self, fd, data):
         self.calls += 1
