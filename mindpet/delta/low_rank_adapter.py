@@ -33,10 +33,10 @@ def _check_reduction(owner, hidden_size, reduction_factor):
     return reduction_factor
 
 
-def _check_sizes(owner, hidden_name, hidden_size, reduction_factor, low_rank_size):
-    """The checked ``(reduction_factor, low_rank_size)``: each projection is a ``(hidden, m)`` product of two
-    factors with inner size ``k``, whose rank cannot exceed the bottleneck ``m = hidden // reduction_factor``
-    (``hidden_name``: what the Cell calls ``hidden``)."""
+def check_low_rank_sizes(owner, hidden_name, hidden_size, reduction_factor, low_rank_size):
+    """The checked ``(reduction_factor, low_rank_size)`` for a bottleneck over ``hidden_size``: each projection
+    is a ``(hidden, m)`` product of two factors with inner size ``k``, whose rank cannot exceed the bottleneck
+    ``m = hidden // reduction_factor`` (``hidden_name``: what the Cell calls ``hidden``)."""
     reduction_factor = _check_reduction(owner, hidden_size, reduction_factor)
     low_rank_size = check_int('low_rank_size', low_rank_size, owner)
     check_rank_fits(owner, low_rank_size, hidden_size, hidden_size // reduction_factor, name='low_rank_size',
@@ -74,7 +74,7 @@ class LowRankAdapterLayer(BottleneckAdapter):
                  non_linearity='gelu', param_init_type=mstype.float32, compute_dtype=mstype.float16):
         owner = type(self).__name__
         hidden_size = check_int('hidden_size', hidden_size, owner)
-        reduction_factor, low_rank_size = _check_sizes(owner, 'hidden_size', hidden_size, reduction_factor,
+        reduction_factor, low_rank_size = check_low_rank_sizes(owner, 'hidden_size', hidden_size, reduction_factor,
                                                          low_rank_size)
         _check_factor_init(owner, low_rank_w_init)
         check_dtype('param_init_type', param_init_type, owner)
@@ -191,7 +191,7 @@ class LowRankAdapterDense(DenseWithAdapter):
                  non_linearity='gelu', param_init_type=mstype.float32, compute_dtype=mstype.float16):
         owner = type(self).__name__
         out_channels = check_int('out_channels', out_channels, owner)
-        reduction_factor, low_rank_size = _check_sizes(owner, 'out_channels', out_channels, reduction_factor,
+        reduction_factor, low_rank_size = check_low_rank_sizes(owner, 'out_channels', out_channels, reduction_factor,
                                                          low_rank_size)
         _check_factor_init(owner, low_rank_w_init)
         make_activation(owner, non_linearity)

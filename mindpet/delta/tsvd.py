@@ -183,8 +183,9 @@ def tsvd_increments(u, s, v, scaling):
 
 def _check_group_allocation(owner, in_channels, out_channels, k, length, kept):
     """Refuse, before anything is drawn, a group whose largest tensors would not fit into memory: the complex
-    per-frequency copy :func:`t_orthogonal` makes of the larger factor (``P`` slices at most), and the regulariser's constants (the
-    ``(L, P*P)`` lag table, the ``(L, k, k)`` identity tensor, float64 while it is built)."""
+    per-frequency copy :func:`t_orthogonal` makes of the larger factor (``P`` slices at most), and the
+    regulariser's constants (the ``(L, P*P)`` lag table, the ``(L, k, k)`` identity tensor, float64 while it is
+    built)."""
     check_allocation(owner, "'in_channels'/'out_channels', 'tsvd_rank' and 'num_layers'",
                      (max(in_channels, out_channels), k, kept), 16)
     check_allocation(owner, "'num_layers' and 'tsvd_factor_slices'", (length, kept * kept), 4)

@@ -393,11 +393,10 @@ class DenseLayerTuner(BaseTuner):
             ValueError: the layer's configuration cannot be adapted (naming the layer and the setting).
         """
         kind = layer_type(cell)
-        with naming_layer(key):
-            if kind in (DENSE, None):
-                return cls.build_layer(dense_class, cell, compute_dtype, **kwargs)
-            compute = resolve_compute_dtype(compute_dtype, getattr(cell, kind.weight_attr).dtype)
-            return layer_class(cell, kind, compute_dtype=compute, **kwargs)
+        if kind in (DENSE, None):
+            return cls.build_layer(dense_class, cell, compute_dtype, **kwargs)
+        compute = resolve_compute_dtype(compute_dtype, getattr(cell, kind.weight_attr).dtype)
+        return layer_class(cell, kind, compute_dtype=compute, **kwargs)
 
     def sync_scaling(self, layer, config):
         """Give ``layer`` the host-side scaling of ``config`` that its merge()/unmerge() use (several adapters of

@@ -262,7 +262,8 @@ ROWS = [
         ["'strategy_ia3_mul'", "'x' (str)"]),
     Row('shard-pst-count', lambda f: PSTDense(4, 4, 2, 2).shard(strategy_org_dense_matmul=((1, 1), (1, 1), (1, 1))),
         ValueError, ["'strategy_org_dense_matmul'", '((1, 1), (1, 1), (1, 1))']),
-    Row('shard-adalora-float', lambda f: AdaLoRADense(4, 4, adalora_rank=2).shard(strategy_adalora_lambda_mul=((1, 1), (1.0,))),
+    Row('shard-adalora-float', lambda f: AdaLoRADense(4, 4, adalora_rank=2).shard(
+        strategy_adalora_lambda_mul=((1, 1), (1.0,))),
         TypeError, ["'strategy_adalora_lambda_mul'", '(1.0,)']),
     Row('shard-tsvd-ndim', lambda f: TSVDDense(4, 4, tsvd_group(), 0).shard(strategy_tsvd_add=((1, 1), (1, 1, 1))),
         ValueError, ["'strategy_tsvd_add'", '((1, 1), (1, 1, 1))']),

@@ -17,6 +17,7 @@ from mindspore.common.initializer import One, Constant
 
 from mindpet import LoraConfig, PetModel, get_pet_model
 from mindpet.tuners.adalora import AdaLoraConfig
+from mindpet.tuners.adapter import AdapterConfig
 from mindpet.tuners.low_rank_adapter import LowRankAdapterConfig
 from mindpet.tuners.pst import PstConfig
 from mindpet.tuners.tsvd import TensorSVDConfig
@@ -137,6 +138,15 @@ ROWS = [
                                                                                    low_rank_size=3)),
         ValueError, ["layer 'head'", "'low_rank_size'", 'the bottleneck out_channels // reduction_factor = 2',
                      'but got 3']),
+    # A second adapter on an adapted layer widens its live tensors: the same bounds apply before that.
+    Row('add-adapter-low-rank-size', lambda p: get_pet_model(p, LowRankAdapterConfig(target_modules=['head'],
+                                                                                     reduction_factor=2))
+        .add_adapter('big', LowRankAdapterConfig(target_modules=['head'], reduction_factor=2, low_rank_size=3)),
+        ValueError, ["layer 'head'", "'low_rank_size'", 'out_channels // reduction_factor = 2', 'but got 3']),
+    Row('add-adapter-bottleneck-beyond-memory', lambda p: get_pet_model(p, AdapterConfig(target_modules=['head'],
+                                                                                         bottleneck_size=2))
+        .add_adapter('big', AdapterConfig(target_modules=['head'], bottleneck_size=10 ** 12)),
+        ValueError, ["layer 'head'", "'bottleneck_size'", f'({10 ** 12}, 4)', 'more than the']),
 ]
 
 #: the config field each injection row's error must carry (the runner reports it as the YAML key pet.<field>)
@@ -154,7 +164,7 @@ def test_refused_before_allocating_and_nothing_changed(row):
     assert all(fragment in str(info.value) for fragment in row.fragments), str(info.value)
     if row.id in FIELDS:
         assert info.value.field == FIELDS[row.id]
-    if row.id != 'add-adapter-rank-above-layer':       # there the first adapter was injected before the refusal
+    if not row.id.startswith('add-adapter'):       # there the first adapter was injected before the refusal
         assert [(name, type(cell).__name__) for name, cell in base.cells_and_names()] == before
     for param in base.get_parameters():
         if param.name in weights:
