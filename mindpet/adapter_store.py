@@ -9,7 +9,8 @@ have ``adapter_model.safetensors``, which still loads).
 adapter, a fingerprint of the base model (every base parameter's name and shape) so that an adapter is never
 loaded into a model it was not trained on, the tensor file's name and SHA-256 (``weights_file``,
 ``weights_sha256``: safetensors has no checksum of its own, so a damaged byte would otherwise load as a wrong
-number), and ``adapter_sha256``, a SHA-256 over all the config's fields, so an edited config is refused.
+number), and ``adapter_sha256``, a SHA-256 over all the config's fields, so an edited config is refused
+(``field_sha256``, a short SHA-256 of each field, lets the refusal name the edited one).
 The tensor file holds the adapter tensors only, in the adapter's own shapes, named ``<layer>.<delta parameter>``
 (e.g. ``blocks.0.attn.q_proj.mindpet_delta_lora_a``) and by their own names for ``modules_to_save`` parameters.
 No optimizer state is ever written.
@@ -35,10 +36,10 @@ from safetensors.numpy import load as safetensors_arrays, save as safetensors_by
 from mindpet.delta.layer_kinds import canonical_arrays, canonical_fingerprint, stored_updates
 from mindpet.naming import is_pet_param
 from mindpet.tuners.registry import config_from_dict, make_tuner
-from mindpet.utils.dir_commit import directory_lock, remove_temp_files, write_file
+from mindpet.utils.dir_commit import READ_ATTEMPTS, directory_lock, remove_temp_files, saved_while_read, write_file
 from mindpet.utils.exceptions import AdapterConfigError, CheckpointError, LinkPathError, MindPetError
-from mindpet.utils.io_utils import (atomic_save_checkpoint, checkpoint_format, ensure_dir, load_checkpoint_file,
-                                    read_yaml_file, remove_stale_temp_files)
+from mindpet.utils.io_utils import (atomic_save_checkpoint, checkpoint_format, checkpoint_write_errors, ensure_dir,
+                                    load_checkpoint_file, read_yaml_file, remove_stale_temp_files)
 from mindpet.version import __version__
 
 ADAPTER_CONFIG_NAME = 'adapter_config.yaml'
@@ -179,9 +180,37 @@ _WEIGHTS_FILE_RE = re.compile(r'^adapter_model\.[0-9a-f]{16}\.safetensors$')
 def _meta_sha256(meta):
     """SHA-256 over every field of an adapter config but ``adapter_sha256`` itself, in a canonical form (the
     config's ``weights_sha256`` ties the tensor file's bytes in)."""
-    fields = {key: value for key, value in meta.items() if key != 'adapter_sha256'}
-    text = json.dumps(fields, sort_keys=True, separators=(',', ':'), ensure_ascii=True)
+    return _sha256({key: value for key, value in meta.items() if key != 'adapter_sha256'})
+
+
+def _sha256(value):
+    text = json.dumps(value, sort_keys=True, separators=(',', ':'), ensure_ascii=True)
     return hashlib.sha256(text.encode('ascii')).hexdigest()
+
+
+def _field_digests(meta):
+    """``field -> first 8 hex digits of its SHA-256`` for every field of an adapter config (each key of ``pet``
+    on its own, as ``pet.<key>``) but the checksums themselves: recorded as ``field_sha256``, they let a refused
+    config name the field that was edited."""
+    digests = {}
+    for key, value in meta.items():
+        if key in ('adapter_sha256', 'field_sha256'):
+            continue
+        if key == 'pet' and isinstance(value, dict):
+            digests.update((f'pet.{name}', _sha256(item)[:8]) for name, item in value.items())
+        else:
+            digests[key] = _sha256(value)[:8]
+    return digests
+
+
+def _edited_fields(meta):
+    """The fields of a config whose SHA-256 check failed that differ from the ``field_sha256`` it records (added
+    and removed ones included); empty when it records none, or when only ``field_sha256`` itself was changed."""
+    recorded = meta.get('field_sha256')
+    if not isinstance(recorded, dict):
+        return []
+    now = _field_digests(meta)
+    return sorted(key for key in set(recorded) | set(now) if recorded.get(key) != now.get(key))
 
 
 def _save_mindpet_dir(directory, adapter):
@@ -200,9 +229,12 @@ def _save_mindpet_dir(directory, adapter):
     meta = dict(build_meta(adapter), weights_file=weights_name, weights_sha256=hashlib.sha256(data).hexdigest())
     text = yaml.safe_dump(_plain(meta), sort_keys=False, default_flow_style=None, width=120)
     # Hash what a reader will parse, so that the YAML round trip cannot make the two sides differ.
+    text += yaml.safe_dump({'field_sha256': _field_digests(yaml.safe_load(text))}, default_flow_style=False)
     text += yaml.safe_dump({'adapter_sha256': _meta_sha256(yaml.safe_load(text))})
     weights_path = os.path.join(directory, weights_name)
     remove_temp_files(directory, [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, _WEIGHTS_FILE_RE])
+    # Tensor files of saves killed before their commit: without this, kills in a row would pile them up.
+    _remove_unnamed_weights(directory, _committed_weights(directory))
     existed = os.path.exists(weights_path)
     write_file(weights_path, data, what='adapter weights file')
     try:
@@ -212,11 +244,28 @@ def _save_mindpet_dir(directory, adapter):
             with contextlib.suppress(OSError):
                 os.remove(weights_path)
         raise
+    _remove_unnamed_weights(directory, weights_name)
+    return directory
+
+
+def _committed_weights(directory):
+    """The tensor file name the directory's config names, or None when there is no readable config (then no
+    tensor file is known to be unnamed)."""
+    try:
+        return read_adapter_meta(directory)[1].get('weights_file', ADAPTER_WEIGHTS_NAME)
+    except (MindPetError, OSError):
+        return None
+
+
+def _remove_unnamed_weights(directory, keep):
+    """Remove the tensor files of ``directory`` but ``keep`` (nothing when ``keep`` is None). A reader that read an
+    older config and finds its file gone reads the config again (:func:`_read_committed`)."""
+    if keep is None:
+        return
     for entry in os.listdir(directory):
-        if entry != weights_name and (entry == ADAPTER_WEIGHTS_NAME or _WEIGHTS_FILE_RE.match(entry)):
+        if entry != keep and (entry == ADAPTER_WEIGHTS_NAME or _WEIGHTS_FILE_RE.match(entry)):
             with contextlib.suppress(OSError):   # e.g. open by a reader on Windows: removed by the next save
                 os.remove(os.path.join(directory, entry))
-    return directory
 
 
 def _plain(value):
@@ -320,24 +369,22 @@ def _read_bytes(path, what):
 
 
 # A writer commits between a reader's reading the config and opening the tensor file it names (which that writer
-# then removes): the reader reads the new config and tries again. Each retry needs another complete save.
-_READ_ATTEMPTS = 100
+# then removes): the reader reads the new config and tries again (up to READ_ATTEMPTS times).
 
 
 def _read_committed(directory):
     """``(config, meta, path, data)`` of one committed save: the config and the bytes of the tensor file it
     names."""
-    for attempt in range(_READ_ATTEMPTS):
+    for attempt in range(READ_ATTEMPTS):
         config, meta = read_adapter_meta(directory)
         path = os.path.join(directory, meta.get('weights_file', ADAPTER_WEIGHTS_NAME))
         try:
             return config, meta, path, _read_bytes(path, 'adapter weights')
         except FileNotFoundError as ex:
-            if attempt + 1 < _READ_ATTEMPTS and read_adapter_meta(directory)[1] != meta:
+            if attempt + 1 < READ_ATTEMPTS and read_adapter_meta(directory)[1] != meta:
                 continue
             raise CheckpointError(f"The adapter weights file '{path}' does not exist.") from ex
-    raise CheckpointError(f"The adapter in '{directory}' was saved again {_READ_ATTEMPTS} times while being "
-                          f"read; try again when the writers pause.")
+    raise saved_while_read(directory)
 
 
 def _load_mindpet_dir(directory):
@@ -356,18 +403,30 @@ def _load_mindpet_dir(directory):
     expected = expected_tensors(make_tuner(config.method), config, meta['target_layers'],
                                 meta['modules_to_save_params'],
                                 canonical_fingerprint(fingerprint, layer_types, directory), directory)
+    _refuse_foreign_tensors(flat, expected, path)
     check_tensors(flat, expected, path)
     # After the name/shape checks, whose messages say more; these catch changed values.
     if meta.get('weights_sha256') and hashlib.sha256(data).hexdigest() != meta['weights_sha256']:
         raise CheckpointError(f"The adapter weights file '{path}' does not match the SHA-256 recorded in "
                               f"{ADAPTER_CONFIG_NAME}: it was damaged or replaced after saving.")
     if 'adapter_sha256' in meta and _meta_sha256(meta) != meta['adapter_sha256']:
+        edited = _edited_fields(meta)
+        which = f" (edited: {', '.join(repr(key) for key in edited)})" if edited else ''
         raise AdapterConfigError(f"'{os.path.join(directory, ADAPTER_CONFIG_NAME)}' was edited after saving: its "
-                                 f"fields no longer match its SHA-256 ('adapter_sha256'). Change an adapter by "
-                                 f"loading it and saving it again.")
+                                 f"fields no longer match its SHA-256 ('adapter_sha256'){which}. Change an adapter "
+                                 f"by loading it and saving it again.")
     layers, modules = group_tensors(flat, meta['target_layers'], meta['modules_to_save_params'])
     return StoredAdapter(meta.get('adapter_name'), config, list(meta['target_layers']), layers, modules,
                          OrderedDict(fingerprint), layer_types)
+
+
+def _refuse_foreign_tensors(flat, expected, path):
+    """A clearer error than "lacks tensor" for a tensor file that holds none of the adapter's tensors (e.g. Hugging
+    Face PEFT's ``base_model.model.<module>.lora_A.weight``, copied in)."""
+    if flat and not any(name in flat for name in expected):
+        raise CheckpointError(f"The adapter weights file '{path}' holds none of the adapter's tensors (first by "
+                              f"name: '{min(flat)}'): it is of another format, such as Hugging Face PEFT's, whose "
+                              f"directory holds its own config ({_FORMATS['peft'][0]}).")
 
 
 # Adapter directory formats: the config file that identifies a directory of that format, and the module that
@@ -408,9 +467,16 @@ def detect_format(directory):
         AdapterConfigError: the path is not a readable directory, or it holds no known config file.
     """
     directory = _check_adapter_dir(directory)
-    for fmt, (config_name, _) in _FORMATS.items():
-        if os.path.isfile(os.path.join(directory, config_name)):
-            return fmt
+    found = [fmt for fmt, (config_name, _) in _FORMATS.items()
+             if os.path.isfile(os.path.join(directory, config_name))]
+    if len(found) > 1:
+        # save_adapter_dir never makes such a directory; which adapter a reader should take is unknowable.
+        names = [_FORMATS[fmt][0] for fmt in found]
+        raise AdapterConfigError(f"The adapter directory '{directory}' holds adapters of {len(found)} formats "
+                                 f"({', '.join(f'{fmt!r}: {name}' for fmt, name in zip(found, names))}); keep one "
+                                 f"adapter per directory.")
+    if found:
+        return found[0]
     others = [config_name for config_name, _ in list(_FORMATS.values())[1:]]
     raise AdapterConfigError(f"The adapter directory '{directory}' has no {ADAPTER_CONFIG_NAME} (nor another "
                              f"known adapter config: {others}).")
@@ -435,7 +501,7 @@ def save_adapter_dir(directory, adapter, fmt='mindpet'):
                 raise AdapterConfigError(f"The directory '{directory}' holds a {other!r} adapter ({config_name}); "
                                          f"saving a {fmt!r} adapter beside it would leave two. Save into another "
                                          f"directory, or remove that adapter first.")
-        # Formats written with io_utils.atomic_write (PEFT's) leave its temporary files when killed.
+        # PEFT saves of mindpet <= 1.1 wrote with io_utils.atomic_write, whose killed writers left these.
         remove_stale_temp_files(directory, 'adapter_')
         return save(directory, adapter)
 
@@ -503,7 +569,8 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path, base_params=None):
 
     Raises:
         AdapterConfigError: the adapter does not fit the base checkpoint (first differing parameter named).
-        CheckpointError: a file is missing or corrupt.
+        CheckpointError: a file is missing or corrupt, or ``out_path`` cannot be written (disk full, permission);
+            a file already at ``out_path`` then stays as it was.
 
     Example:
         >>> merge_into_checkpoint('base.ckpt', 'out/adapter', 'merged.ckpt')  # doctest: +SKIP
@@ -533,6 +600,7 @@ def merge_into_checkpoint(base_path, adapter_dir, out_path, base_params=None):
     for name, value in adapter.modules.items():
         updates[name] = value.astype(arrays[name].dtype)
     items = [{'name': name, 'data': ms.Tensor(updates.get(name, value))} for name, value in arrays.items()]
-    atomic_save_checkpoint(items, out_path, ckpt_format=checkpoint_format(out_path))
+    with checkpoint_write_errors(out_path):
+        atomic_save_checkpoint(items, out_path, ckpt_format=checkpoint_format(out_path))
     copied = sum(1 for name in arrays if name not in (adapter.fingerprint or base_shapes))
     return MergeReport(os.fspath(out_path), len(adapter.targets), len(adapter.modules), copied, len(items))

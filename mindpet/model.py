@@ -13,7 +13,6 @@ before (``TrainOneStepCell``, optimizers) must then be built again.
 """
 import contextlib
 import os
-import re
 
 import numpy as np
 from mindspore import nn, Tensor
@@ -28,9 +27,7 @@ from mindpet.tuners.config import COMPUTE_DTYPES, PetConfig
 from mindpet.tuners.inject import walk, matches_any, replace_cell, invalidate_compiled_graph
 from mindpet.tuners.registry import make_tuner
 from mindpet.utils.exceptions import AdapterConfigError
-from mindpet.utils.validation import FieldValueError, check_cell, check_bool, check_int, check_real
-
-_NAME_RE = re.compile(r'^[A-Za-z0-9_.\-]+$')
+from mindpet.utils.validation import FieldValueError, check_cell, check_bool, check_int, check_real, check_safe_name
 
 
 class _Adapter:
@@ -58,6 +55,7 @@ class _State:
         self.module_params = {}       # name -> Parameter of a modules_to_save cell
         self.module_base = {}         # name -> numpy copy of its base value
         self.requires_grad = {}       # name -> requires_grad before injection (restored by unload)
+        self.base_dtype = None        # half dtype the frozen base is stored in (get_pet_model's base_dtype)
 
 
 def _check_adapter_name(owner, adapter_name):
@@ -68,13 +66,22 @@ def _check_adapter_name(owner, adapter_name):
                         f"disable_adapter():'.")
 
 
-def _check_name(owner, arg, name):
-    if not isinstance(name, str):
-        raise TypeError(f"For '{owner}', the '{arg}' must be a str, but got {name!r} ({type(name).__name__}).")
-    if not _NAME_RE.match(name):
-        raise ValueError(f"For '{owner}', the '{arg}' must be a non-empty name of letters, digits, '_', '-' or "
-                         f"'.', but got {name!r}.")
-    return name
+def parameter_counts(network):
+    """``(trainable, total)`` element counts of ``network``'s Parameters, run-time state (``mindpet_state_*``)
+    excluded: trainable are those with ``requires_grad``.
+
+    Example:
+        >>> parameter_counts(nn.Dense(4, 3))
+        (15, 15)
+    """
+    trainable = total = 0
+    for param in network.get_parameters():
+        if is_state(param.name):
+            continue
+        size = int(np.prod(param.shape))
+        total += size
+        trainable += size if param.requires_grad else 0
+    return trainable, total
 
 
 def _each_layer_or_none(record, apply, undo, layers):
@@ -118,7 +125,7 @@ class PetModel(nn.Cell):
         if config is not None and not isinstance(config, PetConfig):
             raise TypeError(f"For '{owner}', the 'config' must be a PetConfig (e.g. LoraConfig) or None, but got "
                             f"{config!r} ({type(config).__name__}).")
-        _check_name(owner, 'adapter_name', adapter_name)
+        check_safe_name('adapter_name', adapter_name, owner)
         added = [p.name for p in model.get_parameters() if is_pet_param(p.name)]
         if added:
             raise ValueError(f"For '{owner}', the 'model' already has PET parameters (e.g. '{added[0]}'); inject "
@@ -187,6 +194,7 @@ class PetModel(nn.Cell):
             tensors[key] = (state.tuner.read_live(layer, config) if fresh
                             else state.tuner.init_adapter(layer, config))
         module_names = self._resolve_modules(config)
+        changed = self._saved_in_float32(config) or changed
         # A new adapter starts from the base values (not from another adapter's trained values).
         modules = {name: state.module_base[name].copy() for name in module_names}
         state.adapters[adapter_name] = _Adapter(config, targets, tensors, modules, trainable)
@@ -235,6 +243,7 @@ class PetModel(nn.Cell):
                                      f"{(missing or extra)[0]!r}).")
         for name in adapter.modules:
             self._register_module_param(name, source)
+        changed = self._saved_in_float32(adapter.config) or changed
         layers = {key: dict(adapter.layers[key]) for key in targets}
         state.adapters[adapter_name] = _Adapter(adapter.config, targets, layers, dict(adapter.modules), trainable)
         self._after_structure_change(changed)
@@ -274,7 +283,7 @@ class PetModel(nn.Cell):
         """
         owner = 'PetModel.from_pretrained'
         check_cell('model', model, owner)
-        _check_name(owner, 'adapter_name', adapter_name)
+        check_safe_name('adapter_name', adapter_name, owner)
         check_bool('is_trainable', is_trainable, owner)
         pet = cls(model)
         try:
@@ -665,13 +674,7 @@ class PetModel(nn.Cell):
             >>> pet.print_trainable_parameters()  # doctest: +SKIP
             trainable params: 1,536 || all params: 45,120 || trainable%: 3.4043
         """
-        trainable = total = 0
-        for param in self.base_model.get_parameters():
-            if is_state(param.name):
-                continue
-            size = int(np.prod(param.shape))
-            total += size
-            trainable += size if param.requires_grad else 0
+        trainable, total = parameter_counts(self.base_model)
         percent = 100.0 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}")
         return trainable, total, percent
@@ -689,7 +692,7 @@ class PetModel(nn.Cell):
                                f"network it returned.")
 
     def _check_new_name(self, owner, adapter_name):
-        _check_name(owner, 'adapter_name', adapter_name)
+        check_safe_name('adapter_name', adapter_name, owner)
         if adapter_name in self._state.adapters:
             raise ValueError(f"For '{owner}', an adapter named {adapter_name!r} already exists; adapters: "
                              f"{self.adapters}.")
@@ -746,6 +749,27 @@ class PetModel(nn.Cell):
         state.module_params[name] = params[name]
         state.module_base[name] = params[name].asnumpy().copy()
 
+    def _saved_in_float32(self, config):
+        """On a half-precision base (``get_pet_model(..., base_dtype=...)``), keep what trains in full in float32:
+        every saved module parameter is stored in float32 (so are its optimiser moments), and the cells
+        ``config.modules_to_save`` selects run in float32 (``Cell.to_float``: their half inputs are cast at the
+        boundary, as the delta layers cast their float32 factors). Returns whether the graph must be rebuilt."""
+        state = self._state
+        if state.base_dtype is None:
+            return False
+        changed = False
+        for name, param in state.module_params.items():
+            if param.dtype in (mstype.float16, mstype.bfloat16):
+                param.set_dtype(mstype.float32)
+                state.module_base[name] = state.module_base[name].astype(np.float32)
+                changed = True
+        if config.modules_to_save:
+            for cell_name, cell in self.base_model.cells_and_names():
+                if cell_name and matches_any(cell_name, config.modules_to_save):
+                    cell.to_float(mstype.float32)
+                    changed = True
+        return changed
+
     def _after_structure_change(self, changed):
         """New layers (deactivated unless the active adapter covers them) and recompilation."""
         if not changed:
@@ -779,8 +803,10 @@ def get_pet_model(model, config, adapter_name='default', base_dtype=None):
         base_dtype (mindspore.dtype | str | None): store the frozen base weights in this dtype (``ms.float16`` /
             ``'float16'``, ``ms.bfloat16`` / ``'bfloat16'``, or float32) and run the network's cells in it
             (``Cell.to_float``); the adapters, their optimiser state and the scaling stay float32, and layers whose
-            config leaves ``compute_dtype`` None compute in ``base_dtype``. None (default): leave the base as it is.
-            Merging writes the base weight back in ``base_dtype`` (rounded once). Not with ``modules_to_save``.
+            config leaves ``compute_dtype`` None compute in ``base_dtype``. The cells of ``modules_to_save`` (and
+            any base parameter a method trains, e.g. BitFit's biases) are kept in float32 and the
+            ``modules_to_save`` cells run in float32. None (default): leave the base as it is. Merging writes the
+            base weight back in ``base_dtype`` (rounded once).
 
     Returns:
         PetModel: call it like ``model``; ``pet.base_model`` is ``model``.
@@ -788,51 +814,51 @@ def get_pet_model(model, config, adapter_name='default', base_dtype=None):
     Raises:
         TypeError: ``model`` is not a Cell or ``config`` not a PetConfig.
         ValueError: the config matches nothing (the message lists the patterns and candidate layer names), the
-            model already holds PET parameters, ``base_dtype`` is not a float dtype, or it is combined with
-            ``modules_to_save``.
+            model already holds PET parameters, or ``base_dtype`` is not a float dtype.
 
     Example:
         >>> from mindpet import LoraConfig, get_pet_model
         >>> pet = get_pet_model(net, LoraConfig(target_modules=['q_proj', 'v_proj'], lora_rank=8))  # doctest: +SKIP
         >>> pet.print_trainable_parameters()  # doctest: +SKIP
-        >>> half = get_pet_model(net2, LoraConfig(target_modules=['q_proj']), base_dtype=ms.float16)  # doctest: +SKIP
+        >>> half = get_pet_model(net2, LoraConfig(target_modules=['q_proj'], modules_to_save=['head']),
+        ...                      base_dtype=ms.float16)  # doctest: +SKIP
     """
-    dtype = _check_base_dtype(base_dtype, config)
+    dtype = _check_base_dtype(base_dtype)
     pet = PetModel(model, config, adapter_name)
     if dtype is not None:
         _store_base_in(pet, dtype)
     return pet
 
 
-def _check_base_dtype(base_dtype, config):
+def _check_base_dtype(base_dtype):
     """The mindspore dtype ``base_dtype`` names (None stays None), checked before anything changes."""
     if base_dtype is None:
         return None
-    owner = 'get_pet_model'
     dtype = COMPUTE_DTYPES.get(base_dtype, base_dtype) if isinstance(base_dtype, str) else base_dtype
     if dtype not in COMPUTE_DTYPES.values():
-        raise ValueError(f"For '{owner}', the 'base_dtype' must be None or one of {list(COMPUTE_DTYPES)} (or the "
-                         f"mindspore dtype), but got {base_dtype!r}.")
-    if isinstance(config, PetConfig) and getattr(config, 'modules_to_save', None):
-        raise FieldValueError(f"For '{owner}', the 'base_dtype' ({base_dtype!r}) cannot be combined with "
-                              f"'modules_to_save' ({config.modules_to_save}): those cells train full copies, which "
-                              f"would then train in half precision.", field='modules_to_save')
+        raise ValueError(f"For 'get_pet_model', the 'base_dtype' must be None or one of {list(COMPUTE_DTYPES)} (or "
+                         f"the mindspore dtype), but got {base_dtype!r}.")
     return dtype
 
 
 def _store_base_in(pet, dtype):
     """Store the frozen floating base Parameters of ``pet`` in ``dtype`` and run its cells in ``dtype``; delta
-    layers that compute in the base weight's dtype (config ``compute_dtype`` None) follow it."""
+    layers that compute in the base weight's dtype (config ``compute_dtype`` None) follow it. What trains in full
+    (saved modules) stays float32."""
     if dtype == mstype.float32:
         return
-    for param in pet.base_model.get_parameters():
-        if not is_pet_param(param.name) and param.dtype in (mstype.float32, mstype.float64, mstype.float16,
-                                                             mstype.bfloat16) and param.dtype != dtype:
-            param.set_dtype(dtype)
     state = pet._state  # pylint: disable=protected-access
+    for param in pet.base_model.get_parameters():
+        if not is_pet_param(param.name) and param.name not in state.module_params and \
+                param.dtype in (mstype.float32, mstype.float64, mstype.float16, mstype.bfloat16) and \
+                param.dtype != dtype:
+            param.set_dtype(dtype)
     for key, layer in state.layers.items():
         configs = [record.config for record in state.adapters.values() if key in record.tensors]
         if all(getattr(config, 'compute_dtype', None) is None for config in configs) and \
                 hasattr(layer, 'compute_dtype'):
             layer.compute_dtype = layer.dtype = dtype
     pet.base_model.to_float(dtype)
+    state.base_dtype = dtype
+    for record in state.adapters.values():
+        pet._saved_in_float32(record.config)  # pylint: disable=protected-access

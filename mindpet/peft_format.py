@@ -37,9 +37,12 @@ import re
 from collections import OrderedDict
 
 import numpy as np
+from safetensors.numpy import save as safetensors_bytes
 
+from mindpet.naming import is_pet_param
 from mindpet.utils.exceptions import AdapterConfigError, CheckpointError
-from mindpet.utils.io_utils import atomic_write, atomic_save_checkpoint, load_checkpoint_file, ensure_dir
+from mindpet.utils.dir_commit import commit_directory, read_unit
+from mindpet.utils.io_utils import ensure_dir, load_checkpoint_file
 
 PEFT_CONFIG_NAME = 'adapter_config.json'
 PEFT_WEIGHTS_NAME = 'adapter_model.safetensors'
@@ -141,8 +144,10 @@ def _layer_tensors(path, arrays, suffixes, modules_to_save):
     layers, modules = OrderedDict(), OrderedDict()
     for key, value in arrays.items():
         if not key.startswith(KEY_PREFIX):
+            hint = (" It is a tensor of mindpet's own format, whose directories hold adapter_config.yaml."
+                    if is_pet_param(key.rsplit('.', 1)[-1]) else '')
             raise CheckpointError(f"The PEFT adapter file '{path}' has tensor '{key}', which does not start with "
-                                  f"'{KEY_PREFIX}' (the PEFT key of a model's module).")
+                                  f"'{KEY_PREFIX}' (the PEFT key of a model's module).{hint}")
         name = key[len(KEY_PREFIX):]
         for suffix, own in suffixes.items():
             if name.endswith('.' + suffix):
@@ -264,8 +269,12 @@ def load_adapter_dir(directory):
         >>> adapter.config.lora_rank, adapter.targets[:1]  # doctest: +SKIP
         (8, ['bert.encoder.layer.0.attention.self.query'])
     """
+    # Both files from one save: a writer may swap the directory between the two reads.
+    return read_unit(os.fspath(directory), _load)
+
+
+def _load(directory):
     from mindpet.adapter_store import StoredAdapter  # pylint: disable=import-outside-toplevel
-    directory = os.fspath(directory)
     path, data = _read_config(directory)
     _check_options(path, data)
     weights = os.path.join(directory, PEFT_WEIGHTS_NAME)
@@ -368,24 +377,22 @@ def peft_tensors(adapter):
 
 
 def save_adapter_dir(directory, adapter):
-    """Write ``adapter`` (a StoredAdapter) as a PEFT directory: ``adapter_model.safetensors`` then
-    ``adapter_config.json``, each atomically. Returns ``directory``.
+    """Write ``adapter`` (a StoredAdapter) as a PEFT directory, ``adapter_model.safetensors`` and
+    ``adapter_config.json`` committed as one unit (:func:`mindpet.utils.dir_commit.commit_directory`: the new directory
+    is built beside ``directory`` and swapped in; other files in it stay). Returns ``directory``.
 
     Raises:
         ValueError: see :func:`peft_config_dict`.
+        CheckpointError: a storage error (disk full, permission), naming the file; ``directory`` is as it was.
     """
-    import mindspore as ms  # pylint: disable=import-outside-toplevel
     directory = os.fspath(directory)
     data = peft_config_dict(adapter)   # refuses before anything is written
     tensors = peft_tensors(adapter)
     ensure_dir(directory, what='adapter directory')
-    items = [{'name': name, 'data': ms.Tensor(np.ascontiguousarray(value))} for name, value in tensors.items()]
-    atomic_save_checkpoint(items, os.path.join(directory, PEFT_WEIGHTS_NAME), ckpt_format='safetensors')
+    # 'format': 'pt' is what PEFT itself records; PyTorch PEFT reads the file either way.
+    weights = safetensors_bytes({name: np.ascontiguousarray(value) for name, value in tensors.items()},
+                                metadata={'format': 'pt'})
     text = json.dumps(data, indent=2, sort_keys=True) + '\n'
-
-    def _write(tmp_path):
-        with open(tmp_path, 'w', encoding='utf-8') as handle:
-            handle.write(text)
-
-    atomic_write(os.path.join(directory, PEFT_CONFIG_NAME), _write)
+    commit_directory(directory, OrderedDict([(PEFT_WEIGHTS_NAME, weights), (PEFT_CONFIG_NAME, text.encode('utf-8'))]),
+                     what={PEFT_WEIGHTS_NAME: 'PEFT adapter weights file', PEFT_CONFIG_NAME: 'PEFT adapter config'})
     return directory

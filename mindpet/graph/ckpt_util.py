@@ -22,9 +22,8 @@ from mindpet.utils.exceptions import CheckpointError
 from mindpet.utils.io_utils import (atomic_save_checkpoint, ensure_dir, load_checkpoint_file, check_params_fit,
                                     load_params_checked, checkpoint_format, CKPT_FORMATS,
                                     remove_stale_temp_files, checkpoint_write_errors)
-from mindpet.utils.validation import check_cell, check_bool
+from mindpet.utils.validation import check_cell, check_bool, check_safe_name
 
-_PREFIX_RE = re.compile(r'^[A-Za-z0-9_.\-]+$')
 # Parallel modes in which every rank holds the whole adapter, so rank 0 alone can write it. In (semi-)auto and
 # hybrid parallel a parameter may be sliced across ranks and saving it is a collective operation.
 _REPLICATED_MODES = ('stand_alone', 'data_parallel')
@@ -51,15 +50,6 @@ def _check_directory(owner, directory):
     if not directory:
         raise ValueError(f"For '{owner}', the 'directory' must be a non-empty path, but got ''.")
     return directory
-
-
-def _check_prefix(owner, prefix):
-    if not isinstance(prefix, str):
-        raise TypeError(f"For '{owner}', the 'prefix' must be a str, but got {prefix!r} ({type(prefix).__name__}).")
-    if not _PREFIX_RE.match(prefix):
-        raise ValueError(f"For '{owner}', the 'prefix' must be a non-empty file name of letters, digits, "
-                         f"'_', '-' or '.', but got {prefix!r}.")
-    return prefix
 
 
 def _name_re(prefix, ckpt_format=None):
@@ -138,7 +128,7 @@ class TrainableParamsCheckPoint(Callback):
         super().__init__()
         owner = 'TrainableParamsCheckPoint'
         directory = _check_directory(owner, directory)
-        _check_prefix(owner, prefix)
+        check_safe_name('prefix', prefix, owner, what='file name')
         if config is None:
             config = CheckpointConfig()
         if not isinstance(config, CheckpointConfig):
@@ -350,7 +340,7 @@ def find_latest_checkpoint(directory, prefix="DELTA_CKP", verify=True):
     """
     owner = 'find_latest_checkpoint'
     directory = _check_directory(owner, directory)
-    _check_prefix(owner, prefix)
+    check_safe_name('prefix', prefix, owner, what='file name')
     check_bool('verify', verify, owner)
     if not verify:
         files = list_checkpoints(directory, prefix)
@@ -398,7 +388,7 @@ def resume_from_checkpoint(directory, network, optimizer=None, prefix="DELTA_CKP
     check_cell('network', network, owner)
     if optimizer is not None:
         check_cell('optimizer', optimizer, owner)
-    _check_prefix(owner, prefix)
+    check_safe_name('prefix', prefix, owner, what='file name')
     path, loaded, skipped = _newest_readable(directory, prefix)
     if path is None:
         if skipped:

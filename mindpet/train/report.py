@@ -198,6 +198,13 @@ def plot_losses(path, losses, rates=None, title=''):
         second.set_ylabel('learning rate')
     if title:
         axis.set_title(title)
+    return write_figure(path, fig)
+
+
+def write_figure(path, fig):
+    """Lay out the matplotlib figure ``fig``, write it to ``path`` as a PNG atomically and close it; returns
+    ``path``."""
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
     fig.tight_layout()
 
     def _write(tmp_path):
@@ -239,4 +246,4 @@ def _plain(value):
 
 
 __all__ = ['duration', 'size_text', 'progress_line', 'format_metrics', 'header', 'summary', 'summary_table',
-           'plot_losses', 'write_json', 'write_yaml', 'steady_step_time']
+           'plot_losses', 'write_figure', 'write_json', 'write_yaml', 'steady_step_time']

@@ -28,18 +28,20 @@ from mindspore.train.callback import Callback, CheckpointConfig, RunContext
 
 from mindpet.graph.ckpt_util import (TrainableParamsCheckPoint, batch_checksum, distributed_rank,
                                      resume_from_checkpoint)
-from mindpet.model import PetModel, get_pet_model
-from mindpet.naming import is_pet_param, is_state
+from mindpet.model import PetModel, get_pet_model, parameter_counts
+from mindpet.naming import is_pet_param
+from mindpet.recompute import apply_recompute
 from mindpet.train import report
 from mindpet.train.peers import PeerWatch
 from mindpet.train.schedule import WarmupDecayLR, learning_rate_at
-from mindpet.train.schema import (CODE_FIELDS, RUNNER_FIELDS, MAX_EPOCHS, MAX_STEPS, check_section, read_run_config,
-                                  did_you_mean)
+from mindpet.train.schema import CODE_FIELDS, RUNNER_FIELDS, MAX_EPOCHS, MAX_STEPS, check_section, read_run_config
 from mindpet.train.imports import CodeImportError
 from mindpet.train.task import GENERIC_TASK, KeyValueError, load_task_class
+from mindpet.tuners.config import check_patterns
 from mindpet.tuners.registry import available_methods, get_method
 from mindpet.utils.exceptions import CheckpointError, MindPetError
-from mindpet.utils.validation import check_bool, memory_shortfall
+from mindpet.utils.ms_settings import compile_then_release, release_enabled
+from mindpet.utils.validation import check_bool, did_you_mean, memory_shortfall
 from mindpet.utils.io_utils import (ensure_dir, atomic_save_checkpoint, load_checkpoint_file,
                                     load_params_checked)
 
@@ -188,9 +190,23 @@ def _check_runner_rules(source, sections, task_class):
         raise source.value_error('schedule.end_learning_rate',
                                  f"must not exceed start_learning_rate ({schedule['start_learning_rate']}), but got "
                                  f"{schedule['end_learning_rate']}")
+    _recompute_blocks(source, training['recompute'])
     if training['rdrop_alpha'] and not task_class.supports_rdrop:
         raise source.value_error('training.rdrop_alpha', f"R-Drop is not available for the '{task_class.name}' "
                                  f"task (a classification loss is needed); use 0")
+
+
+def _recompute_blocks(source, value):
+    """``training.recompute`` as ``apply_recompute``'s ``blocks`` (None: the repeated blocks), or False: off."""
+    if value is None or value is False:
+        return False
+    if value is True:
+        return None
+    try:
+        return check_patterns('training.recompute', 'recompute', value, allow_none=False)
+    except (TypeError, ValueError):
+        raise source.value_error('training.recompute', f"must be true, false, a cell-name pattern (a regular "
+                                 f"expression) or a list of them, but got {value!r}") from None
 
 
 def _pet_config(source, pet):
@@ -216,7 +232,7 @@ def _pet_config(source, pet):
     for key in pet:
         if key not in valid:
             raise source.key_error(f'pet.{key}', f"unknown key of the '{kind}' method"
-                                   f"{did_you_mean(key, valid)}") from None
+                                   f"{did_you_mean(key, valid, list_valid=True)}") from None
     try:
         # The keys are checked above and the class looked up once: build it directly.
         return config_class(**{key: value for key, value in pet.items() if key != 'type'})
@@ -310,14 +326,7 @@ class Built:
 
     def counts(self):
         """``(trainable, total)`` parameter counts (run-time state excluded)."""
-        trainable = total = 0
-        for param in self.network.get_parameters():
-            if is_state(param.name):
-                continue
-            size = int(np.prod(param.shape))
-            total += size
-            trainable += size if param.requires_grad else 0
-        return trainable, total
+        return parameter_counts(self.network)
 
     def base_bytes(self):
         """Bytes of the base model's parameters (what a full checkpoint of it holds)."""
@@ -374,7 +383,7 @@ def build(plan, lazy=False):
             raise plan.source.value_error(getattr(ex, 'key', 'model'), str(ex)) from None
         loaded = None if lazy else plan.task.load_base(network, plan.model.get('base_checkpoint'))
         if plan.pet_config is None:
-            return Built(network, None, loaded)
+            return Built(_recompute(plan, network), None, loaded)
         try:
             # Lazily built (no weights yet): parameters are counted as built, the half-precision copy comes with
             # the real build.
@@ -386,7 +395,20 @@ def build(plan, lazy=False):
             field = getattr(ex, 'field', None)
             key = field if field in plan.pet_config.field_names() else 'target_modules'
             raise plan.source.value_error(f'pet.{key}', str(ex)) from None
+    _recompute(plan, network)
     return Built(network, pet_model, loaded)
+
+
+def _recompute(plan, network):
+    """Set ``training.recompute`` on the network's blocks (after the adapters are in: either order works);
+    returns the network."""
+    blocks = _recompute_blocks(plan.source, plan.training['recompute'])
+    if blocks is not False:
+        try:
+            apply_recompute(network, blocks)
+        except (TypeError, ValueError) as ex:
+            raise plan.source.value_error('training.recompute', str(ex)) from None
+    return network
 
 
 def check_memory(plan):
@@ -641,6 +663,7 @@ class _StepArgs(dict):
 def _train(plan, built, dataset, epochs, total_steps, steps_per_epoch, say, resume=False):
     """Train up to ``total_steps`` optimizer steps; returns ``(losses, step_times, steps_done)`` (the losses and
     times of the steps this call ran; ``steps_done`` counts the steps of the whole run, a resumed one included)."""
+    release_enabled()   # a malformed MINDPET_RELEASE_MEMORY is refused before anything is built
     model = built.model
     params = model.trainable_params()
     if not params:
@@ -711,6 +734,7 @@ def _run_steps(train_step, model, dataset, epochs, total_steps, steps_per_epoch,
         callback.on_train_begin(run_context)
     iterator = dataset.create_tuple_iterator(num_epochs=epochs)
     step = 0
+    compiled = False
     for epoch in range(1, epochs + 1):
         args.cur_epoch_num = epoch
         began = False
@@ -727,6 +751,11 @@ def _run_steps(train_step, model, dataset, epochs, total_steps, steps_per_epoch,
                     callback.on_train_epoch_begin(run_context)
             args.cur_step_num = step
             args.train_dataset_element = batch
+            if not compiled:
+                # Compile before the first step and hand the memory compilation freed back to the OS, so the
+                # first step's allocations do not add to it (MINDPET_RELEASE_MEMORY=0 turns it off).
+                compiled = True
+                compile_then_release(train_step, *batch)
             for callback in callbacks:
                 callback.on_train_step_begin(run_context)
             args.net_outputs = train_step(*batch)

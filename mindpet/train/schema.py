@@ -14,7 +14,6 @@ Unknown and missing keys raise :class:`ModelConfigKeysInfoError`; wrong types, v
 line with exit code 1).
 """
 import copy
-import difflib
 import numbers
 import os
 
@@ -22,6 +21,7 @@ import yaml
 
 from mindpet.utils.exceptions import ModelConfigKeysInfoError, ModelConfigParamsInfoError, MindPetError
 from mindpet.utils.io_utils import read_yaml_file, load_yaml_text
+from mindpet.utils.validation import did_you_mean
 
 REQUIRED = object()
 #: the most optimizer steps a run may take (``training.max_steps``, or epochs x steps per epoch): the learning rate
@@ -35,14 +35,6 @@ SECTIONS = ('context', 'model', 'pet', 'data', 'optimizer', 'schedule', 'trainin
 def one_line(text):
     """``text`` with every run of whitespace (newlines included) folded into one space."""
     return ' '.join(str(text).split())
-
-
-def did_you_mean(key, candidates):
-    """``"; did you mean 'x'?"`` for the closest candidate, or the list of valid keys."""
-    close = difflib.get_close_matches(str(key), list(candidates), n=1, cutoff=0.6)
-    if close:
-        return f"; did you mean '{close[0]}'?"
-    return f"; valid keys: {sorted(candidates)}"
 
 
 class Field:
@@ -114,10 +106,8 @@ class Field:
             if not isinstance(value, dict):
                 raise bad
         if self.choices and value not in self.choices:
-            by_lower = {str(c).lower(): str(c) for c in self.choices}
-            close = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1, cutoff=0.6)
-            hint = f"; did you mean '{by_lower[close[0]]}'?" if close else ''
-            raise ValueError(f"must be one of {list(self.choices)}, but got {_got(value)}{hint}")
+            raise ValueError(f"must be one of {list(self.choices)}, but got {_got(value)}"
+                             f"{did_you_mean(value, self.choices, case_insensitive=True)}")
         if kind in ('int', 'float'):
             low, high = self.min_value, self.max_value
             if low is not None and (value < low or (self.min_exclusive and value == low)):
@@ -205,6 +195,9 @@ TRAINING_FIELDS = {
     'save_full_checkpoint': Field('bool', False,
                                   doc='also write the whole fine-tuned model (always on for pet type full)'),
     'plot': Field('bool', True, doc='write loss.png when matplotlib is installed'),
+    'recompute': Field('any', False,
+                       doc="activation recompute (doc/recompute.md): true (the repeated blocks: the items of the "
+                           "model's largest CellList/SequentialCell), a cell-name pattern or a list of them, or false"),
 }
 
 PARALLEL_FIELDS = {
@@ -258,7 +251,7 @@ def check_section(source, name, data, fields):
         raise source.value_error(name, f"must be a mapping of keys to values, but got {_got(data)}")
     for key in data:
         if key not in fields:
-            raise source.key_error(f'{name}.{key}', f"unknown key{did_you_mean(key, fields)}")
+            raise source.key_error(f'{name}.{key}', f"unknown key{did_you_mean(key, fields, list_valid=True)}")
     out = {}
     for key, field in fields.items():
         if key not in data:
@@ -346,7 +339,8 @@ def read_run_config(path, overrides=(), missing_ok=False):
     for key in raw:
         if key not in SECTIONS:
             origin = ' (from --set)' if any(k.split('.')[0] == key for k in source.overridden) else ''
-            raise ModelConfigKeysInfoError(f"{path}: '{key}'{origin}: unknown section{did_you_mean(key, SECTIONS)}")
+            raise ModelConfigKeysInfoError(f"{path}: '{key}'{origin}: unknown section"
+                                           f"{did_you_mean(key, SECTIONS, list_valid=True)}")
     for key in SECTIONS:
         if key not in raw and key not in OPTIONAL_SECTIONS:
             raise ModelConfigKeysInfoError(f"{path}: '{key}': missing section (every run config has "
@@ -365,4 +359,4 @@ def schema_rows():
 
 
 __all__ = ['Field', 'REQUIRED', 'MAX_STEPS', 'MAX_EPOCHS', 'SECTIONS', 'ConfigSource', 'check_section', 'parse_override', 'apply_overrides',
-           'read_run_config', 'one_line', 'did_you_mean', 'MindPetError']
+           'read_run_config', 'one_line', 'MindPetError']

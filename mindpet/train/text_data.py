@@ -160,6 +160,27 @@ class Encoded:
         return len(self.columns[0]) if self.columns else 0
 
 
+def _fields_or_bad(row, bad, read):
+    """``read(row)``, or None after recording the row in ``bad`` when a field it reads is missing or empty (the
+    KeyError/ValueError of :func:`field_text`); ``read`` never returns None itself."""
+    try:
+        return read(row)
+    except KeyError as ex:
+        bad.append(BadRow(row.path, row.line, f"missing field '{ex.args[0]}'"))
+    except ValueError as ex:
+        bad.append(BadRow(row.path, row.line, f"empty field '{ex.args[0]}'"))
+    return None
+
+
+def _too_long_is_bad(row, ids, max_length, bad):
+    """True, after recording the row in ``bad``, when its tokens do not fit in ``max_length`` (a row is reported,
+    never truncated)."""
+    if len(ids) <= max_length:
+        return False
+    bad.append(BadRow(row.path, row.line, f"{len(ids)} tokens, more than max_length {max_length}"))
+    return True
+
+
 def _pad(sequences, length, pad_id):
     ids = np.full((len(sequences), length), pad_id, np.int32)
     mask = np.zeros((len(sequences), length), np.int32)
@@ -182,21 +203,15 @@ def classification_arrays(rows, tokenizer, labels, max_length, pad_id, text_colu
     index = {str(name): i for i, name in enumerate(labels)}
     sequences, targets, bad = [], [], []
     for row in rows:
-        try:
-            text = field_text(row, text_column)
-            label = field_text(row, label_column)
-        except KeyError as ex:
-            bad.append(BadRow(row.path, row.line, f"missing field '{ex.args[0]}'"))
+        fields = _fields_or_bad(row, bad, lambda r: (field_text(r, text_column), field_text(r, label_column)))
+        if fields is None:
             continue
-        except ValueError as ex:
-            bad.append(BadRow(row.path, row.line, f"empty field '{ex.args[0]}'"))
-            continue
+        text, label = fields
         if label not in index:
             bad.append(BadRow(row.path, row.line, f"label {label!r} is not in the label set {list(index)}"))
             continue
         ids = tokenizer.encode(text).ids
-        if len(ids) > max_length:
-            bad.append(BadRow(row.path, row.line, f"{len(ids)} tokens, more than max_length {max_length}"))
+        if _too_long_is_bad(row, ids, max_length, bad):
             continue
         sequences.append(ids)
         targets.append(index[label])
@@ -237,17 +252,11 @@ def instruction_arrays(rows, tokenizer, max_length, pad_id, eos_id, template='{p
     """
     sequences, masks, bad = [], [], []
     for row in rows:
-        try:
-            prompt, response = prompt_and_response(row, prompt_column, response_column)
-        except KeyError as ex:
-            bad.append(BadRow(row.path, row.line, f"missing field '{ex.args[0]}'"))
+        fields = _fields_or_bad(row, bad, lambda r: prompt_and_response(r, prompt_column, response_column))
+        if fields is None:
             continue
-        except ValueError as ex:
-            bad.append(BadRow(row.path, row.line, f"empty field '{ex.args[0]}'"))
-            continue
-        ids, loss_mask = instruction_ids(tokenizer, prompt, response, eos_id, template)
-        if len(ids) > max_length:
-            bad.append(BadRow(row.path, row.line, f"{len(ids)} tokens, more than max_length {max_length}"))
+        ids, loss_mask = instruction_ids(tokenizer, fields[0], fields[1], eos_id, template)
+        if _too_long_is_bad(row, ids, max_length, bad):
             continue
         sequences.append(ids)
         masks.append(loss_mask)
@@ -267,13 +276,8 @@ def packed_text_arrays(rows, tokenizer, max_length, eos_id, text_column='text'):
     """
     stream, bad = [], []
     for row in rows:
-        try:
-            text = field_text(row, text_column)
-        except KeyError as ex:
-            bad.append(BadRow(row.path, row.line, f"missing field '{ex.args[0]}'"))
-            continue
-        except ValueError as ex:
-            bad.append(BadRow(row.path, row.line, f"empty field '{ex.args[0]}'"))
+        text = _fields_or_bad(row, bad, lambda r: field_text(r, text_column))
+        if text is None:
             continue
         stream.extend(tokenizer.encode(text).ids)
         if eos_id is not None:

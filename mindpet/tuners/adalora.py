@@ -19,7 +19,7 @@ from mindpet.tuners.base import DenseLayerTuner, naming_layer
 from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, RankScheduleFields
 from mindpet.tuners.hooks import RankAllocationHook, schedule_steps
 from mindpet.tuners.registry import register_method
-from mindpet.utils.validation import check_int, check_real, check_rate
+from mindpet.utils.validation import FieldValueError, check_int, check_real, check_rate
 
 P, LAMBDA, Q = 'mindpet_delta_adalora_p', 'mindpet_delta_adalora_lambda', 'mindpet_delta_adalora_q'
 
@@ -91,9 +91,9 @@ class AdaLoraTuner(DenseLayerTuner):
 
     def check_reuse(self, key, layer, config):
         if layer.adalora_rank != config.init_r:
-            raise ValueError(f"For 'get_pet_model', the layer '{key}' holds AdaLoRA adapters of init_r="
-                             f"{layer.adalora_rank}; an AdaLoRA adapter on it must use the same init_r, but got "
-                             f"{config.init_r}.")
+            raise FieldValueError(f"For 'get_pet_model', the layer '{key}' holds AdaLoRA adapters of init_r="
+                                  f"{layer.adalora_rank}; an AdaLoRA adapter on it must use the same init_r, but got "
+                                  f"{config.init_r}.", field='init_r')
 
     def adapter_shapes(self, weight_shape, config):
         out_channels, in_channels = weight_shape

@@ -22,7 +22,7 @@ from mindpet.tuners.base import (BaseTuner, adopt_dense_params, plain_dense, rea
                                  naming_layer)
 from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_compute_dtype, resolve_compute_dtype
 from mindpet.tuners.registry import register_method
-from mindpet.utils.validation import check_int, check_allocation
+from mindpet.utils.validation import FieldValueError, check_int, check_allocation
 
 _PREFIX = 'adapter.mindpet_delta_adapter_'
 
@@ -77,9 +77,9 @@ class AdapterTuner(BaseTuner):
 
     def check_reuse(self, key, layer, config):
         if layer.adapter.non_linearity_name != config.non_linearity:
-            raise ValueError(f"For the '{self.method}' config with non_linearity={config.non_linearity!r}, the layer "
-                             f"'{key}' was adapted with {layer.adapter.non_linearity_name!r} by an earlier adapter; "
-                             f"adapters sharing a layer must agree.")
+            raise FieldValueError(f"For the '{self.method}' config with non_linearity={config.non_linearity!r}, the "
+                                  f"layer '{key}' was adapted with {layer.adapter.non_linearity_name!r} by an earlier "
+                                  f"adapter; adapters sharing a layer must agree.", field='non_linearity')
         # A larger adapter widens the layer's live tensors (zero-padded): refuse sizes beyond memory first.
         with naming_layer(key):
             fields = ' and '.join(map(repr, self.size_fields))

@@ -354,6 +354,14 @@ def write_exact(layer, tensors):
     return changed
 
 
+def switch_flag(layer, attr, on):
+    """Set ``layer``'s Python flag ``attr`` (a branch switched by the graph's structure, not by Parameter data).
+    Returns True when it changed: a compiled graph keeps the old value, so the caller must recompile."""
+    changed = getattr(layer, attr) != on
+    setattr(layer, attr, on)
+    return changed
+
+
 class DenseLayerTuner(BaseTuner):
     """Shared plumbing of tuners whose delta Cell replaces an ``nn.Dense`` (LoRA/DoRA, IA3, PST, AdaLoRA, t-SVD):
     building it around the Dense's own Parameters, merging through the Cell's ``merge()``/``unmerge()`` (after

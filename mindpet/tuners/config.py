@@ -3,7 +3,6 @@ configs use. A config is a dataclass checked on construction; :func:`mindpet.tun
 builds the one a YAML ``pet:`` section names.
 """
 import dataclasses
-import difflib
 import re
 from typing import ClassVar, Dict, List, Optional
 
@@ -12,18 +11,12 @@ from mindspore import dtype as mstype
 
 from mindpet.utils.exceptions import ModelConfigKeysInfoError, ModelConfigParamsInfoError
 from mindpet.utils.validation import (FieldTypeError, FieldValueError, check_int, check_real, check_choice,
-                                      check_str_list, check_beta)
+                                      check_str_list, check_beta, did_you_mean)
 
 #: the usual :attr:`PetConfig.targets_required`
 TARGETS_REQUIRED = 'be a non-empty list of str (cell name patterns)'
 #: the names a config's ``compute_dtype`` takes and the dtypes they stand for (None: the base weight's dtype)
 COMPUTE_DTYPES = {'float32': mstype.float32, 'float16': mstype.float16, 'bfloat16': mstype.bfloat16}
-
-
-def did_you_mean(key, candidates):
-    """`` (did you mean 'x'?)`` for the candidate closest to ``key``, or '' when none is close."""
-    close = difflib.get_close_matches(str(key), list(candidates), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_patterns(owner, name, value, allow_none=True):
@@ -33,12 +26,18 @@ def check_patterns(owner, name, value, allow_none=True):
         value = [value]
     value = check_str_list(name, value, owner, allow_none=allow_none)
     for pattern in value or ():
-        try:
-            re.compile(pattern)
-        except re.error as ex:
-            raise FieldValueError(f"For '{owner}', the pattern {pattern!r} in '{name}' is not a valid regular "
-                                  f"expression: {ex}.", field=name) from ex
+        check_regex(owner, name, pattern)
     return value
+
+
+def check_regex(owner, name, pattern):
+    """Check that ``pattern`` (a str in the config field ``name``) is a valid regular expression (FieldValueError
+    naming the field otherwise)."""
+    try:
+        re.compile(pattern)
+    except re.error as ex:
+        raise FieldValueError(f"For '{owner}', the pattern {pattern!r} in '{name}' is not a valid regular "
+                              f"expression: {ex}.", field=name) from ex
 
 
 @dataclasses.dataclass
@@ -111,9 +110,9 @@ class PetConfig:
         valid = cls.field_names()
         for key in data:
             if key not in valid:
-                raise ModelConfigKeysInfoError(f"Unknown key {key!r} in the '{cls.method}' PET config"
-                                               f"{did_you_mean(key, valid + ['type'])}; valid keys: "
-                                               f"{['type'] + valid}.")
+                hint = did_you_mean(key, valid + ['type'], cutoff=0.5, aside=True)
+                raise ModelConfigKeysInfoError(f"Unknown key {key!r} in the '{cls.method}' PET config{hint}; "
+                                               f"valid keys: {['type'] + valid}.")
         return cls(**data)
 
     def to_dict(self):

@@ -17,6 +17,7 @@ from mindpet.tuners.base import DenseLayerTuner, fingerprint_param, write_exact
 from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_patterns, check_compute_dtype
 from mindpet.tuners.inject import matches_any
 from mindpet.tuners.registry import register_method
+from mindpet.utils.validation import FieldValueError
 
 VECTOR_NAME = 'mindpet_delta_ia3_vector'
 
@@ -70,16 +71,17 @@ class IA3Tuner(DenseLayerTuner):
                      and not matches_any(name, config.exclude_modules)]
             for pattern in config.feedforward_modules:
                 if not any(matches_any(name, [pattern]) for name in names):
-                    raise ValueError(f"For 'get_pet_model', the 'ia3' config's feedforward_modules pattern "
-                                     f"{pattern!r} matches none of the target_modules' cells {names[:6]}.")
+                    raise FieldValueError(f"For 'get_pet_model', the 'ia3' config's feedforward_modules pattern "
+                                          f"{pattern!r} matches none of the target_modules' cells {names[:6]}.",
+                                          field='feedforward_modules')
         return super().inject(model, config, layers)
 
     def check_reuse(self, key, layer, config):
         if layer.ia3_feedforward != config.is_feedforward(key):
-            raise ValueError(f"For the 'ia3' config, the layer '{key}' was adapted with "
-                             f"ia3_feedforward={layer.ia3_feedforward} by an earlier adapter, but this config makes "
-                             f"it {config.is_feedforward(key)}; adapters sharing a layer must agree "
-                             f"('feedforward_modules').")
+            raise FieldValueError(f"For the 'ia3' config, the layer '{key}' was adapted with "
+                                  f"ia3_feedforward={layer.ia3_feedforward} by an earlier adapter, but this config "
+                                  f"makes it {config.is_feedforward(key)}; adapters sharing a layer must agree "
+                                  f"('feedforward_modules').", field='feedforward_modules')
 
     def create_layer(self, cell, config, key=None):
         return self.build_delta(cell, key, IA3Dense, IA3Layer, config.compute_dtype,

@@ -39,11 +39,11 @@ from mindpet.delta.dora import DoRADense, DoraLayer
 from mindpet.delta.lora import LoRADense, LoraLayer, lora_increment, lora_init_factors, LORA_INITS
 from mindpet.tuners import dora
 from mindpet.tuners.base import DenseLayerTuner, naming_layer
-from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_compute_dtype
+from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_compute_dtype, check_regex
 from mindpet.tuners.inject import name_matches
 from mindpet.tuners.registry import register_method
-from mindpet.utils.validation import (check_int, check_real, check_rate, check_choice, check_bool,
-                                      check_str_list)
+from mindpet.utils.validation import (FieldTypeError, FieldValueError, check_int, check_real, check_rate, check_choice,
+                                      check_bool, check_str_list)
 
 A_NAME = 'mindpet_delta_lora_a'
 B_NAME = 'mindpet_delta_lora_b'
@@ -109,26 +109,28 @@ class LoraConfig(PetConfig):
         if self.init_lora_weights is not True and (isinstance(self.init_lora_weights, bool)
                                                    or self.init_lora_weights not in LORA_INITS):
             choices = [True] + list(LORA_INITS)
-            exc = ValueError if isinstance(self.init_lora_weights, (bool, str)) else TypeError
+            exc = FieldValueError if isinstance(self.init_lora_weights, (bool, str)) else FieldTypeError
             raise exc(f"For '{owner}', the 'init_lora_weights' must be one of {choices}, but got "
-                      f"{self.init_lora_weights!r} ({type(self.init_lora_weights).__name__}).")
+                      f"{self.init_lora_weights!r} ({type(self.init_lora_weights).__name__}).",
+                      field='init_lora_weights')
         if self.use_dora and self.init_lora_weights is not True:
-            raise ValueError(f"For '{owner}', the 'init_lora_weights' must be True with use_dora=True, but got "
-                             f"{self.init_lora_weights!r}.")
+            raise FieldValueError(f"For '{owner}', the 'init_lora_weights' must be True with use_dora=True, but got "
+                                  f"{self.init_lora_weights!r}.", field='init_lora_weights')
         self.rank_pattern = _check_pattern_map(owner, 'rank_pattern', self.rank_pattern, integer=True)
         self.alpha_pattern = _check_pattern_map(owner, 'alpha_pattern', self.alpha_pattern, integer=False)
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_to_transform is not None:
             if not isinstance(self.layers_to_transform, (list, tuple)) or not self.layers_to_transform:
-                raise TypeError(f"For '{owner}', the 'layers_to_transform' must be None, an int or a non-empty list "
-                                f"of ints, but got {self.layers_to_transform!r}.")
+                raise FieldTypeError(f"For '{owner}', the 'layers_to_transform' must be None, an int or a non-empty "
+                                     f"list of ints, but got {self.layers_to_transform!r}.",
+                                     field='layers_to_transform')
             self.layers_to_transform = [check_int(f'layers_to_transform[{i}]', v, owner, min_value=0)
                                         for i, v in enumerate(self.layers_to_transform)]
         if self.layers_pattern is not None:
             if self.layers_to_transform is None:
-                raise ValueError(f"For '{owner}', the 'layers_pattern' ({self.layers_pattern!r}) only applies with "
-                                 f"'layers_to_transform', which is None.")
+                raise FieldValueError(f"For '{owner}', the 'layers_pattern' ({self.layers_pattern!r}) only applies "
+                                      f"with 'layers_to_transform', which is None.", field='layers_pattern')
             if isinstance(self.layers_pattern, str):
                 self.layers_pattern = [self.layers_pattern]
             self.layers_pattern = check_str_list('layers_pattern', self.layers_pattern, owner, allow_none=False)
@@ -170,17 +172,14 @@ def _check_pattern_map(owner, name, value, integer):
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise TypeError(f"For '{owner}', the '{name}' must be None or a mapping of layer-name pattern -> "
-                        f"{'rank' if integer else 'alpha'}, but got {value!r} ({type(value).__name__}).")
+        raise FieldTypeError(f"For '{owner}', the '{name}' must be None or a mapping of layer-name pattern -> "
+                             f"{'rank' if integer else 'alpha'}, but got {value!r} ({type(value).__name__}).",
+                             field=name)
     for pattern, number in value.items():
         if not isinstance(pattern, str):
-            raise TypeError(f"For '{owner}', the '{name}' keys must be layer-name patterns (str), but got "
-                            f"{pattern!r}.")
-        try:
-            re.compile(pattern)
-        except re.error as ex:
-            raise ValueError(f"For '{owner}', the pattern {pattern!r} in '{name}' is not a valid regular "
-                             f"expression: {ex}.") from ex
+            raise FieldTypeError(f"For '{owner}', the '{name}' keys must be layer-name patterns (str), but got "
+                                 f"{pattern!r}.", field=name)
+        check_regex(owner, name, pattern)
         if integer:
             check_int(f'{name}[{pattern!r}]', number, owner)
         else:
@@ -205,8 +204,9 @@ class _PlainLora:
     @classmethod
     def create_layer(cls, cell, config, key):
         if config.init_lora_weights in RESIDUAL_INITS and type(cell).__name__ != 'Dense':
-            raise ValueError(f"For the 'lora' config with init_lora_weights={config.init_lora_weights!r}, the layer "
-                             f"'{key}' is a {type(cell).__name__}; PiSSA/OLoRA adapt nn.Dense layers only.")
+            raise FieldValueError(f"For the 'lora' config with init_lora_weights={config.init_lora_weights!r}, the "
+                                  f"layer '{key}' is a {type(cell).__name__}; PiSSA/OLoRA adapt nn.Dense layers only.",
+                                  field='init_lora_weights')
         layer = DenseLayerTuner.build_delta(cell, key, LoRADense, LoraLayer, config.compute_dtype,
                                             lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
                                             lora_dropout=config.lora_dropout)
@@ -333,16 +333,18 @@ class LoraTuner(DenseLayerTuner):
         holders, matches = super().match(model, config, layers)
         kept = [match for match in matches if config.transforms(match[0])]
         if not kept:
-            raise ValueError(f"For 'get_pet_model', the 'lora' config's layers_to_transform "
-                             f"{config.layers_to_transform} (layers_pattern {config.layers_pattern}) keeps none of "
-                             f"the {len(matches)} matched layers, e.g. {[key for key, _, _ in matches][:4]}.")
+            raise FieldValueError(f"For 'get_pet_model', the 'lora' config's layers_to_transform "
+                                  f"{config.layers_to_transform} (layers_pattern {config.layers_pattern}) keeps none "
+                                  f"of the {len(matches)} matched layers, e.g. {[key for key, _, _ in matches][:4]}.",
+                                  field='layers_to_transform')
         return holders, kept
 
     def check_reuse(self, key, layer, config):
         if dora.is_dora_layer(layer) != config.use_dora:
-            raise ValueError(f"For the 'lora' config with use_dora={config.use_dora}, the layer '{key}' was adapted "
-                             f"as {type(layer).__name__} by an earlier adapter; one layer holds one variant "
-                             f"(exclude it with 'exclude_modules', or adapt another model).")
+            raise FieldValueError(f"For the 'lora' config with use_dora={config.use_dora}, the layer '{key}' was "
+                                  f"adapted as {type(layer).__name__} by an earlier adapter; one layer holds one "
+                                  f"variant (exclude it with 'exclude_modules', or adapt another model).",
+                                  field='use_dora')
         with naming_layer(key):
             # The rank this adapter needs on this layer (rank_pattern may give it its own).
             check_rank_fits(type(layer).__name__, config.for_layer(key).lora_rank, layer.in_channels,

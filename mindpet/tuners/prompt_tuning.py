@@ -26,7 +26,7 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, Normal
 
 from mindpet.delta.prompt_tuning import EmbeddingWithPrompt, vocab_rows
-from mindpet.tuners.base import BaseTuner, fingerprint_param, write_exact
+from mindpet.tuners.base import BaseTuner, fingerprint_param, switch_flag, write_exact
 from mindpet.tuners.config import PetConfig
 from mindpet.tuners.registry import register_method
 from mindpet.utils.validation import FieldValueError, check_int, check_choice
@@ -120,19 +120,16 @@ class PromptTuningTuner(BaseTuner):
             return {PROMPT_NAME: initializer(Normal(PROMPT_SIGMA), list(shape), mstype.float32).init_data().asnumpy()}
         ids = config.prompt_init_token_ids
         if max(ids) >= layer.vocab_size:
-            raise ValueError(f"For 'PromptTuningConfig', the 'prompt_init_token_ids' must lie in [0, "
-                             f"{layer.vocab_size}) (the vocabulary), but got {max(ids)}.")
+            raise FieldValueError(f"For 'PromptTuningConfig', the 'prompt_init_token_ids' must lie in [0, "
+                                  f"{layer.vocab_size}) (the vocabulary), but got {max(ids)}.",
+                                  field='prompt_init_token_ids')
         return {PROMPT_NAME: vocab_rows(layer.embedding_table.asnumpy(), ids, config.num_virtual_tokens)}
 
     def activate(self, layer, config):
-        changed = not layer.prompt_enabled
-        layer.prompt_enabled = True
-        return changed
+        return switch_flag(layer, 'prompt_enabled', True)
 
     def deactivate(self, layer):
-        changed = layer.prompt_enabled
-        layer.prompt_enabled = False
-        return changed
+        return switch_flag(layer, 'prompt_enabled', False)
 
     def unload_layer(self, layer):
         return layer.to_embedding()

@@ -114,9 +114,10 @@ class PstTuner(DenseLayerTuner):
 
     def check_reuse(self, key, layer, config):
         if (layer.pst_rank_w, layer.pst_rank_m) != (config.r_w, config.r_m):
-            raise ValueError(f"For 'get_pet_model', the layer '{key}' holds PST adapters with r_w={layer.pst_rank_w}"
-                             f", r_m={layer.pst_rank_m}; a PST adapter on it must use the same ranks, but got "
-                             f"r_w={config.r_w}, r_m={config.r_m}.")
+            raise FieldValueError(f"For 'get_pet_model', the layer '{key}' holds PST adapters with "
+                                  f"r_w={layer.pst_rank_w}, r_m={layer.pst_rank_m}; a PST adapter on it must use the "
+                                  f"same ranks, but got r_w={config.r_w}, r_m={config.r_m}.",
+                                  field='r_w' if layer.pst_rank_w != config.r_w else 'r_m')
 
     def adapter_shapes(self, weight_shape, config):
         out_channels, in_channels = weight_shape

@@ -14,11 +14,11 @@ recompiles by itself. Nothing can be merged: a prefix adds keys and values to ev
 import dataclasses
 
 from mindpet.delta.ptuning2 import PrefixEncoder, PrefixKeyValueModel, prefix_argument_index
-from mindpet.tuners.base import BaseTuner, live_params, write_exact
+from mindpet.tuners.base import BaseTuner, live_params, switch_flag, write_exact
 from mindpet.tuners.config import PetConfig
 from mindpet.tuners.registry import register_method
 from mindpet.utils.exceptions import AdapterConfigError
-from mindpet.utils.validation import check_int, check_bool, check_rate
+from mindpet.utils.validation import FieldValueError, check_int, check_bool, check_rate
 
 _PREFIX = 'prefix_encoder.mindpet_delta_ptuning2_'
 
@@ -115,15 +115,15 @@ class PTuning2Tuner(BaseTuner):
         for attr in ('num_layers', 'num_heads'):
             value = getattr(getattr(cell, 'config', None), attr, None)
             if isinstance(value, int) and value != getattr(config, attr):
-                raise ValueError(f"For 'get_pet_model', the 'ptuning2' config's '{attr}' is {getattr(config, attr)}, "
-                                 f"but '{key}' has {value}.")
+                raise FieldValueError(f"For 'get_pet_model', the 'ptuning2' config's '{attr}' is "
+                                      f"{getattr(config, attr)}, but '{key}' has {value}.", field=attr)
 
     def check_reuse(self, key, layer, config):
         encoder = layer.prefix_encoder
         for attr in ('num_layers', 'num_heads', 'kv_channels', 'prefix_projection'):
             if getattr(encoder, attr) != getattr(config, attr):
-                raise ValueError(f"For 'ptuning2', '{key}' was adapted with {attr}={getattr(encoder, attr)}; an "
-                                 f"adapter with {attr}={getattr(config, attr)} cannot share it.")
+                raise FieldValueError(f"For 'ptuning2', '{key}' was adapted with {attr}={getattr(encoder, attr)}; an "
+                                      f"adapter with {attr}={getattr(config, attr)} cannot share it.", field=attr)
 
     def expected_shapes(self, key, fingerprint, config, source):
         if not any(name.startswith(key + '.') for name in fingerprint):
@@ -147,14 +147,10 @@ class PTuning2Tuner(BaseTuner):
         return {'prefix_encoder.' + name: param.asnumpy().copy() for name, param in fresh.parameters_and_names()}
 
     def activate(self, layer, config):
-        changed = not layer.prefix_enabled
-        layer.prefix_enabled = True
-        return changed
+        return switch_flag(layer, 'prefix_enabled', True)
 
     def deactivate(self, layer):
-        changed = layer.prefix_enabled
-        layer.prefix_enabled = False
-        return changed
+        return switch_flag(layer, 'prefix_enabled', False)
 
     def unload_layer(self, layer):
         return layer.model

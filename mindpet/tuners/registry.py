@@ -22,9 +22,10 @@ import pkgutil
 import re
 
 from mindpet.tuners.base import BaseTuner
-from mindpet.tuners.config import PetConfig, did_you_mean
+from mindpet.tuners.config import PetConfig
 from mindpet.utils.exceptions import ModelConfigKeysInfoError, ModelConfigParamsInfoError
 from mindpet.utils.io_utils import read_yaml_file
+from mindpet.utils.validation import did_you_mean
 
 _METHODS = {}
 # Modules of this package that are infrastructure, not methods.
@@ -100,8 +101,8 @@ def get_method(name):
                 raise
     if name not in _METHODS:
         methods = available_methods()
-        raise ValueError(f"Unknown PET method type {name!r}{did_you_mean(name, methods)}; "
-                         f"available: {methods}.")
+        hint = did_you_mean(name, methods, cutoff=0.5, aside=True)
+        raise ValueError(f"Unknown PET method type {name!r}{hint}; available: {methods}.")
     return _METHODS[name]
 
 

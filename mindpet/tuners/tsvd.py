@@ -29,7 +29,7 @@ from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, RankScheduleField
 from mindpet.tuners.hooks import RankAllocationHook, schedule_steps
 from mindpet.tuners.inject import replace_cell
 from mindpet.tuners.registry import register_method
-from mindpet.utils.validation import check_int, check_real, check_choice
+from mindpet.utils.validation import FieldValueError, check_int, check_real, check_choice
 
 GROUP = 'tsvd_group'
 U, S, V = (f'{GROUP}.mindpet_delta_tsvd_{k}' for k in 'usv')
@@ -99,8 +99,9 @@ class TensorSVDConfig(RankScheduleFields, _TensorSVDRankFields):
         if self.tsvd_factor_slices is None:
             return num_layers
         if self.tsvd_factor_slices > num_layers:
-            raise ValueError(f"For '{type(self).__name__}', the 'tsvd_factor_slices' must not exceed the number of "
-                             f"layers of a t-SVD group ({num_layers}), but got {self.tsvd_factor_slices}.")
+            raise FieldValueError(f"For '{type(self).__name__}', the 'tsvd_factor_slices' must not exceed the number "
+                                  f"of layers of a t-SVD group ({num_layers}), but got {self.tsvd_factor_slices}.",
+                                  field='tsvd_factor_slices')
         return self.tsvd_factor_slices
 
     @property
@@ -186,8 +187,9 @@ class TensorSVDTuner(DenseLayerTuner):
                                     ('tsvd_factor_slices', group.tsvd_factor_slices,
                                      config.factor_slices(len(members)))):
             if live != wanted:
-                raise ValueError(f"For 'get_pet_model', the t-SVD group of {members[0]!r} holds adapters of {field}="
-                                 f"{live}; a t-SVD adapter on it must use the same {field}, but got {wanted}.")
+                raise FieldValueError(f"For 'get_pet_model', the t-SVD group of {members[0]!r} holds adapters of "
+                                      f"{field}={live}; a t-SVD adapter on it must use the same {field}, but got "
+                                      f"{wanted}.", field=field)
 
     def adapter_tensor_shapes(self, targets, fingerprint, config, source):
         weight_shapes = {key: tuple(fingerprint_param(fingerprint, key, 'weight', source)) for key in targets}

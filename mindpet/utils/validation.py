@@ -9,11 +9,14 @@ The errors are :class:`FieldTypeError` / :class:`FieldValueError`: still a ``Typ
 caller, with ``field`` naming the argument (or config field) the error is about, so that a caller can point at
 the YAML key without reading the message.
 """
+import difflib
 import numbers
+import re
 
 from mindspore import dtype as mstype
 
 FLOAT_DTYPES = (mstype.float16, mstype.float32, mstype.bfloat16)
+_SAFE_NAME = re.compile(r'^[A-Za-z0-9_.\-]+$')
 
 
 class FieldTypeError(TypeError):
@@ -127,6 +130,45 @@ def check_dtype(name, value, owner, allowed=FLOAT_DTYPES):
         _fail(TypeError, owner, name, f"one of {names}", value)
     if value not in allowed:
         _fail(TypeError, owner, name, f"one of {names}", value)
+    return value
+
+
+def did_you_mean(key, candidates, cutoff=0.6, case_insensitive=False, list_valid=False, aside=False):
+    """The hint that ends an "unknown name" message: ``"; did you mean 'x'?"`` naming the candidate closest to
+    ``key`` (difflib's similarity ratio at least ``cutoff``; compared lower-cased when ``case_insensitive``, the
+    candidate named as spelt), else ``"; valid keys: [...]"`` (sorted) when ``list_valid``, else ``''``. ``aside``
+    gives the form ``" (did you mean 'x'?)"``, for a message that goes on after the hint.
+
+    Example:
+        >>> did_you_mean('lora_rnak', ['lora_rank', 'lora_alpha'])
+        "; did you mean 'lora_rank'?"
+        >>> did_you_mean('graph', ['GRAPH', 'PYNATIVE'], case_insensitive=True, aside=True)
+        " (did you mean 'GRAPH'?)"
+        >>> did_you_mean('zzz', ['b', 'a'], list_valid=True)
+        "; valid keys: ['a', 'b']"
+    """
+    spelt = {(str(c).lower() if case_insensitive else str(c)): str(c) for c in candidates}
+    close = difflib.get_close_matches(str(key).lower() if case_insensitive else str(key), list(spelt), n=1,
+                                      cutoff=cutoff)
+    if close:
+        return f" (did you mean '{spelt[close[0]]}'?)" if aside else f"; did you mean '{spelt[close[0]]}'?"
+    return f"; valid keys: {sorted(candidates)}" if list_valid else ''
+
+
+def check_safe_name(name, value, owner, what='name'):
+    """Check ``value`` is a non-empty str of letters, digits, '_', '-' or '.' (no path separator or space: it
+    becomes part of a file or parameter name; ``what`` says which in the message). Returns it.
+
+    Example:
+        >>> check_safe_name('adapter_name', 'task-a.v2', 'add_adapter')
+        'task-a.v2'
+    """
+    if not isinstance(value, str):
+        raise FieldTypeError(f"For '{owner}', the '{name}' must be a str, but got {value!r} "
+                             f"({type(value).__name__}).", field=name)
+    if not _SAFE_NAME.match(value):
+        raise FieldValueError(f"For '{owner}', the '{name}' must be a non-empty {what} of letters, digits, '_', '-' "
+                              f"or '.', but got {value!r}.", field=name)
     return value
 
 

@@ -25,6 +25,16 @@ def _status_mb(field):
     return None
 
 
+def memory_snapshot():
+    """This process's memory now, in MB: ``rss`` (VmRSS), ``hwm`` (VmHWM, the peak so far), ``anon`` (VmRSS -
+    RssFile - RssShmem: what was allocated, without shared-library pages) and ``file`` (RssFile)."""
+    fields = {name: _status_mb(name) for name in ('VmRSS', 'VmHWM', 'RssFile', 'RssShmem')}
+    if fields['VmRSS'] is None:
+        return dict(rss=peak_rss_mb(), hwm=peak_rss_mb(), anon=None, file=None)
+    return dict(rss=fields['VmRSS'], hwm=fields['VmHWM'], file=fields['RssFile'],
+                anon=fields['VmRSS'] - fields['RssFile'] - (fields['RssShmem'] or 0.0))
+
+
 def memory_figures():
     """Peak RSS, and the peak without file-backed pages (shared libraries): VmHWM - RssFile - RssShmem.
 

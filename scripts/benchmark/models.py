@@ -8,6 +8,8 @@ import sys
 
 # The GPT-like model of part 1 (GPT-2-small with 6 blocks) and GPT-2 small itself for the checkpoint sizes.
 GPT = dict(layers=6, hidden=768, heads=12, vocab=50257, positions=1024, batch=4, seq=64)
+# Issue 17's model: the same decoder with a 1,000-word vocabulary (the embedding no longer dominates the weights).
+GPT_V1000 = dict(GPT, vocab=1000)
 GPT2_SMALL = dict(layers=12, hidden=768, heads=12, vocab=50257, positions=1024)
 LORA = dict(rank=8, alpha=16, targets=('q', 'v'))
 # Houlsby adapters after each block's attention output and feed-forward output (paths inside a block).
@@ -46,6 +48,16 @@ TRAIN_VARIANTS = {
     'peft_lora': dict(env='peft', apply='torch_lora', base='peft_full', label='PyTorch + PEFT LoRA r=8 on q,v',
                       group='peers'),
 }
+
+# Variants only the memory part runs (orchestrate.MEMORY_VARIANTS): LoRA the way users apply it.
+TRAIN_VARIANTS.update({
+    'lora_pet': dict(env='main', apply='apply_lora_pet', base='full', group='memory',
+                     label='LoRA r=8 on q,v (get_pet_model, float32 base)'),
+    'lora_fp16': dict(env='main', apply='apply_lora_fp16', base='full', group='memory',
+                      label='LoRA r=8 on q,v (get_pet_model, float16 base)'),
+})
+# glibc mallopt parameter numbers (malloc.h), for the allocator settings the memory part tries.
+MALLOPT_PARAMS = {'M_TRIM_THRESHOLD': -1, 'M_MMAP_THRESHOLD': -3, 'M_ARENA_MAX': -8}
 
 
 def ms_setup(cfg):
@@ -234,6 +246,25 @@ def apply_bitfit(net, cfg):
     from mindpet.graph import freeze_delta
     freeze_delta(net, 'bitfit')
     return net
+
+
+def _pet_lora(net, base_dtype):
+    from mindpet import LoraConfig, get_pet_model
+    config = LoraConfig(target_modules=[f'attn.{t}' for t in LORA['targets']], lora_rank=LORA['rank'],
+                        lora_alpha=LORA['alpha'])
+    # The PetModel is what users train; it wraps (and shares the parameters of) ``net``.
+    return get_pet_model(net, config, base_dtype=base_dtype)
+
+
+def apply_lora_pet(net, cfg):
+    """LoRA through ``get_pet_model`` (the user's path: the Dense's own weight Parameters are kept, not copied)."""
+    return _pet_lora(net, None)
+
+
+def apply_lora_fp16(net, cfg):
+    """LoRA through ``get_pet_model(..., base_dtype=ms.float16)``: frozen base in float16, adapters float32."""
+    import mindspore as ms
+    return _pet_lora(net, ms.float16)
 
 
 def apply_lora_mindpet104(net, cfg):

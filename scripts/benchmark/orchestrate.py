@@ -13,7 +13,7 @@ import sys
 import time
 
 from .measure import median
-from .models import ADAPTER, GPT, GPT2_SMALL, LAYER, LORA, PREFIX, QUICK, SWITCH_INPUT, TRAIN_VARIANTS
+from .models import ADAPTER, GPT, GPT_V1000, GPT2_SMALL, LAYER, LORA, PREFIX, QUICK, SWITCH_INPUT, TRAIN_VARIANTS
 from .report import evaluate_targets, render_markdown, update_doc
 from .workers_ms import (worker_ckpt, worker_forward, worker_layer, worker_mixed, worker_reference, worker_switch,
                          worker_train, worker_train_ab)
@@ -53,8 +53,44 @@ TRAIN_AB_GROUPS = {
     'train': dict(env='main', variants=['full', 'lora', 'adapter', 'bitfit', 'prefix', 'floor']),
     'reference': dict(env='mindpet104', variants=['lora_mindpet104', 'lora', 'floor']),
     'peers': dict(env='peft', variants=['peft_full', 'peft_lora']),
+    # Issue 17's model (vocab 1,000; MEMORY_MODELS): LoRA as users apply it, against full and the floor.
+    'issue17': dict(env='main', variants=['full', 'lora_pet', 'floor'], model='gpt_v1000'),
 }
-PARTS = ('train', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'mixed', 'reference', 'mindone', 'cli', 'race')
+# Part 1c (memory): one process per (model, setting, variant). The models: issue 17's (vocab 1,000) and part 1's.
+MEMORY_MODELS = {'gpt_v1000': GPT_V1000, 'gpt': GPT}
+MEMORY_VARIANTS = ['full', 'lora_pet', 'lora_fp16', 'floor']
+# Settings tried against MindSpore's defaults: 'settings' is applied inside the worker (mallopt before MindSpore
+# is imported; the MindSpore ones after set_context), 'env' is added to the worker's environment. 'mindpet' is
+# what the runner does by default (mindpet.utils.ms_settings); every setting but 'mindspore' includes it, so each
+# A/B row is that setting on top of the runner's default. 'needs' names a file the setting needs (else skipped).
+MEMORY_SETTINGS = {
+    'mindspore': dict(label='MindSpore and glibc defaults (no mindpet setting)', settings={}),
+    'mindpet': dict(label='mindpet run default: compile, then gc + malloc_trim(0) before the first step',
+                    settings=dict(release=True)),
+    'arena2_env': dict(label='+ MALLOC_ARENA_MAX=2 (environment)', settings=dict(release=True),
+                       env=dict(MALLOC_ARENA_MAX='2')),
+    'arena2_mallopt': dict(label='+ mallopt(M_ARENA_MAX, 2) before import mindspore',
+                           settings=dict(release=True, mallopt=dict(M_ARENA_MAX=2))),
+    'trim_threshold': dict(label='+ mallopt M_TRIM_THRESHOLD 128 KB, M_MMAP_THRESHOLD 128 KB (no dynamic growth)',
+                           settings=dict(release=True, mallopt=dict(M_TRIM_THRESHOLD=131072,
+                                                                    M_MMAP_THRESHOLD=131072))),
+    'jit_o1': dict(label="+ jit_config={'jit_level': 'O1'} (default on CPU: O0)",
+                   settings=dict(release=True, jit_level='O1')),
+    'somas': dict(label="+ ms.runtime.set_memory(optimize_level='O1') (static SOMAS reuse)",
+                  settings=dict(release=True, set_memory=dict(optimize_level='O1'))),
+    'threads2': dict(label='+ runtime_num_threads=2', settings=dict(release=True, runtime_num_threads=2)),
+    'jemalloc': dict(label='+ LD_PRELOAD jemalloc (Debian libjemalloc2)', settings=dict(release=True),
+                     env=dict(LD_PRELOAD='/usr/lib/x86_64-linux-gnu/libjemalloc.so.2'),
+                     needs='/usr/lib/x86_64-linux-gnu/libjemalloc.so.2'),
+    'tcmalloc': dict(label='+ LD_PRELOAD tcmalloc (Debian libtcmalloc-minimal4)', settings=dict(release=True),
+                     env=dict(LD_PRELOAD='/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4'),
+                     needs='/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4'),
+}
+# The phase breakdown runs every MEMORY_VARIANT on both models under these; the A/B candidates (all other
+# settings) run full and LoRA on issue 17's model only.
+MEMORY_BREAKDOWN = ('mindspore', 'mindpet')
+MEMORY_AB_VARIANTS = ('full', 'lora_pet')
+PARTS = ('train', 'memory', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'mixed', 'reference', 'mindone', 'cli', 'race')
 # 'mindone' needs the optional mindone extra and 'race' (MiniLM LoRA: mindpet vs PEFT on PyTorch, minutes of real
 # training) the bert extra and a PyTorch virtualenv: both are asked for by name (--parts race), not run by default.
 DEFAULT_PARTS = tuple(p for p in PARTS if p not in ('mindone', 'race'))
@@ -108,14 +144,17 @@ class Runner:
     def log(self, message):
         print(message, file=sys.stderr, flush=True)
 
-    def run(self, env, kind, cfg):
+    def run(self, env, kind, cfg, extra_env=None):
+        """Run worker ``kind`` in virtualenv ``env`` with ``cfg``; ``extra_env``: variables added to its
+        environment (allocator settings that must exist before the process starts)."""
         cfg = dict(cfg, device=self.args.device)
         python = venv_python(env, self.log)
         child_env = dict(os.environ, PYTHONPATH=ROOT, GLOG_v='3', MS_COMPILER_CACHE_ENABLE='0',
-                         PYTHONUNBUFFERED='1')
+                         PYTHONUNBUFFERED='1', **(extra_env or {}))
         self.count += 1
-        log_path = os.path.join(self.log_dir, f'{self.count:03d}-{kind}-{cfg.get("variant", env)}.log')
-        self.log(f'[run {self.count}] {kind} {cfg.get("variant", "")} ({env}) load={os.getloadavg()[0]:.2f}')
+        tag = cfg.get('variant', env) + (f'-{cfg["setting"]}' if cfg.get('setting') else '')
+        log_path = os.path.join(self.log_dir, f'{self.count:03d}-{kind}-{tag}.log')
+        self.log(f'[run {self.count}] {kind} {tag} ({env}) load={os.getloadavg()[0]:.2f}')
         start = time.perf_counter()
         proc = subprocess.run([python, SCRIPT, '--worker', kind, '--args', json.dumps(cfg)],
                               capture_output=True, text=True, env=child_env, cwd=ROOT,
@@ -155,12 +194,15 @@ def _run_groups(runner, table, groups, args, kind, payload):
     PyTorch groups use the ``torch_<kind>`` worker."""
     results = {}
     for _ in range(args.repeats):
-        for group in sorted(groups):
+        for group in sorted(g for g in groups if g in table):
             chosen = _group_variants(table, group, args)
             if not chosen:
                 continue
             env = table[group]['env']
-            result = runner.run(env, f'torch_{kind}' if env == 'peft' else kind, dict(payload, variants=chosen))
+            cfg = dict(payload, variants=chosen)
+            if 'model' in table[group] and not args.quick:     # --quick: every group on the tiny model
+                cfg['model'] = MEMORY_MODELS[table[group]['model']]
+            result = runner.run(env, f'torch_{kind}' if env == 'peft' else kind, cfg)
             results.setdefault(group, (chosen, []))[1].append(result)
     return results
 
@@ -185,7 +227,8 @@ def run_benchmarks(args):
     runner = Runner(args)
     sizes = QUICK if args.quick else dict(gpt=GPT, gpt2=GPT2_SMALL, layer=LAYER, switch_input=SWITCH_INPUT)
     parts = set(args.parts)
-    groups = {'train'} | ({'reference'} if 'reference' in parts else set()) | ({'peers'} if args.peers else set())
+    groups = {'train', 'issue17'} | ({'reference'} if 'reference' in parts else set()) | \
+        ({'peers'} if args.peers else set())
     common = dict(warmup=args.warmup, steps=args.steps)
     out = dict(parts=sorted(parts), peers=args.peers, repeats=args.repeats, layer_repeats=args.layer_repeats,
                sizes=sizes, lora=dict(LORA), adapter=dict(ADAPTER), prefix=dict(PREFIX), variants=args.variants,
@@ -215,6 +258,9 @@ def run_benchmarks(args):
                     _paired_ratio(train, name, base, key)
             summary[name]['rss_phases'] = runs[0].get('rss_phases')
         out['train'] = dict(summary=summary, runs=train)
+
+    if 'memory' in parts:
+        out['memory'] = run_memory(runner, args, common)
 
     if 'train_ab' in parts:
         out['train_ab'] = {}
@@ -293,6 +339,48 @@ def run_benchmarks(args):
     out['load'] = dict(min=min(runner.loads, default=None), max=max(runner.loads, default=None),
                        median=median(runner.loads) if runner.loads else None)
     return out
+
+
+def _memory_plan(args):
+    """The (model, setting, variant) processes of one round of the memory part, in run order."""
+    models = {'gpt_v1000': QUICK['gpt']} if args.quick else MEMORY_MODELS
+    # --quick checks the script: the A/B candidates only when asked for by name.
+    chosen = args.memory_settings or ([] if args.quick else MEMORY_SETTINGS)
+    candidates = [s for s in chosen if s not in MEMORY_BREAKDOWN
+                  and os.path.exists(MEMORY_SETTINGS[s].get('needs', os.sep))]
+    # --variants narrows the rows (full, the base of every ratio, always runs).
+    variants = [v for v in MEMORY_VARIANTS if v == 'full' or args.variants is None or v in args.variants]
+    plan = [(m, s, v) for m in models for s in MEMORY_BREAKDOWN for v in variants]
+    plan += [('gpt_v1000', s, v) for s in candidates for v in MEMORY_AB_VARIANTS if v in variants]
+    return models, plan
+
+
+def run_memory(runner, args, common):
+    """Part 1c: memory by phase for MEMORY_VARIANTS on MEMORY_MODELS, without and with mindpet's run default,
+    and the A/B settings on issue 17's model. Ratios (peak / full) are paired within a round."""
+    models, plan = _memory_plan(args)
+    runs = {}
+    for _ in range(args.repeats):
+        for model, setting, variant in plan:
+            spec = MEMORY_SETTINGS[setting]
+            cfg = dict(common, variant=variant, model=models[model], setting=setting, settings=spec['settings'])
+            runs.setdefault(f'{model}/{setting}/{variant}', []).append(
+                runner.run('main', 'train', cfg, extra_env=spec.get('env')))
+    rows = {}
+    for key, results in runs.items():
+        model, setting, variant = key.split('/')
+        base = runs[f'{model}/{setting}/full']
+        row = dict(model=model, setting=setting, variant=variant, label=TRAIN_VARIANTS[variant]['label'],
+                   setting_label=MEMORY_SETTINGS[setting]['label'], trainable=results[0]['trainable'],
+                   total=results[0]['total'], phases=results[0]['memory_phases'],
+                   settings_applied=results[0]['settings_applied'],
+                   loss_first=results[0]['loss_first'], loss_last=results[0]['loss_last'])
+        for metric in ('peak_mb', 'peak_anon_mb', 'step_cpu_s', 'step_s'):
+            row[metric] = median([r[metric] for r in results])
+            ratio = _paired_ratio({'a': results, 'b': base}, 'a', 'b', metric)
+            row[metric.rsplit('_', 1)[0] + '_ratio'] = ratio
+        rows[key] = row
+    return dict(models=models, rows=rows, runs=runs)
 
 
 def run_race(runner, args):
@@ -411,6 +499,9 @@ def parse_args(argv):
     parser.add_argument('--race-steps', type=int, default=None,
                         help='race part: training steps (default all of configs/bert_lora.yaml: epochs x rows // '
                              'batch).')
+    parser.add_argument('--memory-settings', default=None,
+                        help=f'memory part: comma-separated A/B settings to try besides '
+                             f'{",".join(MEMORY_BREAKDOWN)} (default all of {",".join(MEMORY_SETTINGS)}).')
     parser.add_argument('--quick', action='store_true', help='tiny shapes, to check the script itself.')
     parser.add_argument('--json', default=None, help='where to write the JSON (default doc/benchmarks.json; '
                                                      'outputs/benchmark-quick.json with --quick).')
@@ -434,6 +525,11 @@ def parse_args(argv):
         unknown = sorted(set(args.variants) - set(TRAIN_VARIANTS))
         if unknown or not args.variants:
             parser.error(f'unknown variant(s) {unknown or args.variants}; choose from {list(TRAIN_VARIANTS)}')
+    if args.memory_settings is not None:
+        args.memory_settings = [v.strip() for v in args.memory_settings.split(',') if v.strip()]
+        unknown = sorted(set(args.memory_settings) - set(MEMORY_SETTINGS))
+        if unknown:
+            parser.error(f'unknown memory setting(s) {unknown}; choose from {list(MEMORY_SETTINGS)}')
     if args.repeats < 1 or args.steps < 1 or args.iterations < 1 or args.warmup < 0:
         parser.error('--repeats, --steps and --iterations must be >= 1 and --warmup >= 0')
     if args.race_steps is not None and args.race_steps < 2:

@@ -64,6 +64,16 @@ TARGETS = [
      ('reference', 'fwd_float16', 'ratio'), 1.0),
     ('ours / MindPet 1.0.4 LoRADense fwd+bwd, fp16', ('reference', 'fwdbwd_float16', 'cpu_ratio'),
      ('reference', 'fwdbwd_float16', 'ratio'), 1.0),
+    # Issue 17, on its model (vocab 1,000), the runner's memory default on: LoRA / full peak RSS and step time.
+    ('issue 17 model: LoRA peak RSS / full fine-tuning, float32 base',
+     ('memory', 'rows', 'gpt_v1000/mindpet/lora_pet', 'peak_ratio', 'median'), None, 0.60),
+    ('issue 17 model: LoRA peak RSS / full fine-tuning, float16 base',
+     ('memory', 'rows', 'gpt_v1000/mindpet/lora_fp16', 'peak_ratio', 'median'), None, 0.50),
+    ('issue 17 model: LoRA step time / full fine-tuning (same process, interleaved)',
+     ('train_ab', 'issue17', 'lora_pet', 'cpu_ratio'), ('train_ab', 'issue17', 'lora_pet', 'ratio'), 0.57),
+    ('issue 17 model: LoRA step time / full fine-tuning (one process each)',
+     ('memory', 'rows', 'gpt_v1000/mindpet/lora_pet', 'step_cpu_ratio', 'median'),
+     ('memory', 'rows', 'gpt_v1000/mindpet/lora_pet', 'step_ratio', 'median'), 0.57),
     # Issue 12: the command answers --help without loading MindSpore (0.6 s wall on an idle machine).
     ('mindpet --help start-up (s)', ('cli', 'help', 'cpu_s'), ('cli', 'help', 'wall_s'), 0.6),
 ]
@@ -182,6 +192,7 @@ def render_markdown(results, command):
                 add(f'| {s["label"]} | {ph["imported"]:.0f} | {ph["built"]:.0f} | {ph["compiled"]:.0f} | '
                     f'{ph["first_step"]:.0f} | {s["peak_mb"]:.0f} | {_fmt(s["compile_s"], 1)} |')
             add('')
+    _render_memory(results.get('memory'), add)
     train_ab = results.get('train_ab')
     if train_ab:
         add('### 1b. Training steps of several variants in one process, stepped in turn')
@@ -397,6 +408,71 @@ def render_markdown(results, command):
             add(f'| {r["what"]} | {r["value"]:.3f} | {wall} | {r["target"]} | {"yes" if r["met"] else "**no**"} |')
         add('')
     return '\n'.join(lines)
+
+
+MEMORY_PHASES = (('imported', 'import'), ('built', 'model built'), ('pet_applied', 'PET applied'),
+                 ('optimizer', 'optimizer built'), ('compiled', 'graph compiled'),
+                 ('released', 'after malloc_trim'), ('first_step', 'first step'), ('steady', 'steady state'))
+
+
+def _render_memory(memory, add):
+    """Part 1c: the phase breakdown per model (before / after mindpet's default) and the A/B settings table."""
+    if not memory:
+        return
+    rows = memory['rows']
+    add('### 1c. Memory by phase: full fine-tuning, LoRA (float32 and float16 base) and the floor (one process per '
+        'row)')
+    add('')
+    add('Same decoder, batch, optimiser and steps as part 1; LoRA is applied with `get_pet_model` (r=8 on q, v). '
+        'Each phase cell is `RSS / anonymous` MB right after the phase (anonymous = VmRSS - RssFile - RssShmem: '
+        'without shared-library pages); "peak" is `ru_maxrss` at the end and the ratios divide it by the full '
+        'fine-tuning process of the same model and setting in the same round. "mindspore" rows run with '
+        'MindSpore\'s and glibc\'s defaults, "mindpet" rows with the runner\'s default '
+        '(`mindpet.utils.ms_settings.compile_then_release`: compile, then gc + `malloc_trim(0)`, then the first '
+        'step).')
+    add('')
+    for model, size in memory['models'].items():
+        chosen = [r for r in rows.values() if r['model'] == model and r['setting'] in ('mindspore', 'mindpet')]
+        if not chosen:
+            continue
+        add(f'**{model}**: {size["layers"]} blocks, hidden {size["hidden"]}, vocab {size["vocab"]:,}, batch '
+            f'{size["batch"]} x {size["seq"]}.')
+        add('')
+        add('| variant | setting | ' + ' | '.join(label for _, label in MEMORY_PHASES)
+            + ' | peak RSS | peak / full | peak anon | anon / full | step CPU (s) | step / full |')
+        add('|---|---|' + '---|' * len(MEMORY_PHASES) + '---|---|---|---|---|---|')
+        for r in chosen:
+            cells = []
+            for key, _ in MEMORY_PHASES:
+                ph = r['phases'].get(key)
+                cells.append(f'{ph["rss"]:.0f} / {ph["anon"]:.0f}' if ph and ph.get('anon') is not None
+                             else ('n/a' if not ph else f'{ph["rss"]:.0f}'))
+            add(f'| {r["label"]} | {r["setting"]} | ' + ' | '.join(cells)
+                + f' | {r["peak_mb"]:.0f} | {_rng(r["peak_ratio"])} | {_fmt(r["peak_anon_mb"], 0)} | '
+                f'{_rng(r["peak_anon_ratio"])} | {_fmt(r["step_cpu_s"], 3)} | {_rng(r["step_cpu_ratio"])} |')
+        add('')
+    ab = {}
+    for r in rows.values():
+        if r['model'] == 'gpt_v1000' and r['variant'] in ('full', 'lora_pet'):
+            ab.setdefault(r['setting'], {})[r['variant']] = r
+    if len(ab) > 2:
+        ref = ab.get('mindpet', {}).get('lora_pet')
+        add('Settings tried on issue 17\'s model (each on top of the runner\'s default except "mindspore"; one '
+            'process per cell; "LoRA vs default" is the LoRA peak minus the "mindpet" row\'s):')
+        add('')
+        add('| setting | full peak RSS (MB) | LoRA peak RSS (MB) | LoRA / full | LoRA peak anon (MB) | LoRA vs default '
+            '(MB) | LoRA step CPU (s) | full step CPU (s) | LoRA loss first -> last |')
+        add('|---|---|---|---|---|---|---|---|---|')
+        for setting, pair in ab.items():
+            full, lora = pair.get('full'), pair.get('lora_pet')
+            if not (full and lora):
+                continue
+            delta = f'{lora["peak_mb"] - ref["peak_mb"]:+.0f}' if ref else 'n/a'
+            add(f'| {lora["setting_label"]} | {full["peak_mb"]:.0f} | {lora["peak_mb"]:.0f} | '
+                f'{_rng(lora["peak_ratio"])} | {_fmt(lora["peak_anon_mb"], 0)} | {delta} | '
+                f'{_fmt(lora["step_cpu_s"], 3)} | {_fmt(full["step_cpu_s"], 3)} | '
+                f'{lora["loss_first"]:.4f} -> {lora["loss_last"]:.4f} |')
+        add('')
 
 
 def update_doc(path, block):

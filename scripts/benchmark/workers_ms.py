@@ -5,8 +5,8 @@ import tempfile
 import time
 
 from . import models
-from .measure import interleaved, median, memory_figures, peak_rss_mb, timed
-from .models import (LORA, TRAIN_VARIANTS, apply_lora, build_gpt, load_mindpet104_lora, ms_batch, ms_loss_cell,
+from .measure import interleaved, median, memory_figures, memory_snapshot, peak_rss_mb, timed
+from .models import (LORA, MALLOPT_PARAMS, TRAIN_VARIANTS, apply_lora, build_gpt, load_mindpet104_lora, ms_batch, ms_loss_cell,
                      ms_setup, ms_sync)
 
 
@@ -15,28 +15,66 @@ def _ms_variant(name, cfg):
     return getattr(models, TRAIN_VARIANTS[name]['apply'])(net, cfg)
 
 
+def _apply_settings_before_import(settings):
+    """The settings that must precede MindSpore's threads (glibc ``mallopt``); returns mallopt's answers."""
+    import ctypes
+    answers = {}
+    for name, value in settings.get('mallopt', {}).items():
+        answers[name] = ctypes.CDLL('libc.so.6').mallopt(MALLOPT_PARAMS[name], int(value))
+    return answers
+
+
+def _apply_ms_settings(ms, settings):
+    if settings.get('jit_level'):
+        ms.set_context(jit_config={'jit_level': settings['jit_level']})
+    if settings.get('set_memory'):
+        ms.runtime.set_memory(**settings['set_memory'])
+    if settings.get('runtime_num_threads'):
+        ms.set_context(runtime_num_threads=settings['runtime_num_threads'])
+
+
 def worker_train(cfg):
-    """One training process: build the variant, run steps of AdamWeightDecay in GRAPH_MODE, time and measure."""
+    """One training process: build the variant, run steps of AdamWeightDecay in GRAPH_MODE, time and measure.
+
+    ``cfg['settings']`` (optional) applies memory settings (see orchestrate.MEMORY_SETTINGS; ``release``: mindpet's
+    compile-then-``malloc_trim``). ``rss_phases`` holds ru_maxrss after each phase, ``memory_phases`` the RSS,
+    anonymous memory and high-water mark (:func:`memory_snapshot`) after each."""
+    settings = cfg.get('settings') or {}
+    mallopt = _apply_settings_before_import(settings)
     ms = ms_setup(cfg)
+    _apply_ms_settings(ms, settings)
     from mindspore import nn
-    phases = dict(imported=peak_rss_mb())
+    snaps = {}
+
+    def phase(name):
+        snaps[name] = dict(memory_snapshot(), peak=peak_rss_mb())
+
+    phase('imported')
     start = time.perf_counter()
-    net = _ms_variant(cfg['variant'], cfg)
-    phases['built'] = peak_rss_mb()
+    net = build_gpt(cfg['model'])
+    phase('built')
+    net = getattr(models, TRAIN_VARIANTS[cfg['variant']]['apply'])(net, cfg)
+    phase('pet_applied')
     params = net.trainable_params()
     total = sum(p.size for p in net.get_parameters())
     trainable = sum(p.size for p in params)
     opt = nn.AdamWeightDecay(params, learning_rate=1e-4, weight_decay=0.01)
+    phase('optimizer')
     train = nn.TrainOneStepCell(ms_loss_cell(net), opt)
     train.set_train(True)
     ids, labels = ms_batch(cfg['model'])
     build_s = time.perf_counter() - start
     start = time.perf_counter()
     train.compile(ids, labels)
-    phases['compiled'] = peak_rss_mb()
+    phase('compiled')
+    released = None
+    if settings.get('release'):
+        from mindpet.utils.ms_settings import release_free_memory
+        released = release_free_memory()
+        phase('released')
     loss_first = float(train(ids, labels).asnumpy())
     compile_s = time.perf_counter() - start
-    phases['first_step'] = peak_rss_mb()
+    phase('first_step')
     for _ in range(cfg['warmup']):
         train(ids, labels)
     ms_sync(ms, cfg)
@@ -47,9 +85,14 @@ def worker_train(cfg):
         ms_sync(ms, cfg)
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
+    phase('steady')
+    phases = {name: snap['peak'] for name, snap in snaps.items()
+              if name in ('imported', 'built', 'compiled', 'first_step')}
     result = dict(step_s=median(times), step_cpu_s=median(cpu), step_times=times, step_cpu_times=cpu,
-                  build_s=build_s, compile_s=compile_s, rss_phases=phases, **memory_figures(),
-                  trainable=trainable, total=total, loss_first=loss_first, loss_last=float(loss.asnumpy()))
+                  build_s=build_s, compile_s=compile_s, rss_phases=phases, memory_phases=snaps, **memory_figures(),
+                  trainable=trainable, total=total, loss_first=loss_first, loss_last=float(loss.asnumpy()),
+                  settings_applied=dict(mallopt=mallopt, released=released,
+                                        jit_level=ms.get_context('jit_config').get('jit_level')))
     if cfg.get('device', 'CPU') != 'CPU':
         result['device_peak_mb'] = ms.runtime.max_memory_allocated() / 2 ** 20
     return result

@@ -1,9 +1,10 @@
 """Tiny mindone models built from a config (no download), made runnable on the CPU.
 
 MindSpore 2.10 has no CPU kernel for some ``mint`` ops that mindone's models call: ``Embedding``, ``LayerNormExt``
-(``mint.nn.LayerNorm``), ``GeluExt``, ``Arange`` (``mint.arange``), ``RmsNorm``. :func:`cpu_runnable` swaps the
-cells that call the first two for cells computing the same function with ops that do have CPU kernels, holding
-the *same Parameter objects* (names, values and training unchanged); the configs avoid GELU (``hidden_act='relu'``).
+(``mint.nn.LayerNorm``), ``GeluExt``, ``Arange`` (``mint.arange``), ``RmsNorm``. :func:`cpu_runnable` applies the
+library's own swaps (``mindpet.train.generic.apply_cpu_fallbacks``, what ``mindpet finetune`` does with
+``model.cpu_fallbacks``): cells computing the same function with ops that do have CPU kernels, holding the *same
+Parameter objects* (names, values and training unchanged); the configs avoid GELU (``hidden_act='relu'``).
 :func:`cpu_arange` puts an ``ops.arange`` equivalent in place of ``mint.arange`` while a LLaMA is built and run.
 On Ascend none of this is needed. Every layer mindpet adapts here (``nn.Dense``) is mindone's own.
 """
@@ -13,48 +14,16 @@ import numpy as np
 import mindspore as ms
 from mindspore import mint, nn, ops
 
-
-class GatherEmbedding(nn.Cell):
-    """``mint.nn.Embedding`` without padding gradients tricks: ``weight[ids]`` (same Parameter)."""
-
-    def __init__(self, weight):
-        super().__init__(auto_prefix=False)
-        self.weight = weight
-
-    def construct(self, ids):
-        return ops.gather(self.weight, ids.astype(ms.int32), 0)
-
-
-class OpsLayerNorm(nn.Cell):
-    """``mint.nn.LayerNorm`` over the last axis through ``ops.LayerNorm`` (same weight and bias Parameters)."""
-
-    def __init__(self, weight, bias, eps):
-        super().__init__(auto_prefix=False)
-        self.weight = weight
-        self.bias = bias
-        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
-
-    def construct(self, x):
-        return self.norm(x, self.weight, self.bias)[0]
+from mindpet.train.generic import apply_cpu_fallbacks
 
 
 def cpu_runnable(model):
-    """Swap ``model``'s ``mint.nn.Embedding`` and ``mint.nn.LayerNorm`` cells (see the module doc) in place.
-    Returns the swapped cell names."""
+    """:func:`mindpet.train.generic.apply_cpu_fallbacks` on ``model`` in place, checking that every Parameter
+    object keeps its name. Returns how many cells were swapped."""
     names = {id(p): p.name for p in model.get_parameters()}
-    swapped = []
-    for name, cell in list(model.cells_and_names()):
-        for key, child in list(cell._cells.items()):  # pylint: disable=protected-access
-            if isinstance(child, mint.nn.Embedding):
-                new = GatherEmbedding(child.weight)
-            elif isinstance(child, mint.nn.LayerNorm):
-                new = OpsLayerNorm(child.weight, child.bias, child.eps)
-            else:
-                continue
-            cell.insert_child_to_cell(key, new)
-            swapped.append(f'{name}.{key}' if name else key)
+    count = apply_cpu_fallbacks(model)
     assert {id(p): p.name for p in model.get_parameters()} == names  # same Parameters, same names
-    return swapped
+    return count
 
 
 def _arange(start=0, end=None, step=1, *, dtype=None):

@@ -13,7 +13,7 @@ from mindpet.adapter_store import model_fingerprint  # noqa: E402
 from mindpet.delta.dora import DoRADense  # noqa: E402
 from mindpet.delta.lora import LoRADense  # noqa: E402
 
-from tests.ecosystem.mindone_models import BertLogits, bert_batch, tiny_bert  # noqa: E402
+from tests.ecosystem.mindone_models import BertLogits, BertLoss, bert_batch, tiny_bert  # noqa: E402
 
 TARGETS = [f'bert.encoder.layer.{i}.attention.self.{m}' for i in range(2) for m in ('query', 'value')]
 
@@ -37,16 +37,6 @@ def _set_random(params, seed, scale=0.3, around=0.0):
         param.set_data(Tensor((around + scale * rng.randn(*param.shape)).astype(np.float32)))
 
 
-class _Loss(nn.Cell):
-    def __init__(self, logits_net):
-        super().__init__(auto_prefix=False)
-        self.logits_net = logits_net
-        self.loss = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction='mean')
-
-    def construct(self, ids, mask, types, labels):
-        return self.loss(self.logits_net(ids, mask, types), labels)
-
-
 def test_lora_lifecycle_on_mindone_bert(mindone_peft, tmp_path):  # pylint: disable=unused-argument
     ids, mask, types, labels = bert_batch(batch=8)
     model = tiny_bert()
@@ -65,7 +55,7 @@ def test_lora_lifecycle_on_mindone_bert(mindone_peft, tmp_path):  # pylint: disa
     logits = BertLogits(pet)
     np.testing.assert_allclose(logits(ids, mask, types).asnumpy(), base_out, rtol=1e-5, atol=1e-6)  # B = 0
 
-    step = nn.TrainOneStepCell(_Loss(logits), nn.Adam(pet.trainable_params(), learning_rate=5e-2))
+    step = nn.TrainOneStepCell(BertLoss(logits), nn.Adam(pet.trainable_params(), learning_rate=5e-2))
     step.set_train(True)
     losses = [float(step(ids, mask, types, labels).asnumpy()) for _ in range(12)]
     step.set_train(False)

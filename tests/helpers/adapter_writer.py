@@ -1,12 +1,13 @@
 """Fork server for test_adapter_dir_concurrency.py: imports MindSpore and mindpet once, then forks processes that
 save adapters into one directory with ``PetModel.save_pretrained`` in a loop, until they are killed.
 
-Protocol (one line per message). stdin: ``loop DIR WRITER START`` -> stdout ``PID <pid>`` (the child then prints
-``SAVED <writer> <n>`` after each save); ``wait PID`` -> ``EXIT <status>``; ``quit``.
+Protocol (one line per message). stdin: ``loop DIR WRITER START [FORMAT]`` (FORMAT: ``save_pretrained``'s, default
+'mindpet') -> stdout ``PID <pid>`` (the child then prints ``SAVED <writer> <n>`` after each save); ``wait PID`` ->
+``EXIT <status>``; ``quit``.
 
 Save ``n`` of writer ``w`` is recognisable from any of its parts, so a reader can tell a mixed load: the adapter is
-named ``w<w>-<n>``, its ``lora_alpha`` is :func:`alpha` ``(w, n)``, every ``lora_a`` entry is ``n`` and every
-``lora_b`` entry is ``w``.
+named ``w<w>-<n>`` (mindpet's format records the name; PEFT's does not), its ``lora_alpha`` is :func:`alpha`
+``(w, n)``, every ``lora_a`` entry is ``n`` and every ``lora_b`` entry is ``w``.
 """
 import os
 import sys
@@ -27,15 +28,16 @@ def alpha(writer, n):
     return 10 * writer + n % 7 + 1
 
 
-def save_version(pet, directory, writer, n):
-    """Add adapter ``w<writer>-<n>``, fill its tensors as the module docstring says, save it, forget it."""
+def save_version(pet, directory, writer, n, fmt='mindpet'):
+    """Add adapter ``w<writer>-<n>``, fill its tensors as the module docstring says, save it in format ``fmt``,
+    forget it."""
     name = f'w{writer}-{n}'
     pet.add_adapter(name, LoraConfig(target_modules=TARGETS, lora_rank=2, lora_alpha=alpha(writer, n)))
     pet.set_adapter(name)
     for param in pet.trainable_params():
         value = n if param.name.endswith('lora_a') else writer
         param.set_data(Tensor(np.full(param.shape, value, np.float32)))
-    pet.save_pretrained(directory)
+    pet.save_pretrained(directory, format=fmt)
     pet.set_adapter('default')
     pet.delete_adapter(name)
 
@@ -47,7 +49,11 @@ def new_pet():
 
 def identify(adapter):
     """``(writer, n)`` of a loaded StoredAdapter, or an AssertionError saying which parts disagree (a mixed load)."""
-    writer, n = (int(part) for part in adapter.name[1:].split('-'))
+    if adapter.name is None:      # PEFT's format: read them from the tensors, which the checks below hold to
+        first = adapter.layers[TARGETS[0]]
+        writer, n = int(first['mindpet_delta_lora_b'].flat[0]), int(first['mindpet_delta_lora_a'].flat[0])
+    else:
+        writer, n = (int(part) for part in adapter.name[1:].split('-'))
     assert adapter.config.lora_alpha == alpha(writer, n), (adapter.name, adapter.config.lora_alpha)
     for key in TARGETS:
         assert np.all(adapter.layers[key]['mindpet_delta_lora_a'] == n), (adapter.name, key, 'lora_a')
@@ -55,11 +61,11 @@ def identify(adapter):
     return writer, n
 
 
-def loop(directory, writer, start):
+def loop(directory, writer, start, fmt='mindpet'):
     pet = new_pet()
     n = int(start)
     while True:
-        save_version(pet, directory, int(writer), n)
+        save_version(pet, directory, int(writer), n, fmt)
         print(f'SAVED {writer} {n}', flush=True)
         n += 1
 
@@ -78,7 +84,7 @@ def main():
         if pid == 0:
             code = 0
             try:
-                loop(*words[1:4])
+                loop(*words[1:5])
             except BaseException as ex:  # report, then leave without running the parent's cleanup
                 print(f'CHILD_ERROR {type(ex).__name__}: {ex}', file=sys.stderr, flush=True)
                 code = 1

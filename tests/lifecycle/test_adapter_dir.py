@@ -1,5 +1,6 @@
 """The adapter directory: one in-memory form for every format (StoredAdapter), format dispatch, an empty PetModel
 and from_pretrained without a throwaway adapter."""
+import json
 import os
 import re
 import stat
@@ -153,8 +154,21 @@ def test_an_edited_config_is_refused_naming_the_file(tmp_path):
     text = _config_text(directory)
     assert 'lora_alpha: 8\n' in text
     _write_config(directory, text.replace('lora_alpha: 8\n', 'lora_alpha: 800\n'))
-    with pytest.raises(AdapterConfigError, match=r"adapter_config.yaml' was edited after saving.*'adapter_sha256'"):
+    with pytest.raises(AdapterConfigError, match=r"adapter_config.yaml' was edited after saving.*'adapter_sha256'\) "
+                                                 r"\(edited: 'pet.lora_alpha'\)"):
         PetModel.from_pretrained(PlainMLP(), directory)
+    # Two fields edited: both named. The per-field digests edited to match: still refused, without a name.
+    assert 'adapter_name: default\n' in text
+    _write_config(directory, text.replace('lora_alpha: 8\n', 'lora_alpha: 800\n').replace('adapter_name: default\n',
+                                                                                            'adapter_name: other\n'))
+    with pytest.raises(AdapterConfigError, match=r"\(edited: 'adapter_name', 'pet.lora_alpha'\)"):
+        load_adapter_dir(directory)
+    digests = re.search(r'pet\.lora_alpha: (\w+)', text).group(1)
+    edited = text.replace('lora_alpha: 8\n', 'lora_alpha: 800\n').replace(
+        f'pet.lora_alpha: {digests}', "pet.lora_alpha: " + _sha8(800))
+    _write_config(directory, edited)
+    with pytest.raises(AdapterConfigError, match=r"'adapter_sha256'\)\. Change an adapter"):
+        load_adapter_dir(directory)
     # Dropping the checksum does not switch the check off.
     _write_config(directory, ''.join(line for line in text.splitlines(True) if not line.startswith('adapter_sha256')))
     with pytest.raises(AdapterConfigError, match="lacks 'adapter_sha256'"):
@@ -165,6 +179,11 @@ def test_an_edited_config_is_refused_naming_the_file(tmp_path):
         load_adapter_dir(directory)
     _write_config(directory, text)
     assert load_adapter_dir(directory).config.lora_alpha == 8
+
+
+def _sha8(value):
+    import hashlib  # pylint: disable=import-outside-toplevel
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:8]
 
 
 def test_saved_files_get_the_umask_permissions(tmp_path):
@@ -258,3 +277,131 @@ def test_a_directory_holds_one_format(tmp_path):
         pet.save_pretrained(peft)
     assert {d: sorted(os.listdir(d)) for d in (mine, peft)} == before
     assert detect_format(mine) == 'mindpet' and detect_format(peft) == 'peft'
+
+
+# ----- PEFT's fixed file names: the directory is built beside the target and swapped in ---------------------------
+def _peft_values(directory):
+    adapter = load_adapter_dir(directory)
+    return {key: dict(tensors) for key, tensors in adapter.layers.items()}, adapter.config.lora_alpha
+
+
+def _assert_values(directory, pet, alpha):
+    layers, loaded_alpha = _peft_values(directory)
+    assert loaded_alpha == alpha
+    for key in ('fc1', 'fc2'):
+        np.testing.assert_array_equal(layers[key]['mindpet_delta_lora_a'],
+                                      getattr(pet.base_model, key).mindpet_delta_lora_a.asnumpy())
+
+
+def test_a_peft_save_swaps_in_a_new_directory_and_keeps_the_other_files(tmp_path):
+    directory = str(tmp_path / 'p')
+    _trained_pet(seed=0).save_pretrained(directory, format='peft')
+    before = os.stat(directory).st_ino
+    (tmp_path / 'p' / 'README.md').write_text('mine')
+    (tmp_path / 'p' / 'notes').mkdir()
+    (tmp_path / 'p' / 'notes' / 'a.txt').write_text('kept')
+    os.symlink('README.md', str(tmp_path / 'p' / 'link'))
+    os.chmod(directory, 0o750)
+    pet = _trained_pet(seed=1, alpha=6)
+    assert pet.save_pretrained(directory, format='peft') == directory
+    assert os.stat(directory).st_ino != before                             # another directory: swapped in
+    assert sorted(os.listdir(directory)) == ['README.md', 'adapter_config.json', 'adapter_model.safetensors',
+                                             'link', 'notes']
+    assert (tmp_path / 'p' / 'README.md').read_text() == 'mine' and os.readlink(str(tmp_path / 'p' / 'link')) == \
+        'README.md' and (tmp_path / 'p' / 'notes' / 'a.txt').read_text() == 'kept'
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o750
+    assert os.listdir(str(tmp_path)) == ['p']                              # the old directory is gone
+    _assert_values(directory, pet, 6)
+
+
+@pytest.mark.skipif(not hasattr(os, 'geteuid') or os.geteuid() != 0, reason='only root can give a directory away')
+def test_a_peft_save_by_root_keeps_the_directory_owner(tmp_path):
+    directory = str(tmp_path / 'p')
+    _trained_pet(seed=0).save_pretrained(directory, format='peft')
+    os.chown(directory, 12345, 12346)
+    os.chmod(directory, 0o2770)                     # set-gid: chown would clear it if done after chmod
+    before = os.stat(directory).st_ino
+    _trained_pet(seed=1).save_pretrained(directory, format='peft')
+    after = os.stat(directory)
+    assert after.st_ino != before and (after.st_uid, after.st_gid) == (12345, 12346)
+    assert stat.S_IMODE(after.st_mode) == 0o2770
+
+
+@pytest.mark.parametrize('failure', ['no renameat2', 'EINVAL'])
+def test_a_peft_save_writes_file_by_file_where_directories_cannot_be_exchanged(tmp_path, failure):
+    directory = str(tmp_path / 'p')
+    _trained_pet(seed=0).save_pretrained(directory, format='peft')
+    before = os.stat(directory).st_ino
+    pet = _trained_pet(seed=1, alpha=6)
+    if failure == 'no renameat2':
+        patch = mock.patch('mindpet.utils.dir_commit._renameat2', lambda: None)
+    else:        # e.g. a file system without RENAME_EXCHANGE
+        patch = mock.patch('mindpet.utils.dir_commit.exchange', side_effect=OSError(22, 'Invalid argument'))
+    with patch:
+        pet.save_pretrained(directory, format='peft')
+    assert os.stat(directory).st_ino == before and os.listdir(str(tmp_path)) == ['p']
+    assert sorted(os.listdir(directory)) == ['adapter_config.json', 'adapter_model.safetensors']
+    _assert_values(directory, pet, 6)
+
+
+def test_a_peft_save_from_inside_the_directory_keeps_the_working_directory(tmp_path, monkeypatch):
+    directory = str(tmp_path / 'p')
+    _trained_pet(seed=0).save_pretrained(directory, format='peft')
+    monkeypatch.chdir(directory)
+    before = os.stat('.').st_ino
+    pet = _trained_pet(seed=1, alpha=6)
+    pet.save_pretrained('.', format='peft')
+    assert os.stat('.').st_ino == before == os.stat(directory).st_ino      # written in place, cwd still valid
+    _assert_values(directory, pet, 6)
+
+
+def test_a_lock_taken_on_a_directory_swapped_out_meanwhile_is_taken_again(tmp_path):
+    """A writer that waited for the lock of a directory which the previous writer swapped out must lock the one now
+    at the path, or a third writer could lock that one and write at the same time."""
+    import fcntl  # pylint: disable=import-outside-toplevel
+    from mindpet.utils import dir_commit  # pylint: disable=import-outside-toplevel
+    directory, other = str(tmp_path / 'p'), str(tmp_path / 'q')
+    os.makedirs(directory)
+    os.makedirs(other)
+    real_locked, calls = dir_commit._locked, []  # pylint: disable=protected-access
+
+    def locked_then_swapped(*args):
+        fd = real_locked(*args)
+        if not calls:
+            dir_commit.exchange(other, directory)      # what a writer does while this one waits
+        calls.append(os.fstat(fd).st_ino)
+        return fd
+
+    with mock.patch.object(dir_commit, '_locked', locked_then_swapped):
+        with directory_lock(directory):
+            assert len(calls) == 2 and calls[1] == os.stat(directory).st_ino != calls[0]
+            probe = os.open(directory, os.O_RDONLY)
+            try:
+                with pytest.raises(BlockingIOError):          # the directory at the path is the locked one
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(probe)
+
+
+def test_a_peft_reader_reads_both_files_from_one_save(tmp_path):
+    """The directory is swapped between the reader's two files: it reads again, and gets the new save whole."""
+    from mindpet import peft_format  # pylint: disable=import-outside-toplevel
+    old, new = str(tmp_path / 'p'), str(tmp_path / 'new')
+    _trained_pet(seed=0, alpha=4).save_pretrained(old, format='peft')
+    pet = _trained_pet(seed=1, alpha=6)
+    pet.save_pretrained(new, format='peft')
+    real_read, reads = peft_format._read_config, []  # pylint: disable=protected-access
+
+    def read_then_swap(directory):
+        result = real_read(directory)
+        if not reads:
+            from mindpet.utils.dir_commit import exchange  # pylint: disable=import-outside-toplevel
+            exchange(new, old)                         # after the config was read, before the tensors
+        reads.append(result[1]['lora_alpha'])
+        return result
+
+    with mock.patch.object(peft_format, '_read_config', read_then_swap):
+        layers, alpha = _peft_values(old)
+    assert reads == [4, 6] and alpha == 6
+    np.testing.assert_array_equal(layers['fc1']['mindpet_delta_lora_a'],
+                                  pet.base_model.fc1.mindpet_delta_lora_a.asnumpy())

@@ -1,16 +1,22 @@
 """Bad input to the checkpoint callback, base+delta loading and resuming, adapter save/load and the ``mindpet`` CLI
-(exit code 1 and a one-line message): one table of bad calls (runner, Row and Files in tests/bad_input.py).
+(exit code 1 and a one-line message): one table of bad calls (runner, Row and Files in tests/bad_input.py). The adapter
+store's refusals (edited config, escaping ``weights_file``, format clashes, disk full, permission denied) also check,
+through :func:`_refused`, that the PetModel and the directory are exactly as before the call.
 
 Separate tests check that a failed load, save or merge leaves the network and the target directory exactly as they
 were, and that unreadable paths (chmod 000; as root the check runs in a child without the capabilities that bypass
 permissions) give one clear error each.
 """
+import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -19,8 +25,11 @@ from mindspore import nn, Tensor
 from mindpet import LoraConfig, PetModel, cli, get_pet_model
 from mindpet.graph import freeze_delta, TrainableParamsCheckPoint
 from mindpet.graph.ckpt_util import load_base_and_delta, resume_from_checkpoint, save_trainable_params
-from mindpet.adapter_store import ADAPTER_CONFIG_NAME, adapter_weights_path, merge_into_checkpoint
-from mindpet.utils.exceptions import (AdapterConfigError, CheckpointError, MakeDirError, ModelConfigKeysInfoError,
+from mindpet.adapter_store import ADAPTER_CONFIG_NAME, adapter_weights_path, load_adapter_dir, merge_into_checkpoint
+from mindpet.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
+from mindpet.utils import dir_commit
+from mindpet.utils.exceptions import (AdapterConfigError, CheckpointError, LinkPathError, MakeDirError,
+                                      ModelConfigKeysInfoError,
                                       ReadYamlFileError)
 
 from tests.bad_input import (CliError, Files, Row, assert_same_state, check_row, check_table, pet, rows, run_cli,
@@ -33,7 +42,151 @@ SETPRIV = ['setpriv', '--bounding-set=-dac_override,-dac_read_search,-fowner', '
 
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
-    return Files(str(tmp_path_factory.mktemp('bad_input')))
+    f = Files(str(tmp_path_factory.mktemp('bad_input')))
+    _add_store_files(f)
+    return f
+
+
+def _add_store_files(f):
+    """The adapter directories of the store rows, and ``f.model``, a PetModel with one trained adapter that the
+    refused loads must leave alone."""
+    j = lambda *parts: os.path.join(f.root, *parts)  # noqa: E731
+    f.model = get_pet_model(PlainMLP(), LoraConfig(target_modules=['fc1', 'fc2'], lora_rank=2, lora_alpha=8))
+    rng = np.random.RandomState(7)
+    for param in f.model.trainable_params():
+        param.set_data(Tensor(rng.randn(*param.shape).astype(np.float32)))
+    meta = open(os.path.join(f.adapter, ADAPTER_CONFIG_NAME), encoding='utf-8').read()
+    assert 'lora_alpha: 4\n' in meta
+    f.adapter_alpha = f._adapter_copy('adapter_alpha', meta=meta.replace('lora_alpha: 4\n', 'lora_alpha: 400\n'))
+    f.adapter_dotdot = f._adapter_copy('adapter_dotdot', meta=re.sub(r'weights_file: \S+',
+                                                                      'weights_file: ../x.safetensors', meta))
+    f.adapter_absolute = f._adapter_copy('adapter_absolute', meta=re.sub(r'weights_file: \S+',
+                                                                          'weights_file: /etc/passwd', meta))
+    f.adapter_symlink = f._adapter_copy('adapter_symlink')
+    weights = adapter_weights_path(f.adapter_symlink)
+    shutil.move(weights, j('outside.safetensors'))
+    os.symlink(j('outside.safetensors'), weights)          # the name the config records, leading out of the dir
+    f.peft = j('peft')
+    get_pet_model(PlainMLP(), LoraConfig(target_modules=['fc1', 'fc2'], lora_rank=2)).save_pretrained(
+        f.peft, format='peft')
+    f.adapter_two_formats = f._adapter_copy('adapter_two_formats')
+    shutil.copy(os.path.join(f.peft, PEFT_CONFIG_NAME), f.adapter_two_formats)
+    f.adapter_peft_tensors = f._adapter_copy('adapter_peft_tensors')
+    shutil.copy(os.path.join(f.peft, PEFT_WEIGHTS_NAME), adapter_weights_path(f.adapter_peft_tensors))
+    f.peft_own_tensors = j('peft_own_tensors')
+    shutil.copytree(f.peft, f.peft_own_tensors)
+    shutil.copy(adapter_weights_path(f.adapter), os.path.join(f.peft_own_tensors, PEFT_WEIGHTS_NAME))
+    f.save_target = f._adapter_copy('save_target')
+    f.merged_dir = j('merged')
+    os.makedirs(f.merged_dir)
+    merge_into_checkpoint(f.base, f.adapter, os.path.join(f.merged_dir, 'merged.ckpt'))
+
+
+def _model_state(model):
+    return model.adapters, model.active_adapter, sorted(model.pet_layers), state(model)
+
+
+def _loaded(directory):
+    """The tensors of the adapter in ``directory``, or the type of the error its load raises."""
+    try:
+        adapter = load_adapter_dir(directory)
+    except Exception as ex:  # pylint: disable=broad-except
+        return type(ex)
+    return {(key, name): value for key, tensors in adapter.layers.items() for name, value in tensors.items()}
+
+
+def _assert_same_loaded(before, after):
+    if isinstance(before, type):
+        assert after is before
+        return
+    assert sorted(after) == sorted(before)
+    for key, value in before.items():
+        np.testing.assert_array_equal(after[key], value, err_msg=str(key))
+
+
+def _refused(call, directory=None):
+    """A row's call that also checks the state after the refusal: ``f.model`` (adapters, active adapter, adapted
+    layers, every parameter's value) and ``directory(f)`` (every file's bytes; it loads bit-identically, or fails
+    as before) are as they were."""
+    def run(f):
+        path = directory(f) if directory else None
+        before = _model_state(f.model), path and _listing(path), path and _loaded(path)
+        try:
+            call(f)
+        finally:
+            adapters, active, layers, params = _model_state(f.model)
+            assert (adapters, active, layers) == before[0][:3]
+            assert_same_state(before[0][3], params)
+            if path:
+                assert _listing(path) == before[1]
+                _assert_same_loaded(before[2], _loaded(path))
+    return run
+
+
+class _OsProxy:
+    """Stands in for the ``os`` module of ``mindpet.utils.dir_commit`` (see the subclasses)."""
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
+class _NoPermission(_OsProxy):
+    """Creating a file fails as in a directory without write permission."""
+
+    def open(self, path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, 'Permission denied', path)
+        return os.open(path, flags, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _read_only(directory):
+    """``directory`` cannot be written into: chmod 0555, or (as root, which chmod does not stop) creating a file
+    fails with EACCES."""
+    if os.geteuid() != 0:
+        os.chmod(directory, stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+        try:
+            yield
+        finally:
+            os.chmod(directory, stat.S_IRWXU)
+        return
+    real = dir_commit.os
+    dir_commit.os = _NoPermission()
+    try:
+        yield
+    finally:
+        dir_commit.os = real
+
+
+@contextlib.contextmanager
+def _disk_full(ok=0):
+    """The disk fills up after ``ok`` file writes of ``mindpet.utils.dir_commit``."""
+    real = dir_commit.os
+    dir_commit.os = _DiskFullAfter(ok)
+    try:
+        yield
+    finally:
+        dir_commit.os = real
+
+
+def _merge_with_full_disk(f):
+    """``merge_into_checkpoint`` over an earlier output, with MindSpore's writer finding the disk full halfway."""
+    out = os.path.join(f.merged_dir, 'merged.ckpt')
+
+    def half_then_full(save_obj, path, **kwargs):   # pylint: disable=unused-argument
+        with open(path, 'wb') as handle:
+            handle.write(b'\0' * 100)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+
+    with mock.patch('mindspore.save_checkpoint', half_then_full):
+        merge_into_checkpoint(f.base, f.adapter, out)
+
+
+def _save_with(context, directory, fmt='mindpet'):
+    def call(f):
+        with context(directory(f)) if context is _read_only else context():
+            f.model.save_pretrained(directory(f), format=fmt)
+    return call
 
 
 # Each call takes the Files; fragments must all be in str(exception).
@@ -121,6 +274,53 @@ ROWS = [
         ["'weights'", '[1.0, 2.0]']),
     Row('adapter-weighted-type', lambda f: pet().add_weighted_adapter(['default'], [1.0], 'm', combination_type='avg'),
         ValueError, ["'combination_type'", "'avg'"]),
+    # ----- adapter store refusals: the PetModel and the directory stay as they were ----------------------------------
+    Row('adapter-config-edited', _refused(lambda f: f.model.load_adapter(f.adapter_alpha, 'new'),
+                                          lambda f: f.adapter_alpha), AdapterConfigError,
+        [os.path.join('adapter_alpha', ADAPTER_CONFIG_NAME), 'edited after saving', "'adapter_sha256'",
+         "(edited: 'pet.lora_alpha')"]),
+    Row('adapter-weights-file-dotdot', _refused(lambda f: f.model.load_adapter(f.adapter_dotdot, 'new'),
+                                                lambda f: f.adapter_dotdot), AdapterConfigError,
+        [os.path.join('adapter_dotdot', ADAPTER_CONFIG_NAME), "'weights_file'", "'../x.safetensors'"]),
+    Row('adapter-weights-file-absolute', _refused(lambda f: f.model.load_adapter(f.adapter_absolute, 'new'),
+                                                  lambda f: f.adapter_absolute), AdapterConfigError,
+        [os.path.join('adapter_absolute', ADAPTER_CONFIG_NAME), "'weights_file'", "'/etc/passwd'"]),
+    Row('adapter-weights-file-symlink', _refused(lambda f: f.model.load_adapter(f.adapter_symlink, 'new'),
+                                                 lambda f: f.adapter_symlink), LinkPathError,
+        [os.path.join('adapter_symlink', 'adapter_model.'), 'symbolic link']),
+    Row('adapter-weights-file-missing', _refused(lambda f: f.model.load_adapter(f.adapter_noweights, 'new'),
+                                                 lambda f: f.adapter_noweights), CheckpointError,
+        [os.path.join('adapter_noweights', 'adapter_model.'), 'does not exist']),
+    Row('adapter-two-formats', _refused(lambda f: f.model.load_adapter(f.adapter_two_formats, 'new'),
+                                        lambda f: f.adapter_two_formats), AdapterConfigError,
+        ['adapter_two_formats', ADAPTER_CONFIG_NAME, PEFT_CONFIG_NAME, 'one adapter per directory']),
+    Row('adapter-peft-tensor-file', _refused(lambda f: f.model.load_adapter(f.adapter_peft_tensors, 'new'),
+                                             lambda f: f.adapter_peft_tensors), CheckpointError,
+        [os.path.join('adapter_peft_tensors', 'adapter_model.'), "'base_model.model.fc1.lora_A.weight'",
+         "Hugging Face PEFT's"]),
+    Row('peft-own-tensor-file', _refused(lambda f: f.model.load_adapter(f.peft_own_tensors, 'new'),
+                                         lambda f: f.peft_own_tensors), CheckpointError,
+        [os.path.join('peft_own_tensors', PEFT_WEIGHTS_NAME), "'fc1.mindpet_delta_lora_a'", "mindpet's own format"]),
+    Row('adapter-save-peft-over-mindpet',
+        _refused(lambda f: f.model.save_pretrained(f.save_target, format='peft'), lambda f: f.save_target),
+        AdapterConfigError, ['save_target', f"'mindpet' adapter ({ADAPTER_CONFIG_NAME})", "'peft'"]),
+    Row('adapter-save-mindpet-over-peft', _refused(lambda f: f.model.save_pretrained(f.peft), lambda f: f.peft),
+        AdapterConfigError, [f"'{os.sep}", f"peft' holds a 'peft' adapter ({PEFT_CONFIG_NAME})", "'mindpet'"]),
+    Row('adapter-save-disk-full', _refused(_save_with(_disk_full, lambda f: f.save_target), lambda f: f.save_target),
+        CheckpointError, [os.path.join('save_target', 'adapter_model.'), 'No space left on device', 'errno 28']),
+    Row('adapter-save-permission', _refused(_save_with(_read_only, lambda f: f.save_target),
+                                            lambda f: f.save_target),
+        CheckpointError, [os.path.join('save_target', 'adapter_model.'), 'Permission denied']),
+    Row('peft-save-disk-full-weights', _refused(_save_with(_disk_full, lambda f: f.peft, 'peft'), lambda f: f.peft),
+        CheckpointError, [os.path.join('peft', PEFT_WEIGHTS_NAME), 'No space left on device', 'errno 28']),
+    # The tensor file is written, the config is not: the directory still holds the old pair, not a mix.
+    Row('peft-save-disk-full-config', _refused(_save_with(lambda: _disk_full(ok=1), lambda f: f.peft, 'peft'),
+                                               lambda f: f.peft),
+        CheckpointError, [os.path.join('peft', PEFT_CONFIG_NAME), 'No space left on device']),
+    Row('peft-save-permission', _refused(_save_with(_read_only, lambda f: f.peft, 'peft'), lambda f: f.peft),
+        CheckpointError, [os.path.join('peft', PEFT_WEIGHTS_NAME), 'Permission denied']),
+    Row('merge-disk-full', _refused(_merge_with_full_disk, lambda f: f.merged_dir), CheckpointError,
+        [os.path.join('merged', 'merged.ckpt'), 'No space left on device', 'errno 28']),
     Row('merge-out-path-int', lambda f: merge_into_checkpoint(f.base, f.adapter, 3), TypeError,
         ["'out_path'", '3 (int)']),
     # ----- the mindpet command ---------------------------------------------------------------------------------------
@@ -149,7 +349,7 @@ ROWS = [
         ['out_is_dir.ckpt', 'is a directory']),
 ]
 
-EXPECTED_ROWS = 55
+EXPECTED_ROWS = 71
 
 
 def test_table_size():
@@ -229,16 +429,12 @@ def test_failed_from_pretrained_leaves_the_model_unadapted(files):
 
 
 
-class _DiskFullAfter:
-    """Stands in for the ``os`` module of ``mindpet.utils.dir_commit``: the file writes after the first ``ok`` ones
-    put half of their bytes on disk, then fail as a full disk does."""
+class _DiskFullAfter(_OsProxy):
+    """The file writes after the first ``ok`` ones put half of their bytes on disk, then fail as a full disk does."""
 
     def __init__(self, ok):
         self.ok = ok
         self.calls = 0
-
-    def __getattr__(self, name):
-        return getattr(os, name)
 
     def write(self, fd, data):
         self.calls += 1

@@ -223,3 +223,108 @@ def test_quick_run_of_the_mixed_adapter_part(tmp_path):
     assert 0.1 < mixed['rows']['mixed_vs_petmodel']['cpu_ratio'] < 10
     text = page.read_text(encoding='utf-8')
     assert '### 4b. Mixed-adapter batches' in text and 'mixed-adapter batch (8 rows over 4 LoRA adapters)' in text
+
+
+def test_memory_part_plan_covers_both_models_variants_and_settings():
+    """Part 1c: every variant on both models with and without the runner's default, the A/B settings on issue 17's
+    model for full and LoRA only; --variants narrows the rows (full always stays), --memory-settings the A/B."""
+    _, plan = orchestrate._memory_plan(orchestrate.parse_args([]))  # pylint: disable=protected-access
+    breakdown = [p for p in plan if p[1] in orchestrate.MEMORY_BREAKDOWN]
+    assert len(breakdown) == 2 * 2 * 4 and {p[0] for p in breakdown} == {'gpt_v1000', 'gpt'}
+    assert orchestrate.MEMORY_MODELS['gpt_v1000']['vocab'] == 1000 and orchestrate.MEMORY_MODELS['gpt']['vocab'] == 50257
+    ab = [p for p in plan if p[1] not in orchestrate.MEMORY_BREAKDOWN]
+    assert {p[0] for p in ab} == {'gpt_v1000'} and {p[2] for p in ab} == {'full', 'lora_pet'}
+    args = orchestrate.parse_args(['--variants', 'lora_fp16', '--memory-settings', 'somas'])
+    _, plan = orchestrate._memory_plan(args)  # pylint: disable=protected-access
+    assert plan == [(m, s, v) for m in ('gpt_v1000', 'gpt') for s in ('mindspore', 'mindpet')
+                    for v in ('full', 'lora_fp16')] + [('gpt_v1000', 'somas', 'full')]
+    with pytest.raises(SystemExit):
+        orchestrate.parse_args(['--memory-settings', 'nonsense'])
+
+
+def _memory_row(model, setting, variant, peak, step):
+    row = lambda r: {'median': r, 'min': r, 'max': r, 'n': 1}  # noqa: E731
+    phases = {key: dict(rss=peak, anon=peak - 300.0, hwm=peak, file=300.0) for key, _ in report.MEMORY_PHASES}
+    return {'model': model, 'setting': setting, 'variant': variant, 'label': variant, 'setting_label': setting,
+            'trainable': 1, 'total': 2, 'phases': phases, 'peak_mb': peak, 'peak_anon_mb': peak - 300.0,
+            'step_cpu_s': step, 'step_s': step, 'peak_ratio': row(peak / 1600.0), 'peak_anon_ratio': row(0.5),
+            'step_cpu_ratio': row(step / 2.0), 'step_ratio': row(step / 2.0), 'loss_first': 7.0, 'loss_last': 6.9}
+
+
+def test_memory_part_targets_and_tables():
+    rows = {}
+    for setting in ('mindspore', 'mindpet', 'somas'):
+        for variant, peak, step in (('full', 1600.0, 2.0), ('lora_pet', 1200.0, 1.0), ('lora_fp16', 790.0, 1.2)):
+            rows[f'gpt_v1000/{setting}/{variant}'] = _memory_row('gpt_v1000', setting, variant, peak, step)
+    results = {'memory': {'models': {'gpt_v1000': models.GPT_V1000}, 'rows': rows}}
+    targets = {r['what']: r for r in report.evaluate_targets(results)}
+    fp32 = targets['issue 17 model: LoRA peak RSS / full fine-tuning, float32 base']
+    assert fp32['value'] == 0.75 and not fp32['met']
+    fp16 = targets['issue 17 model: LoRA peak RSS / full fine-tuning, float16 base']
+    assert fp16['value'] == 790.0 / 1600.0 and fp16['met']
+    assert targets['issue 17 model: LoRA step time / full fine-tuning (one process each)']['met']
+    text = report.render_markdown(dict(results, repeats=1, layer_repeats=1), 'cmd')
+    assert '### 1c. Memory by phase' in text and '**gpt_v1000**: 6 blocks, hidden 768, vocab 1,000' in text
+    # Phase cells are "RSS / anon"; the A/B table gives each setting's LoRA peak against the runner default's.
+    assert '| 1200 / 900 |' in text
+    ab = [line for line in text.splitlines() if line.startswith('| somas |')]
+    assert ab and '| 1600 | 1200 | 0.750x' in ab[0] and '| +0 |' in ab[0]
+
+
+@pytest.mark.slow
+def test_quick_run_of_the_memory_part(tmp_path):
+    """A real (tiny) run of part 1c: full and LoRA per process, with and without the runner's default, plus one
+    A/B setting; every phase is recorded and the runner's release was applied where asked."""
+    out_json, page = tmp_path / 'b.json', tmp_path / 'b.md'
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, SCRIPT, '--quick', '--parts', 'memory', '--variants', 'lora_pet',
+                           '--memory-settings', 'arena2_mallopt', '--repeats', '1', '--steps', '1', '--warmup', '0',
+                           '--json', str(out_json), '--doc', str(page), '--log-dir', str(tmp_path / 'logs')],
+                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out_json.read_text(encoding='utf-8'))['memory']['rows']
+    assert sorted(rows) == sorted(f'gpt_v1000/{s}/{v}' for s in ('mindspore', 'mindpet', 'arena2_mallopt')
+                                  for v in ('full', 'lora_pet'))
+    for key, row in rows.items():
+        phases = row['phases']
+        assert ('released' in phases) == (not key.startswith('gpt_v1000/mindspore/'))
+        # The kernel's RSS counters are synced lazily: high-water marks agree within 2 MB, not to the byte.
+        assert phases['imported']['rss'] < phases['compiled']['hwm'] < phases['steady']['hwm'] + 2
+        assert abs(phases['steady']['hwm'] - row['peak_mb']) < 2
+        assert phases['steady']['anon'] < phases['steady']['rss']
+    assert rows['gpt_v1000/mindpet/lora_pet']['settings_applied']['released'] in (True, False)
+    assert rows['gpt_v1000/arena2_mallopt/lora_pet']['settings_applied']['mallopt'] == {'M_ARENA_MAX': 1}
+    # The settings change no number: same losses as without them.
+    assert len({(r['loss_first'], r['loss_last']) for k, r in rows.items() if k.endswith('/lora_pet')}) == 1
+    assert rows['gpt_v1000/mindpet/lora_pet']['trainable'] == 2 * 2 * 8 * (128 + 128)
+    text = page.read_text(encoding='utf-8')
+    assert '### 1c. Memory by phase' in text and 'issue 17 model: LoRA peak RSS / full fine-tuning' in text
+
+
+def test_issue17_group_steps_lora_against_full_on_the_vocab_1000_model():
+    """train_ab's 'issue17' group runs on issue 17's model (vocab 1,000), the other groups on part 1's; with
+    --variants lora_pet only that group has something to compare."""
+    class FakeRunner:
+        def __init__(self):
+            self.calls = []
+
+        def run(self, env, kind, cfg):
+            self.calls.append((kind, cfg['variants'], cfg['model']['vocab']))
+            return {}
+
+    runner = FakeRunner()
+    args = orchestrate.parse_args(['--repeats', '1'])
+    orchestrate._run_groups(runner, orchestrate.TRAIN_AB_GROUPS, {'train', 'issue17'}, args, 'train_ab',  # pylint: disable=protected-access
+                            dict(model=models.GPT))
+    assert ('train_ab', ['full', 'lora_pet', 'floor'], 1000) in runner.calls
+    assert ('train_ab', orchestrate.TRAIN_AB_GROUPS['train']['variants'], 50257) in runner.calls
+    runner = FakeRunner()
+    orchestrate._run_groups(runner, orchestrate.TRAIN_AB_GROUPS, {'train', 'issue17'},  # pylint: disable=protected-access
+                            orchestrate.parse_args(['--repeats', '1', '--variants', 'lora_pet']), 'train_ab',
+                            dict(model=models.GPT))
+    assert runner.calls == [('train_ab', ['full', 'lora_pet'], 1000)]
+    # Forward groups have no 'issue17': it is skipped there.
+    runner = FakeRunner()
+    orchestrate._run_groups(runner, orchestrate.FORWARD_GROUPS, {'train', 'issue17'}, args, 'forward',  # pylint: disable=protected-access
+                            dict(model=models.GPT))
+    assert [c[0] for c in runner.calls] == ['forward']

@@ -222,6 +222,8 @@ BAD = [
     (['pet.lora_rnak=4'], r"'pet\.lora_rnak' \(from --set\): unknown key of the 'lora' method; did you mean "
                           r"'lora_rank'\?"),
     (['trainig.epochs=2'], r"'trainig' \(from --set\): unknown section; did you mean 'training'\?"),
+    (['pet.ranks=4'], r"'pet\.ranks' \(from --set\): unknown key of the 'lora' method; valid keys: \["),
+    (['zzz.epochs=2'], r"'zzz' \(from --set\): unknown section; valid keys: \['context', "),
     (['training.epochs=two'], r"'training\.epochs' \(from --set\): must be an int >= 1, but got 'two' \(str\)"),
     (['pet.lora_rank=1.5'], r"'pet\.lora_rank' \(from --set\): For 'LoraConfig', the 'lora_rank' must be a positive "
                             r"int, but got 1\.5 \(float\)"),
@@ -229,6 +231,16 @@ BAD = [
                                               r"does not exist"),
     (['pet.target_modules=[attention]'], r"'pet\.target_modules' \(from --set\): For 'get_pet_model', the 'lora' "
                                          r"config's target_modules \['attention'\] .* match no adaptable cell"),
+    # Refusals at injection name the field too (FieldValueError.field), not target_modules.
+    (["pet={type: ia3, target_modules: ['layers\\.\\d+'], feedforward_modules: [head]}"],
+     r"'pet\.feedforward_modules'( \(from --set\))?: For 'get_pet_model', the 'ia3' config's feedforward_modules "
+     r"pattern 'head' matches none"),
+    (['pet.layers_to_transform=[7]'], r"'pet\.layers_to_transform' \(from --set\): For 'get_pet_model', the 'lora' "
+                                      r"config's layers_to_transform \[7\]"),
+    (["pet={type: tsvd, target_modules: ['layers\\.\\d+'], tsvd_rank: 4, target_rank: 2, tsvd_factor_slices: 9}"],
+     r"'pet\.tsvd_factor_slices'( \(from --set\))?: For '.*the 'tsvd_factor_slices' must not exceed"),
+    (['pet.init_lora_weights=loftq'], r"'pet\.init_lora_weights' \(from --set\): For 'LoraConfig', the "
+                                      r"'init_lora_weights' must be one of"),
     (['pet.type=lorra'], r"'pet\.type' \(from --set\): Unknown PET method type 'lorra' \(did you mean 'lora'\?\)"),
     (['model.overrides={hiden: 3}'], r"'model\.overrides' \(from --set\): For 'MLPConfig', unknown key 'hiden'; "
                                      r"did you mean 'hidden'\?"),

@@ -165,6 +165,10 @@ def test_print_trainable_parameters(capsys):
     assert percent == pytest.approx(100.0 * trainable / total)
     assert capsys.readouterr().out.strip() == (f"trainable params: {trainable:,} || all params: {total:,} || "
                                                f"trainable%: {percent:.4f}")
+    # The runner's counts come from the same function (state Parameters such as the LoRA scaling excluded).
+    from mindpet.model import parameter_counts  # pylint: disable=import-outside-toplevel
+    assert any('mindpet_state_' in p.name for p in pet.get_parameters())
+    assert parameter_counts(pet.base_model) == (trainable, total)
 
 
 class _Seq(nn.Cell):

@@ -308,6 +308,7 @@ def test_bad_values_name_the_field(changes, exc, fragment):
     with pytest.raises(exc) as info:
         _config(**changes)
     assert fragment in str(info.value), str(info.value)
+    assert info.value.field.split('[', 1)[0] in changes     # the runner reports it at pet.<field>
 
 
 def test_pissa_rank_above_the_weight_rank_is_refused():

@@ -77,9 +77,10 @@ def test_vocab_initialisation_copies_word_embeddings():
     table = pet.pet_layers['embed'].embedding_table.asnumpy()
     prompt = pet.pet_layers['embed'].prompt.mindpet_delta_prompt_tuning_embedding.asnumpy()
     np.testing.assert_array_equal(prompt, table[[3, 1, 4, 3]])
-    with pytest.raises(ValueError, match=r"'prompt_init_token_ids' must lie in \[0, 64\)"):
+    with pytest.raises(ValueError, match=r"'prompt_init_token_ids' must lie in \[0, 64\)") as info:
         get_pet_model(PromptReadyGPT(), PromptTuningConfig(target_modules=['embed'], prompt_init='vocab',
                                                            prompt_init_token_ids=[64]))
+    assert info.value.field == 'prompt_init_token_ids'
 
 
 

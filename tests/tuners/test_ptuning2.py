@@ -114,9 +114,16 @@ def test_bad_configs_are_refused():
         PTuning2Config(num_layers=2, num_heads=2, kv_channels=8)
     # A target that declares its sizes (a MindFormers-style 'config') is checked against the config.
     holder = Holder(base_net())
-    with pytest.raises(ValueError, match="'ptuning2' config's 'num_layers' is 3, but 'lm' has 2"):
+    with pytest.raises(ValueError, match="'ptuning2' config's 'num_layers' is 3, but 'lm' has 2") as info:
         get_pet_model(holder, config(target_modules=['lm'], num_layers=3))
+    assert info.value.field == 'num_layers'
     assert not any('mindpet_' in p.name for p in holder.get_parameters())   # refused before any change
+    pet = get_pet_model(base_net(), config())
+    names = sorted(p.name for p in pet.get_parameters())
+    with pytest.raises(ValueError, match="'backbone' was adapted with kv_channels=8; an adapter with kv_channels=4 "
+                                         "cannot share it") as info:
+        pet.add_adapter('b', config(kv_channels=4))
+    assert info.value.field == 'kv_channels' and sorted(p.name for p in pet.get_parameters()) == names
 
 
 class Holder(nn.Cell):

@@ -104,9 +104,11 @@ def test_the_field_is_checked_against_the_groups():
     net = GPTLike()
     names = [name for name, _ in net.cells_and_names()]
     with pytest.raises(ValueError, match=r"'tsvd_factor_slices' must not exceed the number of layers of a t-SVD "
-                                         r"group \(2\), but got 3"):
+                                         r"group \(2\), but got 3") as info:
         get_pet_model(net, _config(tsvd_factor_slices=3))
+    assert info.value.field == 'tsvd_factor_slices'
     assert [name for name, _ in net.cells_and_names()] == names      # refused before anything was injected
     pet = get_pet_model(GPTLike(), _config())
-    with pytest.raises(ValueError, match='must use the same tsvd_factor_slices, but got 2'):
+    with pytest.raises(ValueError, match='must use the same tsvd_factor_slices, but got 2') as info:
         pet.add_adapter('full', _config(tsvd_factor_slices=None))
+    assert info.value.field == 'tsvd_factor_slices'
