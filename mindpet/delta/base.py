@@ -60,8 +60,12 @@ def init_param(init, shape, dtype, name, owner=None, set_by=None):
 
 def check_dense_allocation(owner, in_channels, out_channels, kwargs):
     """Refuse, before ``nn.Dense`` allocates it, a base weight ``(out_channels, in_channels)`` that would not fit
-    into the available memory (a weight given as a Tensor or array already exists and is not checked)."""
-    if not isinstance(kwargs.get('weight_init'), (Tensor, np.ndarray)):
+    into the available memory. Not checked: a weight given as a Tensor or array (it already exists), and a 'zeros'
+    weight, whose pages stay unallocated until written (the tuners build with 'zeros' and then adopt the base
+    layer's own Parameter, so a layer as large as the free memory must not be refused)."""
+    weight_init = kwargs.get('weight_init')
+    if not isinstance(weight_init, (Tensor, np.ndarray)) and not (isinstance(weight_init, str)
+                                                                   and weight_init.lower() == 'zeros'):
         dtype = kwargs.get('dtype', mstype.float32)
         check_allocation(owner, "'in_channels' and 'out_channels'", (out_channels, in_channels),
                          mstype.type_size_in_bytes(dtype) if isinstance(dtype, mstype.Type) else 4)

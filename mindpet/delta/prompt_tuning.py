@@ -13,7 +13,7 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import Normal
 
 from mindpet.delta.base import init_param, check_init_shape
-from mindpet.utils.validation import check_int, check_dtype, check_allocation
+from mindpet.utils.validation import check_int, check_dtype
 
 
 class PromptTuningEmbedding(nn.Cell):
@@ -144,9 +144,8 @@ class EmbeddingWithPrompt(nn.Embedding):
         owner = type(self).__name__
         vocab_size = check_int('vocab_size', vocab_size, owner)
         embedding_size = check_int('embedding_size', embedding_size, owner)
-        # nn.Embedding allocates its table at once (only to be replaced by from_embedding's).
-        check_allocation(owner, "'vocab_size' and 'embedding_size'", (vocab_size, embedding_size),
-                         mstype.type_size_in_bytes(dtype) if isinstance(dtype, mstype.Type) else 4)
+        # No memory check for the table: it is 'zeros', whose pages stay unallocated until written (and
+        # from_embedding replaces it by the base embedding's own Parameter).
         super().__init__(vocab_size, embedding_size, use_one_hot=use_one_hot, embedding_table='zeros', dtype=dtype,
                          padding_idx=padding_idx)
         self.prompt = PromptTuningEmbedding(num_virtual_tokens, embedding_size, prompt_init)
