@@ -3,7 +3,6 @@
 Everything here is deterministic: datasets come from NumPy arrays with a fixed shuffle seed, and the text/image files
 the examples ship are written byte-identically on every run (atomically, through ``mindpet.utils.io_utils``).
 """
-import difflib
 import json
 import os
 import struct
@@ -13,7 +12,7 @@ from dataclasses import asdict, fields
 import numpy as np
 
 from mindpet.utils.io_utils import atomic_write
-from mindpet.utils.validation import check_int, check_bool
+from mindpet.utils.validation import check_int, check_bool, did_you_mean
 
 
 class ExampleConfig:
@@ -31,8 +30,7 @@ class ExampleConfig:
             raise TypeError(f"For '{cls.__name__}', the config must be a dict, but got {type(values).__name__}.")
         known = [f.name for f in fields(cls)]
         for key in sorted(set(values) - set(known) - set(cls.IGNORED_KEYS)):
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys are {sorted(known)}."
+            hint = did_you_mean(key, known) or f"; valid keys are {sorted(known)}."
             raise ValueError(f"For '{cls.__name__}', unknown key '{key}'{hint}")
         return cls(**{k: v for k, v in values.items() if k in known})
 

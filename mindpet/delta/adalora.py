@@ -17,9 +17,8 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import Normal
 
-from mindpet.delta.base import DeltaDense, host_f32
+from mindpet.delta.base import DeltaDense, host_f32, init_param, check_init_shape, check_rank_fits
 from mindpet.delta.sharding import apply_dense_strategies
-from mindpet.delta.base import init_param, check_init_shape
 from mindpet.delta.rank_allocation import (RankAllocator, WithOrthRegularizer, TrainStepWithGrads, find_cells,
                                            cubic_budget)
 from mindpet.utils.validation import check_int, check_real, check_rate
@@ -41,7 +40,8 @@ class AdaLoRADense(DeltaDense):
     Args:
         in_channels (int): input features.
         out_channels (int): output features.
-        adalora_rank (int): initial rank ``r`` (number of triplets). Default 12.
+        adalora_rank (int): initial rank ``r`` (number of triplets), at most ``min(in_channels, out_channels)``.
+            Default 12.
         adalora_alpha (int | float): non-zero; the increment is scaled by ``adalora_alpha / adalora_rank``.
             Default 8.
         adalora_dropout (float): dropout in [0, 1) on the increment's input. Default 0.
@@ -72,6 +72,11 @@ class AdaLoRADense(DeltaDense):
         self.adalora_rank = check_int('adalora_rank', adalora_rank, owner)
         self.adalora_alpha = check_real('adalora_alpha', adalora_alpha, owner, nonzero=True)
         self.adalora_dropout_rate = check_rate('adalora_dropout', adalora_dropout, owner)
+        in_channels = check_int('in_channels', in_channels, owner)
+        out_channels = check_int('out_channels', out_channels, owner)
+        # The initial rank: the allocator only lowers it, and P (out, r) / Q (r, in) cannot hold more than
+        # min(in, out) orthonormal triplets, so a larger one could never be used.
+        check_rank_fits(owner, self.adalora_rank, in_channels, out_channels, name='adalora_rank')
         super().__init__(in_channels, out_channels, param_init_type, compute_dtype, **kwargs)
         check_init_shape(owner, 'adalora_p_init', adalora_p_init, (out_channels, adalora_rank))
         check_init_shape(owner, 'adalora_q_init', adalora_q_init, (adalora_rank, in_channels))

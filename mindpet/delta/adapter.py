@@ -17,7 +17,7 @@ from mindspore import nn, ops
 from mindspore import dtype as mstype
 from mindspore.common.initializer import Normal
 
-from mindpet.delta.base import init_param
+from mindpet.delta.base import init_param, check_dense_allocation
 from mindpet.delta.sharding import apply_strategies, dense_entries, make_activation
 from mindpet.utils.validation import check_bool, check_dtype, check_int, check_initializer
 
@@ -94,12 +94,12 @@ class AdapterLayer(BottleneckAdapter):
         self.bottleneck_size = bottleneck_size
         self.mindpet_delta_adapter_down_weight = init_param(
             Normal(ADAPTER_INIT_SIGMA), (bottleneck_size, hidden_size), param_init_type,
-            'mindpet_delta_adapter_down_weight')
+            'mindpet_delta_adapter_down_weight', owner, "'hidden_size' and 'bottleneck_size'")
         self.mindpet_delta_adapter_down_bias = init_param('zeros', (bottleneck_size,), param_init_type,
                                                           'mindpet_delta_adapter_down_bias')
         self.mindpet_delta_adapter_up_weight = init_param(
             Normal(ADAPTER_INIT_SIGMA), (hidden_size, bottleneck_size), param_init_type,
-            'mindpet_delta_adapter_up_weight')
+            'mindpet_delta_adapter_up_weight', owner, "'hidden_size' and 'bottleneck_size'")
         self.mindpet_delta_adapter_up_bias = init_param('zeros', (hidden_size,), param_init_type,
                                                         'mindpet_delta_adapter_up_bias')
         self.down_matmul = ops.MatMul(transpose_b=True)
@@ -162,6 +162,7 @@ class DenseWithAdapter(nn.Dense):
         if isinstance(activation, str):
             make_activation(owner, activation, arg='activation')
         check_dtype('compute_dtype', compute_dtype, owner)
+        check_dense_allocation(owner, in_channels, out_channels, {'weight_init': weight_init})
         super().__init__(in_channels, out_channels, weight_init=weight_init, bias_init=bias_init,
                          has_bias=has_bias, activation=activation)
         self.compute_dtype = compute_dtype

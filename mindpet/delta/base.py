@@ -32,18 +32,22 @@ def check_dense_kwargs(owner, kwargs):
             check_initializer(name, kwargs[name], owner)
 
 
-def init_param(init, shape, dtype, name, owner=None):
+def init_param(init, shape, dtype, name, owner=None, set_by=None):
     """A Parameter of ``shape`` and ``dtype`` from any MindSpore initializer form: a name ('zeros', 'normal'), an
     ``Initializer``, a number, a concrete Tensor, a lazily initialised Tensor (``Tensor(shape=..., dtype=...,
     init=One())``) or a numpy array. Tensors and arrays are cast to ``dtype`` (``initializer`` would keep their
     own dtype); a lazy Tensor contributes its ``Initializer``, so nothing of its own dtype is materialised.
 
+    ``set_by`` names the arguments of ``owner`` that set the shape (e.g. ``"'hidden_size' and
+    'bottleneck_size'"``), for the message below.
+
     Raises:
         ValueError: the Parameter would need more memory than is available (checked before allocating; the
-            message names ``owner`` and ``name`` with the estimate).
+            message names ``owner``, ``name`` and ``set_by`` with the estimate).
     """
     shape = [int(dim) for dim in shape]       # numpy integers are not accepted as MindSpore shapes
-    check_allocation(owner or name, f"'{name}'", shape, mstype.type_size_in_bytes(dtype))
+    what = f"the '{name}' set by {set_by}" if set_by else f"'{name}'"
+    check_allocation(owner or name, what, shape, mstype.type_size_in_bytes(dtype))
     if isinstance(init, Tensor) and getattr(init, 'has_init', False) and getattr(init, 'init', None) is not None:
         # Casting a lazy Tensor (astype) crashes the process: use the initializer it carries instead.
         init = init.init
@@ -56,20 +60,27 @@ def init_param(init, shape, dtype, name, owner=None):
 
 def check_dense_allocation(owner, in_channels, out_channels, kwargs):
     """Refuse, before ``nn.Dense`` allocates it, a base weight ``(out_channels, in_channels)`` that would not fit
-    into the available memory (a weight given as a Tensor or array already exists and is not checked)."""
-    if not isinstance(kwargs.get('weight_init'), (Tensor, np.ndarray)):
+    into the available memory. Not checked: a weight given as a Tensor or array (it already exists), and a 'zeros'
+    weight, whose pages stay unallocated until written (the tuners build with 'zeros' and then adopt the base
+    layer's own Parameter, so a layer as large as the free memory must not be refused)."""
+    weight_init = kwargs.get('weight_init')
+    if not isinstance(weight_init, (Tensor, np.ndarray)) and not (isinstance(weight_init, str)
+                                                                   and weight_init.lower() == 'zeros'):
         dtype = kwargs.get('dtype', mstype.float32)
         check_allocation(owner, "'in_channels' and 'out_channels'", (out_channels, in_channels),
                          mstype.type_size_in_bytes(dtype) if isinstance(dtype, mstype.Type) else 4)
 
 
-def check_rank_fits(owner, rank, in_channels, out_channels, name='lora_rank'):
-    """Refuse a rank above ``min(in_channels, out_channels)``: the low-rank product cannot have a higher rank, so
-    the extra rows only cost memory (and a rank of 10**9 would try to allocate them)."""
+def check_rank_fits(owner, rank, in_channels, out_channels, name='lora_rank', bound=None):
+    """Refuse a rank above ``min(in_channels, out_channels)``: a product of an ``(out, r)`` and an ``(r, in)`` factor
+    cannot have a higher rank, so the extra rows only cost memory (and a rank of 10**9 would try to allocate them).
+    ``bound`` names the limit in the message when it is not the layer's two sizes (e.g. an adapter's bottleneck).
+    Returns the rank as an int."""
     limit = min(int(in_channels), int(out_channels))
     if int(rank) > limit:
-        raise FieldValueError(f"For '{owner}', the '{name}' must be <= min(in_channels, out_channels) = {limit}, "
-                              f"but got {int(rank)}.", field=name)
+        bound = bound or 'min(in_channels, out_channels)'
+        raise FieldValueError(f"For '{owner}', the '{name}' must be <= {bound} = {limit}, but got {int(rank)}.",
+                              field=name)
     return int(rank)
 
 

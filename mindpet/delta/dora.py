@@ -24,17 +24,51 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import HeUniform
 
-from mindpet.delta.base import DeltaDense, host_f32
+from mindpet.delta.base import DeltaDense, host_f32, init_param, check_init_shape, check_rank_fits
 from mindpet.delta.layer_kinds import DeltaLayer
 from mindpet.delta.sharding import apply_dense_strategies
-from mindpet.delta.base import init_param, check_init_shape
 from mindpet.utils.validation import check_int, check_real, check_rate, check_bool, check_dtype
 
 
 class _DoraWeights:
     """DoRA's host-side maths, shared by :class:`DoRADense` and :class:`DoraLayer`: the magnitude's initialisation,
     merging and unmerging on the ``(out, in)`` weight that the class gives through ``_view_f32()`` and
-    ``_store_view(matrix)``."""
+    ``_store_view(matrix)``; and the Parameters both hold (:meth:`_build_dora`, same names in both)."""
+
+    @staticmethod
+    def _check_dora_args(owner, lora_rank, lora_alpha, lora_dropout):
+        """The checked ``(rank, alpha, dropout)`` of either Cell."""
+        return (check_int('lora_rank', lora_rank, owner), check_real('lora_alpha', lora_alpha, owner, nonzero=True),
+                check_rate('lora_dropout', lora_dropout, owner))
+
+    @staticmethod
+    def _check_dora_shapes(owner, rank, in_channels, out_channels, lora_a_init, lora_b_init):
+        """The rank against the layer's sizes and the initializers against the factor shapes (before allocating)."""
+        check_rank_fits(owner, rank, in_channels, out_channels)
+        check_init_shape(owner, 'lora_a_init', lora_a_init, (rank, in_channels))
+        check_init_shape(owner, 'lora_b_init', lora_b_init, (out_channels, rank))
+
+    def _build_dora(self, rank, alpha, rate, lora_a_init, lora_b_init, param_init_type):
+        """A ``[r, in]``, B ``[out, r]``, m ``[out]`` (set to the row norms of the base weight), the dropout and the
+        run-time state, from checked arguments; ``in_channels``/``out_channels`` and the weight are in place."""
+        self.lora_rank, self.lora_alpha, self.lora_dropout_rate = rank, alpha, rate
+        self.lora_dropout = nn.Dropout(p=rate)
+        self.use_lora_dropout = rate > 0
+        self.mindpet_delta_dora_a = init_param(lora_a_init, (rank, self.in_channels), param_init_type,
+                                               'mindpet_delta_dora_a')
+        self.mindpet_delta_dora_b = init_param(lora_b_init, (self.out_channels, rank), param_init_type,
+                                               'mindpet_delta_dora_b')
+        self.mindpet_delta_dora_magnitude = init_param('zeros', (self.out_channels,), param_init_type,
+                                                       'mindpet_delta_dora_magnitude')
+        self.scaling = self.lora_alpha / self.lora_rank
+        # Run-time state as Parameter data so merge()/unmerge() reach an already-compiled graph: the LoRA scaling
+        # (0 once merged) and a gate choosing between "m / ||W'|| scaling" (1) and "plain merged weight" (0).
+        self.mindpet_state_dora_scaling = Parameter(Tensor(self.scaling, mstype.float32),
+                                                    name='mindpet_state_dora_scaling', requires_grad=False)
+        self.mindpet_state_dora_gate = Parameter(Tensor(1.0, mstype.float32), name='mindpet_state_dora_gate',
+                                                 requires_grad=False)
+        self._merge_norm = None
+        self.init_magnitude()
 
     def init_magnitude(self):
         """Set ``m`` to the row norms of the current direction ``W0 + s B A`` (the layer then equals that weight).
@@ -91,7 +125,7 @@ class DoRADense(_DoraWeights, DeltaDense):
     Args:
         in_channels (int): input features.
         out_channels (int): output features.
-        lora_rank (int): rank ``r`` of the direction update, > 0.
+        lora_rank (int): rank ``r`` of the direction update, in ``[1, min(in_channels, out_channels)]``.
         lora_alpha (int | float): non-zero; the update is scaled by ``lora_alpha / lora_rank``.
         lora_dropout (float): dropout rate in [0, 1) on the LoRA branch input. Default 0.
         dora_detach_norm (bool): True (default, as PEFT): the row norms ``||W'||_row`` are constants in the backward
@@ -121,34 +155,14 @@ class DoRADense(_DoraWeights, DeltaDense):
                  lora_a_init=HeUniform(negative_slope=math.sqrt(5)), lora_b_init='zeros',
                  param_init_type=mstype.float32, compute_dtype=mstype.float16, dora_detach_norm=True, **kwargs):
         owner = type(self).__name__
-        self.lora_rank = check_int('lora_rank', lora_rank, owner)
-        self.lora_alpha = check_real('lora_alpha', lora_alpha, owner, nonzero=True)
-        self.lora_dropout_rate = check_rate('lora_dropout', lora_dropout, owner)
+        rank, alpha, rate = self._check_dora_args(owner, lora_rank, lora_alpha, lora_dropout)
         # A Python constant of the compiled graph: changing it afterwards needs a recompilation.
         self.dora_detach_norm = check_bool('dora_detach_norm', dora_detach_norm, owner)
         in_channels = check_int('in_channels', in_channels, owner)
         out_channels = check_int('out_channels', out_channels, owner)
-        check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, in_channels))
-        check_init_shape(owner, 'lora_b_init', lora_b_init, (out_channels, lora_rank))
+        self._check_dora_shapes(owner, rank, in_channels, out_channels, lora_a_init, lora_b_init)
         super().__init__(in_channels, out_channels, param_init_type, compute_dtype, **kwargs)
-        self.lora_dropout = nn.Dropout(p=lora_dropout)
-        self.use_lora_dropout = lora_dropout > 0
-        self.mindpet_delta_dora_a = init_param(lora_a_init, (lora_rank, in_channels), param_init_type,
-                                               'mindpet_delta_dora_a')
-        self.mindpet_delta_dora_b = init_param(lora_b_init, (out_channels, lora_rank), param_init_type,
-                                               'mindpet_delta_dora_b')
-        self.mindpet_delta_dora_magnitude = Parameter(
-            Tensor(np.zeros(out_channels, np.float32)).astype(param_init_type), name='mindpet_delta_dora_magnitude')
-        self.scaling = self.lora_alpha / self.lora_rank
-        # Run-time state as Parameter data so merge()/unmerge() reach an already-compiled graph: the LoRA scaling
-        # (0 once merged) and a gate choosing between "m / ||W'|| scaling" (1) and "plain merged weight" (0).
-        self.mindpet_state_dora_scaling = Parameter(Tensor(self.scaling, mstype.float32),
-                                                    name='mindpet_state_dora_scaling', requires_grad=False)
-        self.mindpet_state_dora_gate = Parameter(Tensor(1.0, mstype.float32), name='mindpet_state_dora_gate',
-                                                 requires_grad=False)
-        self._merge_norm = None
-        self.init_magnitude()
-
+        self._build_dora(rank, alpha, rate, lora_a_init, lora_b_init, param_init_type)
         self.lora_a_matmul = ops.MatMul(transpose_b=True)
         self.lora_b_matmul = ops.MatMul(transpose_b=True)
         self.delta_matmul = ops.MatMul()
@@ -267,34 +281,14 @@ class DoraLayer(_DoraWeights, DeltaLayer):
         if not kind.float_features_last:
             raise ValueError(f"For '{owner}', DoRA cannot adapt a {type(base_layer).__name__} (layer type "
                              f"'{kind.name}'); use LoRA there, or exclude it with 'exclude_modules'.")
-        rank = check_int('lora_rank', lora_rank, owner)
-        alpha = check_real('lora_alpha', lora_alpha, owner, nonzero=True)
-        check_rate('lora_dropout', lora_dropout, owner)
+        rank, alpha, rate = self._check_dora_args(owner, lora_rank, lora_alpha, lora_dropout)
         check_dtype('param_init_type', param_init_type, owner)
         if compute_dtype is None:
             compute_dtype = base_layer.weight.dtype
         check_dtype('compute_dtype', compute_dtype, owner)
         super().__init__(base_layer, kind, compute_dtype)
-        check_init_shape(owner, 'lora_a_init', lora_a_init, (lora_rank, self.in_channels))
-        check_init_shape(owner, 'lora_b_init', lora_b_init, (self.out_channels, lora_rank))
-        self.lora_rank, self.lora_alpha, self.lora_dropout_rate = rank, alpha, lora_dropout
-        self.lora_dropout = nn.Dropout(p=lora_dropout)
-        self.use_lora_dropout = lora_dropout > 0
-        self.mindpet_delta_dora_a = init_param(lora_a_init, (lora_rank, self.in_channels), param_init_type,
-                                               'mindpet_delta_dora_a')
-        self.mindpet_delta_dora_b = init_param(lora_b_init, (self.out_channels, lora_rank), param_init_type,
-                                               'mindpet_delta_dora_b')
-        self.mindpet_delta_dora_magnitude = Parameter(
-            Tensor(np.zeros(self.out_channels, np.float32)).astype(param_init_type),
-            name='mindpet_delta_dora_magnitude')
-        self.scaling = self.lora_alpha / self.lora_rank
-        # As DoRADense: the scaling (0 once merged) and the gate (1: m/||W'|| scaling, 0: plain merged weight).
-        self.mindpet_state_dora_scaling = Parameter(Tensor(self.scaling, mstype.float32),
-                                                    name='mindpet_state_dora_scaling', requires_grad=False)
-        self.mindpet_state_dora_gate = Parameter(Tensor(1.0, mstype.float32), name='mindpet_state_dora_gate',
-                                                 requires_grad=False)
-        self._merge_norm = None
-        self.init_magnitude()
+        self._check_dora_shapes(owner, rank, self.in_channels, self.out_channels, lora_a_init, lora_b_init)
+        self._build_dora(rank, alpha, rate, lora_a_init, lora_b_init, param_init_type)
 
     def construct(self, x):
         out = self.base_layer(x)

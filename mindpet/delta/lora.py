@@ -29,7 +29,7 @@ class LoRADense(DeltaDense):
     Args:
         in_channels (int): input features.
         out_channels (int): output features.
-        lora_rank (int): rank ``r`` of the increment, > 0.
+        lora_rank (int): rank ``r`` of the increment, in ``[1, min(in_channels, out_channels)]``.
         lora_alpha (int | float): non-zero; the increment is scaled by ``lora_alpha / lora_rank``.
         lora_dropout (float): dropout rate in [0, 1) applied to the LoRA branch's input only. Default 0.
         lora_a_init: initializer (name, Initializer or Tensor ``[r, in]``) for A. Default Kaiming-uniform(a=sqrt 5).

@@ -14,7 +14,7 @@ from mindspore import ops
 from mindspore import dtype as mstype
 
 from mindpet.delta.adapter import BottleneckAdapter, DenseWithAdapter
-from mindpet.delta.base import init_param
+from mindpet.delta.base import init_param, check_rank_fits
 from mindpet.delta.sharding import apply_strategies, make_activation
 from mindpet.utils.validation import check_dtype, check_int, check_initializer
 
@@ -30,6 +30,18 @@ def _check_reduction(owner, hidden_size, reduction_factor):
     if reduction_factor > hidden_size:
         raise ValueError(f"For '{owner}', the 'reduction_factor' must be <= 'hidden_size' ({hidden_size}) so the "
                          f"bottleneck hidden_size // reduction_factor is at least 1, but got {reduction_factor}.")
+    return reduction_factor
+
+
+def check_low_rank_sizes(owner, hidden_name, hidden_size, reduction_factor, low_rank_size):
+    """The checked ``(reduction_factor, low_rank_size)`` for a bottleneck over ``hidden_size``: each projection
+    is a ``(hidden, m)`` product of two factors with inner size ``k``, whose rank cannot exceed the bottleneck
+    ``m = hidden // reduction_factor`` (``hidden_name``: what the Cell calls ``hidden``)."""
+    reduction_factor = _check_reduction(owner, hidden_size, reduction_factor)
+    low_rank_size = check_int('low_rank_size', low_rank_size, owner)
+    check_rank_fits(owner, low_rank_size, hidden_size, hidden_size // reduction_factor, name='low_rank_size',
+                    bound=f"the bottleneck {hidden_name} // reduction_factor")
+    return reduction_factor, low_rank_size
 
 
 class LowRankAdapterLayer(BottleneckAdapter):
@@ -38,7 +50,7 @@ class LowRankAdapterLayer(BottleneckAdapter):
     Args:
         hidden_size (int): size of the last axis of the input (and output).
         reduction_factor (int): the bottleneck is ``hidden_size // reduction_factor``; must be <= hidden_size.
-        low_rank_size (int): inner size k of each factor pair. Default 1.
+        low_rank_size (int): inner size k of each factor pair, at most the bottleneck. Default 1.
         low_rank_w_init (str | Initializer): initializer of the four factors. Default 'xavier_uniform'.
         non_linearity (str): a ``get_activation`` name. Default 'gelu'.
         param_init_type (mindspore.dtype): dtype of the delta parameters. Default float32.
@@ -62,8 +74,8 @@ class LowRankAdapterLayer(BottleneckAdapter):
                  non_linearity='gelu', param_init_type=mstype.float32, compute_dtype=mstype.float16):
         owner = type(self).__name__
         hidden_size = check_int('hidden_size', hidden_size, owner)
-        _check_reduction(owner, hidden_size, reduction_factor)
-        low_rank_size = check_int('low_rank_size', low_rank_size, owner)
+        reduction_factor, low_rank_size = check_low_rank_sizes(owner, 'hidden_size', hidden_size, reduction_factor,
+                                                         low_rank_size)
         _check_factor_init(owner, low_rank_w_init)
         check_dtype('param_init_type', param_init_type, owner)
         check_dtype('compute_dtype', compute_dtype, owner)
@@ -73,8 +85,10 @@ class LowRankAdapterLayer(BottleneckAdapter):
         self.bottleneck_size = hidden_size // reduction_factor
         m, k = self.bottleneck_size, low_rank_size
         prefix = 'mindpet_delta_low_rank_adapter_'
+        by_hidden = "'hidden_size' and 'low_rank_size'"
         self.mindpet_delta_low_rank_adapter_down_left = init_param(low_rank_w_init, (hidden_size, k),
-                                                                   param_init_type, prefix + 'down_left')
+                                                                   param_init_type, prefix + 'down_left', owner,
+                                                                   by_hidden)
         self.mindpet_delta_low_rank_adapter_down_right = init_param(low_rank_w_init, (k, m), param_init_type,
                                                                     prefix + 'down_right')
         self.mindpet_delta_low_rank_adapter_down_bias = init_param('zeros', (m,), param_init_type,
@@ -82,7 +96,8 @@ class LowRankAdapterLayer(BottleneckAdapter):
         self.mindpet_delta_low_rank_adapter_up_left = init_param(low_rank_w_init, (m, k), param_init_type,
                                                                  prefix + 'up_left')
         self.mindpet_delta_low_rank_adapter_up_right = init_param(low_rank_w_init, (k, hidden_size),
-                                                                  param_init_type, prefix + 'up_right')
+                                                                  param_init_type, prefix + 'up_right', owner,
+                                                                  by_hidden)
         self.mindpet_delta_low_rank_adapter_up_bias = init_param('zeros', (hidden_size,), param_init_type,
                                                                  prefix + 'up_bias')
         self.down_matmul_weight = ops.MatMul()
@@ -151,7 +166,7 @@ class LowRankAdapterDense(DenseWithAdapter):
         in_channels, out_channels, weight_init, bias_init, has_bias, activation: as ``nn.Dense`` (the frozen
             base layer; ``weight``/``bias`` keep Dense's names).
         reduction_factor (int): bottleneck = ``out_channels // reduction_factor``. Default 1.
-        low_rank_size (int): inner size of each factor pair. Default 1.
+        low_rank_size (int): inner size of each factor pair, at most the bottleneck. Default 1.
         low_rank_w_init (str | Initializer): initializer of the factors. Default 'xavier_uniform'.
         non_linearity (str): the adapter's activation. Default 'gelu'.
         param_init_type (mindspore.dtype): dtype of the adapter parameters. Default float32.
@@ -176,8 +191,8 @@ class LowRankAdapterDense(DenseWithAdapter):
                  non_linearity='gelu', param_init_type=mstype.float32, compute_dtype=mstype.float16):
         owner = type(self).__name__
         out_channels = check_int('out_channels', out_channels, owner)
-        _check_reduction(owner, out_channels, reduction_factor)
-        low_rank_size = check_int('low_rank_size', low_rank_size, owner)
+        reduction_factor, low_rank_size = check_low_rank_sizes(owner, 'out_channels', out_channels, reduction_factor,
+                                                         low_rank_size)
         _check_factor_init(owner, low_rank_w_init)
         make_activation(owner, non_linearity)
         check_dtype('param_init_type', param_init_type, owner)

@@ -29,7 +29,7 @@ from mindspore.common.initializer import HeUniform, Normal
 
 from mindpet.delta.base import init_param
 from mindpet.delta.sharding import apply_strategies
-from mindpet.utils.validation import check_cell, check_dtype, check_int, check_rate
+from mindpet.utils.validation import check_cell, check_dtype, check_int, check_rate, check_allocation
 
 _MASK_ADDER = -10000.0  # Pangu's additive mask value for disallowed positions
 
@@ -105,13 +105,16 @@ class PrefixLayer(_PrefixBase):
         fan_in = HeUniform(negative_slope=math.sqrt(5))  # PyTorch Linear's default, as the reference code
         name = 'mindpet_delta_prefixtuning_'
         self.mindpet_delta_prefixtuning_embedding = init_param(Normal(1.0), (prefix_token_num, embed_dim),
-                                                               mstype.float32, name + 'embedding')
+                                                               mstype.float32, name + 'embedding', owner,
+                                                               "'prefix_token_num' and 'embed_dim'")
         self.mindpet_delta_prefixtuning_mlp_in_weight = init_param(fan_in, (mid_dim, embed_dim), mstype.float32,
-                                                                   name + 'mlp_in_weight')
+                                                                   name + 'mlp_in_weight', owner,
+                                                                   "'mid_dim' and 'embed_dim'")
         self.mindpet_delta_prefixtuning_mlp_in_bias = init_param('zeros', (mid_dim,), mstype.float32,
                                                                  name + 'mlp_in_bias')
         self.mindpet_delta_prefixtuning_mlp_out_weight = init_param(fan_in, (2 * hidden_dim, mid_dim),
-                                                                    mstype.float32, name + 'mlp_out_weight')
+                                                                    mstype.float32, name + 'mlp_out_weight', owner,
+                                                                    "'hidden_dim' and 'mid_dim'")
         self.mindpet_delta_prefixtuning_mlp_out_bias = init_param('zeros', (2 * hidden_dim,), mstype.float32,
                                                                   name + 'mlp_out_bias')
         self.matmul_in = ops.MatMul(transpose_b=True)
@@ -360,6 +363,8 @@ class PrefixAttention(nn.Cell):
                 raise ValueError(f"For '{owner}', the 'prefix' must have num_heads={num_heads} and "
                                  f"hidden_dim={hidden_size}, but got num_heads={prefix.num_heads} and "
                                  f"hidden_dim={prefix.hidden_dim}.")
+        # The four (hidden, hidden) projections are allocated at once.
+        check_allocation(owner, "'hidden_size'", (hidden_size, hidden_size), 4)
         super().__init__()
         self.hidden_size = hidden_size
         self.num_heads = num_heads

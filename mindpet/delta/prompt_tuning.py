@@ -51,7 +51,8 @@ class PromptTuningEmbedding(nn.Cell):
         check_dtype('param_init_type', param_init_type, owner)
         check_init_shape(owner, 'prompt_init', prompt_init, (num_virtual_tokens, token_dim))
         self.mindpet_delta_prompt_tuning_embedding = init_param(
-            prompt_init, (num_virtual_tokens, token_dim), param_init_type, 'mindpet_delta_prompt_tuning_embedding')
+            prompt_init, (num_virtual_tokens, token_dim), param_init_type, 'mindpet_delta_prompt_tuning_embedding',
+            owner, "'num_virtual_tokens' and 'token_dim'")
         self.concat = ops.Concat(axis=1)
         self.cast = ops.Cast()
 
@@ -140,6 +141,11 @@ class EmbeddingWithPrompt(nn.Embedding):
 
     def __init__(self, vocab_size, embedding_size, num_virtual_tokens, use_one_hot=False, dtype=mstype.float32,
                  padding_idx=None, prompt_init=Normal(0.02)):
+        owner = type(self).__name__
+        vocab_size = check_int('vocab_size', vocab_size, owner)
+        embedding_size = check_int('embedding_size', embedding_size, owner)
+        # No memory check for the table: it is 'zeros', whose pages stay unallocated until written (and
+        # from_embedding replaces it by the base embedding's own Parameter).
         super().__init__(vocab_size, embedding_size, use_one_hot=use_one_hot, embedding_table='zeros', dtype=dtype,
                          padding_idx=padding_idx)
         self.prompt = PromptTuningEmbedding(num_virtual_tokens, embedding_size, prompt_init)

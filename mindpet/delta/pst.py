@@ -25,9 +25,8 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import HeUniform, Normal
 from mindspore.train import Callback
 
-from mindpet.delta.base import DeltaDense
+from mindpet.delta.base import DeltaDense, init_param, check_init_shape, check_rank_fits
 from mindpet.delta.sharding import apply_dense_strategies
-from mindpet.delta.base import init_param, check_init_shape
 from mindpet.utils.validation import FieldValueError, check_int, check_real, check_cell
 
 
@@ -66,8 +65,10 @@ class PSTDense(DeltaDense):
     Args:
         in_channels (int): input features.
         out_channels (int): output features.
-        pst_rank_w (int): rank ``r_w`` of the weight update ``U V``. Default 8.
-        pst_rank_m (int): rank ``r_m`` of the importance term ``A B``. Default 8.
+        pst_rank_w (int): rank ``r_w`` of the weight update ``U V``, at most ``min(in_channels, out_channels)``.
+            Default 8.
+        pst_rank_m (int): rank ``r_m`` of the importance term ``A B``, at most ``min(in_channels, out_channels)``.
+            Default 8.
         pst_sparsity (float): sparsity in [0, 1) the layer starts with (a scheduler changes it later). Default 0.
         pst_u_init, pst_v_init, pst_a_init, pst_b_init: initializers (or Tensors of the right shape) for U, V, A, B.
             Defaults 'zeros', Kaiming-uniform(a=sqrt 5), 'zeros', Normal(0.02).
@@ -97,6 +98,11 @@ class PSTDense(DeltaDense):
         self.pst_rank_w = check_int('pst_rank_w', pst_rank_w, owner)
         self.pst_rank_m = check_int('pst_rank_m', pst_rank_m, owner)
         sparsity = _check_sparsity('pst_sparsity', pst_sparsity, owner)
+        in_channels = check_int('in_channels', in_channels, owner)
+        out_channels = check_int('out_channels', out_channels, owner)
+        # U V and A B are (out, r)(r, in) products: neither can use a rank above min(in, out).
+        check_rank_fits(owner, self.pst_rank_w, in_channels, out_channels, name='pst_rank_w')
+        check_rank_fits(owner, self.pst_rank_m, in_channels, out_channels, name='pst_rank_m')
         super().__init__(in_channels, out_channels, param_init_type, compute_dtype, **kwargs)
         shapes = {'u': (out_channels, pst_rank_w), 'v': (pst_rank_w, in_channels),
                   'a': (out_channels, pst_rank_m), 'b': (pst_rank_m, in_channels)}

@@ -93,17 +93,20 @@ class PrefixEncoder(nn.Cell):
         self.out_perm = out_perm
         self.embed_dim = 2 * num_layers * num_heads * kv_channels
         name = 'mindpet_delta_ptuning2_'
+        by_embed = "'num_layers', 'num_heads' and 'kv_channels'"
         self.mindpet_delta_ptuning2_embedding = init_param(Normal(EMBEDDING_INIT_SIGMA),
                                                            (pre_seq_len, self.embed_dim), mstype.float32,
-                                                           name + 'embedding')
+                                                           name + 'embedding', owner, f"'pre_seq_len', {by_embed}")
         if prefix_projection:
             fan_in = HeUniform(negative_slope=math.sqrt(5))
             self.mindpet_delta_ptuning2_dense_in_weight = init_param(fan_in, (projection_dim, self.embed_dim),
-                                                                     mstype.float32, name + 'dense_in_weight')
+                                                                     mstype.float32, name + 'dense_in_weight', owner,
+                                                                     f"'projection_dim', {by_embed}")
             self.mindpet_delta_ptuning2_dense_in_bias = init_param('zeros', (projection_dim,), mstype.float32,
                                                                    name + 'dense_in_bias')
             self.mindpet_delta_ptuning2_dense_out_weight = init_param(fan_in, (self.embed_dim, projection_dim),
-                                                                      mstype.float32, name + 'dense_out_weight')
+                                                                      mstype.float32, name + 'dense_out_weight',
+                                                                      owner, f"'projection_dim', {by_embed}")
             self.mindpet_delta_ptuning2_dense_out_bias = init_param('zeros', (self.embed_dim,), mstype.float32,
                                                                     name + 'dense_out_bias')
         self.expand_dims = ops.ExpandDims()

@@ -39,10 +39,10 @@ from mindspore import ops, Parameter, Tensor, nn
 from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, Normal
 
-from mindpet.delta.base import DeltaDense, host_f32
+from mindpet.delta.base import DeltaDense, host_f32, check_rank_fits
 from mindpet.delta.sharding import apply_dense_strategies
 from mindpet.delta.rank_allocation import RankAllocator, find_cells
-from mindpet.utils.validation import check_int, check_real, check_dtype
+from mindpet.utils.validation import check_int, check_real, check_dtype, check_allocation
 
 __all__ = ['TSVDGroup', 'TSVDDense', 'TSVDAllocator', 't_product', 't_transpose', 't_svd', 'f_diag', 't_identity',
            't_orthogonal', 'orthogonal_init', 'tsvd_increments', 'pad_slices']
@@ -181,6 +181,17 @@ def tsvd_increments(u, s, v, scaling):
     return (scaling * t_product(t_product(u, f_diag(s)), t_transpose(v))).astype(np.float32)
 
 
+def _check_group_allocation(owner, in_channels, out_channels, k, length, kept):
+    """Refuse, before anything is drawn, a group whose largest tensors would not fit into memory: the complex
+    per-frequency copy :func:`t_orthogonal` makes of the larger factor (``P`` slices at most), and the
+    regulariser's constants (the ``(L, P*P)`` lag table, the ``(L, k, k)`` identity tensor, float64 while it is
+    built)."""
+    check_allocation(owner, "'in_channels'/'out_channels', 'tsvd_rank' and 'num_layers'",
+                     (max(in_channels, out_channels), k, kept), 16)
+    check_allocation(owner, "'num_layers' and 'tsvd_factor_slices'", (length, kept * kept), 4)
+    check_allocation(owner, "'tsvd_rank' and 'num_layers'", (length, k, k), 8)
+
+
 # ----- MindSpore Cells --------------------------------------------------------------------------------------------
 class TSVDGroup(nn.Cell):
     """The shared t-SVD factors of ``num_layers`` same-shaped increments ``(out_channels, in_channels)``.
@@ -215,7 +226,10 @@ class TSVDGroup(nn.Cell):
         self.in_channels = check_int('in_channels', in_channels, owner)
         self.out_channels = check_int('out_channels', out_channels, owner)
         self.num_layers = check_int('num_layers', num_layers, owner)
-        self.tsvd_rank = check_int('tsvd_rank', tsvd_rank, owner, max_value=min(in_channels, out_channels))
+        # Every frontal slice of U * S * V^T (in the Fourier domain) is an (out, in) matrix of rank <= k, so tubes
+        # beyond min(in, out) add nothing.
+        self.tsvd_rank = check_rank_fits(owner, check_int('tsvd_rank', tsvd_rank, owner), in_channels, out_channels,
+                                         name='tsvd_rank')
         self.tsvd_alpha = check_real('tsvd_alpha', tsvd_alpha, owner, nonzero=True)
         check_real('tsvd_init_std', tsvd_init_std, owner, min_value=0, min_inclusive=False)
         check_dtype('param_init_type', param_init_type, owner)
@@ -223,6 +237,7 @@ class TSVDGroup(nn.Cell):
                                    check_int('tsvd_factor_slices', tsvd_factor_slices, owner, max_value=num_layers))
         self.scaling = self.tsvd_alpha / self.tsvd_rank
         k, length, kept = self.tsvd_rank, self.num_layers, self.tsvd_factor_slices
+        _check_group_allocation(owner, self.in_channels, self.out_channels, k, length, kept)
 
         def orthogonal(rows, name):
             value = orthogonal_init(rows, k, length, tsvd_init_std, slices=kept)

@@ -751,13 +751,14 @@ def _run_steps(train_step, model, dataset, epochs, total_steps, steps_per_epoch,
                     callback.on_train_epoch_begin(run_context)
             args.cur_step_num = step
             args.train_dataset_element = batch
-            if not compiled:
-                # Compile before the first step and hand the memory compilation freed back to the OS, so the
-                # first step's allocations do not add to it (MINDPET_RELEASE_MEMORY=0 turns it off).
-                compiled = True
-                compile_then_release(train_step, *batch)
             for callback in callbacks:
                 callback.on_train_step_begin(run_context)
+            if not compiled:
+                # Compile before the first step and hand the memory compilation freed back to the OS, so the
+                # first step's allocations do not add to it (MINDPET_RELEASE_MEMORY=0 turns it off). Inside the
+                # step's callbacks: the first step's reported time still includes the compilation.
+                compiled = True
+                compile_then_release(train_step, *batch)
             args.net_outputs = train_step(*batch)
             for callback in callbacks:
                 callback.on_train_step_end(run_context)

@@ -21,9 +21,11 @@ import yaml
 
 from mindpet.utils.exceptions import ModelConfigKeysInfoError, ModelConfigParamsInfoError, MindPetError
 from mindpet.utils.io_utils import read_yaml_file, load_yaml_text
-from mindpet.utils.validation import did_you_mean
+from mindpet.utils.validation import did_you_mean, got_text
 
 REQUIRED = object()
+#: how much of a bad value's repr a run-config message quotes
+QUOTE_LIMIT = 60
 #: the most optimizer steps a run may take (``training.max_steps``, or epochs x steps per epoch): the learning rate
 #: is computed from the step number in float32, exact up to 2**24 steps
 MAX_STEPS = 10 ** 7
@@ -81,7 +83,7 @@ class Field:
         """Return the normalised value or raise ``ValueError`` (message: what was expected and received)."""
         if value is None and self.default is None:
             return None
-        bad = ValueError(f"must be {self.expected()}, but got {_got(value)}")
+        bad = ValueError(f"must be {self.expected()}, but got {got_text(value, QUOTE_LIMIT)}")
         kind = self.kind
         if kind == 'int':
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
@@ -106,7 +108,7 @@ class Field:
             if not isinstance(value, dict):
                 raise bad
         if self.choices and value not in self.choices:
-            raise ValueError(f"must be one of {list(self.choices)}, but got {_got(value)}"
+            raise ValueError(f"must be one of {list(self.choices)}, but got {got_text(value, QUOTE_LIMIT)}"
                              f"{did_you_mean(value, self.choices, case_insensitive=True)}")
         if kind in ('int', 'float'):
             low, high = self.min_value, self.max_value
@@ -123,13 +125,6 @@ class Field:
         if value is None or self.kind not in ('path', 'dir'):
             return True
         return os.path.isfile(value) if self.kind == 'path' else os.path.isdir(value)
-
-
-def _got(value):
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + '...'
-    return f"{text} ({type(value).__name__})"
 
 
 # ----- the runner's own sections -----------------------------------------------------------------------------------
@@ -248,7 +243,7 @@ def check_section(source, name, data, fields):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise source.value_error(name, f"must be a mapping of keys to values, but got {_got(data)}")
+        raise source.value_error(name, f"must be a mapping of keys to values, but got {got_text(data, QUOTE_LIMIT)}")
     for key in data:
         if key not in fields:
             raise source.key_error(f'{name}.{key}', f"unknown key{did_you_mean(key, fields, list_valid=True)}")
@@ -306,7 +301,7 @@ def apply_overrides(config, overrides):
                 node[part] = {}
             if not isinstance(node[part], dict):
                 raise ValueError(f"--set {text!r}: '{'.'.join(parts[:depth + 1])}' holds "
-                                 f"{_got(node[part])}, not a mapping.")
+                                 f"{got_text(node[part], QUOTE_LIMIT)}, not a mapping.")
             node = node[part]
         node[parts[-1]] = value
         changed.add('.'.join(parts))
@@ -331,7 +326,7 @@ def read_run_config(path, overrides=(), missing_ok=False):
         raw = {}
     if not isinstance(raw, dict):
         raise ModelConfigParamsInfoError(f"{path}: the run config must be a mapping of sections "
-                                         f"{list(SECTIONS)}, but holds {_got(raw)}.")
+                                         f"{list(SECTIONS)}, but holds {got_text(raw, QUOTE_LIMIT)}.")
     try:
         source.overridden = apply_overrides(raw, overrides)
     except ValueError as ex:

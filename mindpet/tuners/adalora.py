@@ -15,7 +15,7 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, Normal
 
 from mindpet.delta.adalora import AdaLoRADense, AdaLoRAAllocator, adalora_increment
-from mindpet.tuners.base import DenseLayerTuner
+from mindpet.tuners.base import DenseLayerTuner, naming_layer
 from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, RankScheduleFields
 from mindpet.tuners.hooks import RankAllocationHook, schedule_steps
 from mindpet.tuners.registry import register_method
@@ -85,8 +85,9 @@ class AdaLoraTuner(DenseLayerTuner):
     layer_class = AdaLoRADense
 
     def create_layer(self, cell, config, key=None):
-        return self.build_layer(AdaLoRADense, cell, config.compute_dtype, adalora_rank=config.init_r,
-                                adalora_alpha=config.lora_alpha, adalora_dropout=config.lora_dropout)
+        with naming_layer(key, {'adalora_rank': 'init_r'}):
+            return self.build_layer(AdaLoRADense, cell, config.compute_dtype, adalora_rank=config.init_r,
+                                    adalora_alpha=config.lora_alpha, adalora_dropout=config.lora_dropout)
 
     def check_reuse(self, key, layer, config):
         if layer.adalora_rank != config.init_r:

@@ -18,10 +18,11 @@ from mindspore.common.initializer import initializer, Normal
 
 from mindpet.delta.adapter import AdapterDense, ADAPTER_INIT_SIGMA
 from mindpet.delta.sharding import make_activation
-from mindpet.tuners.base import BaseTuner, adopt_dense_params, plain_dense, read_corner, write_padded, live_params
+from mindpet.tuners.base import (BaseTuner, adopt_dense_params, plain_dense, read_corner, write_padded, live_params,
+                                 naming_layer)
 from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_compute_dtype, resolve_compute_dtype
 from mindpet.tuners.registry import register_method
-from mindpet.utils.validation import FieldValueError, check_int
+from mindpet.utils.validation import FieldValueError, check_int, check_allocation
 
 _PREFIX = 'adapter.mindpet_delta_adapter_'
 
@@ -68,6 +69,8 @@ class AdapterTuner(BaseTuner):
     layer_class = AdapterDense
     #: the delta tensors zeroed to switch a layer's adapter off (the up-projection)
     off_suffixes = (_PREFIX + 'up_weight', _PREFIX + 'up_bias')
+    #: the config fields that set the adapter's tensor sizes (named when they are too large)
+    size_fields = ('bottleneck_size',)
     merge_refusal = ('its bottleneck is non-linear, so no single weight reproduces it. Keep the adapter for '
                      'inference (unload() gives back the base network), or use LoRA/IA3/DoRA where a mergeable '
                      'delta is needed.')
@@ -77,6 +80,11 @@ class AdapterTuner(BaseTuner):
             raise FieldValueError(f"For the '{self.method}' config with non_linearity={config.non_linearity!r}, the "
                                   f"layer '{key}' was adapted with {layer.adapter.non_linearity_name!r} by an earlier "
                                   f"adapter; adapters sharing a layer must agree.", field='non_linearity')
+        # A larger adapter widens the layer's live tensors (zero-padded): refuse sizes beyond memory first.
+        with naming_layer(key):
+            fields = ' and '.join(map(repr, self.size_fields))
+            for suffix, shape in self.adapter_shapes(layer.weight.shape, config).items():
+                check_allocation(type(layer).__name__, f"the new adapter's {fields} (its '{suffix}')", shape, 4)
 
     @staticmethod
     def compute_dtype(cell, config):

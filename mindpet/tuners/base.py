@@ -12,6 +12,8 @@ hooks; a method that adds Cells elsewhere (prefix tuning, prompt tuning, cross-l
 :meth:`BaseTuner.inject` as well. The walk, matching and replacement live in :mod:`mindpet.tuners.inject`;
 the training hooks in :mod:`mindpet.tuners.hooks`.
 """
+import contextlib
+
 import numpy as np
 from mindspore import nn, Tensor
 
@@ -22,6 +24,27 @@ from mindpet.tuners.hooks import TrainingHook
 from mindpet.tuners.inject import DENSE, walk, matches_any, layer_key, layer_type, replace_cell
 from mindpet.utils.exceptions import AdapterConfigError
 from mindpet.utils.validation import FieldValueError
+
+
+@contextlib.contextmanager
+def naming_layer(key, fields=None):
+    """A ValueError raised while adapting the layer ``key`` comes out as one naming the layer (its ``field`` kept),
+    unless its message already quotes the key: the delta Cells know their sizes, only the tuner knows the name.
+    ``fields`` maps a delta Cell's argument to the config field it comes from where the names differ
+    (``{'adalora_rank': 'init_r'}``), so the error's ``field`` is the config's."""
+    try:
+        yield
+    except ValueError as ex:
+        field = getattr(ex, 'field', None)
+        config_field = (fields or {}).get(field)
+        if f"'{key}'" in str(ex) and config_field is None:
+            raise
+        message = str(ex)
+        if f"'{key}'" not in message:
+            message = f"For 'get_pet_model', the layer '{key}' cannot be adapted: {message}"
+        if config_field is not None:
+            message, field = f"{message} (the config's '{config_field}')", config_field
+        raise FieldValueError(message, field=field) from ex
 
 
 class BaseTuner:
@@ -73,11 +96,16 @@ class BaseTuner:
             tuple: (list of the layer keys this adapter covers, whether the model's structure changed).
 
         Raises:
-            ValueError: the config matches nothing (the message lists the patterns and candidate names).
+            ValueError: the config matches nothing (the message lists the patterns and candidate names), or a
+                layer cannot be adapted (the message names the layer, the argument and its limit).
         """
         holders, matches = self.match(model, config, layers)
         # Every check and every new Cell first, so that a refused config leaves the model untouched.
-        created = [(key, cell, self.create_layer(cell, config, key=key)) for key, cell, is_new in matches if is_new]
+        created = []
+        for key, cell, is_new in matches:
+            if is_new:
+                with naming_layer(key):
+                    created.append((key, cell, self.create_layer(cell, config, key=key)))
         for key, cell, layer in created:
             layers[key] = replace_cell(holders, cell, layer, key + '.')
         return [key for key, _, _ in matches], bool(created)
@@ -373,14 +401,10 @@ class DenseLayerTuner(BaseTuner):
             ValueError: the layer's configuration cannot be adapted (naming the layer and the setting).
         """
         kind = layer_type(cell)
-        try:
-            if kind in (DENSE, None):
-                return cls.build_layer(dense_class, cell, compute_dtype, **kwargs)
-            compute = resolve_compute_dtype(compute_dtype, getattr(cell, kind.weight_attr).dtype)
-            return layer_class(cell, kind, compute_dtype=compute, **kwargs)
-        except ValueError as ex:
-            raise FieldValueError(f"For 'get_pet_model', the layer '{key}' cannot be adapted: {ex}",
-                                  field=getattr(ex, 'field', None)) from ex
+        if kind in (DENSE, None):
+            return cls.build_layer(dense_class, cell, compute_dtype, **kwargs)
+        compute = resolve_compute_dtype(compute_dtype, getattr(cell, kind.weight_attr).dtype)
+        return layer_class(cell, kind, compute_dtype=compute, **kwargs)
 
     def sync_scaling(self, layer, config):
         """Give ``layer`` the host-side scaling of ``config`` that its merge()/unmerge() use (several adapters of

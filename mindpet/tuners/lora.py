@@ -38,12 +38,12 @@ from mindpet.delta.base import check_rank_fits
 from mindpet.delta.dora import DoRADense, DoraLayer
 from mindpet.delta.lora import LoRADense, LoraLayer, lora_increment, lora_init_factors, LORA_INITS
 from mindpet.tuners import dora
-from mindpet.tuners.base import DenseLayerTuner
+from mindpet.tuners.base import DenseLayerTuner, naming_layer
 from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_compute_dtype, check_regex
 from mindpet.tuners.inject import name_matches
 from mindpet.tuners.registry import register_method
-from mindpet.utils.validation import (FieldTypeError, FieldValueError, check_int, check_real, check_rate, check_choice, check_bool,
-                                      check_str_list)
+from mindpet.utils.validation import (FieldTypeError, FieldValueError, check_int, check_real, check_rate, check_choice,
+                                      check_bool, check_str_list)
 
 A_NAME = 'mindpet_delta_lora_a'
 B_NAME = 'mindpet_delta_lora_b'
@@ -345,13 +345,10 @@ class LoraTuner(DenseLayerTuner):
                                   f"adapted as {type(layer).__name__} by an earlier adapter; one layer holds one "
                                   f"variant (exclude it with 'exclude_modules', or adapt another model).",
                                   field='use_dora')
-        try:
+        with naming_layer(key):
             # The rank this adapter needs on this layer (rank_pattern may give it its own).
             check_rank_fits(type(layer).__name__, config.for_layer(key).lora_rank, layer.in_channels,
                             layer.out_channels)
-        except ValueError as ex:
-            raise FieldValueError(f"For 'get_pet_model', the layer '{key}' cannot be adapted: {ex}",
-                                  field=ex.field) from None
 
     def create_layer(self, cell, config, key=None):
         layer = self.variant(config.use_dora).create_layer(cell, config.for_layer(key), key)

@@ -12,9 +12,9 @@ from typing import Optional
 from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer
 
-from mindpet.delta.low_rank_adapter import LowRankAdapterDense
+from mindpet.delta.low_rank_adapter import LowRankAdapterDense, check_low_rank_sizes
 from mindpet.tuners.adapter import AdapterTuner, check_adapter_fields
-from mindpet.tuners.base import adopt_dense_params, live_params
+from mindpet.tuners.base import adopt_dense_params, live_params, naming_layer
 from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED
 from mindpet.tuners.registry import register_method
 from mindpet.utils.validation import FieldTypeError, check_int, check_initializer
@@ -66,6 +66,7 @@ class LowRankAdapterTuner(AdapterTuner):
     """Replaces ``nn.Dense`` layers by :class:`mindpet.delta.LowRankAdapterDense`; see :class:`AdapterTuner`."""
     layer_class = LowRankAdapterDense
     off_suffixes = (_PREFIX + 'up_right', _PREFIX + 'up_bias')
+    size_fields = ('reduction_factor', 'low_rank_size')
 
     def create_layer(self, cell, config, key=None):
         layer = LowRankAdapterDense(cell.in_channels, cell.out_channels, weight_init='zeros', bias_init='zeros',
@@ -74,6 +75,12 @@ class LowRankAdapterTuner(AdapterTuner):
                                     low_rank_w_init=config.low_rank_w_init, non_linearity=config.non_linearity,
                                     compute_dtype=self.compute_dtype(cell, config))
         return adopt_dense_params(layer, cell)
+
+    def check_reuse(self, key, layer, config):
+        with naming_layer(key):
+            check_low_rank_sizes(type(layer).__name__, 'out_channels', layer.out_channels, config.reduction_factor,
+                                 config.low_rank_size)
+        super().check_reuse(key, layer, config)
 
     def adapter_shapes(self, weight_shape, config):
         hidden = weight_shape[0]

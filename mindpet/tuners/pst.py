@@ -20,7 +20,7 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, HeUniform, Normal
 
 from mindpet.delta.pst import PSTDense, PSTSparsityScheduler, sparse_export, _check_sparsity
-from mindpet.tuners.base import DenseLayerTuner
+from mindpet.tuners.base import DenseLayerTuner, naming_layer
 from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, check_compute_dtype, check_total_step
 from mindpet.tuners.hooks import TrainingHook, schedule_steps
 from mindpet.tuners.registry import register_method
@@ -108,8 +108,9 @@ class PstTuner(DenseLayerTuner):
     layer_class = PSTDense
 
     def create_layer(self, cell, config, key=None):
-        return self.build_layer(PSTDense, cell, config.compute_dtype, pst_rank_w=config.r_w, pst_rank_m=config.r_m,
-                                pst_sparsity=config.initial_sparsity)
+        with naming_layer(key, {'pst_rank_w': 'r_w', 'pst_rank_m': 'r_m'}):
+            return self.build_layer(PSTDense, cell, config.compute_dtype, pst_rank_w=config.r_w,
+                                    pst_rank_m=config.r_m, pst_sparsity=config.initial_sparsity)
 
     def check_reuse(self, key, layer, config):
         if (layer.pst_rank_w, layer.pst_rank_m) != (config.r_w, config.r_m):

@@ -24,7 +24,7 @@ from mindspore import Tensor
 from mindspore import dtype as mstype
 
 from mindpet.delta.tsvd import TSVDGroup, TSVDDense, TSVDAllocator, orthogonal_init, tsvd_increments
-from mindpet.tuners.base import DenseLayerTuner, fingerprint_param
+from mindpet.tuners.base import DenseLayerTuner, fingerprint_param, naming_layer
 from mindpet.tuners.config import PetConfig, TARGETS_REQUIRED, RankScheduleFields
 from mindpet.tuners.hooks import RankAllocationHook, schedule_steps
 from mindpet.tuners.inject import replace_cell
@@ -158,11 +158,15 @@ class TensorSVDTuner(DenseLayerTuner):
                                  f"adapted ({[k for k in members if k not in fresh]}) with new ones; adapters on one "
                                  f"model must group the same layers.")
             first = cells[members[0]]
-            group = TSVDGroup(first.in_channels, first.out_channels, len(members), tsvd_rank=config.tsvd_rank,
-                              tsvd_alpha=config.tsvd_alpha, tsvd_factor_slices=config.factor_slices(len(members)))
-            created.append((members, group, [self.build_layer(TSVDDense, cells[key], config.compute_dtype,
-                                                             tsvd_group=group, tsvd_index=index)
-                                            for index, key in enumerate(members)]))
+            with naming_layer(members[0]):
+                group = TSVDGroup(first.in_channels, first.out_channels, len(members), tsvd_rank=config.tsvd_rank,
+                                  tsvd_alpha=config.tsvd_alpha, tsvd_factor_slices=config.factor_slices(len(members)))
+            new_layers = []
+            for index, key in enumerate(members):
+                with naming_layer(key):
+                    new_layers.append(self.build_layer(TSVDDense, cells[key], config.compute_dtype,
+                                                       tsvd_group=group, tsvd_index=index))
+            created.append((members, group, new_layers))
         for members, group, new_layers in created:
             for key, layer in zip(members, new_layers):
                 layers[key] = replace_cell(holders, cells[key], layer, key + '.')

@@ -16,7 +16,7 @@ import re
 from mindspore import dtype as mstype
 
 FLOAT_DTYPES = (mstype.float16, mstype.float32, mstype.bfloat16)
-_SAFE_NAME = re.compile(r'^[A-Za-z0-9_.\-]+$')
+_SAFE_NAME = re.compile(r'[A-Za-z0-9_.\-]+')
 
 
 class FieldTypeError(TypeError):
@@ -43,16 +43,22 @@ class FieldValueError(ValueError):
         self.field = field
 
 
-def _got(value):
+def got_text(value, limit=80):
+    """``"<repr> (<type>)"``, the "but got ..." of an error message, the repr cut to ``limit`` characters.
+
+    Example:
+        >>> got_text(1.5), got_text('x' * 100, limit=10)
+        ('1.5 (float)', "'xxxxxx... (str)")
+    """
     text = repr(value)
-    if len(text) > 80:
-        text = text[:77] + '...'
+    if len(text) > limit:
+        text = text[:limit - 3] + '...'
     return f"{text} ({type(value).__name__})"
 
 
 def _fail(exc_type, owner, name, expected, value):
     field_type = FieldTypeError if issubclass(exc_type, TypeError) else FieldValueError
-    raise field_type(f"For '{owner}', the '{name}' must be {expected}, but got {_got(value)}.", field=name)
+    raise field_type(f"For '{owner}', the '{name}' must be {expected}, but got {got_text(value)}.", field=name)
 
 
 def _is_int(value):
@@ -166,7 +172,7 @@ def check_safe_name(name, value, owner, what='name'):
     if not isinstance(value, str):
         raise FieldTypeError(f"For '{owner}', the '{name}' must be a str, but got {value!r} "
                              f"({type(value).__name__}).", field=name)
-    if not _SAFE_NAME.match(value):
+    if not _SAFE_NAME.fullmatch(value):     # (match with '$' would let a trailing newline through)
         raise FieldValueError(f"For '{owner}', the '{name}' must be a non-empty {what} of letters, digits, '_', '-' "
                               f"or '.', but got {value!r}.", field=name)
     return value
@@ -193,7 +199,7 @@ def check_str_list(name, value, owner, allow_none=True, allow_empty=False):
         _fail(TypeError, owner, name, "a list of str", value)
     for item in value:
         if not isinstance(item, str):
-            raise FieldTypeError(f"For '{owner}', every item of '{name}' must be a str, but got {_got(item)}.",
+            raise FieldTypeError(f"For '{owner}', every item of '{name}' must be a str, but got {got_text(item)}.",
                                  field=name)
     if not value and not allow_empty:
         _fail(ValueError, owner, name, "a non-empty list of str", value)
@@ -242,7 +248,8 @@ def check_initializer(name, value, owner, shape=None, named_only=False):
             initializer(value, [1, 1], mstype.float32)   # lazy: looks the name up, computes nothing
         except (ValueError, KeyError, TypeError) as ex:
             raise FieldValueError(f"For '{owner}', the '{name}' must be a MindSpore initializer name such as "
-                                  f"'normal', 'zeros' or 'xavier_uniform', but got {_got(value)}.", field=name) from ex
+                                  f"'normal', 'zeros' or 'xavier_uniform', but got {got_text(value)}.",
+                                  field=name) from ex
     return value
 
 

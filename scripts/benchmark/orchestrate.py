@@ -8,6 +8,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -80,6 +81,9 @@ MEMORY_SETTINGS = {
     'somas': dict(label="+ ms.runtime.set_memory(optimize_level='O1') (static SOMAS reuse)",
                   settings=dict(release=True, set_memory=dict(optimize_level='O1'))),
     'threads2': dict(label='+ runtime_num_threads=2', settings=dict(release=True, runtime_num_threads=2)),
+    # Two processes: the first fills a compile cache of its own, the second (measured) loads the graph from it.
+    'compile_cache': dict(label='+ MindSpore compile cache, second run (graph loaded from the cache)',
+                          settings=dict(release=True), compile_cache=True),
     'jemalloc': dict(label='+ LD_PRELOAD jemalloc (Debian libjemalloc2)', settings=dict(release=True),
                      env=dict(LD_PRELOAD='/usr/lib/x86_64-linux-gnu/libjemalloc.so.2'),
                      needs='/usr/lib/x86_64-linux-gnu/libjemalloc.so.2'),
@@ -153,7 +157,8 @@ class Runner:
         cfg = dict(cfg, device=self.args.device)
         python = venv_python(env, self.log)
         child_env = dict(os.environ, PYTHONPATH=ROOT, GLOG_v='3', MS_COMPILER_CACHE_ENABLE='0',
-                         PYTHONUNBUFFERED='1', **(extra_env or {}))
+                         PYTHONUNBUFFERED='1')
+        child_env.update(extra_env or {})
         self.count += 1
         tag = cfg.get('variant', env) + (f'-{cfg["setting"]}' if cfg.get('setting') else '')
         log_path = os.path.join(self.log_dir, f'{self.count:03d}-{kind}-{tag}.log')
@@ -370,8 +375,14 @@ def run_memory(runner, args, common):
         for model, setting, variant in plan:
             spec = MEMORY_SETTINGS[setting]
             cfg = dict(common, variant=variant, model=models[model], setting=setting, settings=spec['settings'])
+            extra_env = dict(spec.get('env') or {})
+            if spec.get('compile_cache'):
+                cache = os.path.join(runner.log_dir, 'compile-cache', f'{model}-{variant}')
+                shutil.rmtree(cache, ignore_errors=True)
+                extra_env.update(MS_COMPILER_CACHE_ENABLE='1', MS_COMPILER_CACHE_PATH=cache)
+                runner.run('main', 'train', cfg, extra_env=extra_env)     # fills the cache
             runs.setdefault(f'{model}/{setting}/{variant}', []).append(
-                runner.run('main', 'train', cfg, extra_env=spec.get('env')))
+                runner.run('main', 'train', cfg, extra_env=extra_env))
     rows = {}
     for key, results in runs.items():
         model, setting, variant = key.split('/')

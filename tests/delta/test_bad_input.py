@@ -1,15 +1,20 @@
 """Bad input to every delta Cell constructor and ``shard()``: one table of bad calls, each must raise the given
-exception naming the argument and the value received (runner and Row in tests/bad_input.py)."""
+exception naming the argument and the value received (runner and Row in tests/bad_input.py). The rank and memory
+rows also show the refusal came before the Cell allocated anything of note (:func:`refused`)."""
 import math
 
 import numpy as np
+import pytest
 import mindspore as ms
-from mindspore import nn, Tensor
+from mindspore import mint, nn, Tensor
 
 from mindpet.delta import (LoRADense, AdapterLayer, AdapterDense, LowRankAdapterLayer, LowRankAdapterDense,
-                           PrefixLayer, PrefixAttention, PrefixEncoder, RDropLoss, rdrop_repeat, DoRADense, IA3Dense,
-                           PromptTuningEmbedding, PSTDense, PSTSparsityScheduler, AdaLoRADense, AdaLoRAAllocator,
-                           TSVDGroup, TSVDDense, TSVDAllocator)
+                           PrefixLayer, PrefixAttention, PrefixEncoder, RDropLoss, rdrop_repeat, DoRADense, DoraLayer,
+                           IA3Dense, PromptTuningEmbedding, PSTDense, PSTSparsityScheduler, AdaLoRADense,
+                           AdaLoRAAllocator, TSVDGroup, TSVDDense, TSVDAllocator)
+from mindpet.delta.layer_kinds import kind_of
+from mindpet.delta.prompt_tuning import EmbeddingWithPrompt
+from mindpet.utils import validation
 
 from tests.bad_input import Row, check_row, check_table, rows
 
@@ -27,6 +32,55 @@ def tsvd_group(**kw):
 
 
 F32 = np.float32
+MB = 1 << 20
+#: the memory the memory rows pretend is available; each of their refused tensors needs 64 MB or more
+SMALL_MEMORY = 16 * MB
+#: a (BIG, BIG) float32 tensor is 64 MB: a refusal after allocating it would show in the peak RSS
+BIG = 4096
+
+
+def _status_bytes(key):
+    with open('/proc/self/status', encoding='ascii') as handle:
+        for line in handle:
+            if line.startswith(key + ':'):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _reset_peak_rss():
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open('/proc/self/clear_refs', 'w', encoding='ascii') as handle:
+            handle.write('5')
+        return _status_bytes('VmHWM') is not None
+    except OSError:
+        return False
+
+
+def refused(build, available=None):
+    """Run ``build``, which must raise, with ``available`` bytes pretended to be the free memory (None: the real
+    figure); then check the peak RSS grew by less than SMALL_MEMORY, i.e. the refusal came before the 64 MB tensor
+    of the row was allocated (a call that raises nothing fails its row anyway)."""
+    original = validation.available_memory_bytes
+    if available is not None:
+        validation.available_memory_bytes = lambda: available
+    measured = _reset_peak_rss()
+    before = _status_bytes('VmRSS')
+    try:
+        build()
+    finally:
+        validation.available_memory_bytes = original
+        if measured:
+            grown = _status_bytes('VmHWM') - before
+            assert grown < SMALL_MEMORY, f"the refused call allocated {grown / MB:.1f} MB before refusing"
+
+
+def low_memory(build):
+    return refused(build, SMALL_MEMORY)
+
+
+LINEAR_8_4 = mint.nn.Linear(8, 4)
+MEMORY = ['more than the 16.0 MB of memory available here']
 odd_logits = Tensor(np.ones((3, 2), F32))
 odd_labels = Tensor(np.zeros(3, np.int32))
 
@@ -142,9 +196,9 @@ ROWS = [
     Row('pst-sparsity-str', lambda f: PSTDense(4, 4, pst_sparsity='0.5'), TypeError,
         ["'pst_sparsity'", "'0.5' (str)"]),
     Row('pst-rank-w-0', lambda f: PSTDense(4, 4, pst_rank_w=0), ValueError, ["'pst_rank_w'", '0 (int)']),
-    Row('pst-u-init-shape', lambda f: PSTDense(4, 4, pst_rank_w=2, pst_u_init=np.zeros((2, 4), F32)), ValueError,
-        ["'pst_u_init'", '(4, 2)', '(2, 4)']),
-    Row('pst-scheduler-final', lambda f: PSTSparsityScheduler(nn.SequentialCell([PSTDense(4, 4)]), 10,
+    Row('pst-u-init-shape', lambda f: PSTDense(4, 4, pst_rank_w=2, pst_rank_m=2, pst_u_init=np.zeros((2, 4), F32)),
+        ValueError, ["'pst_u_init'", '(4, 2)', '(2, 4)']),
+    Row('pst-scheduler-final', lambda f: PSTSparsityScheduler(nn.SequentialCell([PSTDense(4, 4, 2, 2)]), 10,
                                                               final_sparsity=1.5),
         ValueError, ["'final_sparsity'", '1.5']),
     Row('pst-scheduler-no-layer', lambda f: PSTSparsityScheduler(nn.Dense(2, 2), 10), ValueError,
@@ -164,7 +218,8 @@ ROWS = [
     Row('adalora-allocator-target', lambda f: AdaLoRAAllocator(nn.SequentialCell([AdaLoRADense(4, 4, adalora_rank=2)]),
                                                                10, target_rank=3),
         ValueError, ["'target_rank'", '3']),
-    Row('tsvd-rank-too-big', lambda f: tsvd_group(tsvd_rank=5), ValueError, ["'tsvd_rank'", '[1, 4]', '5 (int)']),
+    Row('tsvd-rank-too-big', lambda f: tsvd_group(tsvd_rank=5), ValueError,
+        ["'tsvd_rank'", 'min(in_channels, out_channels) = 4', 'but got 5']),
     Row('tsvd-std-0', lambda f: tsvd_group(tsvd_init_std=0.0), ValueError, ["'tsvd_init_std'", '0.0 (float)']),
     Row('tsvd-alpha-str', lambda f: tsvd_group(tsvd_alpha='1'), TypeError, ["'tsvd_alpha'", "'1' (str)"]),
     Row('tsvd-layers-0', lambda f: tsvd_group(num_layers=0), ValueError, ["'num_layers'", '0 (int)']),
@@ -205,16 +260,71 @@ ROWS = [
         ValueError, ["'strategy_dora_scale_mul'", '((1, 1), (1, 1))']),
     Row('shard-ia3-str', lambda f: IA3Dense(4, 4).shard(strategy_ia3_mul='x'), TypeError,
         ["'strategy_ia3_mul'", "'x' (str)"]),
-    Row('shard-pst-count', lambda f: PSTDense(4, 4).shard(strategy_org_dense_matmul=((1, 1), (1, 1), (1, 1))),
+    Row('shard-pst-count', lambda f: PSTDense(4, 4, 2, 2).shard(strategy_org_dense_matmul=((1, 1), (1, 1), (1, 1))),
         ValueError, ["'strategy_org_dense_matmul'", '((1, 1), (1, 1), (1, 1))']),
-    Row('shard-adalora-float', lambda f: AdaLoRADense(4, 4).shard(strategy_adalora_lambda_mul=((1, 1), (1.0,))),
+    Row('shard-adalora-float', lambda f: AdaLoRADense(4, 4, adalora_rank=2).shard(
+        strategy_adalora_lambda_mul=((1, 1), (1.0,))),
         TypeError, ["'strategy_adalora_lambda_mul'", '(1.0,)']),
     Row('shard-tsvd-ndim', lambda f: TSVDDense(4, 4, tsvd_group(), 0).shard(strategy_tsvd_add=((1, 1), (1, 1, 1))),
         ValueError, ["'strategy_tsvd_add'", '((1, 1), (1, 1, 1))']),
     Row('shard-unknown-keyword', lambda f: lora().shard(strategy_bogus=((1, 1),)), TypeError, ["'strategy_bogus'"]),
+    # ----- ranks above what the layer can hold: refused before the (BIG, BIG) base weight is allocated ---------------
+    Row('rank-dora', lambda f: refused(lambda: DoRADense(BIG, BIG, lora_rank=BIG + 1, lora_alpha=1)), ValueError,
+        ["'DoRADense'", "'lora_rank'", f'min(in_channels, out_channels) = {BIG}', f'but got {BIG + 1}']),
+    Row('rank-dora-layer', lambda f: refused(lambda: DoraLayer(LINEAR_8_4, kind_of(LINEAR_8_4), 5, 1)), ValueError,
+        ["'DoraLayer'", "'lora_rank'", 'min(in_channels, out_channels) = 4', 'but got 5']),
+    Row('rank-adalora', lambda f: refused(lambda: AdaLoRADense(BIG, BIG, adalora_rank=BIG + 1)), ValueError,
+        ["'AdaLoRADense'", "'adalora_rank'", f'= {BIG}', f'but got {BIG + 1}']),
+    Row('rank-pst-w', lambda f: refused(lambda: PSTDense(BIG, BIG, pst_rank_w=BIG + 1, pst_rank_m=1)), ValueError,
+        ["'PSTDense'", "'pst_rank_w'", f'= {BIG}', f'but got {BIG + 1}']),
+    Row('rank-pst-m', lambda f: refused(lambda: PSTDense(BIG, BIG, pst_rank_w=1, pst_rank_m=BIG + 1)), ValueError,
+        ["'PSTDense'", "'pst_rank_m'", f'= {BIG}', f'but got {BIG + 1}']),
+    Row('rank-tsvd-group', lambda f: refused(lambda: TSVDGroup(BIG, 8, 2, tsvd_rank=9)), ValueError,
+        ["'TSVDGroup'", "'tsvd_rank'", 'min(in_channels, out_channels) = 8', 'but got 9']),
+    Row('rank-lra-layer', lambda f: refused(lambda: LowRankAdapterLayer(8, 2, low_rank_size=5)), ValueError,
+        ["'LowRankAdapterLayer'", "'low_rank_size'", 'the bottleneck hidden_size // reduction_factor = 4',
+         'but got 5']),
+    Row('rank-lra-dense', lambda f: refused(lambda: LowRankAdapterDense(BIG, BIG, reduction_factor=BIG,
+                                                                        low_rank_size=2)), ValueError,
+        ["'LowRankAdapterDense'", "'low_rank_size'", 'the bottleneck out_channels // reduction_factor = 1',
+         'but got 2']),
+    # ----- sizes beyond the (pretended) free memory: refused with the estimate, before allocating -----------------
+    Row('memory-lora', lambda f: low_memory(lambda: LoRADense(BIG, BIG, 1, 1)), ValueError,
+        ["'LoRADense'", "'in_channels' and 'out_channels'", f'({BIG}, {BIG})', 'about 64.0 MB'] + MEMORY),
+    Row('memory-dora', lambda f: low_memory(lambda: DoRADense(BIG, BIG, 1, 1)), ValueError,
+        ["'DoRADense'", "'in_channels' and 'out_channels'", f'({BIG}, {BIG})'] + MEMORY),
+    Row('memory-adalora', lambda f: low_memory(lambda: AdaLoRADense(BIG, BIG, adalora_rank=1)), ValueError,
+        ["'AdaLoRADense'", "'in_channels' and 'out_channels'", f'({BIG}, {BIG})'] + MEMORY),
+    Row('memory-pst', lambda f: low_memory(lambda: PSTDense(BIG, BIG, 1, 1)), ValueError,
+        ["'PSTDense'", "'in_channels' and 'out_channels'", f'({BIG}, {BIG})'] + MEMORY),
+    Row('memory-ia3', lambda f: low_memory(lambda: IA3Dense(BIG, BIG)), ValueError,
+        ["'IA3Dense'", "'in_channels' and 'out_channels'", f'({BIG}, {BIG})'] + MEMORY),
+    Row('memory-tsvd-group-rank', lambda f: low_memory(lambda: TSVDGroup(BIG, BIG, 2, tsvd_rank=512)), ValueError,
+        ["'TSVDGroup'", "'tsvd_rank'", f'({BIG}, 512, 2)', 'about 64.0 MB'] + MEMORY),
+    Row('memory-tsvd-group-layers', lambda f: low_memory(lambda: TSVDGroup(4, 4, 256, tsvd_rank=1)), ValueError,
+        ["'TSVDGroup'", "'num_layers'", '(256, 65536)', 'about 64.0 MB'] + MEMORY),
+    Row('memory-tsvd-dense', lambda f: low_memory(lambda: TSVDDense(BIG, BIG, TSVDGroup(BIG, BIG, 2, 1), 0)),
+        ValueError, ["'TSVDDense'", "'in_channels' and 'out_channels'", f'({BIG}, {BIG})'] + MEMORY),
+    Row('memory-adapter-layer', lambda f: low_memory(lambda: AdapterLayer(BIG, bottleneck_size=BIG)), ValueError,
+        ["'AdapterLayer'", "'hidden_size' and 'bottleneck_size'", f'({BIG}, {BIG})'] + MEMORY),
+    Row('memory-adapter-dense', lambda f: low_memory(lambda: AdapterDense(BIG, BIG, bottleneck_size=1)), ValueError,
+        ["'AdapterDense'", "'in_channels' and 'out_channels'", f'({BIG}, {BIG})'] + MEMORY),
+    Row('memory-lra-layer', lambda f: low_memory(lambda: LowRankAdapterLayer(16 * BIG, 1, low_rank_size=256)),
+        ValueError, ["'LowRankAdapterLayer'", "'hidden_size' and 'low_rank_size'", f'({16 * BIG}, 256)'] + MEMORY),
+    Row('memory-lra-dense', lambda f: low_memory(lambda: LowRankAdapterDense(BIG, BIG)), ValueError,
+        ["'LowRankAdapterDense'", "'in_channels' and 'out_channels'", f'({BIG}, {BIG})'] + MEMORY),
+    Row('memory-prefix-layer', lambda f: low_memory(lambda: PrefixLayer(4, 1, 2, 8, embed_dim=BIG, mid_dim=BIG)),
+        ValueError, ["'PrefixLayer'", "'mid_dim' and 'embed_dim'", f'({BIG}, {BIG})'] + MEMORY),
+    Row('memory-prefix-attention', lambda f: low_memory(lambda: PrefixAttention(BIG, 2)), ValueError,
+        ["'PrefixAttention'", "'hidden_size'", f'({BIG}, {BIG})'] + MEMORY),
+    Row('memory-ptuning2', lambda f: low_memory(lambda: PrefixEncoder(BIG, 2, 2, 1024, False, 8, 0.0)), ValueError,
+        ["'PrefixEncoder'", "'pre_seq_len', 'num_layers', 'num_heads' and 'kv_channels'", f'({BIG}, 8192)']
+        + MEMORY),
+    Row('memory-prompt', lambda f: low_memory(lambda: PromptTuningEmbedding(BIG, BIG)), ValueError,
+        ["'PromptTuningEmbedding'", "'num_virtual_tokens' and 'token_dim'", f'({BIG}, {BIG})'] + MEMORY),
 ]
 
-EXPECTED_ROWS = 107
+EXPECTED_ROWS = 131
 
 
 def test_table_size():
@@ -224,3 +334,35 @@ def test_table_size():
 @rows(ROWS)
 def test_bad_call(row):
     check_row(row)
+
+
+@pytest.mark.parametrize('build', [
+    lambda: LoRADense(BIG, BIG, 1, 1, weight_init='zeros'),
+    lambda: AdapterDense(BIG, BIG, weight_init='zeros', bottleneck_size=1),
+    lambda: EmbeddingWithPrompt(BIG, BIG, 2),
+], ids=['lora', 'adapter-dense', 'embedding-with-prompt'])
+def test_a_zero_base_weight_is_not_refused_for_size(build):
+    """The tuners build delta Cells with a 'zeros' base weight and then adopt the base layer's Parameter: such a
+    weight costs no resident memory (its pages are never written), so a layer as large as the free memory (here a
+    64 MB weight with 16 MB pretended free) is built, and the peak RSS grows by far less than the weight."""
+    original = validation.available_memory_bytes
+    validation.available_memory_bytes = lambda: SMALL_MEMORY
+    measured = _reset_peak_rss()
+    before = _status_bytes('VmRSS')
+    try:
+        build()
+    finally:
+        validation.available_memory_bytes = original
+    if measured:
+        assert _status_bytes('VmHWM') - before < SMALL_MEMORY
+
+
+def test_refused_notices_an_allocation_made_before_the_refusal():
+    """The rows' RSS check itself: a call that fills a 64 MB array and only then raises is caught."""
+    def late_refusal():
+        np.ones((BIG, BIG), F32)
+        raise ValueError('refused late')
+    if not _reset_peak_rss():
+        pytest.skip('no peak-RSS reset (/proc/self/clear_refs) here: the rows check the error only')
+    with pytest.raises(AssertionError, match='MB before refusing'):
+        refused(late_refusal)

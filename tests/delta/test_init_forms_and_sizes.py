@@ -16,6 +16,11 @@ from mindspore import dtype as mstype
 from mindspore.common.initializer import One, Constant
 
 from mindpet import LoraConfig, PetModel, get_pet_model
+from mindpet.tuners.adalora import AdaLoraConfig
+from mindpet.tuners.adapter import AdapterConfig
+from mindpet.tuners.low_rank_adapter import LowRankAdapterConfig
+from mindpet.tuners.pst import PstConfig
+from mindpet.tuners.tsvd import TensorSVDConfig
 from mindpet.delta import AdapterDense, DoRADense, IA3Dense, LoRADense, LowRankAdapterDense
 from tests.nets import PlainMLP
 
@@ -115,7 +120,38 @@ ROWS = [
     Row('add-adapter-rank-above-layer', lambda p: get_pet_model(p, LoraConfig(target_modules=['fc1'], lora_rank=2))
         .add_adapter('big', LoraConfig(target_modules=['fc1'], lora_rank=9)),
         ValueError, ["layer 'fc1'", 'but got 9']),
+    # Every method with a rank: fc2 (16 -> 16) holds it, head (16 -> 4) does not. fc2 comes first in the model, so
+    # an injection that replaced layers as it went would leave fc2 adapted; the model must be left as it was.
+    Row('inject-dora-rank', lambda p: get_pet_model(p, LoraConfig(target_modules=['fc2', 'head'], use_dora=True,
+                                                                  lora_rank=8)),
+        ValueError, ["layer 'head'", "'DoRADense'", "'lora_rank'", 'min(in_channels, out_channels) = 4', 'but got 8']),
+    Row('inject-adalora-init-r', lambda p: get_pet_model(p, AdaLoraConfig(target_modules=['fc2', 'head'], init_r=8,
+                                                                          target_r=2)),
+        ValueError, ["layer 'head'", "'adalora_rank'", "the config's 'init_r'", '= 4', 'but got 8']),
+    Row('inject-pst-r-m', lambda p: get_pet_model(p, PstConfig(target_modules=['fc2', 'head'], r_w=2, r_m=8)),
+        ValueError, ["layer 'head'", "'pst_rank_m'", "the config's 'r_m'", '= 4', 'but got 8']),
+    Row('inject-tsvd-rank', lambda p: get_pet_model(p, TensorSVDConfig(target_modules=['fc2', 'head'], tsvd_rank=8,
+                                                                       target_rank=2)),
+        ValueError, ["layer 'head'", "'TSVDGroup'", "'tsvd_rank'", '= 4', 'but got 8']),
+    Row('inject-low-rank-adapter', lambda p: get_pet_model(p, LowRankAdapterConfig(target_modules=['fc2', 'head'],
+                                                                                   reduction_factor=2,
+                                                                                   low_rank_size=3)),
+        ValueError, ["layer 'head'", "'low_rank_size'", 'the bottleneck out_channels // reduction_factor = 2',
+                     'but got 3']),
+    # A second adapter on an adapted layer widens its live tensors: the same bounds apply before that.
+    Row('add-adapter-low-rank-size', lambda p: get_pet_model(p, LowRankAdapterConfig(target_modules=['head'],
+                                                                                     reduction_factor=2))
+        .add_adapter('big', LowRankAdapterConfig(target_modules=['head'], reduction_factor=2, low_rank_size=3)),
+        ValueError, ["layer 'head'", "'low_rank_size'", 'out_channels // reduction_factor = 2', 'but got 3']),
+    Row('add-adapter-bottleneck-beyond-memory', lambda p: get_pet_model(p, AdapterConfig(target_modules=['head'],
+                                                                                         bottleneck_size=2))
+        .add_adapter('big', AdapterConfig(target_modules=['head'], bottleneck_size=10 ** 12)),
+        ValueError, ["layer 'head'", "'bottleneck_size'", f'({10 ** 12}, 4)', 'more than the']),
 ]
+
+#: the config field each injection row's error must carry (the runner reports it as the YAML key pet.<field>)
+FIELDS = {'inject-rank-above-layer': 'lora_rank', 'inject-dora-rank': 'lora_rank', 'inject-adalora-init-r': 'init_r',
+          'inject-pst-r-m': 'r_m', 'inject-tsvd-rank': 'tsvd_rank', 'inject-low-rank-adapter': 'low_rank_size'}
 
 
 @pytest.mark.parametrize('row', ROWS, ids=[row.id for row in ROWS])
@@ -126,7 +162,9 @@ def test_refused_before_allocating_and_nothing_changed(row):
     with pytest.raises(row.exc) as info:
         row.call(base)
     assert all(fragment in str(info.value) for fragment in row.fragments), str(info.value)
-    if row.id != 'add-adapter-rank-above-layer':       # there the first adapter was injected before the refusal
+    if row.id in FIELDS:
+        assert info.value.field == FIELDS[row.id]
+    if not row.id.startswith('add-adapter'):       # there the first adapter was injected before the refusal
         assert [(name, type(cell).__name__) for name, cell in base.cells_and_names()] == before
     for param in base.get_parameters():
         if param.name in weights:
@@ -160,3 +198,33 @@ def test_delta_cells_take_numpy_integers(name):
         mine.set_data(theirs.data.copy())
     x = Tensor(np.random.RandomState(2).randn(3, 8).astype(np.float32))
     np.testing.assert_array_equal(numpy_built(x).asnumpy(), plain(x).asnumpy())
+
+
+class KindsNet(nn.Cell):
+    """One layer of each kind the rank bound sees differently: a mint Linear (8 -> 4) and a Conv2d whose canonical
+    view is (out 3, in 2*2*2 = 8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = ms.mint.nn.Linear(8, 4)
+        self.conv = nn.Conv2d(2, 3, 2, has_bias=True)
+
+    def construct(self, x, image):
+        return self.linear(x), self.conv(image)
+
+
+@pytest.mark.parametrize('target, use_dora, rank, limit', [('linear', True, 5, 4), ('conv', False, 4, 3),
+                                                           ('linear', False, 5, 4)])
+def test_layer_kinds_refuse_ranks_above_their_view(target, use_dora, rank, limit):
+    net = KindsNet()
+    weights = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
+    before = [(name, type(cell).__name__) for name, cell in net.cells_and_names()]
+    with pytest.raises(ValueError) as info:
+        get_pet_model(net, LoraConfig(target_modules=['conv', 'linear'], use_dora=use_dora, lora_rank=rank,
+                                      rank_pattern={'conv' if target == 'linear' else 'linear': 1}))
+    message = str(info.value)
+    assert f"layer '{target}'" in message and "'lora_rank'" in message, message
+    assert f'min(in_channels, out_channels) = {limit}, but got {rank}' in message, message
+    assert [(name, type(cell).__name__) for name, cell in net.cells_and_names()] == before
+    for param in net.get_parameters():
+        np.testing.assert_array_equal(param.asnumpy(), weights[param.name])

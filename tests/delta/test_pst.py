@@ -224,10 +224,12 @@ def test_model_train_callback_sets_sparsity_before_each_step(graph_mode):
     (dict(pst_sparsity='0.5'), TypeError, ['pst_sparsity', "'0.5'"]),
     (dict(pst_u_init=Tensor(np.zeros((3, 8), np.float32))), ValueError, ['pst_u_init', '(3, 8)']),
     (dict(in_channels=-1), ValueError, ['in_channels', '-1']),
+    (dict(pst_rank_w=5), ValueError, ['pst_rank_w', 'min(in_channels, out_channels) = 4', 'but got 5']),
+    (dict(pst_rank_m=5), ValueError, ['pst_rank_m', 'min(in_channels, out_channels) = 4', 'but got 5']),
 ])
 def test_bad_arguments(kwargs, exc, fragments):
     with pytest.raises(exc) as info:
-        PSTDense(**dict(dict(in_channels=8, out_channels=4), **kwargs))
+        PSTDense(**dict(dict(in_channels=8, out_channels=4, pst_rank_w=2, pst_rank_m=2), **kwargs))
     for fragment in fragments:
         assert fragment in str(info.value), str(info.value)
 
@@ -239,7 +241,7 @@ def test_bad_arguments(kwargs, exc, fragments):
     (lambda: cubic_sparsity(1, 10, warmup_fraction=0.6, cooldown_fraction=0.5), ValueError, 'cooldown_fraction'),
     (lambda: PSTSparsityScheduler(nn.Dense(2, 2), 10), ValueError, 'no PSTDense'),
     (lambda: PSTSparsityScheduler('net', 10), TypeError, 'network'),
-    (lambda: PSTDense(4, 2).set_sparsity(-0.1), ValueError, 'sparsity'),
+    (lambda: PSTDense(4, 2, 2, 2).set_sparsity(-0.1), ValueError, 'sparsity'),
 ])
 def test_schedule_argument_checks(call, exc, fragment):
     with pytest.raises(exc, match=fragment):

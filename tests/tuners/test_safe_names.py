@@ -17,7 +17,7 @@ def test_the_helper_accepts_safe_names_and_names_the_argument():
         check_safe_name('adapter_name', 3, 'x')
     assert str(info.value) == "For 'x', the 'adapter_name' must be a str, but got 3 (int)." and \
         info.value.field == 'adapter_name'
-    for bad in ('', 'a b', 'a/b', '../a'):
+    for bad in ('', 'a b', 'a/b', '../a', 'a\n'):
         with pytest.raises(FieldValueError) as info:
             check_safe_name('prefix', bad, 'x', what='file name')
         assert str(info.value) == f"For 'x', the 'prefix' must be a non-empty file name of {RULE}, but got {bad!r}."
@@ -35,6 +35,9 @@ def test_adapter_names_and_checkpoint_prefixes_use_it(tmp_path):
     with pytest.raises(ValueError) as info:
         PetModel.from_pretrained(PlainMLP(), str(tmp_path), adapter_name='x/y')
     assert info.value.field == 'adapter_name'
+    with pytest.raises(ValueError) as info:
+        pet.add_adapter('b\n', config)         # a trailing newline would end up in a directory name
+    assert info.value.field == 'adapter_name' and pet.adapters == ['default']
     with pytest.raises(ValueError) as info:
         TrainableParamsCheckPoint(str(tmp_path), prefix='a/b')
     assert str(info.value) == ("For 'TrainableParamsCheckPoint', the 'prefix' must be a non-empty file name of "

@@ -1,4 +1,5 @@
-"""The one "did you mean" helper (mindpet.utils.validation.did_you_mean) and the three message forms built on it:
+"""The message helpers every error uses: got_text (the "but got ..." of a message, cut to a limit: 80 characters
+for argument checks, 60 in run-config messages) and the one "did you mean" helper (mindpet.utils.validation.did_you_mean) and the three message forms built on it:
 the run config's (``; did you mean 'x'?`` or the valid keys, cutoff 0.6), its case-insensitive choices, and the
 method configs' and registry's aside (`` (did you mean 'x'?)``, cutoff 0.5)."""
 import pytest
@@ -6,7 +7,8 @@ import pytest
 from mindpet import LoraConfig, config_from_dict
 from mindpet.tuners.registry import get_method
 from mindpet.utils.exceptions import ModelConfigKeysInfoError
-from mindpet.utils.validation import did_you_mean
+from mindpet.train.schema import Field
+from mindpet.utils.validation import check_int, did_you_mean, got_text
 
 KEYS = ['lora_rank', 'lora_alpha', 'type']
 
@@ -39,3 +41,15 @@ def test_the_method_config_and_the_registry_use_the_aside_at_cutoff_half():
         get_method('lroa')
     with pytest.raises(ValueError, match=r"^Unknown PET method type 'zzzz'; available: "):
         get_method('zzzz')
+
+
+def test_got_text_cuts_the_repr_at_its_limit():
+    assert got_text(1.5) == '1.5 (float)'
+    assert got_text('x' * 78) == "'" + 'x' * 78 + "' (str)"                    # 80 characters: kept
+    assert got_text('x' * 79) == "'" + 'x' * 76 + "... (str)"                   # 81: cut to 80
+    with pytest.raises(TypeError) as info:
+        check_int('lora_rank', 'x' * 100, 'LoraConfig')
+    assert f"but got '{'x' * 76}... (str)." in str(info.value)
+    with pytest.raises(ValueError) as info:
+        Field('int', 1).check('x' * 100)
+    assert str(info.value).endswith(f"but got '{'x' * 56}... (str)")             # run-config messages: 60
