@@ -56,6 +56,13 @@ TRAIN_VARIANTS.update({
     'lora_fp16': dict(env='main', apply='apply_lora_fp16', base='full', group='memory',
                       label='LoRA r=8 on q,v (get_pet_model, float16 base)'),
 })
+# Variants only the recompute part runs (scripts/benchmark/recompute.py): the same with each block recomputed.
+TRAIN_VARIANTS.update({
+    'lora_pet_recompute': dict(env='main', apply='apply_lora_pet_recompute', base='lora_pet', group='recompute',
+                               label='LoRA r=8 on q,v (get_pet_model) + recompute of every block'),
+    'full_recompute': dict(env='main', apply='apply_full_recompute', base='full', group='recompute',
+                           label='full fine-tuning + recompute of every block'),
+})
 # glibc mallopt parameter numbers (malloc.h), for the allocator settings the memory part tries.
 MALLOPT_PARAMS = {'M_TRIM_THRESHOLD': -1, 'M_MMAP_THRESHOLD': -3, 'M_ARENA_MAX': -8}
 
@@ -259,6 +266,20 @@ def _pet_lora(net, base_dtype):
 def apply_lora_pet(net, cfg):
     """LoRA through ``get_pet_model`` (the user's path: the Dense's own weight Parameters are kept, not copied)."""
     return _pet_lora(net, None)
+
+
+def apply_lora_pet_recompute(net, cfg):
+    """``apply_lora_pet``, then ``apply_recompute`` on the repeated blocks (``blocks.0`` ... ``blocks.N-1``)."""
+    from mindpet.recompute import apply_recompute
+    pet = apply_lora_pet(net, cfg)
+    apply_recompute(pet)
+    return pet
+
+
+def apply_full_recompute(net, cfg):
+    from mindpet.recompute import apply_recompute
+    apply_recompute(net)
+    return net
 
 
 def apply_lora_fp16(net, cfg):

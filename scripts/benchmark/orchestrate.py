@@ -21,6 +21,7 @@ from .workers_ms import (worker_ckpt, worker_forward, worker_layer, worker_mixed
 from .workers_torch import worker_torch_forward, worker_torch_train, worker_torch_train_ab
 from .workers_mindone import MINDONE_BERT, MINDONE_QUICK, MINDONE_VARIANTS, worker_mindone
 from .race import RACE_SIDES, prepare_race, race_settings, worker_race_mindpet, worker_race_peft
+from .recompute import run_recompute
 
 
 DESCRIPTION = ('Benchmark suite for mindpet: what parameter-efficient tuning promises (step time, memory, checkpoint '
@@ -94,10 +95,12 @@ MEMORY_SETTINGS = {
 # settings) run full and LoRA on issue 17's model only.
 MEMORY_BREAKDOWN = ('mindspore', 'mindpet')
 MEMORY_AB_VARIANTS = ('full', 'lora_pet')
-PARTS = ('train', 'memory', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'mixed', 'reference', 'mindone', 'cli', 'race')
+PARTS = ('train', 'memory', 'train_ab', 'forward', 'layer', 'ckpt', 'switch', 'mixed', 'reference', 'mindone', 'cli', 'race',
+         'recompute')
 # 'mindone' needs the optional mindone extra and 'race' (MiniLM LoRA: mindpet vs PEFT on PyTorch, minutes of real
 # training) the bert extra and a PyTorch virtualenv: both are asked for by name (--parts race), not run by default.
-DEFAULT_PARTS = tuple(p for p in PARTS if p not in ('mindone', 'race'))
+# 'recompute' (seq 512, minutes per process) is asked for by name too.
+DEFAULT_PARTS = tuple(p for p in PARTS if p not in ('mindone', 'race', 'recompute'))
 # Start-up of the mindpet command, side by side with what loading MindSpore alone costs (one process per call).
 CLI_CALLS = {'help': ['-m', 'mindpet', '--help'], 'version': ['-m', 'mindpet', '--version'],
              'finetune_help': ['-m', 'mindpet', 'finetune', '--help'], 'import_mindspore': ['-c', 'import mindspore']}
@@ -339,6 +342,9 @@ def run_benchmarks(args):
 
     if 'race' in parts:
         out['race'] = run_race(runner, args)
+
+    if 'recompute' in parts:
+        out['recompute'] = run_recompute(runner, args, common)
 
     out['machine'] = machine_info()
     out['load'] = dict(min=min(runner.loads, default=None), max=max(runner.loads, default=None),
