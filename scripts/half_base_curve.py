@@ -3,16 +3,22 @@
 
     PYTHONPATH=. nice -n 5 python scripts/half_base_curve.py                    # configs/bert_lora.yaml, 75 steps
     PYTHONPATH=. python scripts/half_base_curve.py --quick --out /tmp/hb        # a tiny random BERT, 3 steps
+    PYTHONPATH=. nice -n 5 python scripts/half_base_curve.py --noise-floor      # + a second float32 run
 
 Each side is one ``mindpet finetune`` of the same config (same seed, so the same data order, head initialisation
 and dropout masks), run in its own child process so that its peak RSS is its own; the sides differ only by
-``--set model.base_dtype=float32`` / ``float16``. The children run one after the other (never two at once on the
-shared cores). A child records, besides what the runner writes to ``metrics.json``, the CPU time of each step (this
+``--set model.base_dtype=float32`` / ``float16``. With ``--noise-floor`` a second float32 run with the same seed
+shows how far two float32 runs are apart (the reference for the float16 difference). The children run one after
+the other (never two at once on the shared cores). A child records, besides what the runner writes to ``metrics.json``, the CPU time of each step (this
 process, all threads): the runner prints one progress line per step (``training.log_interval=1``), and the CPU
 clock is read at each line.
 
+After each side, a second child builds the same network without mindpet, stores it in the side's dtype the way
+``base_dtype`` does (``Parameter.set_dtype`` + ``Cell.to_float``) and runs two forward passes: its peak RSS and CPU
+time show what a half-precision network costs in MindSpore itself on this device.
+
 Prints a table (loss at steps 1/10/25/50/75, the mean and largest absolute per-step loss difference, the final
-evaluation, peak RSS, step times) and writes ``--out``/``half_base_curve.json`` and ``half_base_curve.png``.
+evaluation, peak RSS, step times, the forward-only figures) and writes ``--out``/``half_base_curve.json`` and ``half_base_curve.png``.
 """
 import argparse
 import json
@@ -31,20 +37,22 @@ from scripts.benchmark.measure import median, memory_figures  # noqa: E402  pyli
 
 CONFIG = os.path.join('configs', 'bert_lora.yaml')
 SIDES = ('float32', 'float16')
+AGAIN = 'float32_again'    # --noise-floor: float32 once more, same seed
 REPORT_STEPS = (1, 10, 25, 50, 75)
 # --quick: the same task on the 2-layer random-weight BERT for a few steps (what the test runs).
 QUICK_SETS = ('model.size=tiny', 'training.max_steps=3')
 
 
-def run_side(dtype, out_dir, extra_sets):
-    """Fine-tune the config with ``model.base_dtype=dtype`` in this process; returns the side's record."""
+def run_side(name, dtype, out_dir, extra_sets):
+    """Fine-tune the config with ``model.base_dtype=dtype`` in this process, into ``out_dir/name``; returns the
+    side's record."""
     from mindpet.train.runner import finetune  # pylint: disable=import-outside-toplevel
     marks = []
 
     def out(line):
         if line.startswith('step '):
             marks.append((time.perf_counter(), time.process_time()))
-    side_dir = os.path.join(out_dir, dtype)
+    side_dir = os.path.join(out_dir, name)
     sets = [f'model.base_dtype={dtype}', f'training.output_dir={side_dir}', 'training.log_interval=1',
             'training.plot=false'] + list(extra_sets)
     start = (time.perf_counter(), time.process_time())
@@ -62,9 +70,35 @@ def run_side(dtype, out_dir, extra_sets):
                 run_cpu_s=time.process_time() - start[1], **memory_figures())
 
 
-def compare(sides):
-    """The per-step loss difference of the float16 side from the float32 side."""
-    ref, half = np.array(sides['float32']['losses']), np.array(sides['float16']['losses'])
+def probe_side(dtype, extra_sets):
+    """The same network without mindpet, its float32 parameters stored in ``dtype`` and its cells run in it (what
+    ``base_dtype`` does to the frozen part), two forward passes of one training-sized batch in evaluation mode:
+    tells MindSpore's own cost of a half-precision network on this device from what mindpet adds."""
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    from mindpet.train.runner import load_plan, set_context  # pylint: disable=import-outside-toplevel
+    plan = load_plan(os.path.join(ROOT, CONFIG), list(extra_sets))
+    set_context(plan)
+    network = plan.task.build_network()
+    plan.task.load_base(network, plan.model.get('base_checkpoint'))
+    if dtype != 'float32':
+        half = getattr(ms, dtype)
+        for param in network.get_parameters():
+            if param.dtype == ms.float32:
+                param.set_dtype(half)
+        network.to_float(half)
+    network.set_train(False)
+    shape = (plan.training['batch_size'], plan.data['max_length'])
+    ids = ms.Tensor(np.random.default_rng(0).integers(1, 1000, shape).astype(np.int32))
+    mask = ms.Tensor(np.ones(shape, np.int32))
+    network(ids, mask).asnumpy()                 # compiles
+    start = time.process_time()
+    network(ids, mask).asnumpy()
+    return dict(base_dtype=dtype, forward_cpu_s=time.process_time() - start, **memory_figures())
+
+
+def compare(sides, other='float16'):
+    """The per-step loss difference of side ``other`` from the float32 side."""
+    ref, half = np.array(sides['float32']['losses']), np.array(sides[other]['losses'])
     if len(ref) != len(half) or not len(ref):
         raise ValueError(f"the two sides ran {len(ref)} and {len(half)} steps; they must run the same steps")
     diff = np.abs(half - ref)
@@ -75,6 +109,7 @@ def compare(sides):
 def table(result):
     """The markdown table of ``result`` (as written to the JSON)."""
     sides, diff = result['sides'], result['difference']
+    names = [name for name in SIDES + (AGAIN,) if name in sides]
     steps = [s for s in REPORT_STEPS if s <= diff['steps']]
     if diff['steps'] not in steps:
         steps.append(diff['steps'])
@@ -86,12 +121,20 @@ def table(result):
              ('peak RSS without file pages (MB)', lambda s: _num(s['peak_anon_mb'], '{:,.0f}')),
              ('step CPU time, median (s)', lambda s: f"{s['step_cpu_s']:.3f}"),
              ('step wall time, median (s)', lambda s: f"{s['step_s']:.3f}")]
-    lines = ['| | ' + ' | '.join(SIDES) + ' |', '|---|' + '---:|' * len(SIDES)]
-    lines += [f"| {label} | " + ' | '.join(cell(sides[name]) for name in SIDES) + ' |' for label, cell in rows]
+    if all('probe' in sides[name] for name in names):
+        rows += [('without mindpet, forward only: peak RSS (MB)', lambda s: f"{s['probe']['peak_mb']:,.0f}"),
+                 ('without mindpet, forward only: CPU time (s)', lambda s: f"{s['probe']['forward_cpu_s']:.3f}")]
+    lines = ['| | ' + ' | '.join(names) + ' |', '|---|' + '---:|' * len(names)]
+    lines += [f"| {label} | " + ' | '.join(cell(sides[name]) for name in names) + ' |' for label, cell in rows]
     lines.append('')
     lines.append(f"Loss difference |float16 - float32| over the {diff['steps']} steps: mean {diff['mean_abs']:.4f}, "
                  f"largest {diff['max_abs']:.4f} (step {diff['max_at_step']}), at the last step "
                  f"{diff['final_abs']:.4f}.")
+    floor = result.get('noise_floor')
+    if floor:
+        lines.append(f"Two float32 runs with the same seed, |{AGAIN} - float32|: mean {floor['mean_abs']:.4f}, "
+                     f"largest {floor['max_abs']:.4f} (step {floor['max_at_step']}), at the last step "
+                     f"{floor['final_abs']:.4f}.")
     return '\n'.join(lines)
 
 
@@ -130,27 +173,34 @@ def run(args):
     extra = list(QUICK_SETS if args.quick else ()) + list(args.set)
     load_before = os.getloadavg()
     sides = {}
-    for dtype in SIDES:
-        record = os.path.join(args.out, f'{dtype}.side.json')
-        cmd = [sys.executable, os.path.abspath(__file__), '--worker', dtype, '--out', args.out]
+    runs = [(dtype, dtype) for dtype in SIDES] + ([(AGAIN, 'float32')] if args.noise_floor else [])
+    for name, dtype in runs:
+        record = os.path.join(args.out, f'{name}.side.json')
+        cmd = [sys.executable, os.path.abspath(__file__), '--worker', dtype, '--side', name, '--out', args.out]
         for item in extra:
             cmd += ['--set', item]
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
         env.setdefault('GLOG_v', '3')
-        print(f"[{dtype}] model.base_dtype={dtype} ...", flush=True)
+        print(f"[{name}] model.base_dtype={dtype} ...", flush=True)
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise RuntimeError(f"the {dtype} side failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"the {name} side failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         with open(record, encoding='utf-8') as handle:
-            sides[dtype] = json.load(handle)
-        print(f"[{dtype}] {len(sides[dtype]['losses'])} steps, last loss {sides[dtype]['losses'][-1]:.4f}",
-              flush=True)
+            sides[name] = json.load(handle)
+        proc = subprocess.run(cmd + ['--probe'], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the {name} probe failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        with open(os.path.join(args.out, f'{name}.probe.json'), encoding='utf-8') as handle:
+            sides[name]['probe'] = json.load(handle)
+        print(f"[{name}] {len(sides[name]['losses'])} steps, last loss {sides[name]['losses'][-1]:.4f}", flush=True)
     result = dict(config=CONFIG, sets=extra, quick=args.quick,
-                  command='PYTHONPATH=. nice -n 5 python scripts/half_base_curve.py' + (' --quick' if args.quick
-                                                                                        else ''),
+                  command=' '.join(['PYTHONPATH=. nice -n 5 python scripts/half_base_curve.py'] +
+                                   (['--quick'] if args.quick else []) +
+                                   (['--noise-floor'] if args.noise_floor else [])),
                   title=f"{CONFIG}{' (quick)' if args.quick else ''}: float32 vs float16 frozen base",
                   load_before=list(load_before), load_after=list(os.getloadavg()), cpus=os.cpu_count(),
-                  sides=sides, difference=compare(sides))
+                  sides=sides, difference=compare(sides),
+                  noise_floor=compare(sides, AGAIN) if AGAIN in sides else None)
     result['table'] = table(result)
     result['png'] = plot(os.path.join(args.out, 'half_base_curve.png'), result)
     result['json'] = write_json(os.path.join(args.out, 'half_base_curve.json'), result)
@@ -165,7 +215,11 @@ def parse_args(argv):
                         help=f"a tiny random BERT for a few steps ({' '.join(QUICK_SETS)}): checks the script")
     parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                         help='another override for both sides (repeatable), e.g. training.max_steps=20')
+    parser.add_argument('--noise-floor', action='store_true',
+                        help='also run float32 a second time, to show how far two float32 runs are apart')
     parser.add_argument('--worker', choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument('--side', help=argparse.SUPPRESS)
+    parser.add_argument('--probe', action='store_true', help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -173,8 +227,11 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
         from mindpet.train.report import write_json  # pylint: disable=import-outside-toplevel
-        record = run_side(args.worker, args.out, args.set)
-        write_json(os.path.join(args.out, f'{args.worker}.side.json'), record)
+        name = args.side or args.worker
+        if args.probe:
+            write_json(os.path.join(args.out, f'{name}.probe.json'), probe_side(args.worker, args.set))
+        else:
+            write_json(os.path.join(args.out, f'{name}.side.json'), run_side(name, args.worker, args.out, args.set))
         return 0
     result = run(args)
     print(result['table'])

@@ -28,6 +28,14 @@ def test_compare_and_table_numbers():
     assert '| loss at step 10 |' not in text
     assert '| peak RSS without file pages (MB) | n/a | n/a |' in text
     assert 'mean 0.0433' in text and 'largest 0.1000 (step 2)' in text
+    assert 'float32_again' not in text and 'Two float32 runs' not in text
+    # --noise-floor: a third column and the distance between the two float32 runs.
+    sides['float32_again'] = _side('float32', [2.0, 1.5, 1.002])
+    floor = half_base_curve.compare(sides, 'float32_again')
+    assert floor['max_abs'] == pytest.approx(0.002) and floor['max_at_step'] == 3
+    text = half_base_curve.table(dict(sides=sides, difference=diff, noise_floor=floor))
+    assert '| loss at step 3 | 1.0000 | 0.9700 | 1.0020 |' in text
+    assert '|float32_again - float32|: mean 0.0007, largest 0.0020 (step 3)' in text
     sides['float16']['losses'] = [2.0, 1.6]
     with pytest.raises(ValueError, match='ran 3 and 2 steps'):
         half_base_curve.compare(sides)
@@ -46,6 +54,7 @@ def test_quick_mode_runs_both_sides(tmp_path, capsys):
         assert len(side['losses']) == 3 and all(np.isfinite(side['losses']))
         assert len(side['step_cpu_times']) == 2 and side['peak_mb'] > 0
         assert 0.0 <= side['eval_accuracy'] <= 1.0
+        assert side['probe']['base_dtype'] == dtype and side['probe']['peak_mb'] > 0
         # Each side is a real run whose files are where the JSON says.
         assert os.path.isfile(tmp_path / dtype / 'metrics.json')
     ref, half = np.array(sides['float32']['losses']), np.array(sides['float16']['losses'])
@@ -54,5 +63,6 @@ def test_quick_mode_runs_both_sides(tmp_path, capsys):
     assert result['difference']['mean_abs'] == pytest.approx(np.abs(half - ref).mean())
     assert 0 < result['difference']['max_abs'] < 1e-2
     assert result['table'] in printed
+    assert 'without mindpet, forward only: peak RSS (MB)' in result['table']
     with open(tmp_path / 'half_base_curve.png', 'rb') as handle:
         assert handle.read(8) == b'\x89PNG\r\n\x1a\n'
