@@ -1,6 +1,7 @@
 """Bad input to every delta Cell constructor and ``shard()``: one table of bad calls, each must raise the given
 exception naming the argument and the value received (runner and Row in tests/bad_input.py). The rank and memory
 rows also show the refusal came before the Cell allocated anything of note (:func:`refused`)."""
+import contextlib
 import math
 
 import numpy as np
@@ -61,18 +62,26 @@ def refused(build, available=None):
     """Run ``build``, which must raise, with ``available`` bytes pretended to be the free memory (None: the real
     figure); then check the peak RSS grew by less than SMALL_MEMORY, i.e. the refusal came before the 64 MB tensor
     of the row was allocated (a call that raises nothing fails its row anyway)."""
+    with _peak_growth_below_small(available, "the refused call allocated {:.1f} MB before refusing"):
+        build()
+
+
+@contextlib.contextmanager
+def _peak_growth_below_small(available, message):
+    """Run the body with ``available`` bytes pretended to be the free memory (None: the real figure), then assert
+    the peak RSS grew by less than SMALL_MEMORY (``message`` gets the growth in MB), also when the body raised."""
     original = validation.available_memory_bytes
     if available is not None:
         validation.available_memory_bytes = lambda: available
     measured = _reset_peak_rss()
     before = _status_bytes('VmRSS')
     try:
-        build()
+        yield
     finally:
         validation.available_memory_bytes = original
         if measured:
             grown = _status_bytes('VmHWM') - before
-            assert grown < SMALL_MEMORY, f"the refused call allocated {grown / MB:.1f} MB before refusing"
+            assert grown < SMALL_MEMORY, message.format(grown / MB)
 
 
 def low_memory(build):
@@ -345,16 +354,8 @@ def test_a_zero_base_weight_is_not_refused_for_size(build):
     """The tuners build delta Cells with a 'zeros' base weight and then adopt the base layer's Parameter: such a
     weight costs no resident memory (its pages are never written), so a layer as large as the free memory (here a
     64 MB weight with 16 MB pretended free) is built, and the peak RSS grows by far less than the weight."""
-    original = validation.available_memory_bytes
-    validation.available_memory_bytes = lambda: SMALL_MEMORY
-    measured = _reset_peak_rss()
-    before = _status_bytes('VmRSS')
-    try:
+    with _peak_growth_below_small(SMALL_MEMORY, "building the layer grew the peak RSS by {:.1f} MB"):
         build()
-    finally:
-        validation.available_memory_bytes = original
-    if measured:
-        assert _status_bytes('VmHWM') - before < SMALL_MEMORY
 
 
 def test_refused_notices_an_allocation_made_before_the_refusal():
